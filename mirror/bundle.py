@@ -1,0 +1,296 @@
+"""The bundle format: a tar stream inside zstd, ``manifest.json`` first.
+
+A security officer can open it with standard tools (``tar --zstd -tf X.hub``).
+The manifest lists every other member with its size and sha256, so a reader
+verifies every byte while streaming, without unpacking anything first. The
+same inputs give a byte-identical bundle: members are sorted, owner, mode and
+mtime are normalized, and compression parameters are fixed.
+
+Members::
+
+    manifest.json
+    code/<commit>/<path>        every file of every snapshot
+    weights/<sha256>            every weight file, once however many URLs name it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Dict, Optional, Tuple, Union
+
+import zstandard
+
+from .errors import BundleError
+
+FORMAT = "mge-mirror-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+ZSTD_LEVEL = 3
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Member:
+    """A bundle member as the manifest promises it."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def code_member(commit: str, path: str) -> str:
+    return f"code/{commit}/{path}"
+
+
+def weight_member(sha256: str) -> str:
+    return f"weights/{sha256}"
+
+
+# --- manifest ----------------------------------------------------------------
+
+
+def expected_members(manifest: Dict[str, Any]) -> Dict[str, Member]:
+    """Every member the manifest promises, by name (the manifest itself excluded)."""
+    members: Dict[str, Member] = {}
+
+    def add(m: Member) -> None:
+        old = members.setdefault(m.name, m)
+        if old != m:
+            raise ValueError(f"member {m.name} is listed twice with different digests")
+
+    for repo in manifest["repos"]:
+        for snap in repo["snapshots"]:
+            for f in snap["files"]:
+                add(Member(code_member(snap["commit"], f["path"]), f["size"], f["sha256"]))
+    for w in manifest["weights"]:
+        add(Member(weight_member(w["sha256"]), w["size"], w["sha256"]))
+    return members
+
+
+def _is_hex(s: Any, lengths: Tuple[int, ...]) -> bool:
+    return isinstance(s, str) and len(s) in lengths and all(c in "0123456789abcdef" for c in s)
+
+
+def _safe_path(p: Any) -> bool:
+    """A relative POSIX path that cannot leave the directory it is joined to."""
+    if not isinstance(p, str) or not p or p.startswith("/") or "\\" in p or "\0" in p:
+        return False
+    return all(part not in ("", ".", "..") for part in p.split("/"))
+
+
+def validate_manifest(manifest: Any) -> None:
+    """Raise ValueError unless ``manifest`` has the shape and values this reader trusts."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError("not a mirror bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format version {manifest.get('format_version')!r} is not supported "
+                         f"(this mirror reads version {FORMAT_VERSION}; upgrade mirror)")
+    if not isinstance(manifest.get("weights"), list) or not isinstance(manifest.get("repos"), list):
+        raise ValueError("manifest lacks its repos or weights list")
+    for repo in manifest["repos"]:
+        for key in ("host", "owner", "name"):
+            if not _safe_path(repo.get(key)) or "/" in repo[key]:
+                raise ValueError(f"repo {key} {repo.get(key)!r} is not a plain name")
+        for ref in repo["refs"]:
+            if ref["kind"] not in ("branch", "tag") or not _safe_path(ref["name"]):
+                raise ValueError(f"ref {ref.get('name')!r} is invalid")
+            if not _is_hex(ref["commit"], (40, 64)):
+                raise ValueError(f"ref {ref['name']!r} names no full commit id")
+        for snap in repo["snapshots"]:
+            if not _is_hex(snap["commit"], (40, 64)):
+                raise ValueError(f"snapshot commit {snap.get('commit')!r} is not a full id")
+            for f in snap["files"]:
+                if not _safe_path(f["path"]):
+                    raise ValueError(f"unsafe file path {f['path']!r}")
+                if f["mode"] not in (0o100644, 0o100755, 0o120000):
+                    raise ValueError(f"file {f['path']!r} has an unsupported mode")
+                _check_sized(f, f["path"])
+    for w in manifest["weights"]:
+        if not isinstance(w.get("url"), str):
+            raise ValueError("a weight has no URL")
+        _check_sized(w, w["url"])
+    expected_members(manifest)
+
+
+def _check_sized(entry: Dict[str, Any], what: str) -> None:
+    if not isinstance(entry.get("size"), int) or entry["size"] < 0:
+        raise ValueError(f"{what}: size is not a non-negative integer")
+    if not _is_hex(entry.get("sha256"), (64,)):
+        raise ValueError(f"{what}: sha256 is not 64 lowercase hex digits")
+
+
+# --- writing -----------------------------------------------------------------
+
+Source = Union[bytes, str]  # the member's bytes, or the path of a file holding them
+
+
+def write(path: str, manifest: Dict[str, Any], sources: Dict[str, Source]) -> str:
+    """Write a bundle to ``path`` atomically and return the sha256 of the bundle file.
+
+    ``sources`` maps every member that ``manifest`` promises to its content; the
+    bundle appears at ``path`` only when it is complete.
+    """
+    validate_manifest(manifest)
+    members = expected_members(manifest)
+    missing = sorted(set(members) - set(sources))
+    if missing:
+        raise ValueError(f"no content for members {missing[:5]}")
+    manifest_bytes = manifest_to_bytes(manifest)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as raw:
+            hashing = _HashingWriter(raw, digest)
+            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            with cctx.stream_writer(hashing, closefd=False) as zout:
+                with tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    _add(tar, MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes))
+                    for name in sorted(members):
+                        src = sources[name]
+                        if isinstance(src, bytes):
+                            _add(tar, name, len(src), io.BytesIO(src))
+                        else:
+                            with open(src, "rb") as fh:
+                                _add(tar, name, members[name].size, fh)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return digest.hexdigest()
+
+
+def manifest_to_bytes(manifest: Dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def _add(tar: tarfile.TarFile, name: str, size: int, fh: IO[bytes]) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, fh)
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file wrapper that hashes what passes through, so the bundle is read once."""
+
+    def __init__(self, raw: IO[bytes], digest: hashlib._Hash):
+        self.raw, self.digest = raw, digest
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.digest.update(b)
+        return self.raw.write(b)
+
+
+# --- reading -----------------------------------------------------------------
+
+# Called once per verified-to-be-expected member; returns a file to copy it into, or None.
+SinkFactory = Callable[[Member], Optional[IO[bytes]]]
+
+
+def read(path: str, sink: SinkFactory | None = None,
+         on_manifest: Callable[[Dict[str, Any]], None] | None = None) -> Dict[str, Any]:
+    """Stream the bundle at ``path`` once, verifying every member against the manifest.
+
+    Each member's bytes go to the file ``sink`` returns for it (if any) while they
+    are hashed; any missing, unexpected, duplicated, resized or altered member
+    raises :class:`BundleError` naming it. Callers must treat what a sink received
+    as untrusted until this function returns.
+    """
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise BundleError(path, e.strerror or str(e)) from None
+    with fh:
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                return _read_members(path, tar, sink, on_manifest)
+        except BundleError:
+            raise
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, UnicodeError) as e:
+            raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
+                                    f"the file is truncated, corrupt or not a bundle") from None
+
+
+def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
+                  on_manifest: Callable[[Dict[str, Any]], None] | None) -> Dict[str, Any]:
+    first = tar.next()
+    if first is None or first.name != MANIFEST or not first.isreg():
+        raise BundleError(path, f"first member must be {MANIFEST}")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise BundleError(path, f"manifest is {first.size} bytes, over the "
+                                f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
+    try:
+        manifest = json.loads(tar.extractfile(first).read())
+        validate_manifest(manifest)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None
+    if on_manifest:
+        on_manifest(manifest)
+
+    expected = expected_members(manifest)
+    seen = set()
+    for info in tar:
+        name = info.name
+        if name in seen:
+            raise BundleError(path, "member appears twice", name)
+        if name not in expected:
+            raise BundleError(path, "member is not listed in the manifest", name)
+        if not info.isreg():
+            raise BundleError(path, "member is not a regular file", name)
+        want = expected[name]
+        if info.size != want.size:
+            raise BundleError(path, f"size {info.size} differs from the manifest's {want.size}",
+                              name)
+        seen.add(name)
+        out = sink(want) if sink else None
+        digest = hashlib.sha256()
+        src = tar.extractfile(info)
+        while True:
+            block = src.read(CHUNK)
+            if not block:
+                break
+            digest.update(block)
+            if out is not None:
+                out.write(block)
+        if out is not None:
+            out.close()
+        if digest.hexdigest() != want.sha256:
+            raise BundleError(path, f"sha256 {digest.hexdigest()} differs from the manifest's "
+                                    f"{want.sha256}", name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BundleError(path, f"missing from the bundle{more}", missing[0])
+    return manifest
+
+
+def read_manifest(path: str) -> Dict[str, Any]:
+    """Only the manifest (first member), without reading the rest."""
+    manifest: Dict[str, Any] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def grab(m: Dict[str, Any]) -> None:
+        manifest.update(m)
+        raise _Stop
+
+    try:
+        read(path, on_manifest=grab)
+    except _Stop:
+        pass
+    return manifest

@@ -1,0 +1,162 @@
+"""The ``mirror`` command: a thin shell over the library.
+
+Exit codes: 0 success, 1 operation failed (git, download, store), 2 bad usage or
+spec, 3 a bundle or stored file failed verification, 4 not installed (repo, ref,
+commit, entrypoint or weight).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import __version__, bundle
+from .errors import MirrorError
+from .pack import pack as pack_repos
+from .store import Store, default_home
+
+
+class _Failure(click.ClickException):
+    """A MirrorError as click prints it: one line, the error's exit code."""
+
+    def __init__(self, error: MirrorError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MirrorError as e:
+            raise _Failure(e) from None
+    return wrapper
+
+
+def _home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--home", type=click.Path(file_okay=False), default=None,
+                        help="Store location (default: $MGE_MIRROR_HOME, $MGE_HOME/mirror, "
+                             "$XDG_CACHE_HOME/megengine/mirror, ~/.cache/megengine/mirror).")(fn)
+
+
+def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mirror")
+def cli() -> None:
+    """Take MegEngine Hub repos and their weights across an air gap."""
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Bundle file to write.")
+@click.option("--git-host", default=None,
+              help="Git host for specs without one (default github.com).")
+@click.option("--protocol", type=click.Choice(["https", "http", "ssh", "file"],
+                                              case_sensitive=False),
+              default="https", show_default=True)
+@click.option("--weights", "extra_weights", multiple=True, metavar="URL",
+              help="Also pack this file (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_json_option
+@_library_errors
+def pack(specs, output, git_host, protocol, extra_weights, quiet, as_json) -> None:
+    """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
+    report = pack_repos(specs, output, git_host=git_host, protocol=protocol,
+                        extra_weights=extra_weights, progress=not quiet,
+                        log=(lambda m: None) if quiet else _say)
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=1))
+        return
+    for ref in report.refs:
+        click.echo(f"packed {ref}")
+    for w in report.weights:
+        click.echo(f"weight {w['url']} ({w['size']} bytes, sha256 {w['sha256'][:12]})")
+    click.echo(f"wrote {report.output}: {report.size} bytes, {report.files} files, "
+               f"{len(report.weights)} weights, sha256 {report.sha256}")
+
+
+@cli.command()
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Reinstall snapshots and move refs back or tags.")
+@_home_option
+@_json_option
+@_library_errors
+def install(bundle_path, force, home, as_json) -> None:
+    """Verify every byte of BUNDLE and install it into the local store."""
+    report = Store(home).install(bundle_path, force=force)
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=1))
+        return
+    click.echo(f"verified {report.verified_files} files, {report.verified_bytes} bytes "
+               f"from {report.bundle}")
+    for s in report.snapshots_installed:
+        click.echo(f"installed {s}")
+    for s in report.snapshots_present:
+        click.echo(f"already installed {s}")
+    for r in report.refs_set:
+        click.echo(f"ref {r}")
+    for r in report.refs_kept:
+        click.echo(f"ref {r}")
+    click.echo(f"{len(report.weights)} weights; {report.bytes_written} bytes written"
+               + ("" if report.changed else " (nothing changed)"))
+
+
+@cli.command()
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
+@_library_errors
+def verify(bundle_path) -> None:
+    """Verify every byte of BUNDLE without installing it."""
+    manifest = bundle.read(bundle_path)
+    n = len(bundle.expected_members(manifest))
+    click.echo(f"{bundle_path}: OK, {n} members verified")
+
+
+@cli.command("list")
+@_home_option
+@_json_option
+@_library_errors
+def list_(home, as_json) -> None:
+    """List installed repos, their refs and commits."""
+    store = Store(home)
+    repos = store.repos()
+    if as_json:
+        click.echo(json.dumps(repos, indent=1))
+        return
+    if not repos:
+        click.echo(f"nothing installed in {store.home}")
+    for r in repos:
+        click.echo(f"{r['host']}/{r['owner']}/{r['name']}")
+        for name, ref in r["refs"].items():
+            click.echo(f"  {ref['kind']:6} {name} -> {ref['commit'][:12]}")
+        for c in r["commits"]:
+            click.echo(f"  commit {c}")
+
+
+cli.add_command(list_, "ls")
+
+
+@cli.command()
+def home() -> None:
+    """Print the default store location."""
+    click.echo(default_home())
+
+
+def main() -> None:
+    cli(prog_name="mirror")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

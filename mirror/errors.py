@@ -1,0 +1,169 @@
+"""Every error mirror raises on purpose, grouped by topic.
+
+Each carries its context (repo, ref, commit, URL, path) as attributes and a
+message that names it. The CLI prints ``str(error)`` on one line and exits with
+``error.exit_code``; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class MirrorError(Exception):
+    """Base class of every error mirror raises on purpose."""
+
+    exit_code = 1
+
+
+# --- specs and revisions ---------------------------------------------------
+
+
+class SpecError(MirrorError, ValueError):
+    """Raised when a repo spec such as ``owner/name:ref@commit`` cannot be parsed."""
+
+    exit_code = 2
+
+    def __init__(self, spec: str, reason: str):
+        self.spec = spec
+        super().__init__(f"invalid repo spec {spec!r}: {reason}")
+
+
+# --- git -------------------------------------------------------------------
+
+
+class GitError(MirrorError):
+    """Raised when the upstream git repository cannot be reached or read."""
+
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        super().__init__(f"git: {url}: {reason}")
+
+
+class RefNotFoundError(GitError):
+    """Raised when a branch, tag or commit asked for does not exist upstream."""
+
+    def __init__(self, url: str, ref: str, available: Sequence[str] = ()):
+        self.ref = ref
+        self.available = list(available)
+        hint = f" (it has: {', '.join(self.available[:20])})" if self.available else ""
+        super().__init__(url, f"no branch, tag or commit {ref!r}{hint}")
+
+
+# --- weights ---------------------------------------------------------------
+
+
+class DownloadError(MirrorError):
+    """Raised when a weight file cannot be downloaded after all retries."""
+
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        super().__init__(f"download failed: {url}: {reason}")
+
+
+# --- bundles ---------------------------------------------------------------
+
+
+class BundleError(MirrorError):
+    """Raised when a bundle file is unreadable, malformed or fails verification."""
+
+    exit_code = 3
+
+    def __init__(self, path: str, reason: str, member: str | None = None):
+        self.path = path
+        self.member = member
+        where = f" [{member}]" if member else ""
+        super().__init__(f"bad bundle {path}{where}: {reason}")
+
+
+# --- store and loading -----------------------------------------------------
+
+
+class StoreError(MirrorError):
+    """Raised when the local store cannot be written or is inconsistent."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(f"store {path}: {reason}")
+
+
+class NotInstalledError(MirrorError):
+    """Raised when a load asks for a repo, ref or commit the store does not hold."""
+
+    exit_code = 4
+
+    def __init__(
+        self,
+        repo: str,
+        ref: str | None = None,
+        commit: str | None = None,
+        available: Iterable[str] = (),
+        store: str = "",
+    ):
+        self.repo, self.ref, self.commit = repo, ref, commit
+        self.available = list(available)
+        what = repo + (f":{ref}" if ref else "") + (f" commit={commit}" if commit else "")
+        if self.available:
+            has = f"the store has {', '.join(self.available)} for {repo}"
+        else:
+            has = f"the store has nothing for {repo}"
+        where = f" in {store}" if store else ""
+        super().__init__(
+            f"{what} is not installed{where}: {has}. "
+            f"Pack it on a connected host (mirror pack {repo}"
+            f"{':' + ref if ref else ''}{'@' + commit if commit else ''} -o X.hub) "
+            f"and run 'mirror install X.hub' here."
+        )
+
+
+class AmbiguousCommitError(MirrorError):
+    """Raised when an abbreviated commit id matches more than one commit."""
+
+    exit_code = 4
+
+    def __init__(self, repo: str, commit: str, candidates: Sequence[str]):
+        self.repo, self.commit, self.candidates = repo, commit, list(candidates)
+        super().__init__(
+            f"{repo}: commit {commit!r} is ambiguous, it matches {', '.join(self.candidates)}"
+        )
+
+
+class EntrypointNotFoundError(MirrorError):
+    """Raised when hubconf.py of a snapshot has no callable of the name asked for."""
+
+    exit_code = 4
+
+    def __init__(self, repo: str, commit: str, entry: str, available: Sequence[str]):
+        self.repo, self.commit, self.entry = repo, commit, entry
+        self.available = list(available)
+        super().__init__(
+            f"{repo}@{commit[:12]}: no entrypoint {entry!r} in hubconf.py "
+            f"(it has: {', '.join(self.available) or 'none'})"
+        )
+
+
+class WeightNotInstalledError(MirrorError):
+    """Raised when code asks for a weight URL that no installed bundle brought."""
+
+    exit_code = 4
+
+    def __init__(self, url: str, store: str = ""):
+        self.url = url
+        where = f" in {store}" if store else ""
+        super().__init__(
+            f"weight {url} is not installed{where}; pack it with "
+            f"'mirror pack ... --weights {url}' and install that bundle"
+        )
+
+
+class IntegrityError(MirrorError):
+    """Raised when a stored file no longer matches the digest it was installed with."""
+
+    exit_code = 3
+
+    def __init__(self, path: str, expected: str, actual: str, url: str | None = None):
+        self.path, self.expected, self.actual, self.url = path, expected, actual, url
+        what = f"{url} ({path})" if url else path
+        super().__init__(
+            f"integrity check failed for {what}: expected sha256 {expected}, got {actual}"
+        )

@@ -1,0 +1,175 @@
+"""Git with pygit2: list an upstream's refs, resolve what was asked, export the tree.
+
+Every pack works in a fresh bare repository in a temporary directory, so no
+state leaks between packs and nothing on the host's git config matters.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Tuple
+
+import pygit2
+
+from .errors import AmbiguousCommitError, GitError, RefNotFoundError
+from .refs import DEFAULT_BRANCH, RepoSpec, ResolvedRef
+
+MODE_FILE, MODE_EXEC, MODE_LINK = 0o100644, 0o100755, 0o120000
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    """One file of a snapshot: its path in the repo, git mode and content."""
+
+    path: str
+    mode: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The tree of one commit, every file included (repos read assets next to their code)."""
+
+    commit: str
+    tree: str
+    commit_time: int
+    files: Tuple[TreeFile, ...]
+
+
+class Upstream:
+    """One upstream repository, fetched into a private bare repo."""
+
+    def __init__(self, url: str, workdir: str | None = None):
+        self.url = url
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="mirror-git-")
+        path = workdir or self._tmp.name
+        self.repo = pygit2.init_repository(path, bare=True)
+        self.remote = self.repo.remotes.create_anonymous(url)
+        self._heads: Dict[str, str] | None = None
+        self._default: str | None = None
+
+    def close(self) -> None:
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Upstream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- refs ---------------------------------------------------------------
+
+    def refs(self) -> Dict[str, str]:
+        """Upstream refs (``refs/heads/*``, ``refs/tags/*``) to the object ids they name."""
+        if self._heads is None:
+            try:
+                listing = self.remote.ls_remotes()
+            except pygit2.GitError as e:
+                raise GitError(self.url, str(e)) from None
+            self._heads = {}
+            for head in listing:
+                name = head["name"]
+                if name == "HEAD" and head.get("symref_target"):
+                    self._default = head["symref_target"][len("refs/heads/"):]
+                elif name.startswith(("refs/heads/", "refs/tags/")) and not name.endswith("^{}"):
+                    self._heads[name] = str(head["oid"])
+        return self._heads
+
+    def default_branch(self) -> str:
+        """The branch MegEngine Hub uses without ``:ref`` (master), else the remote's HEAD."""
+        refs = self.refs()
+        if f"refs/heads/{DEFAULT_BRANCH}" in refs or not self._default:
+            return DEFAULT_BRANCH
+        return self._default
+
+    def resolve(self, spec: RepoSpec) -> ResolvedRef:
+        """Resolve ``spec`` to a commit, fetching only the ref it names."""
+        refs = self.refs()
+        if spec.ref:
+            if f"refs/heads/{spec.ref}" in refs:
+                name, kind, refname = spec.ref, "branch", f"refs/heads/{spec.ref}"
+            elif f"refs/tags/{spec.ref}" in refs:
+                name, kind, refname = spec.ref, "tag", f"refs/tags/{spec.ref}"
+            else:
+                raise RefNotFoundError(self.url, spec.ref, _short_names(refs))
+        else:
+            name, kind = self.default_branch(), "branch"
+            refname = f"refs/heads/{name}"
+            if refname not in refs and not spec.commit:
+                raise RefNotFoundError(self.url, name, _short_names(refs))
+
+        if spec.commit is None:
+            # Only the tip is needed: a shallow fetch keeps large histories fast.
+            self._fetch([f"+{refname}:{refname}"], depth=1)
+            tip = self._peel(self.repo.references[refname].target)
+            return ResolvedRef(spec.ref or "", name, kind, tip)
+
+        # A pinned commit may be anywhere in history: fetch the refs that can reach it.
+        wanted = [f"+{refname}:{refname}"] if spec.ref else ["+refs/heads/*:refs/heads/*",
+                                                             "+refs/tags/*:refs/tags/*"]
+        self._fetch(wanted, depth=0)
+        commit = self._lookup_commit(spec.commit)
+        if spec.ref:
+            tip = self._peel(self.repo.references[refname].target)
+            if tip != commit and not self.repo.descendant_of(tip, commit):
+                raise GitError(self.url, f"commit {commit[:12]} is not reachable from {kind} "
+                                         f"{name!r} (its tip is {tip[:12]})")
+        return ResolvedRef(spec.ref or spec.commit, name, kind, commit)
+
+    def _fetch(self, refspecs: List[str], depth: int) -> None:
+        try:
+            self.remote.fetch(refspecs, depth=depth)
+        except pygit2.GitError as e:
+            raise GitError(self.url, f"fetch failed: {e}") from None
+
+    def _peel(self, oid) -> str:
+        return str(self.repo[oid].peel(pygit2.Commit).id)
+
+    def _lookup_commit(self, prefix: str) -> str:
+        try:
+            obj = self.repo.revparse_single(prefix)
+        except KeyError:
+            raise RefNotFoundError(self.url, prefix) from None
+        except ValueError as e:
+            if "ambiguous" not in str(e):
+                raise RefNotFoundError(self.url, prefix) from None
+            ids = (str(c.id) for c in self._all_commits())
+            matches = sorted({i for i in ids if i.startswith(prefix)})
+            raise AmbiguousCommitError(self.url, prefix, matches) from None
+        try:
+            return str(obj.peel(pygit2.Commit).id)
+        except (pygit2.InvalidSpecError, ValueError):
+            raise RefNotFoundError(self.url, prefix) from None
+
+    def _all_commits(self) -> Iterator[pygit2.Commit]:
+        for oid in self.repo.odb:
+            obj = self.repo[oid]
+            if isinstance(obj, pygit2.Commit):
+                yield obj
+
+    # --- trees --------------------------------------------------------------
+
+    def snapshot(self, commit: str) -> Snapshot:
+        """Every file of ``commit``'s tree, sorted by path."""
+        c = self.repo[commit].peel(pygit2.Commit)
+        files: List[TreeFile] = []
+        self._walk(c.tree, "", files)
+        files.sort(key=lambda f: f.path)
+        return Snapshot(str(c.id), str(c.tree_id), c.commit_time, tuple(files))
+
+    def _walk(self, tree: pygit2.Tree, prefix: str, out: List[TreeFile]) -> None:
+        for entry in tree:
+            path = prefix + entry.name
+            if entry.type_str == "tree":
+                self._walk(self.repo[entry.id], path + "/", out)
+            elif entry.type_str == "blob":
+                mode = entry.filemode
+                mode = mode if mode in (MODE_EXEC, MODE_LINK) else MODE_FILE
+                out.append(TreeFile(path, mode, self.repo[entry.id].data))
+            # A submodule ("commit" entry) has no content in this repository: left out.
+
+
+def _short_names(refs: Dict[str, str]) -> List[str]:
+    return sorted(r.split("/", 2)[2] for r in refs)

@@ -1,0 +1,366 @@
+"""The local store on the isolated host, laid out like the Hugging Face cache::
+
+    <home>/
+      blobs/<sha256>                          every file, once, read-only
+      repos/<host>/<owner>/<name>/            owner and name lower-cased, as GitHub matches them
+        repo.json                             host, owner, name as packed
+        refs/heads/<branch>, refs/tags/<tag>  a commit id each
+        snapshots/<commit>/...                the tree, hard links into blobs/
+        snapshots/<commit>.json               what the snapshot holds and which bundle brought it
+      weights/<sha256(url)>.json              URL -> blob
+      bundles/<sha256(manifest)>.json         the manifest of every bundle installed
+      tmp/                                    work in progress, never read
+
+Correctness never depends on a lock: everything is written under a unique
+temporary name, verified, fsynced and renamed into place; refs flip last, so a
+crash at any instant leaves a store whose visible parts are whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, Dict, List, Tuple
+
+from . import bundle
+from .errors import AmbiguousCommitError, NotInstalledError, StoreError
+from .refs import DEFAULT_HOST
+
+
+def default_home() -> str:
+    """``$MGE_MIRROR_HOME``, else ``$MGE_HOME/mirror``, else the XDG cache, else ``~/.cache``."""
+    if os.environ.get("MGE_MIRROR_HOME"):
+        return os.path.expanduser(os.environ["MGE_MIRROR_HOME"])
+    if os.environ.get("MGE_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["MGE_HOME"]), "mirror")
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return os.path.join(os.path.expanduser(cache), "megengine", "mirror")
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A snapshot in the store: the repo it belongs to, its commit and directory."""
+
+    repo: str  # host/owner/name as packed
+    commit: str
+    path: str
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A weight file in the store, found by the URL the code asks for."""
+
+    url: str
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class InstallReport:
+    """What one ``install`` verified and changed."""
+
+    bundle: str
+    bundle_sha256: str = ""
+    verified_files: int = 0
+    verified_bytes: int = 0
+    bytes_written: int = 0
+    snapshots_installed: List[str] = field(default_factory=list)
+    snapshots_present: List[str] = field(default_factory=list)
+    weights: List[str] = field(default_factory=list)
+    refs_set: List[str] = field(default_factory=list)
+    refs_kept: List[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.snapshots_installed or self.refs_set or self.bytes_written)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _SyncedFile:
+    """A temp file that is fsynced and made read-only when closed."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fh: IO[bytes] = open(path, "wb")
+        self.size = 0
+
+    def write(self, block: bytes) -> None:
+        self.fh.write(block)
+        self.size += len(block)
+
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.chmod(self.path, 0o444)
+
+
+class Store:
+    """A local store of snapshots and weights rooted at ``home``."""
+
+    def __init__(self, home: str | None = None):
+        self.home = os.path.abspath(home or default_home())
+
+    # --- paths --------------------------------------------------------------
+
+    def blob(self, sha256: str) -> str:
+        return os.path.join(self.home, "blobs", sha256)
+
+    def repo_dir(self, host: str, owner: str, name: str) -> str:
+        # GitHub matches owner/name case-insensitively; so does the store.
+        return os.path.join(self.home, "repos", host.lower(), owner.lower(), name.lower())
+
+    def _weight_index(self, url: str) -> str:
+        key = hashlib.sha256(url.encode()).hexdigest()
+        return os.path.join(self.home, "weights", key + ".json")
+
+    # --- install ------------------------------------------------------------
+
+    def install(self, bundle_path: str, force: bool = False) -> InstallReport:
+        """Verify every byte of a bundle, then make its snapshots, weights and refs visible.
+
+        Nothing becomes visible until the whole bundle has verified; on any error
+        the store is left as it was (temporary files are removed).
+        """
+        report = InstallReport(bundle=bundle_path)
+        try:
+            os.makedirs(os.path.join(self.home, "tmp"), exist_ok=True)
+            txn = tempfile.mkdtemp(prefix="install-", dir=os.path.join(self.home, "tmp"))
+        except OSError as e:
+            raise StoreError(self.home, f"cannot write here: {e.strerror}") from None
+        staged: Dict[str, _SyncedFile] = {}
+
+        def sink(member: bundle.Member) -> _SyncedFile | None:
+            report.verified_files += 1
+            report.verified_bytes += member.size
+            if os.path.exists(self.blob(member.sha256)) or member.sha256 in staged:
+                return None  # content-addressed: already stored, only verified
+            staged[member.sha256] = _SyncedFile(os.path.join(txn, member.sha256))
+            return staged[member.sha256]
+
+        try:
+            manifest = bundle.read(bundle_path, sink)
+            manifest_bytes = bundle.manifest_to_bytes(manifest)
+            report.bundle_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+            # The bundle has verified: from here on, publish in an order that never
+            # shows a part whose dependencies are missing: blobs, snapshots, weights, refs.
+            blobs_dir = os.path.join(self.home, "blobs")
+            os.makedirs(blobs_dir, exist_ok=True)
+            for sha, f in staged.items():
+                if not os.path.exists(self.blob(sha)):
+                    os.replace(f.path, self.blob(sha))
+                    report.bytes_written += f.size
+            _fsync_dir(blobs_dir)
+            for repo in manifest["repos"]:
+                self._install_repo(repo, report, report.bundle_sha256, force)
+            for w in manifest["weights"]:
+                record = {"url": w["url"], "sha256": w["sha256"], "size": w["size"]}
+                _write_atomic(self._weight_index(w["url"]),
+                              json.dumps(record, sort_keys=True).encode())
+                report.weights.append(w["url"])
+            self._set_refs(manifest, report, force)
+            _write_atomic(os.path.join(self.home, "bundles", report.bundle_sha256 + ".json"),
+                          manifest_bytes)
+        except OSError as e:
+            raise StoreError(e.filename or self.home,
+                             f"install of {bundle_path} failed: {e.strerror or e}") from None
+        finally:
+            for f in staged.values():
+                if not f.fh.closed:
+                    f.fh.close()
+            shutil.rmtree(txn, ignore_errors=True)
+        return report
+
+    def _install_repo(self, repo: Dict[str, Any], report: InstallReport, bundle_sha: str,
+                      force: bool) -> None:
+        rdir = self.repo_dir(repo["host"], repo["owner"], repo["name"])
+        ident = {k: repo[k] for k in ("host", "owner", "name", "url")}
+        if not os.path.exists(os.path.join(rdir, "repo.json")):
+            _write_atomic(os.path.join(rdir, "repo.json"), json.dumps(ident, indent=1).encode())
+        snaps = os.path.join(rdir, "snapshots")
+        os.makedirs(snaps, exist_ok=True)
+        for snap in repo["snapshots"]:
+            target = os.path.join(snaps, snap["commit"])
+            label = f"{repo['owner']}/{repo['name']}@{snap['commit'][:12]}"
+            if os.path.isdir(target) and not force:
+                report.snapshots_present.append(label)
+                continue
+            building = tempfile.mkdtemp(prefix=f".{snap['commit'][:12]}-", dir=snaps)
+            try:
+                for f in snap["files"]:
+                    self._materialize(f, os.path.join(building, f["path"]), building)
+                record = dict(snap, bundle=bundle_sha, installed_at=int(time.time()))
+                _write_atomic(target + ".json", json.dumps(record, indent=1).encode())
+                if os.path.isdir(target):
+                    shutil.rmtree(target)  # only with --force
+                try:
+                    os.rename(building, target)
+                except OSError:
+                    if not os.path.isdir(target):
+                        raise
+                    # Another installer published the same snapshot first: same bytes.
+                    shutil.rmtree(building, ignore_errors=True)
+                _fsync_dir(snaps)
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
+            report.snapshots_installed.append(label)
+
+    def _materialize(self, f: Dict[str, Any], dest: str, root: str) -> None:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        src = self.blob(f["sha256"])
+        if f["mode"] == 0o120000:
+            with open(src, "rb") as fh:
+                link = fh.read().decode("utf-8", "surrogateescape")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(dest), link))
+            if os.path.isabs(link) or not resolved.startswith(root + os.sep):
+                raise StoreError(dest, f"symlink {f['path']} -> {link} points outside the snapshot")
+            os.symlink(link, dest)
+        elif f["mode"] == 0o100755:
+            shutil.copyfile(src, dest)  # a hard link would share the blob's read-only mode
+            os.chmod(dest, 0o555)
+        else:
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copyfile(src, dest)
+                os.chmod(dest, 0o444)
+
+    def _set_refs(self, manifest: Dict[str, Any], report: InstallReport, force: bool) -> None:
+        times = {s["commit"]: s["commit_time"] for r in manifest["repos"] for s in r["snapshots"]}
+        for repo in manifest["repos"]:
+            rdir = self.repo_dir(repo["host"], repo["owner"], repo["name"])
+            for ref in repo["refs"]:
+                folder = "heads" if ref["kind"] == "branch" else "tags"
+                path = os.path.join(rdir, "refs", folder, ref["name"])
+                label = f"{repo['owner']}/{repo['name']}:{ref['name']}"
+                current = _read_text(path)
+                if current == ref["commit"]:
+                    continue
+                if current and not force:
+                    if ref["kind"] == "tag":
+                        report.refs_kept.append(f"{label} stays at {current[:12]} (tags never "
+                                                f"move without --force)")
+                        continue
+                    old = self._snapshot_record(rdir, current)
+                    if old and old.get("commit_time", 0) > times.get(ref["commit"], 0):
+                        report.refs_kept.append(f"{label} stays at newer {current[:12]} "
+                                                f"(use --force to move it back)")
+                        continue
+                _write_atomic(path, (ref["commit"] + "\n").encode())
+                report.refs_set.append(f"{label} -> {ref['commit'][:12]}")
+
+    # --- queries ------------------------------------------------------------
+
+    def _snapshot_record(self, rdir: str, commit: str) -> Dict[str, Any] | None:
+        text = _read_text(os.path.join(rdir, "snapshots", commit + ".json"))
+        return json.loads(text) if text else None
+
+    def _commits(self, rdir: str) -> List[str]:
+        snaps = os.path.join(rdir, "snapshots")
+        if not os.path.isdir(snaps):
+            return []
+        return sorted(c for c in os.listdir(snaps)
+                      if not c.startswith(".") and not c.endswith(".json")
+                      and os.path.isdir(os.path.join(snaps, c)))
+
+    def refs(self, rdir: str) -> Dict[str, Tuple[str, str]]:
+        """``name -> (kind, commit)`` for every branch and tag of a repo."""
+        out: Dict[str, Tuple[str, str]] = {}
+        for folder, kind in (("tags", "tag"), ("heads", "branch")):  # a branch wins a tie
+            base = os.path.join(rdir, "refs", folder)
+            for dirpath, _, names in os.walk(base):
+                for n in names:
+                    if not n.startswith(".tmp-"):
+                        full = os.path.join(dirpath, n)
+                        out[os.path.relpath(full, base)] = (kind, _read_text(full) or "")
+        return out
+
+    def resolve(self, owner: str, name: str, ref: str | None = None,
+                commit: str | None = None, host: str = DEFAULT_HOST) -> SnapshotRef:
+        """The snapshot that ``owner/name[:ref]`` or ``commit=`` names, as MegEngine Hub would.
+
+        ``commit`` (full or a unique abbreviation) wins over ``ref``, as in MegEngine.
+        """
+        rdir = self.repo_dir(host, owner, name)
+        label = f"{owner}/{name}" if host == DEFAULT_HOST else f"{host}/{owner}/{name}"
+        refs = self.refs(rdir)
+        commits = self._commits(rdir)
+        if commit:
+            matches = [c for c in commits if c.startswith(commit.lower())]
+            if len(matches) > 1:
+                raise AmbiguousCommitError(label, commit, matches)
+            if not matches:
+                raise NotInstalledError(label, None, commit, self._describe(refs, commits),
+                                        self.home)
+            return SnapshotRef(label, matches[0], os.path.join(rdir, "snapshots", matches[0]))
+        if not ref or ref not in refs or refs[ref][1] not in commits:
+            raise NotInstalledError(label, ref, None, self._describe(refs, commits), self.home)
+        found = refs[ref][1]
+        return SnapshotRef(label, found, os.path.join(rdir, "snapshots", found))
+
+    @staticmethod
+    def _describe(refs: Dict[str, Tuple[str, str]], commits: List[str]) -> List[str]:
+        named = [f"{kind} {n} -> {c[:12]}" for n, (kind, c) in sorted(refs.items())]
+        pointed = {c for _, c in refs.values()}
+        return named + [f"commit {c[:12]}" for c in commits if c not in pointed]
+
+    def weight(self, url: str) -> StoredWeight | None:
+        """The stored file for a weight URL, or None if no installed bundle brought it."""
+        text = _read_text(self._weight_index(url))
+        if not text:
+            return None
+        rec = json.loads(text)
+        return StoredWeight(url, self.blob(rec["sha256"]), rec["size"], rec["sha256"])
+
+    def repos(self) -> List[Dict[str, Any]]:
+        """Every installed repo with its refs and commits, for ``mirror list``."""
+        out = []
+        base = os.path.join(self.home, "repos")
+        for dirpath, dirnames, filenames in os.walk(base):
+            if "repo.json" in filenames:
+                dirnames[:] = []
+                with open(os.path.join(dirpath, "repo.json")) as fh:
+                    ident = json.load(fh)
+                refs = self.refs(dirpath)
+                out.append(dict(ident, refs={n: {"kind": k, "commit": c}
+                                             for n, (k, c) in sorted(refs.items())},
+                                commits=self._commits(dirpath)))
+        return sorted(out, key=lambda r: (r["host"], r["owner"].lower(), r["name"].lower()))
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+

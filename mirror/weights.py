@@ -1,0 +1,269 @@
+"""Weights: find every URL a repo's code downloads, and download them verified.
+
+Discovery is static: it parses each Python file with :mod:`ast` (so a URL split
+over adjacent literals on several lines is one string, as Python sees it) and
+evaluates the argument of ``pretrained(...)`` and ``load_serialized_obj_from_url(...)``
+over module-level string constants. What it cannot evaluate is reported with
+its file and line rather than guessed.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import http.client
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Tuple
+
+from tqdm import tqdm
+
+from .errors import DownloadError
+from .git import TreeFile
+
+# Names whose first argument is a URL the code will download (megengine/hub/hub.py).
+_DOWNLOADERS = {"pretrained", "load_serialized_obj_from_url"}
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in a snapshot a weight URL is referenced."""
+
+    path: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A weight URL and every code location that references it."""
+
+    url: str
+    locations: Tuple[Location, ...]
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """A download call whose URL could not be evaluated statically."""
+
+    location: Location
+    expr: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.expr}"
+
+
+# --- discovery ---------------------------------------------------------------
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
+    """Evaluate an expression made of string constants, ``+``, ``%``, ``.format``,
+    f-strings, dict literals and subscripts, names looked up in ``env``."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float)):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in env:
+            return env[node.id]
+        raise _NotConstant
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for v in node.values:
+            if isinstance(v, ast.FormattedValue):
+                if v.format_spec is not None or v.conversion not in (-1, None):
+                    raise _NotConstant
+                parts.append(str(_evaluate(v.value, env)))
+            else:
+                parts.append(str(_evaluate(v, env)))
+        return "".join(parts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
+        left, right = _evaluate(node.left, env), _evaluate(node.right, env)
+        try:
+            return left + right if isinstance(node.op, ast.Add) else left % right
+        except (TypeError, ValueError, KeyError):
+            raise _NotConstant from None
+    if isinstance(node, ast.Tuple):
+        return tuple(_evaluate(e, env) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise _NotConstant
+        return {_evaluate(k, env): _evaluate(v, env) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Subscript):
+        container = _evaluate(node.value, env)
+        key_node = node.slice.value if isinstance(node.slice, ast.Index) else node.slice  # py<3.9
+        try:
+            return container[_evaluate(key_node, env)]
+        except (KeyError, IndexError, TypeError):
+            raise _NotConstant from None
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "format"):
+        template = _evaluate(node.func.value, env)
+        args = [_evaluate(a, env) for a in node.args]
+        kwargs = {k.arg: _evaluate(k.value, env) for k in node.keywords if k.arg}
+        if not isinstance(template, str) or len(kwargs) != len(node.keywords):
+            raise _NotConstant
+        try:
+            return template.format(*args, **kwargs)
+        except (IndexError, KeyError, ValueError):
+            raise _NotConstant from None
+    raise _NotConstant
+
+
+def _module_constants(tree: ast.Module) -> Dict[str, Any]:
+    """Top-level ``NAME = <constant expression>`` assignments, in order."""
+    env: Dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value = stmt.targets[0], stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target, value = stmt.target, stmt.value
+        else:
+            continue
+        if isinstance(target, ast.Name):
+            try:
+                env[target.id] = _evaluate(value, env)
+            except _NotConstant:
+                env.pop(target.id, None)
+    return env
+
+
+def _callee_name(call: ast.Call) -> str | None:
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+
+
+def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolved]]:
+    """Every weight URL that the Python files of a snapshot pass to MegEngine's downloaders."""
+    found: Dict[str, List[Location]] = {}
+    unresolved: List[Unresolved] = []
+    for f in files:
+        if not f.path.endswith(".py"):
+            continue
+        try:
+            tree = ast.parse(f.data, filename=f.path)
+        except (SyntaxError, ValueError):
+            continue  # Python would fail to import it as well; not ours to judge.
+        env = _module_constants(tree)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and _callee_name(node) in _DOWNLOADERS):
+                continue
+            arg = node.args[0] if node.args else next(
+                (k.value for k in node.keywords if k.arg == "url"), None)
+            if arg is None:
+                continue
+            loc = Location(f.path, node.lineno)
+            try:
+                url = _evaluate(arg, env)
+            except _NotConstant:
+                url = None
+            if isinstance(url, str):
+                found.setdefault(url, []).append(loc)
+            else:
+                unresolved.append(Unresolved(loc, ast.unparse(arg) if hasattr(ast, "unparse")
+                                             else ast.dump(arg)))
+    weights = [WeightRef(u, tuple(sorted(set(locs), key=lambda x: (x.path, x.line))))
+               for u, locs in sorted(found.items())]
+    return weights, unresolved
+
+
+# --- download ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A weight file on local disk with its verified size and digest."""
+
+    url: str
+    path: str
+    size: int
+    sha256: str
+
+
+def url_basename(url: str) -> str:
+    """The file name MegEngine gives a URL's download (the last path segment)."""
+    return os.path.basename(urllib.parse.urlparse(url).path) or "weights"
+
+
+def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
+             progress: bool = True) -> Downloaded:
+    """Download ``url`` to ``dest``, resuming after dropped connections, hashing as it goes.
+
+    ``dest`` appears only when the whole file has arrived; a partial download is
+    kept at ``dest + ".part"`` so that a retry asks only for the rest (HTTP Range).
+    """
+    part = dest + ".part"
+    last_error = "no attempt made"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.25 * 2 ** attempt, 4.0))
+        try:
+            _fetch_into(url, part, timeout, progress)
+            break
+        except _Retryable as e:
+            last_error = str(e)
+    else:
+        raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
+    digest, size = hashlib.sha256(), 0
+    with open(part, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
+            size += len(block)
+    os.replace(part, dest)
+    return Downloaded(url, dest, size, digest.hexdigest())
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _fetch_into(url: str, part: str, timeout: float, progress: bool) -> None:
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "mge-mirror"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # asked past the end: the file is already whole
+            return
+        if e.code >= 500 or e.code == 429:
+            raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(url, f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise _Retryable(str(getattr(e, "reason", e))) from None
+
+    with response:
+        if have and response.status != 206:
+            have = 0  # the server ignored Range: start over
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length is not None else None
+        mode = "ab" if have else "wb"
+        received = 0
+        with open(part, mode) as out, tqdm(
+            total=(expected + have) if expected is not None else None, initial=have,
+            unit="B", unit_scale=True, unit_divisor=1024, desc=url_basename(url),
+            disable=not progress, leave=False,
+        ) as bar:
+            try:
+                while True:
+                    block = response.read(CHUNK)
+                    if not block:
+                        break
+                    out.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+            except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead
+                raise _Retryable(f"connection lost after {have + received} bytes: {e}") from None
+        if expected is not None and received != expected:
+            raise _Retryable(f"connection closed after {have + received} of "
+                             f"{have + expected} bytes")
