@@ -243,7 +243,11 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
 
     expected = expected_members(manifest)
     seen = set()
-    for info in tar:
+    while True:
+        info = tar.next()
+        if info is None:
+            break
+        tar.members.clear()  # a stream reader needs no index; keep memory flat
         name = info.name
         if name in seen:
             raise BundleError(path, "member appears twice", name)

@@ -121,14 +121,30 @@ def _import_hubconf(snap: SnapshotRef, store: Store) -> types.ModuleType:
         raise MirrorError(f"{snap.repo}@{snap.commit[:12]} has no {HUBCONF}")
     spec = importlib.util.spec_from_file_location(HUBCONF, path)
     module = importlib.util.module_from_spec(spec)
+    before = set(sys.modules)
     sys.path.insert(0, snap.path)
     try:
         with _weights_from_store(store):
             spec.loader.exec_module(module)
     finally:
         sys.path.remove(snap.path)
+        _forget_modules_from(snap.path, before)
     module.__mirror_snapshot__ = snap
     return module
+
+
+def _forget_modules_from(root: str, before: set) -> None:
+    """Drop the repo's packages from ``sys.modules`` once hubconf has them.
+
+    MegEngine leaves them there, so a second commit (or another repo with a
+    package of the same name) silently reuses the first one's code. The loaded
+    hubconf keeps its own references, so nothing it needs goes away.
+    """
+    prefix = root + os.sep
+    for name in set(sys.modules) - before:
+        origin = getattr(sys.modules[name], "__file__", None) or ""
+        if origin.startswith(prefix):
+            del sys.modules[name]
 
 
 def _snapshot(repo_info: str, git_host: str, commit: str | None, source: str,

@@ -18,6 +18,7 @@ crash at any instant leaves a store whose visible parts are whole.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -310,7 +311,7 @@ class Store:
 
         ``commit`` (full or a unique abbreviation) wins over ``ref``, as in MegEngine.
         """
-        rdir = self.repo_dir(host, owner, name)
+        rdir = self._find_repo(host, owner, name)
         label = f"{owner}/{name}" if host == DEFAULT_HOST else f"{host}/{owner}/{name}"
         refs = self.refs(rdir)
         commits = self._commits(rdir)
@@ -326,6 +327,24 @@ class Store:
             raise NotInstalledError(label, ref, None, self._describe(refs, commits), self.home)
         found = refs[ref][1]
         return SnapshotRef(label, found, os.path.join(rdir, "snapshots", found))
+
+    def _find_repo(self, host: str, owner: str, name: str) -> str:
+        """The repo's directory; for the default host, also a repo packed from one other host.
+
+        MegEngine's own cache key ignores ``git_host``, so ``load("owner/name")`` finds
+        code fetched from any host; the store does the same when only one host has it.
+        """
+        rdir = self.repo_dir(host, owner, name)
+        if os.path.isdir(rdir) or host != DEFAULT_HOST:
+            return rdir
+        pattern = os.path.join(self.home, "repos", "*", owner.lower(), name.lower())
+        others = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
+        if len(others) > 1:
+            hosts = ", ".join(os.path.basename(os.path.dirname(os.path.dirname(d)))
+                              for d in others)
+            raise NotInstalledError(f"{owner}/{name}", store=self.home, available=[
+                f"copies from several hosts ({hosts}): pass git_host= to choose"])
+        return others[0] if others else rdir
 
     @staticmethod
     def _describe(refs: Dict[str, Tuple[str, str]], commits: List[str]) -> List[str]:

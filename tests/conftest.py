@@ -1,0 +1,77 @@
+"""Shared fixtures: one real loopback upstream (git + weights) per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List
+
+import pytest
+
+from mirror.pack import pack
+from tests.upstream import DemoRepo, GitServer, WeightServer, build_demo_repo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIRROR = [sys.executable, "-m", "mirror"]
+
+
+@dataclass
+class Upstream:
+    demo: DemoRepo
+    git: GitServer
+    weights: WeightServer
+
+    def spec(self, suffix: str = "") -> str:
+        return f"{self.demo.repo}{suffix}"
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Upstream:
+    root = tmp_path_factory.mktemp("upstream")
+    weights = WeightServer().start()
+    demo = build_demo_repo(str(root / "git"), weights)
+    git = GitServer(str(root / "git")).start()
+    yield Upstream(demo, git, weights)
+    git.stop()
+    weights.stop()
+
+
+@pytest.fixture(scope="session")
+def master_bundle(upstream, tmp_path_factory) -> str:
+    """The demo repo's master tip, packed once for the session (pinned by commit)."""
+    out = str(tmp_path_factory.mktemp("bundles") / "master.hub")
+    pack([upstream.spec("@" + upstream.demo.branches["master"][:10])], out,
+         git_host=upstream.git.host, protocol="http", progress=False)
+    return out
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> str:
+    """An empty store, and MGE_HOME pointing away from the user's real caches."""
+    path = str(tmp_path / "store")
+    monkeypatch.setenv("MGE_MIRROR_HOME", path)
+    monkeypatch.setenv("MGE_HOME", str(tmp_path / "mge"))
+    return path
+
+
+def run(args: List[str], env=None, netns: bool = False, timeout: float = 120,
+        **kw) -> subprocess.CompletedProcess:
+    """Run a command, inside a fresh network namespace with no network if ``netns``."""
+    cmd = (["unshare", "--net", "--"] if netns else []) + list(args)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, **kw)
+
+
+def tree_digest(path: str) -> dict:
+    """Every file under ``path`` with its bytes, for before/after comparisons."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), path) + "/"] = None
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = fh.read()
+    return out

@@ -1,0 +1,131 @@
+"""Weight discovery (static, over real source shapes) and download (real HTTP, real faults)."""
+
+import hashlib
+import os
+
+import pytest
+
+from mirror.errors import DownloadError
+from mirror.git import MODE_FILE, TreeFile
+from mirror.weights import discover, download
+
+
+def _src(path, text):
+    return TreeFile(path, MODE_FILE, text.encode())
+
+
+def test_discovers_every_url_shape_real_hub_repos_use():
+    hubconf = '''
+from megengine import hub
+import megengine
+from megengine.hub import pretrained
+
+BASE = "https://data.example/models/"
+VERSION = "v2"
+URLS = {"a": BASE + "a.pkl", "b": f"{BASE}b_{VERSION}.pkl"}
+
+@hub.pretrained(
+    "https://data.example/models/weights/"
+    "resnet18_naiveaug_70312_78a63ca6.pkl"
+)
+def resnet18(**kwargs): ...
+
+@pretrained(BASE + "plus.pkl")
+def plus(**kwargs): ...
+
+@megengine.hub.pretrained("{}fmt_{}.model".format(BASE, VERSION))
+def fmt(**kwargs): ...
+
+@hub.pretrained("%spct.pkl" % BASE)
+def pct(**kwargs): ...
+
+@hub.pretrained(URLS["a"])
+def a(**kwargs): ...
+
+@hub.pretrained(url=URLS["b"])
+def b(**kwargs): ...
+
+def direct():
+    return hub.load_serialized_obj_from_url(BASE + "direct.pkl")
+
+def dynamic(name):
+    return hub.load_serialized_obj_from_url(BASE + name)
+'''
+    weights, unresolved = discover([_src("hubconf.py", hubconf), _src("README.md", "x(")])
+    assert [w.url for w in weights] == sorted([
+        "https://data.example/models/weights/resnet18_naiveaug_70312_78a63ca6.pkl",
+        "https://data.example/models/plus.pkl",
+        "https://data.example/models/fmt_v2.model",
+        "https://data.example/models/pct.pkl",
+        "https://data.example/models/a.pkl",
+        "https://data.example/models/b_v2.pkl",
+        "https://data.example/models/direct.pkl",
+    ])
+    first = next(w for w in weights if w.url.endswith("78a63ca6.pkl"))
+    assert [str(loc) for loc in first.locations] == ["hubconf.py:10"]
+    assert [str(u) for u in unresolved] == ["hubconf.py:35: BASE + name"]
+
+
+def test_same_url_in_two_files_is_one_weight_with_both_locations():
+    code = 'from megengine import hub\n@hub.pretrained("http://h/w.pkl")\ndef f(): ...\n'
+    weights, _ = discover([_src("a.py", code), _src("pkg/b.py", "\n" + code)])
+    assert len(weights) == 1
+    assert [str(x) for x in weights[0].locations] == ["a.py:2", "pkg/b.py:3"]
+
+
+@pytest.fixture()
+def served(upstream):
+    data = os.urandom(3 << 20)  # 3 MiB: several chunks, so a drop lands mid-body
+    url = upstream.weights.add("faults/blob.pkl", data)
+    yield url, data
+    upstream.weights.fault("faults/blob.pkl", None)
+
+
+def test_download_verifies_size_and_digest(served, tmp_path):
+    url, data = served
+    got = download(url, str(tmp_path / "w"), progress=False)
+    assert (got.size, got.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (tmp_path / "w").read_bytes() == data
+    assert not (tmp_path / "w.part").exists()
+
+
+def test_download_resumes_after_a_dropped_connection(upstream, served, tmp_path):
+    url, data = served
+    upstream.weights.fault("faults/blob.pkl", "drop", times=1)
+    before = upstream.weights.range_requests
+    got = download(url, str(tmp_path / "w"), progress=False)
+    assert (tmp_path / "w").read_bytes() == data
+    assert got.sha256 == hashlib.sha256(data).hexdigest()
+    assert upstream.weights.range_requests == before + 1  # only the rest was fetched
+
+
+def test_download_retries_server_errors(upstream, served, tmp_path):
+    url, data = served
+    upstream.weights.fault("faults/blob.pkl", "500", times=2)
+    assert download(url, str(tmp_path / "w"), progress=False).size == len(data)
+
+
+def test_download_survives_a_slow_body(upstream, tmp_path):
+    data = os.urandom(64 << 10)
+    url = upstream.weights.add("faults/slow.pkl", data)
+    upstream.weights.fault("faults/slow.pkl", "slow")
+    try:
+        assert download(url, str(tmp_path / "w"), progress=False).size == len(data)
+    finally:
+        upstream.weights.fault("faults/slow.pkl", None)
+
+
+def test_missing_file_is_a_clear_error_and_leaves_nothing(upstream, tmp_path):
+    url = upstream.weights.url("faults/nope.pkl")
+    with pytest.raises(DownloadError) as e:
+        download(url, str(tmp_path / "w"), progress=False)
+    assert str(e.value) == f"download failed: {url}: HTTP 404 Not Found"
+    assert os.listdir(tmp_path) == []
+
+
+def test_persistent_server_error_gives_up_with_the_url(upstream, served, tmp_path):
+    url, _ = served
+    upstream.weights.fault("faults/blob.pkl", "500")
+    with pytest.raises(DownloadError) as e:
+        download(url, str(tmp_path / "w"), progress=False, retries=1)
+    assert url in str(e.value) and "HTTP 500" in str(e.value) and "2 attempts" in str(e.value)

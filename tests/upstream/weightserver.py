@@ -1,0 +1,117 @@
+"""Files over HTTP on loopback, with ``Range`` and switches that inject faults."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+from ._http import LoopbackServer, QuietHandler
+
+FAULTS = ("404", "500", "drop", "slow")
+
+
+class _WeightHandler(QuietHandler):
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _serve(self, head: bool) -> None:
+        server: WeightServer = self.server.owner
+        path = self.path.split("?", 1)[0]
+        server.hits[path] = server.hits.get(path, 0) + 1
+        fault = server.faults.get(path)
+        if fault and server.fault_budget.get(path, 0) != 0:
+            server.fault_budget[path] -= 1
+        else:
+            fault = None
+        data = server.files.get(path)
+        if fault == "404" or data is None:
+            return self._error(404)
+        if fault == "500":
+            return self._error(500)
+        start, end, status = 0, len(data), 200
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            first, _, last = rng[6:].partition("-")
+            start = int(first or 0)
+            end = int(last) + 1 if last else len(data)
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+            server.range_requests += 1
+        body = data[start:end]
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.end_headers()
+        if head:
+            return
+        if fault == "drop":
+            # Send half, then cut the connection: the client sees a short body.
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if fault == "slow":
+            for i in range(0, len(body), 4096):
+                self.wfile.write(body[i:i + 4096])
+                time.sleep(server.slow_delay)
+            return
+        self.wfile.write(body)
+
+    def _error(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class WeightServer(LoopbackServer):
+    """Serves ``files`` (URL path -> bytes) at ``http://127.0.0.1:PORT/<path>``.
+
+    ``fault(path, kind, times)`` makes the next ``times`` requests for ``path``
+    fail as ``kind``: ``404``, ``500``, ``drop`` (half the body, then the
+    connection closes) or ``slow`` (the body in small delayed pieces).
+    """
+
+    def __init__(self):
+        super().__init__(_WeightHandler)
+        self.files: Dict[str, bytes] = {}
+        self.faults: Dict[str, str] = {}
+        self.fault_budget: Dict[str, int] = {}
+        self.hits: Dict[str, int] = {}
+        self.range_requests = 0
+        self.slow_delay = 0.01
+
+    def add(self, path: str, data: bytes) -> str:
+        """Serve ``data`` at ``path`` and return its URL."""
+        path = "/" + path.lstrip("/")
+        self.files[path] = data
+        return self.base_url + path
+
+    def add_file(self, path: str, local: str) -> str:
+        with open(local, "rb") as fh:
+            return self.add(path, fh.read())
+
+    def fault(self, path: str, kind: Optional[str], times: int = -1) -> None:
+        """Inject ``kind`` for the next ``times`` requests (-1: until cleared with None)."""
+        path = "/" + path.lstrip("/")
+        if kind is None:
+            self.faults.pop(path, None)
+            self.fault_budget.pop(path, None)
+            return
+        if kind not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}")
+        self.faults[path], self.fault_budget[path] = kind, times
+
+    def url(self, path: str) -> str:
+        return self.base_url + "/" + path.lstrip("/")
