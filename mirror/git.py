@@ -65,16 +65,15 @@ class Upstream:
         """Upstream refs (``refs/heads/*``, ``refs/tags/*``) to the object ids they name."""
         if self._heads is None:
             try:
-                listing = self.remote.ls_remotes()
+                listing = _list_heads(self.remote)
             except pygit2.GitError as e:
                 raise GitError(self.url, str(e)) from None
             self._heads = {}
-            for head in listing:
-                name = head["name"]
-                if name == "HEAD" and head.get("symref_target"):
-                    self._default = head["symref_target"][len("refs/heads/"):]
+            for name, oid, symref in listing:
+                if name == "HEAD" and symref:
+                    self._default = symref[len("refs/heads/"):]
                 elif name.startswith(("refs/heads/", "refs/tags/")) and not name.endswith("^{}"):
-                    self._heads[name] = str(head["oid"])
+                    self._heads[name] = oid
         return self._heads
 
     def default_branch(self) -> str:
@@ -110,7 +109,14 @@ class Upstream:
         wanted = [f"+{refname}:{refname}"] if spec.ref else ["+refs/heads/*:refs/heads/*",
                                                              "+refs/tags/*:refs/tags/*"]
         self._fetch(wanted, depth=0)
-        commit = self._lookup_commit(spec.commit)
+        try:
+            commit = self._lookup_commit(spec.commit)
+        except RefNotFoundError:
+            if not spec.ref:
+                raise
+            # Not in the ref's history: look everywhere, to say "unreachable" if it exists.
+            self._fetch(["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], depth=0)
+            commit = self._lookup_commit(spec.commit)
         if spec.ref:
             tip = self._peel(self.repo.references[refname].target)
             if tip != commit and not self.repo.descendant_of(tip, commit):
@@ -169,6 +175,13 @@ class Upstream:
                 mode = mode if mode in (MODE_EXEC, MODE_LINK) else MODE_FILE
                 out.append(TreeFile(path, mode, self.repo[entry.id].data))
             # A submodule ("commit" entry) has no content in this repository: left out.
+
+
+def _list_heads(remote: pygit2.Remote) -> List[Tuple[str, str, str | None]]:
+    """``(name, oid, symref_target)`` of every ref the remote advertises."""
+    if hasattr(remote, "list_heads"):  # pygit2 >= 1.18; ls_remotes is deprecated there
+        return [(h.name or "", str(h.oid), h.symref_target) for h in remote.list_heads()]
+    return [(h["name"], str(h["oid"]), h.get("symref_target")) for h in remote.ls_remotes()]
 
 
 def _short_names(refs: Dict[str, str]) -> List[str]:

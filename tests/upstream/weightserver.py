@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 from ._http import LoopbackServer, QuietHandler
 
@@ -102,7 +102,7 @@ class WeightServer(LoopbackServer):
         with open(local, "rb") as fh:
             return self.add(path, fh.read())
 
-    def fault(self, path: str, kind: Optional[str], times: int = -1) -> None:
+    def fault(self, path: str, kind: str | None, times: int = -1) -> None:
         """Inject ``kind`` for the next ``times`` requests (-1: until cleared with None)."""
         path = "/" + path.lstrip("/")
         if kind is None:

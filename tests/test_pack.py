@@ -1,0 +1,130 @@
+"""mirror pack against the real loopback git and weight servers."""
+
+import hashlib
+import json
+import subprocess
+
+import pytest
+import zstandard
+
+from mirror import bundle
+from mirror.errors import RefNotFoundError
+from mirror.pack import pack
+from tests.conftest import MIRROR, run
+
+
+def _git_show(upstream, commit, path) -> bytes:
+    return subprocess.run(["git", "--git-dir", upstream.demo.bare, "show", f"{commit}:{path}"],
+                          capture_output=True, check=True).stdout
+
+
+def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_path):
+    c2 = upstream.demo.commits["c2"]
+    out = tmp_path / "demo.hub"
+    r = run(MIRROR + ["pack", upstream.spec("@" + c2[:8]), "-o", str(out),
+                      "--git-host", upstream.git.host, "--protocol", "http", "-q"])
+    assert r.returncode == 0, r.stderr
+    assert f"packed demo/tinynets:master -> {c2}" in r.stdout
+
+    # Standard tools can list it, manifest first.
+    names = subprocess.run(["tar", "--zstd", "-tf", str(out)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert names[0] == "manifest.json"
+
+    manifest = bundle.read(str(out))
+    (repo,) = manifest["repos"]
+    assert (repo["host"], repo["owner"], repo["name"]) == (upstream.git.host, "demo", "tinynets")
+    assert repo["refs"] == [{"name": "master", "kind": "branch", "commit": c2,
+                             "asked": upstream.spec("@" + c2[:8]),
+                             "resolved_at": repo["refs"][0]["resolved_at"]}]
+    (snap,) = repo["snapshots"]
+    assert snap["commit"] == c2
+    paths = [f["path"] for f in snap["files"]]
+    assert paths == sorted(["README.md", "hubconf.py", "tinynets/__init__.py",
+                            "tinynets/labels.txt", "tinynets/mlp.py",
+                            "tinynets/vision/__init__.py", "tinynets/vision/cnn.py"])
+    for f in snap["files"]:  # every file is exactly git's blob
+        data = _git_show(upstream, c2, f["path"])
+        assert (f["size"], f["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        assert "code/" + c2 + "/" + f["path"] in names
+
+    served = upstream.demo.urls[c2]
+    assert sorted(w["url"] for w in manifest["weights"]) == sorted(served.values())
+    for w in manifest["weights"]:
+        data = upstream.demo.weights[w["url"]]
+        assert (w["size"], w["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        assert w["locations"][0].startswith(f"demo/tinynets@{c2[:12]}:hubconf.py:")
+
+
+@pytest.mark.parametrize("suffix, label, kind, name", [
+    (":dev", "c4", "branch", "dev"),
+    (":v1.0", "c2", "tag", "v1.0"),
+    ("", "c3", "branch", "master"),
+])
+def test_refs_resolve_to_their_commits(upstream, tmp_path, suffix, label, kind, name):
+    out = str(tmp_path / "x.hub")
+    report = pack([upstream.spec(suffix)], out, git_host=upstream.git.host, protocol="http",
+                  progress=False)
+    ref = bundle.read_manifest(out)["repos"][0]["refs"][0]
+    assert (ref["kind"], ref["name"], ref["commit"]) == (kind, name,
+                                                         upstream.demo.commits[label])
+    assert report.refs == [f"demo/tinynets:{name} -> {upstream.demo.commits[label]}"]
+
+
+def test_same_inputs_give_a_byte_identical_bundle(upstream, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b = str(tmp_path / "a.hub"), str(tmp_path / "b.hub")
+    for out in (a, b):
+        pack([upstream.spec(":v1.0")], out, git_host=upstream.git.host, protocol="http",
+             progress=False)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert fa.read() == fb.read()
+
+
+def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
+    out = tmp_path / "x.hub"
+    with pytest.raises(RefNotFoundError) as e:
+        pack([upstream.spec(":nope")], str(out), git_host=upstream.git.host, protocol="http",
+             progress=False)
+    assert "'nope'" in str(e.value) and "dev, master, v1.0" in str(e.value)
+    assert not out.exists()
+
+
+def test_cli_errors_are_one_line_with_an_exit_code(upstream, tmp_path):
+    r = run(MIRROR + ["pack", upstream.spec("@" + "0" * 12), "-o", str(tmp_path / "x.hub"),
+                      "--git-host", upstream.git.host, "--protocol", "http", "-q"])
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: git: {upstream.git.url('demo/tinynets')}: no branch, tag or commit "
+        f"'000000000000'")
+    assert "Traceback" not in r.stderr
+
+
+def test_commit_not_on_the_ref_is_refused(upstream, tmp_path):
+    with pytest.raises(Exception) as e:
+        pack([upstream.spec(":v1.0@" + upstream.demo.commits["c3"][:10])],
+             str(tmp_path / "x.hub"), git_host=upstream.git.host, protocol="http",
+             progress=False)
+    assert "not reachable from tag 'v1.0'" in str(e.value)
+
+
+def test_weight_server_down_leaves_no_partial_bundle(upstream, tmp_path):
+    url = upstream.demo.urls[upstream.demo.commits["c1"]]["mlp"]
+    path = url.split("/", 3)[3]
+    upstream.weights.fault(path, "404")
+    out = tmp_path / "x.hub"
+    try:
+        with pytest.raises(Exception) as e:
+            pack([upstream.spec("@" + upstream.demo.commits["c1"])], str(out),
+                 git_host=upstream.git.host, protocol="http", progress=False)
+    finally:
+        upstream.weights.fault(path, None)
+    assert url in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bundle_is_zstd_of_tar(master_bundle):
+    with open(master_bundle, "rb") as fh:
+        raw = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
+    assert raw[257:262] == b"ustar"
+    assert json.loads(bundle.manifest_to_bytes(bundle.read_manifest(master_bundle)))
