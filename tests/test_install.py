@@ -1,0 +1,187 @@
+"""mirror install: every byte verified, nothing visible until all of it is."""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+
+import pytest
+
+from mirror import bundle
+from mirror.errors import BundleError
+from mirror.store import Store, default_home
+from tests.conftest import MIRROR, run, tree_digest
+
+
+def test_install_puts_every_file_and_weight_in_the_store(master_bundle, home, upstream):
+    report = Store().install(master_bundle)
+    master = upstream.demo.branches["master"]
+    assert report.snapshots_installed == [f"demo/tinynets@{master[:12]}"]
+    assert report.refs_set == [f"demo/tinynets:master -> {master[:12]}"]
+
+    snap = os.path.join(home, "repos", upstream.git.host, "demo", "tinynets", "snapshots",
+                        master)
+    manifest = bundle.read_manifest(master_bundle)
+    for f in manifest["repos"][0]["snapshots"][0]["files"]:
+        path = os.path.join(snap, f["path"])
+        with open(path, "rb") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == f["sha256"]
+        assert not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    for url, data in ((u, upstream.demo.weights[u]) for u in upstream.demo.urls[master].values()):
+        stored = Store().weight(url)
+        with open(stored.path, "rb") as fh:
+            assert fh.read() == data
+    ref = os.path.join(home, "repos", upstream.git.host, "demo", "tinynets", "refs", "heads",
+                       "master")
+    with open(ref) as fh:
+        assert fh.read() == master + "\n"
+
+
+def test_second_install_changes_nothing_and_says_so(master_bundle, home):
+    Store().install(master_bundle)
+    before = tree_digest(home)
+    r = run(MIRROR + ["install", master_bundle])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("0 bytes written (nothing changed)")
+    assert "already installed demo/tinynets@" in r.stdout
+    assert tree_digest(home) == before
+
+
+def _rewrite(src: str, dst: str, edit) -> None:
+    """Re-pack ``src`` with ``edit(manifest, sources)`` applied: a bundle that lies."""
+    sources = {}
+
+    class Keep:
+        def __init__(self, m):
+            self.m, self.buf = m, bytearray()
+
+        def write(self, b):
+            self.buf += b
+
+        def close(self):
+            sources[self.m.name] = bytes(self.buf)
+
+    manifest = bundle.read(src, lambda m: Keep(m))
+    edit(manifest, sources)
+    tmp = dst + ".raw"
+    # Write without the writer's own validation: the point is a bundle that lies.
+    import io
+    import tarfile
+
+    import zstandard
+    with open(tmp, "wb") as raw:
+        with zstandard.ZstdCompressor().stream_writer(raw) as z:
+            with tarfile.open(fileobj=z, mode="w|") as tar:
+                data = bundle.manifest_to_bytes(manifest)
+                for name, blob in [("manifest.json", data)] + sorted(sources.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    os.replace(tmp, dst)
+
+
+def _flip_weight_byte(manifest, sources):
+    name = bundle.weight_member(manifest["weights"][0]["sha256"])
+    data = bytearray(sources[name])
+    data[len(data) // 2] ^= 0x01
+    sources[name] = bytes(data)
+
+
+def _drop_code_file(manifest, sources):
+    snap = manifest["repos"][0]["snapshots"][0]
+    del sources[bundle.code_member(snap["commit"], "hubconf.py")]
+
+
+def _extra_member(manifest, sources):
+    sources["code/evil.py"] = b"import os\n"
+
+
+def _lie_about_size(manifest, sources):
+    manifest["repos"][0]["snapshots"][0]["files"][0]["size"] += 1
+
+
+def _escape_path(manifest, sources):
+    manifest["repos"][0]["snapshots"][0]["files"][0]["path"] = "../../outside.py"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_flip_weight_byte, "differs from the manifest's"),
+    (_drop_code_file, "missing from the bundle"),
+    (_extra_member, "[code/evil.py]: member is not listed in the manifest"),
+    (_lie_about_size, "differs from the manifest's"),
+    (_escape_path, "unsafe file path '../../outside.py'"),
+])
+def test_a_bundle_that_lies_is_refused_and_the_store_is_untouched(
+        master_bundle, home, tmp_path, edit, expected):
+    bad = str(tmp_path / "bad.hub")
+    _rewrite(master_bundle, bad, edit)
+    Store().install(master_bundle)  # a store with content, to prove nothing of it changes
+    before = tree_digest(home)
+    with pytest.raises(BundleError) as e:
+        Store().install(bad)
+    assert expected in str(e.value) and bad in str(e.value)
+    assert tree_digest(home) == before
+    r = run(MIRROR + ["install", bad])
+    assert r.returncode == 3
+    assert r.stderr.strip().startswith(f"Error: bad bundle {bad}") and expected in r.stderr
+
+
+@pytest.mark.parametrize("cut", [0, 1, 100, 0.5, -1])
+def test_truncated_or_empty_bundle_is_refused(master_bundle, home, tmp_path, cut):
+    with open(master_bundle, "rb") as fh:
+        data = fh.read()
+    n = cut if isinstance(cut, int) and cut >= 0 else (
+        int(len(data) * cut) if isinstance(cut, float) else len(data) - 1)
+    bad = tmp_path / "cut.hub"
+    bad.write_bytes(data[:n])
+    with pytest.raises(BundleError) as e:
+        Store().install(str(bad))
+    assert str(bad) in str(e.value)
+    assert not os.path.exists(os.path.join(home, "repos"))
+    assert os.listdir(os.path.join(home, "tmp")) == []
+
+
+def test_missing_bundle_file_is_a_clear_error(home, tmp_path):
+    r = run(MIRROR + ["install", str(tmp_path / "nope.hub")])
+    assert r.returncode == 3
+    missing = tmp_path / "nope.hub"
+    assert r.stderr.strip() == f"Error: bad bundle {missing}: No such file or directory"
+
+
+def test_verify_checks_a_bundle_without_installing(master_bundle, home):
+    r = run(MIRROR + ["verify", master_bundle])
+    assert r.returncode == 0 and r.stdout.startswith(f"{master_bundle}: OK, ")
+    assert not os.path.exists(home)
+
+
+def test_default_home_follows_megengine_conventions(monkeypatch):
+    for var in ("MGE_MIRROR_HOME", "MGE_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert default_home() == os.path.expanduser("~/.cache/megengine/mirror")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x")
+    assert default_home() == "/x/megengine/mirror"
+    monkeypatch.setenv("MGE_HOME", "/m")
+    assert default_home() == "/m/mirror"
+    monkeypatch.setenv("MGE_MIRROR_HOME", "/s")
+    assert default_home() == "/s"
+
+
+def test_list_shows_refs_and_commits(master_bundle, home, upstream):
+    Store().install(master_bundle)
+    r = run(MIRROR + ["list", "--json"])
+    (repo,) = json.loads(r.stdout)
+    master = upstream.demo.branches["master"]
+    assert repo["refs"] == {"master": {"kind": "branch", "commit": master}}
+    assert repo["commits"] == [master]
+
+
+def test_store_that_cannot_be_written_is_a_clear_error(master_bundle, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "store").write_text("a file where the store's directory should be")
+    monkeypatch.setenv("MGE_MIRROR_HOME", str(ro / "store"))
+    r = run(MIRROR + ["install", master_bundle])
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith(f"Error: store {ro / 'store'}: cannot write here")
+    shutil.rmtree(ro)
