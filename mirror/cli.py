@@ -16,6 +16,7 @@ import click
 
 from . import __version__, bundle
 from .errors import MirrorError
+from .megengine_cache import installed_megengine_version
 from .pack import pack as pack_repos
 from .store import Store, default_home
 
@@ -91,12 +92,23 @@ def pack(specs, output, git_host, protocol, extra_weights, quiet, as_json) -> No
 @cli.command()
 @click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Reinstall snapshots and move refs back or tags.")
+@click.option("--megengine-version", "mge_versions", multiple=True, metavar="VERSION",
+              help="Seed MegEngine Hub's cache for this MegEngine version (repeatable; "
+                   "default: the installed one).")
+@click.option("--no-megengine-cache", is_flag=True,
+              help="Do not seed MegEngine Hub's own cache ($MGE_HOME/hub, serialized).")
 @_home_option
 @_json_option
 @_library_errors
-def install(bundle_path, force, home, as_json) -> None:
-    """Verify every byte of BUNDLE and install it into the local store."""
-    report = Store(home).install(bundle_path, force=force)
+def install(bundle_path, force, mge_versions, no_megengine_cache, home, as_json) -> None:
+    """Verify every byte of BUNDLE and install it into the local store.
+
+    Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
+    calls work offline too.
+    """
+    versions = () if no_megengine_cache else (
+        mge_versions or [v for v in [installed_megengine_version()] if v])
+    report = Store(home).install(bundle_path, force=force, megengine_versions=versions)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=1))
         return
@@ -110,6 +122,8 @@ def install(bundle_path, force, home, as_json) -> None:
         click.echo(f"ref {r}")
     for r in report.refs_kept:
         click.echo(f"ref {r}")
+    for line in report.megengine_cache:
+        click.echo(f"megengine cache: {line}")
     click.echo(f"{len(report.weights)} weights; {report.bytes_written} bytes written"
                + ("" if report.changed else " (nothing changed)"))
 

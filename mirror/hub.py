@@ -122,12 +122,15 @@ def _import_hubconf(snap: SnapshotRef, store: Store) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(HUBCONF, path)
     module = importlib.util.module_from_spec(spec)
     before = set(sys.modules)
+    # No __pycache__ inside the store: a snapshot stays exactly the bytes installed.
+    saved_bytecode_flag, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     sys.path.insert(0, snap.path)
     try:
         with _weights_from_store(store):
             spec.loader.exec_module(module)
     finally:
         sys.path.remove(snap.path)
+        sys.dont_write_bytecode = saved_bytecode_flag
         _forget_modules_from(snap.path, before)
     module.__mirror_snapshot__ = snap
     return module

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Tuple
+from typing import IO, Any, Dict, List, Sequence, Tuple
 
 from . import bundle
 from .errors import AmbiguousCommitError, NotInstalledError, StoreError
@@ -76,6 +76,7 @@ class InstallReport:
     weights: List[str] = field(default_factory=list)
     refs_set: List[str] = field(default_factory=list)
     refs_kept: List[str] = field(default_factory=list)
+    megengine_cache: List[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -90,7 +91,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
@@ -145,11 +146,15 @@ class Store:
 
     # --- install ------------------------------------------------------------
 
-    def install(self, bundle_path: str, force: bool = False) -> InstallReport:
+    def install(self, bundle_path: str, force: bool = False,
+                megengine_versions: Sequence[str] = (),
+                megengine_home: str | None = None) -> InstallReport:
         """Verify every byte of a bundle, then make its snapshots, weights and refs visible.
 
         Nothing becomes visible until the whole bundle has verified; on any error
-        the store is left as it was (temporary files are removed).
+        the store is left as it was (temporary files are removed). With
+        ``megengine_versions``, MegEngine Hub's own caches are seeded last, so
+        unmodified ``megengine.hub.load`` calls of those versions work offline.
         """
         report = InstallReport(bundle=bundle_path)
         try:
@@ -184,12 +189,17 @@ class Store:
                 self._install_repo(repo, report, report.bundle_sha256, force)
             for w in manifest["weights"]:
                 record = {"url": w["url"], "sha256": w["sha256"], "size": w["size"]}
-                _write_atomic(self._weight_index(w["url"]),
+                write_atomic(self._weight_index(w["url"]),
                               json.dumps(record, sort_keys=True).encode())
                 report.weights.append(w["url"])
             self._set_refs(manifest, report, force)
-            _write_atomic(os.path.join(self.home, "bundles", report.bundle_sha256 + ".json"),
-                          manifest_bytes)
+            write_atomic(os.path.join(self.home, "bundles", report.bundle_sha256 + ".json"),
+                         manifest_bytes)
+            if megengine_versions:
+                from .megengine_cache import seed
+
+                report.megengine_cache = seed(self, manifest, megengine_versions,
+                                              megengine_home)
         except OSError as e:
             raise StoreError(e.filename or self.home,
                              f"install of {bundle_path} failed: {e.strerror or e}") from None
@@ -205,7 +215,7 @@ class Store:
         rdir = self.repo_dir(repo["host"], repo["owner"], repo["name"])
         ident = {k: repo[k] for k in ("host", "owner", "name", "url")}
         if not os.path.exists(os.path.join(rdir, "repo.json")):
-            _write_atomic(os.path.join(rdir, "repo.json"), json.dumps(ident, indent=1).encode())
+            write_atomic(os.path.join(rdir, "repo.json"), json.dumps(ident, indent=1).encode())
         snaps = os.path.join(rdir, "snapshots")
         os.makedirs(snaps, exist_ok=True)
         for snap in repo["snapshots"]:
@@ -219,7 +229,7 @@ class Store:
                 for f in snap["files"]:
                     self._materialize(f, os.path.join(building, f["path"]), building)
                 record = dict(snap, bundle=bundle_sha, installed_at=int(time.time()))
-                _write_atomic(target + ".json", json.dumps(record, indent=1).encode())
+                write_atomic(target + ".json", json.dumps(record, indent=1).encode())
                 if os.path.isdir(target):
                     shutil.rmtree(target)  # only with --force
                 try:
@@ -249,11 +259,7 @@ class Store:
             shutil.copyfile(src, dest)  # a hard link would share the blob's read-only mode
             os.chmod(dest, 0o555)
         else:
-            try:
-                os.link(src, dest)
-            except OSError:
-                shutil.copyfile(src, dest)
-                os.chmod(dest, 0o444)
+            link_or_copy(src, dest)
 
     def _set_refs(self, manifest: Dict[str, Any], report: InstallReport, force: bool) -> None:
         times = {s["commit"]: s["commit_time"] for r in manifest["repos"] for s in r["snapshots"]}
@@ -276,7 +282,7 @@ class Store:
                         report.refs_kept.append(f"{label} stays at newer {current[:12]} "
                                                 f"(use --force to move it back)")
                         continue
-                _write_atomic(path, (ref["commit"] + "\n").encode())
+                write_atomic(path, (ref["commit"] + "\n").encode())
                 report.refs_set.append(f"{label} -> {ref['commit'][:12]}")
 
     # --- queries ------------------------------------------------------------
@@ -374,6 +380,15 @@ class Store:
                                              for n, (k, c) in sorted(refs.items())},
                                 commits=self._commits(dirpath)))
         return sorted(out, key=lambda r: (r["host"], r["owner"].lower(), r["name"].lower()))
+
+
+def link_or_copy(src: str, dest: str) -> None:
+    """Hard-link ``src`` to ``dest`` (a new name for the same read-only bytes), else copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+        os.chmod(dest, 0o444)
 
 
 def _read_text(path: str) -> str | None:

@@ -29,6 +29,15 @@ for entry, x in (("mlp", np.linspace(-1, 1, 8, dtype="float32").reshape(1, 8)),
     print(f"{entry} (revision {model.revision}) on a fixed input:",
           " ".join(f"{v:+.4f}" for v in y.ravel()))
 """
+STOCK = """
+import numpy as np, megengine
+from megengine import hub
+model = hub.load("demo/tinynets", "mlp", pretrained=True)
+model.eval()
+y = model(megengine.tensor(np.linspace(-1, 1, 8, dtype="float32").reshape(1, 8))).numpy()
+print(f"stock megengine.hub: mlp (revision {model.revision}) on the same input:",
+      " ".join(f"{v:+.4f}" for v in y.ravel()))
+"""
 
 
 def step(title: str) -> None:
@@ -80,6 +89,9 @@ def main() -> None:
 
         step("isolated host: mirror.hub.load(..., pretrained=True), no network")
         sh([sys.executable, "-c", LOAD], env, isolated)
+
+        step("isolated host: unmodified megengine.hub.load(..., pretrained=True), no network")
+        sh([sys.executable, "-c", STOCK], env, isolated)
     print(f"\ndemo: OK (bundle and store in {OUT})")
 
 

@@ -47,6 +47,16 @@ def master_bundle(upstream, tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def all_refs_bundle(upstream, tmp_path_factory) -> str:
+    """master, dev, the v1.0 tag and c1 by commit, in one bundle."""
+    out = str(tmp_path_factory.mktemp("bundles") / "all.hub")
+    specs = [upstream.spec(s) for s in ("", ":dev", ":v1.0")]
+    specs.append(upstream.spec("@" + upstream.demo.commits["c1"]))
+    pack(specs, out, git_host=upstream.git.host, protocol="http", progress=False)
+    return out
+
+
 @pytest.fixture()
 def home(tmp_path, monkeypatch) -> str:
     """An empty store, and MGE_HOME pointing away from the user's real caches."""

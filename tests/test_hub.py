@@ -9,18 +9,7 @@ import pytest
 
 import mirror.hub
 from mirror.errors import EntrypointNotFoundError, IntegrityError, NotInstalledError
-from mirror.pack import pack
 from mirror.store import Store
-
-
-@pytest.fixture(scope="module")
-def all_refs_bundle(upstream, tmp_path_factory):
-    """master, dev, the v1.0 tag and c1 by commit, in one bundle."""
-    out = str(tmp_path_factory.mktemp("hub") / "all.hub")
-    specs = [upstream.spec(s) for s in ("", ":dev", ":v1.0")]
-    specs.append(upstream.spec("@" + upstream.demo.commits["c1"]))
-    pack(specs, out, git_host=upstream.git.host, protocol="http", progress=False)
-    return out
 
 
 @pytest.fixture()
@@ -126,3 +115,15 @@ def test_offline_mode_forces_local(installed, monkeypatch):
     monkeypatch.setenv("MGE_MIRROR_OFFLINE", "1")
     with pytest.raises(NotInstalledError):
         mirror.hub.load("other/repo", "x", source="remote")
+
+
+def test_loading_leaves_the_snapshot_and_sys_path_as_they_were(upstream, installed):
+    import sys
+
+    snap = Store().resolve("demo", "tinynets", "master", host=upstream.git.host)
+    before_files = sorted(os.walk(snap.path))
+    path_before = list(sys.path)
+    mirror.hub.load("demo/tinynets", "small_cnn", source="local", pretrained=True)
+    assert sorted(os.walk(snap.path)) == before_files  # no __pycache__ written
+    assert sys.path == path_before
+    assert not any(m == "tinynets" or m.startswith("tinynets.") for m in sys.modules)

@@ -1,0 +1,141 @@
+"""Seed MegEngine Hub's own caches, so unmodified ``megengine.hub.load`` works offline.
+
+MegEngine (megengine/hub/fetcher.py and hub.py, 1.13) looks for:
+
+- repo code in ``MGE_HOME/hub/<v>_<h>``, ``<v>`` its version with dots as
+  underscores and ``<h> = sha1(f"{owner}_{name}_{branch with / as _}" +
+  (f"_{commit}" if commit else ""))[:16]``; with ``use_cache=True`` (its
+  default) an existing directory is used as is, with no network;
+- weights in ``MGE_HOME/serialized/<sha256(url)[:6]>_<basename of the URL>``.
+
+Seeded entries are hard links to the store's blobs where the filesystem allows.
+A directory MegEngine fetched itself is left alone; one mirror seeded earlier is
+replaced when the ref it stands for has moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+
+from .refs import DEFAULT_BRANCH
+from .store import link_or_copy, write_atomic
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def megengine_home() -> str:
+    """``$MGE_HOME``, else ``$XDG_CACHE_HOME/megengine``, else ``~/.cache/megengine``."""
+    cache = os.getenv("XDG_CACHE_HOME", "~/.cache")
+    return os.path.expanduser(os.getenv("MGE_HOME", os.path.join(cache, "megengine")))
+
+
+def installed_megengine_version() -> str | None:
+    """The installed MegEngine's version, read without importing it (a slow import)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # Python < 3.8
+        return None
+    try:
+        return version("megengine")
+    except PackageNotFoundError:
+        return None
+
+
+def repo_key(version: str, owner: str, name: str, branch: str,
+             commit: str | None = None) -> str:
+    """The directory name MegEngine gives ``owner/name:branch`` (and ``commit=``)."""
+    raw = f"{owner}_{name}_{branch.replace('/', '_')}" + (f"_{commit}" if commit else "")
+    return "_".join(version.split(".")) + "_" + hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def weight_file(url: str) -> str:
+    """The file name MegEngine caches ``url`` under."""
+    base = os.path.basename(urllib.parse.urlparse(url).path)
+    return hashlib.sha256(url.encode()).hexdigest()[:6] + "_" + base
+
+
+def seed(store: Store, manifest: Dict[str, Any], versions: Sequence[str],
+         mge_home: str | None = None) -> List[str]:
+    """Seed MegEngine's caches for every ref, commit and weight ``manifest`` installed.
+
+    Returns one line per entry seeded or deliberately left alone.
+    """
+    home = mge_home or megengine_home()
+    hub_dir, marks = os.path.join(home, "hub"), os.path.join(home, "hub", ".mirror")
+    os.makedirs(marks, exist_ok=True)
+    done: List[str] = []
+    for repo in manifest["repos"]:
+        rdir = store.repo_dir(repo["host"], repo["owner"], repo["name"])
+        owner, name = repo["owner"], repo["name"]
+        wanted: Dict[str, tuple] = {}  # key -> (commit, what it stands for)
+        refs = store.refs(rdir)
+        for version in versions:
+            for ref, (_, commit) in refs.items():
+                wanted[repo_key(version, owner, name, ref)] = (commit, f"{owner}/{name}:{ref}")
+            for snap in repo["snapshots"]:
+                commit = snap["commit"]
+                branches = {r for r, (_, c) in refs.items() if c == commit} | {DEFAULT_BRANCH}
+                for branch in branches:
+                    wanted[repo_key(version, owner, name, branch, commit)] = (
+                        commit, f"{owner}/{name}:{branch} commit={commit[:12]}")
+        for key, (commit, label) in sorted(wanted.items()):
+            done.append(_seed_repo(store, rdir, commit, os.path.join(hub_dir, key),
+                                   os.path.join(marks, key), label))
+    serialized = os.path.join(home, "serialized")
+    os.makedirs(serialized, exist_ok=True)
+    for w in manifest["weights"]:
+        target = os.path.join(serialized, weight_file(w["url"]))
+        if not os.path.exists(target):
+            tmp = target + f".mirror-{os.getpid()}"
+            link_or_copy(store.blob(w["sha256"]), tmp)
+            os.replace(tmp, target)
+            done.append(f"seeded weight {w['url']}")
+    return done
+
+
+def _seed_repo(store: Store, rdir: str, commit: str, target: str, mark: str,
+               label: str) -> str:
+    seeded = _read_mark(mark)
+    if os.path.exists(target):
+        if seeded is None:
+            return f"left {label} alone: {target} was not made by mirror"
+        if seeded == commit:
+            return f"{label} already seeded"
+    snapshot = os.path.join(rdir, "snapshots", commit)
+    building = tempfile.mkdtemp(prefix=".mirror-", dir=os.path.dirname(target))
+    try:
+        for dirpath, _, files in os.walk(snapshot):
+            rel = os.path.relpath(dirpath, snapshot)
+            os.makedirs(os.path.join(building, rel), exist_ok=True)
+            for f in files:
+                src = os.path.join(dirpath, f)
+                dst = os.path.join(building, rel, f)
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                else:
+                    link_or_copy(src, dst)
+        if os.path.exists(target):  # an older seed for a ref that moved: swap it out
+            old = target + f".old-{os.getpid()}"
+            os.rename(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    write_atomic(mark, json.dumps({"commit": commit, "for": label}).encode())
+    return f"seeded {label} -> {os.path.basename(target)}"
+
+
+def _read_mark(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)["commit"]
+    except (OSError, ValueError, KeyError):
+        return None
