@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, Optional, Tuple, Union
 
 import zstandard
 
+from .atomic import atomic_file
 from .errors import BundleError
 
 FORMAT = "mge-mirror-bundle"
@@ -142,29 +142,20 @@ def write(path: str, manifest: Dict[str, Any], sources: Dict[str, Source]) -> st
     if missing:
         raise ValueError(f"no content for members {missing[:5]}")
     manifest_bytes = manifest_to_bytes(manifest)
-    tmp = f"{path}.tmp-{os.getpid()}"
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as raw:
-            hashing = _HashingWriter(raw, digest)
-            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-            with cctx.stream_writer(hashing, closefd=False) as zout:
-                with tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    _add(tar, MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes))
-                    for name in sorted(members):
-                        src = sources[name]
-                        if isinstance(src, bytes):
-                            _add(tar, name, len(src), io.BytesIO(src))
-                        else:
-                            with open(src, "rb") as fh:
-                                _add(tar, name, members[name].size, fh)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as raw:
+        hashing = _HashingWriter(raw, digest)
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        with cctx.stream_writer(hashing, closefd=False) as zout:
+            with tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                _add(tar, MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes))
+                for name in sorted(members):
+                    src = sources[name]
+                    if isinstance(src, bytes):
+                        _add(tar, name, len(src), io.BytesIO(src))
+                    else:
+                        with open(src, "rb") as fh:
+                            _add(tar, name, members[name].size, fh)
     return digest.hexdigest()
 
 

@@ -23,8 +23,8 @@ import tempfile
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
+from .atomic import link_or_copy, write_atomic
 from .refs import DEFAULT_BRANCH
-from .store import link_or_copy, write_atomic
 
 if TYPE_CHECKING:
     from .store import Store

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Sequence, Tuple
 
 from . import bundle
+from .atomic import fsync_dir, link_or_copy, write_atomic
 from .errors import AmbiguousCommitError, NotInstalledError, StoreError
 from .refs import DEFAULT_HOST
 
@@ -81,29 +82,6 @@ class InstallReport:
     @property
     def changed(self) -> bool:
         return bool(self.snapshots_installed or self.refs_set or self.bytes_written)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class _SyncedFile:
@@ -184,7 +162,7 @@ class Store:
                 if not os.path.exists(self.blob(sha)):
                     os.replace(f.path, self.blob(sha))
                     report.bytes_written += f.size
-            _fsync_dir(blobs_dir)
+            fsync_dir(blobs_dir)
             for repo in manifest["repos"]:
                 self._install_repo(repo, report, report.bundle_sha256, force)
             for w in manifest["weights"]:
@@ -239,7 +217,7 @@ class Store:
                         raise
                     # Another installer published the same snapshot first: same bytes.
                     shutil.rmtree(building, ignore_errors=True)
-                _fsync_dir(snaps)
+                fsync_dir(snaps)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
@@ -380,15 +358,6 @@ class Store:
                                              for n, (k, c) in sorted(refs.items())},
                                 commits=self._commits(dirpath)))
         return sorted(out, key=lambda r: (r["host"], r["owner"].lower(), r["name"].lower()))
-
-
-def link_or_copy(src: str, dest: str) -> None:
-    """Hard-link ``src`` to ``dest`` (a new name for the same read-only bytes), else copy."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
-        os.chmod(dest, 0o444)
 
 
 def _read_text(path: str) -> str | None:

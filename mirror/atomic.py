@@ -1,0 +1,55 @@
+"""Crash-safe file writes: a unique temporary name, fsync, then rename into place.
+
+A reader (or a crash) sees either the old file or the whole new one, never a
+part of it; this is what the store's and the bundle writer's safety rest on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[IO[bytes]]:
+    """Yield a file to write; it appears at ``path`` only if the block completes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames into ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def link_or_copy(src: str, dest: str) -> None:
+    """Hard-link ``src`` to ``dest`` (a new name for the same read-only bytes), else copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+        os.chmod(dest, 0o444)
