@@ -14,8 +14,9 @@ from typing import IO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_file(path: str) -> Iterator[IO[bytes]]:
-    """Yield a file to write; it appears at ``path`` only if the block completes."""
+def atomic_file(path: str, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """Yield a file to write; it appears at ``path`` (with ``mode``) only if the block
+    completes. The store is shared, so files are readable by every user by default."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
@@ -23,6 +24,7 @@ def atomic_file(path: str) -> Iterator[IO[bytes]]:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
+            os.fchmod(fh.fileno(), mode)  # mkstemp makes 0600 files
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -44,6 +46,13 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_temp_dir(parent: str, prefix: str) -> str:
+    """A new directory under ``parent`` to build in, readable by all once renamed."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, 0o755)  # mkdtemp makes 0700 directories
+    return path
 
 
 def link_or_copy(src: str, dest: str) -> None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import zstandard
 
@@ -33,6 +34,8 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 ZSTD_LEVEL = 3
 CHUNK = 1 << 20
+MODE_LINK = 0o120000
+MAX_LINK_BYTES = 4096  # PATH_MAX: a symlink target is read whole, so it must be small
 
 
 @dataclass(frozen=True)
@@ -85,44 +88,84 @@ def _safe_path(p: Any) -> bool:
 
 
 def validate_manifest(manifest: Any) -> None:
-    """Raise ValueError unless ``manifest`` has the shape and values this reader trusts."""
+    """Raise ValueError unless ``manifest`` has every field, type and value that
+    ``install`` relies on, so a bundle that verifies also installs."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError("not a mirror bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"format version {manifest.get('format_version')!r} is not supported "
                          f"(this mirror reads version {FORMAT_VERSION}; upgrade mirror)")
-    if not isinstance(manifest.get("weights"), list) or not isinstance(manifest.get("repos"), list):
-        raise ValueError("manifest lacks its repos or weights list")
-    for repo in manifest["repos"]:
-        for key in ("host", "owner", "name"):
-            if not _safe_path(repo.get(key)) or "/" in repo[key]:
-                raise ValueError(f"repo {key} {repo.get(key)!r} is not a plain name")
-        for ref in repo["refs"]:
-            if ref["kind"] not in ("branch", "tag") or not _safe_path(ref["name"]):
-                raise ValueError(f"ref {ref.get('name')!r} is invalid")
-            if not _is_hex(ref["commit"], (40, 64)):
-                raise ValueError(f"ref {ref['name']!r} names no full commit id")
-        for snap in repo["snapshots"]:
-            if not _is_hex(snap["commit"], (40, 64)):
-                raise ValueError(f"snapshot commit {snap.get('commit')!r} is not a full id")
-            for f in snap["files"]:
-                if not _safe_path(f["path"]):
-                    raise ValueError(f"unsafe file path {f['path']!r}")
-                if f["mode"] not in (0o100644, 0o100755, 0o120000):
-                    raise ValueError(f"file {f['path']!r} has an unsupported mode")
-                _check_sized(f, f["path"])
-    for w in manifest["weights"]:
-        if not isinstance(w.get("url"), str):
-            raise ValueError("a weight has no URL")
+    _need(manifest, "repos", list)
+    for w in _need(manifest, "weights", list):
+        _need(w, "url", str)
         _check_sized(w, w["url"])
+    for repo in manifest["repos"]:
+        _need(repo, "url", str)
+        for key in ("host", "owner", "name"):
+            if not _safe_path(_need(repo, key, str)) or "/" in repo[key]:
+                raise ValueError(f"repo {key} {repo[key]!r} is not a plain name")
+        commits = set()
+        for snap in _need(repo, "snapshots", list):
+            if not _is_hex(_need(snap, "commit", str), (40, 64)):
+                raise ValueError(f"snapshot commit {snap['commit']!r} is not a full id")
+            _need(snap, "commit_time", int)
+            _check_tree(snap["commit"], _need(snap, "files", list))
+            commits.add(snap["commit"])
+        for ref in _need(repo, "refs", list):
+            if _need(ref, "kind", str) not in ("branch", "tag") or not _safe_path(
+                    _need(ref, "name", str)):
+                raise ValueError(f"ref {ref['name']!r} is not a valid {ref['kind']} name")
+            if _need(ref, "commit", str) not in commits:
+                raise ValueError(f"ref {ref['name']!r} points at {ref['commit']!r}, "
+                                 f"which is not a snapshot in this bundle")
     expected_members(manifest)
 
 
+def _need(entry: Any, key: str, kind: type) -> Any:
+    if not isinstance(entry, dict) or not isinstance(entry.get(key), kind) or (
+            kind is int and isinstance(entry.get(key), bool)):
+        raise ValueError(f"{key!r} missing or not a {kind.__name__}")
+    return entry[key]
+
+
+def symlink_escapes(path: str, target: str) -> bool:
+    """Whether a symlink at ``path`` (in a snapshot) to ``target`` leaves the snapshot."""
+    if not target or target.startswith("/") or "\0" in target:
+        return True
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return resolved in (".", "..") or resolved.startswith("../")
+
+
 def _check_sized(entry: Dict[str, Any], what: str) -> None:
-    if not isinstance(entry.get("size"), int) or entry["size"] < 0:
+    size = entry.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"{what}: size is not a non-negative integer")
     if not _is_hex(entry.get("sha256"), (64,)):
         raise ValueError(f"{what}: sha256 is not 64 lowercase hex digits")
+
+
+def _check_tree(commit: str, files: List[Any]) -> None:
+    """Paths that stay inside the snapshot, each once, none below a file or a symlink."""
+    kinds: Dict[str, int] = {}
+    for f in files:
+        path = _need(f, "path", str)
+        if not _safe_path(path):
+            raise ValueError(f"unsafe file path {path!r}")
+        if _need(f, "mode", int) not in (0o100644, 0o100755, MODE_LINK):
+            raise ValueError(f"file {path!r} has an unsupported mode")
+        _check_sized(f, path)
+        if f["mode"] == MODE_LINK and f["size"] > MAX_LINK_BYTES:
+            raise ValueError(f"symlink {path!r} has a {f['size']} byte target")
+        if path in kinds:
+            raise ValueError(f"file {path!r} is listed twice in snapshot {commit[:12]}")
+        kinds[path] = f["mode"]
+    for path in kinds:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in kinds:
+                # Writing below a symlink could land anywhere; below a file is impossible.
+                raise ValueError(f"file {path!r} is below {parent!r}, which is not a directory")
 
 
 # --- writing -----------------------------------------------------------------
@@ -233,6 +276,8 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
         on_manifest(manifest)
 
     expected = expected_members(manifest)
+    links = {code_member(s["commit"], f["path"]): f["path"] for r in manifest["repos"]
+             for s in r["snapshots"] for f in s["files"] if f["mode"] == MODE_LINK}
     seen = set()
     while True:
         info = tar.next()
@@ -261,11 +306,16 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
             digest.update(block)
             if out is not None:
                 out.write(block)
+            if name in links:  # a symlink's target is its content (small, size-checked)
+                target = block.decode("utf-8", "surrogateescape")
         if out is not None:
             out.close()
         if digest.hexdigest() != want.sha256:
             raise BundleError(path, f"sha256 {digest.hexdigest()} differs from the manifest's "
                                     f"{want.sha256}", name)
+        if name in links and symlink_escapes(links[name], target if want.size else ""):
+            raise BundleError(path, f"symlink {links[name]} -> {target} points outside the "
+                                    f"snapshot", name)
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

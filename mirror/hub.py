@@ -92,18 +92,24 @@ def load_serialized_obj_from_url(url: str, model_dir: str | None = None, *,
 @contextlib.contextmanager
 def _weights_from_store(store: Store) -> Iterator[None]:
     """Point megengine.hub's downloader at the store while a repo's code runs."""
-    import megengine.hub.hub as mge_hub
+    import megengine.hub
+    import megengine.hub.hub
 
     def from_store(url: str, model_dir: str | None = None) -> Any:
         return load_serialized_obj_from_url(url, model_dir, store=store)
 
+    # @hub.pretrained looks the downloader up in megengine.hub.hub; code that calls
+    # megengine.hub.load_serialized_obj_from_url directly uses the package's name.
+    modules = (megengine.hub.hub, megengine.hub)
     with _patch_lock:
-        saved = mge_hub.load_serialized_obj_from_url
-        mge_hub.load_serialized_obj_from_url = from_store
+        saved = [m.load_serialized_obj_from_url for m in modules]
+        for m in modules:
+            m.load_serialized_obj_from_url = from_store
         try:
             yield
         finally:
-            mge_hub.load_serialized_obj_from_url = saved
+            for m, original in zip(modules, saved):
+                m.load_serialized_obj_from_url = original
 
 
 # --- code --------------------------------------------------------------------

@@ -19,11 +19,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from .atomic import link_or_copy, write_atomic
+from .atomic import link_or_copy, make_temp_dir, write_atomic
 from .refs import DEFAULT_BRANCH
 
 if TYPE_CHECKING:
@@ -109,12 +108,13 @@ def _seed_repo(store: Store, rdir: str, commit: str, target: str, mark: str,
         if seeded == commit:
             return f"{label} already seeded"
     snapshot = os.path.join(rdir, "snapshots", commit)
-    building = tempfile.mkdtemp(prefix=".mirror-", dir=os.path.dirname(target))
+    building = make_temp_dir(os.path.dirname(target), ".mirror-")
     try:
-        for dirpath, _, files in os.walk(snapshot):
+        for dirpath, dirs, files in os.walk(snapshot):
             rel = os.path.relpath(dirpath, snapshot)
             os.makedirs(os.path.join(building, rel), exist_ok=True)
-            for f in files:
+            # os.walk lists a symlink to a directory among the directories.
+            for f in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
                 src = os.path.join(dirpath, f)
                 dst = os.path.join(building, rel, f)
                 if os.path.islink(src):

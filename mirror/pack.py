@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Sequence
 
 from . import __version__, bundle
+from .errors import MirrorError
 from .git import Upstream
 from .refs import DEFAULT_HOST, RepoSpec
 from .weights import Unresolved, WeightRef, discover, download, url_basename
@@ -38,6 +39,9 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
          log: Callable[[str], None] = lambda msg: None) -> PackReport:
     """Pack every repo spec into the bundle ``output``."""
     report = PackReport(output=output)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):  # before any download, not after
+        raise MirrorError(f"cannot write {output}: directory {out_dir} does not exist")
     repos: Dict[tuple, Dict[str, Any]] = {}
     weight_refs: Dict[str, List[str]] = {u: [] for u in extra_weights}
     with tempfile.TemporaryDirectory(prefix="mirror-pack-") as work:
@@ -90,7 +94,10 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
             "tool": f"mirror {__version__}", "created": _now(),
             "repos": [repos[k] for k in sorted(repos)], "weights": weights,
         }
-        report.sha256 = bundle.write(output, manifest, sources)
+        try:
+            report.sha256 = bundle.write(output, manifest, sources)
+        except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
+            raise MirrorError(f"cannot pack into {output}: {e}") from None
     report.size = os.path.getsize(output)
     report.weights = [{"url": w["url"], "size": w["size"], "sha256": w["sha256"]}
                       for w in weights]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Sequence, Tuple
 
 from . import bundle
-from .atomic import fsync_dir, link_or_copy, write_atomic
+from .atomic import fsync_dir, link_or_copy, make_temp_dir, write_atomic
 from .errors import AmbiguousCommitError, NotInstalledError, StoreError
 from .refs import DEFAULT_HOST
 
@@ -174,10 +174,8 @@ class Store:
             write_atomic(os.path.join(self.home, "bundles", report.bundle_sha256 + ".json"),
                          manifest_bytes)
             if megengine_versions:
-                from .megengine_cache import seed
-
-                report.megengine_cache = seed(self, manifest, megengine_versions,
-                                              megengine_home)
+                report.megengine_cache = self._seed_megengine(manifest, megengine_versions,
+                                                              megengine_home)
         except OSError as e:
             raise StoreError(e.filename or self.home,
                              f"install of {bundle_path} failed: {e.strerror or e}") from None
@@ -187,6 +185,18 @@ class Store:
                     f.fh.close()
             shutil.rmtree(txn, ignore_errors=True)
         return report
+
+    def _seed_megengine(self, manifest: Dict[str, Any], versions: Sequence[str],
+                        home: str | None) -> List[str]:
+        # The store is complete at this point; a cache that cannot be written is a
+        # warning about stock megengine.hub, not a failed install.
+        from .megengine_cache import seed
+
+        try:
+            return seed(self, manifest, versions, home)
+        except OSError as e:
+            return [f"warning: not seeded ({e.filename or home}: {e.strerror or e}); "
+                    f"stock megengine.hub will not find this bundle offline"]
 
     def _install_repo(self, repo: Dict[str, Any], report: InstallReport, bundle_sha: str,
                       force: bool) -> None:
@@ -202,14 +212,16 @@ class Store:
             if os.path.isdir(target) and not force:
                 report.snapshots_present.append(label)
                 continue
-            building = tempfile.mkdtemp(prefix=f".{snap['commit'][:12]}-", dir=snaps)
+            building = make_temp_dir(snaps, f".{snap['commit'][:12]}-")
             try:
                 for f in snap["files"]:
-                    self._materialize(f, os.path.join(building, f["path"]), building)
+                    self._materialize(f, os.path.join(building, f["path"]))
                 record = dict(snap, bundle=bundle_sha, installed_at=int(time.time()))
                 write_atomic(target + ".json", json.dumps(record, indent=1).encode())
-                if os.path.isdir(target):
-                    shutil.rmtree(target)  # only with --force
+                old = None
+                if os.path.isdir(target):  # only with --force: swap, never leave a gap
+                    old = target + f".old-{os.getpid()}"
+                    os.rename(target, old)
                 try:
                     os.rename(building, target)
                 except OSError:
@@ -217,22 +229,20 @@ class Store:
                         raise
                     # Another installer published the same snapshot first: same bytes.
                     shutil.rmtree(building, ignore_errors=True)
+                if old:
+                    shutil.rmtree(old, ignore_errors=True)
                 fsync_dir(snaps)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
             report.snapshots_installed.append(label)
 
-    def _materialize(self, f: Dict[str, Any], dest: str, root: str) -> None:
+    def _materialize(self, f: Dict[str, Any], dest: str) -> None:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         src = self.blob(f["sha256"])
         if f["mode"] == 0o120000:
-            with open(src, "rb") as fh:
-                link = fh.read().decode("utf-8", "surrogateescape")
-            resolved = os.path.normpath(os.path.join(os.path.dirname(dest), link))
-            if os.path.isabs(link) or not resolved.startswith(root + os.sep):
-                raise StoreError(dest, f"symlink {f['path']} -> {link} points outside the snapshot")
-            os.symlink(link, dest)
+            with open(src, "rb") as fh:  # bundle.read refused targets outside the snapshot
+                os.symlink(fh.read().decode("utf-8", "surrogateescape"), dest)
         elif f["mode"] == 0o100755:
             shutil.copyfile(src, dest)  # a hard link would share the blob's read-only mode
             os.chmod(dest, 0o555)
@@ -321,7 +331,8 @@ class Store:
         rdir = self.repo_dir(host, owner, name)
         if os.path.isdir(rdir) or host != DEFAULT_HOST:
             return rdir
-        pattern = os.path.join(self.home, "repos", "*", owner.lower(), name.lower())
+        pattern = os.path.join(glob.escape(self.home), "repos", "*",
+                               glob.escape(owner.lower()), glob.escape(name.lower()))
         others = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
         if len(others) > 1:
             hosts = ", ".join(os.path.basename(os.path.dirname(os.path.dirname(d)))

@@ -28,6 +28,7 @@ from .git import TreeFile
 # Names whose first argument is a URL the code will download (megengine/hub/hub.py).
 _DOWNLOADERS = {"pretrained", "load_serialized_obj_from_url"}
 CHUNK = 1 << 20
+SCHEMES = ("http", "https", "file")
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def _module_constants(tree: ast.Module) -> Dict[str, Any]:
         if isinstance(target, ast.Name):
             try:
                 env[target.id] = _evaluate(value, env)
-            except _NotConstant:
+            except (_NotConstant, ArithmeticError, AttributeError, LookupError, TypeError,
+                    ValueError, RecursionError):
                 env.pop(target.id, None)
     return env
 
@@ -164,8 +166,9 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
             loc = Location(f.path, node.lineno)
             try:
                 url = _evaluate(arg, env)
-            except _NotConstant:
-                url = None
+            except (_NotConstant, ArithmeticError, AttributeError, LookupError, TypeError,
+                    ValueError, RecursionError):
+                url = None  # not a plain constant: reported below, never guessed
             if isinstance(url, str):
                 found.setdefault(url, []).append(loc)
             else:
@@ -201,6 +204,10 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
     ``dest`` appears only when the whole file has arrived; a partial download is
     kept at ``dest + ".part"`` so that a retry asks only for the rest (HTTP Range).
     """
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in SCHEMES:
+        raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; "
+                                 f"mirror downloads {', '.join(SCHEMES)} URLs")
     part = dest + ".part"
     last_error = "no attempt made"
     for attempt in range(retries + 1):
@@ -241,6 +248,8 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool) -> None:
         raise DownloadError(url, f"HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise _Retryable(str(getattr(e, "reason", e))) from None
+    except (ValueError, http.client.HTTPException) as e:  # e.g. InvalidURL: a bad port
+        raise DownloadError(url, f"invalid URL: {e}") from None
 
     with response:
         if have and response.status != 206:

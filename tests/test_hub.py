@@ -13,9 +13,14 @@ from mirror.store import Store
 
 
 @pytest.fixture()
-def installed(all_refs_bundle, home):
+def installed(all_refs_bundle, home, upstream):
     Store().install(all_refs_bundle)
-    return home
+    hits = dict(upstream.weights.hits)
+    yield home
+    # Every weight came from the store: the weight server saw no request, and
+    # MegEngine's own download cache was never written.
+    assert upstream.weights.hits == hits
+    assert not os.path.exists(os.path.join(os.environ["MGE_HOME"], "serialized"))
 
 
 def assert_weights_equal(model, served: bytes):
@@ -34,7 +39,7 @@ def assert_weights_equal(model, served: bytes):
     ("demo/tinynets", "c1", {"commit": "c1"}),
     ("demo/tinynets:dev", "c1", {"commit": "c1"}),  # commit= wins over the ref, as in MegEngine
 ])
-@pytest.mark.parametrize("entry", ["mlp", "small_cnn"])
+@pytest.mark.parametrize("entry", ["mlp", "small_cnn", "mlp_from_url"])
 def test_load_gives_that_revisions_code_and_exact_weights(upstream, installed, repo_info,
                                                           commit_label, kwargs, entry):
     commit = upstream.demo.commits[commit_label]
@@ -43,7 +48,9 @@ def test_load_gives_that_revisions_code_and_exact_weights(upstream, installed, r
     model = mirror.hub.load(repo_info, entry, pretrained=True, source="local", **kwargs)
     assert model.revision == upstream.demo.revisions[commit]
     assert model.labels == ["cat", "dog", "bird", "fish"]  # read from a non-Python file
-    assert_weights_equal(model, upstream.demo.weights[upstream.demo.urls[commit][entry]])
+    # mlp_from_url calls megengine.hub.load_serialized_obj_from_url itself, for mlp's file.
+    url = upstream.demo.urls[commit][entry.replace("_from_url", "")]
+    assert_weights_equal(model, upstream.demo.weights[url])
 
 
 def test_two_commits_side_by_side_keep_their_own_code(upstream, installed):
@@ -62,7 +69,7 @@ def test_without_pretrained_no_weights_are_read(upstream, installed):
 def test_list_and_help(installed):
     # MegEngine's rule: every callable not starting with "__", classes included.
     assert mirror.hub.list("demo/tinynets", source="local") == [
-        "MLP", "SmallCNN", "mlp", "small_cnn"]
+        "MLP", "SmallCNN", "mlp", "mlp_from_url", "small_cnn"]
     assert mirror.hub.help("demo/tinynets:v1.0", "mlp", source="local") == (
         "A two-layer perceptron over 8 features (revision 2).")
 
@@ -93,7 +100,7 @@ def test_not_installed_names_the_repo_and_what_the_store_has(upstream, installed
 def test_unknown_entrypoint_suggests_the_closest(installed):
     with pytest.raises(EntrypointNotFoundError) as e:
         mirror.hub.load("demo/tinynets", "smal_cnn", source="local")
-    assert "it has: MLP, SmallCNN, mlp, small_cnn" in str(e.value)
+    assert "it has: MLP, SmallCNN, mlp, mlp_from_url, small_cnn" in str(e.value)
     assert str(e.value).endswith("did you mean 'small_cnn'?")
 
 
@@ -109,6 +116,11 @@ def test_a_tampered_weight_is_never_loaded(upstream, installed):
     with pytest.raises(IntegrityError) as e:
         mirror.hub.load("demo/tinynets:v1.0", "mlp", pretrained=True, source="local")
     assert url in str(e.value) and stored.sha256 in str(e.value)
+
+
+def test_owner_and_name_are_not_patterns(installed):
+    with pytest.raises(NotInstalledError):
+        mirror.hub.load("*/tinynets", "mlp", source="local")
 
 
 def test_offline_mode_forces_local(installed, monkeypatch):

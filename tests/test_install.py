@@ -105,12 +105,53 @@ def _escape_path(manifest, sources):
     manifest["repos"][0]["snapshots"][0]["files"][0]["path"] = "../../outside.py"
 
 
+def _file_below_a_symlink(manifest, sources):
+    snap = manifest["repos"][0]["snapshots"][0]
+    for path, mode, data in (("l", 0o120000, b"tinynets"), ("l/evil.py", 0o100644, b"x")):
+        snap["files"].append({"path": path, "mode": mode, "size": len(data),
+                              "sha256": hashlib.sha256(data).hexdigest()})
+        sources[bundle.code_member(snap["commit"], path)] = data
+
+
+def _symlink_out_of_the_snapshot(manifest, sources):
+    snap = manifest["repos"][0]["snapshots"][0]
+    data = b"../../../../etc/passwd"
+    snap["files"].append({"path": "tinynets/data", "mode": 0o120000, "size": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()})
+    sources[bundle.code_member(snap["commit"], "tinynets/data")] = data
+
+
+def _duplicate_path(manifest, sources):
+    files = manifest["repos"][0]["snapshots"][0]["files"]
+    files.append(dict(files[0]))
+
+
+def _no_commit_time(manifest, sources):
+    del manifest["repos"][0]["snapshots"][0]["commit_time"]
+
+
+def _ref_to_a_missing_snapshot(manifest, sources):
+    manifest["repos"][0]["refs"][0]["commit"] = "f" * 40
+
+
+def _future_format(manifest, sources):
+    manifest["format_version"] = 2
+
+
 @pytest.mark.parametrize("edit, expected", [
     (_flip_weight_byte, "differs from the manifest's"),
     (_drop_code_file, "missing from the bundle"),
     (_extra_member, "[code/evil.py]: member is not listed in the manifest"),
     (_lie_about_size, "differs from the manifest's"),
     (_escape_path, "unsafe file path '../../outside.py'"),
+    (_file_below_a_symlink, "file 'l/evil.py' is below 'l', which is not a directory"),
+    (_symlink_out_of_the_snapshot, "symlink tinynets/data -> ../../../../etc/passwd points "
+                                   "outside the snapshot"),
+    (_duplicate_path, "is listed twice in snapshot"),
+    (_no_commit_time, "'commit_time' missing or not a int"),
+    (_ref_to_a_missing_snapshot, "which is not a snapshot in this bundle"),
+    (_future_format, "format version 2 is not supported (this mirror reads version 1; "
+                     "upgrade mirror)"),
 ])
 def test_a_bundle_that_lies_is_refused_and_the_store_is_untouched(
         master_bundle, home, tmp_path, edit, expected):
@@ -122,6 +163,8 @@ def test_a_bundle_that_lies_is_refused_and_the_store_is_untouched(
         Store().install(bad)
     assert expected in str(e.value) and bad in str(e.value)
     assert tree_digest(home) == before
+    r = run(MIRROR + ["verify", bad])
+    assert r.returncode == 3 and expected in r.stderr
     r = run(MIRROR + ["install", bad])
     assert r.returncode == 3
     assert r.stderr.strip().startswith(f"Error: bad bundle {bad}") and expected in r.stderr
@@ -185,3 +228,27 @@ def test_store_that_cannot_be_written_is_a_clear_error(master_bundle, tmp_path, 
     assert r.returncode == 1
     assert r.stderr.strip().startswith(f"Error: store {ro / 'store'}: cannot write here")
     shutil.rmtree(ro)
+
+
+def test_store_and_bundle_are_readable_by_other_users(master_bundle, home, upstream):
+    assert stat.S_IMODE(os.stat(master_bundle).st_mode) == 0o644
+    Store().install(master_bundle)
+    for dirpath, dirnames, filenames in os.walk(home):
+        if os.path.relpath(dirpath, home).startswith("tmp"):
+            continue
+        for d in dirnames:
+            assert os.stat(os.path.join(dirpath, d)).st_mode & 0o005 == 0o005, d
+        for f in filenames:
+            assert os.stat(os.path.join(dirpath, f)).st_mode & 0o004, f
+
+
+def test_a_megengine_cache_that_cannot_be_written_is_a_warning(master_bundle, home, tmp_path,
+                                                               upstream,
+                                                               monkeypatch):
+    blocked = tmp_path / "mge-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("MGE_HOME", str(blocked))
+    r = run(MIRROR + ["install", master_bundle])
+    assert r.returncode == 0, r.stderr
+    assert "megengine cache: warning: not seeded" in r.stdout
+    assert Store().repos()[0]["commits"] == [upstream.demo.branches["master"]]

@@ -65,7 +65,7 @@ def test_stock_megengine_hub_loads_offline_after_install(upstream, all_refs_bund
         served = megengine.load(io.BytesIO(upstream.demo.weights[url]))
         for k, v in served.items():
             np.testing.assert_array_equal(np.asarray(got[name]["params"][k], np.float32), v)
-    assert got["list"] == ["MLP", "SmallCNN", "mlp", "small_cnn"]
+    assert got["list"] == ["MLP", "SmallCNN", "mlp", "mlp_from_url", "small_cnn"]
     assert got["help"] == "A two-layer perceptron over 8 features (revision 2)."
 
 

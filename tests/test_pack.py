@@ -128,3 +128,14 @@ def test_bundle_is_zstd_of_tar(master_bundle):
         raw = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
     assert raw[257:262] == b"ustar"
     assert json.loads(bundle.manifest_to_bytes(bundle.read_manifest(master_bundle)))
+
+
+def test_output_directory_must_exist_before_anything_is_fetched(upstream, tmp_path):
+    hits = dict(upstream.weights.hits)
+    out = tmp_path / "missing" / "x.hub"
+    r = run(MIRROR + ["pack", upstream.spec(), "-o", str(out), "--git-host", upstream.git.host,
+                      "--protocol", "http", "-q"])
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"Error: cannot write {out}: directory {out.parent} "
+                                f"does not exist")
+    assert upstream.weights.hits == hits

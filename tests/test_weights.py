@@ -129,3 +129,32 @@ def test_persistent_server_error_gives_up_with_the_url(upstream, served, tmp_pat
     with pytest.raises(DownloadError) as e:
         download(url, str(tmp_path / "w"), progress=False, retries=1)
     assert url in str(e.value) and "HTTP 500" in str(e.value) and "2 attempts" in str(e.value)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("s3://bucket/w.pkl", "unsupported URL scheme 's3'"),
+    ("weights/w.pkl", "unsupported URL scheme '(none)'"),
+    ("http://127.0.0.1:abc/w.pkl", "invalid URL"),
+])
+def test_urls_that_cannot_be_downloaded_fail_at_once(url, message, tmp_path):
+    with pytest.raises(DownloadError) as e:
+        download(url, str(tmp_path / "w"), progress=False)
+    assert str(e.value).startswith(f"download failed: {url}: {message}")
+
+
+def test_file_urls_are_copied_and_hashed(tmp_path):
+    src = tmp_path / "src.pkl"
+    src.write_bytes(b"weights")
+    got = download(src.as_uri(), str(tmp_path / "w"), progress=False)
+    assert (got.size, got.sha256) == (7, hashlib.sha256(b"weights").hexdigest())
+
+
+def test_expressions_that_raise_are_reported_not_crashed_on():
+    code = ('from megengine import hub\nX = 1 % 0\nY = "{0.real}".format("a")\n'
+            'Z = "http://h/" + "a" * 10\n'
+            '@hub.pretrained(X)\ndef f(): ...\n@hub.pretrained(Y)\ndef g(): ...\n'
+            '@hub.pretrained(Z)\ndef h(): ...\n')
+    weights, unresolved = discover([_src("hubconf.py", code)])
+    assert [w.url for w in weights] == []  # "a" * 10 is not one of the supported forms
+    assert [str(u) for u in unresolved] == ["hubconf.py:5: X", "hubconf.py:7: Y",
+                                            "hubconf.py:9: Z"]

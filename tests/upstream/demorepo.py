@@ -101,6 +101,14 @@ def mlp(**kwargs):
     return MLP(**kwargs)
 
 
+def mlp_from_url(pretrained=True, **kwargs):
+    """The MLP, its weights fetched by the code itself (revision {revision})."""
+    model = MLP(**kwargs)
+    if pretrained:
+        model.load_state_dict(hub.load_serialized_obj_from_url(WEIGHTS + "{mlp}"))
+    return model
+
+
 @hub.pretrained(
     "{base}/weights/"
     "{cnn}"
