@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import zstandard
+from tqdm import tqdm
 
 from .atomic import atomic_file
 from .errors import BundleError
@@ -235,7 +237,8 @@ SinkFactory = Callable[[Member], Optional[IO[bytes]]]
 
 
 def read(path: str, sink: SinkFactory | None = None,
-         on_manifest: Callable[[Dict[str, Any]], None] | None = None) -> Dict[str, Any]:
+         on_manifest: Callable[[Dict[str, Any]], None] | None = None,
+         progress: bool = False) -> Dict[str, Any]:
     """Stream the bundle at ``path`` once, verifying every member against the manifest.
 
     Each member's bytes go to the file ``sink`` returns for it (if any) while they
@@ -247,9 +250,12 @@ def read(path: str, sink: SinkFactory | None = None,
         fh = open(path, "rb")
     except OSError as e:
         raise BundleError(path, e.strerror or str(e)) from None
-    with fh:
+    with fh, tqdm(total=os.fstat(fh.fileno()).st_size, unit="B", unit_scale=True,
+                  unit_divisor=1024, desc="verify", disable=not progress or None,
+                  leave=False) as bar:
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+            source = _Counting(fh, bar.update) if progress else fh
+            reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 return _read_members(path, tar, sink, on_manifest)
         except BundleError:
@@ -257,6 +263,18 @@ def read(path: str, sink: SinkFactory | None = None,
         except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, UnicodeError) as e:
             raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
                                     f"the file is truncated, corrupt or not a bundle") from None
+
+
+class _Counting:
+    """A file reader that reports how many bytes it has read (for a progress bar)."""
+
+    def __init__(self, fh: IO[bytes], report: Callable[[int], Any]):
+        self.fh, self.report = fh, report
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.report(len(data))
+        return data
 
 
 def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,

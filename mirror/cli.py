@@ -108,7 +108,8 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, home, as_json)
     """
     versions = () if no_megengine_cache else (
         mge_versions or [v for v in [installed_megengine_version()] if v])
-    report = Store(home).install(bundle_path, force=force, megengine_versions=versions)
+    report = Store(home).install(bundle_path, force=force, megengine_versions=versions,
+                                 progress=not as_json)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=1))
         return

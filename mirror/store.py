@@ -9,15 +9,22 @@
         snapshots/<commit>.json               what the snapshot holds and which bundle brought it
       weights/<sha256(url)>.json              URL -> blob
       bundles/<sha256(manifest)>.json         the manifest of every bundle installed
-      tmp/                                    work in progress, never read
+      tmp/install-*/                          one per running install, never read
 
-Correctness never depends on a lock: everything is written under a unique
+Integrity never depends on a lock: everything is written under a unique
 temporary name, verified, fsynced and renamed into place; refs flip last, so a
-crash at any instant leaves a store whose visible parts are whole.
+crash at any instant leaves a store whose visible parts are whole. Two advisory
+locks (``flock``, released by the kernel when a process dies, so never stale)
+only order decisions: installs share ``.lock`` and ``gc`` takes it alone, so gc
+never deletes a blob an install is about to use and everything in ``tmp/`` is
+abandoned when it runs; a repo's ``.refs.lock`` is held while refs are
+compared and moved, so concurrent installs never move a branch backwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -26,7 +33,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Sequence, Tuple
+from typing import IO, Any, Dict, Iterator, List, Sequence, Tuple
 
 from . import bundle
 from .atomic import fsync_dir, link_or_copy, make_temp_dir, write_atomic
@@ -111,6 +118,11 @@ class Store:
 
     # --- paths --------------------------------------------------------------
 
+    @property
+    def lock_path(self) -> str:
+        """Installs hold this shared and gc exclusive, so gc never sees half an install."""
+        return os.path.join(self.home, ".lock")
+
     def blob(self, sha256: str) -> str:
         return os.path.join(self.home, "blobs", sha256)
 
@@ -126,7 +138,7 @@ class Store:
 
     def install(self, bundle_path: str, force: bool = False,
                 megengine_versions: Sequence[str] = (),
-                megengine_home: str | None = None) -> InstallReport:
+                megengine_home: str | None = None, progress: bool = False) -> InstallReport:
         """Verify every byte of a bundle, then make its snapshots, weights and refs visible.
 
         Nothing becomes visible until the whole bundle has verified; on any error
@@ -137,9 +149,20 @@ class Store:
         report = InstallReport(bundle=bundle_path)
         try:
             os.makedirs(os.path.join(self.home, "tmp"), exist_ok=True)
-            txn = tempfile.mkdtemp(prefix="install-", dir=os.path.join(self.home, "tmp"))
+            with locked(self.lock_path, shared=True):
+                txn = tempfile.mkdtemp(prefix="install-", dir=os.path.join(self.home, "tmp"))
+                try:
+                    return self._install(bundle_path, txn, report, force, megengine_versions,
+                                         megengine_home, progress)
+                finally:
+                    shutil.rmtree(txn, ignore_errors=True)
         except OSError as e:
-            raise StoreError(self.home, f"cannot write here: {e.strerror}") from None
+            raise StoreError(e.filename or self.home, f"cannot write here: {e.strerror}") \
+                from None
+
+    def _install(self, bundle_path: str, txn: str, report: InstallReport, force: bool,
+                 megengine_versions: Sequence[str], megengine_home: str | None,
+                 progress: bool) -> InstallReport:
         staged: Dict[str, _SyncedFile] = {}
 
         def sink(member: bundle.Member) -> _SyncedFile | None:
@@ -151,7 +174,7 @@ class Store:
             return staged[member.sha256]
 
         try:
-            manifest = bundle.read(bundle_path, sink)
+            manifest = bundle.read(bundle_path, sink, progress=progress)
             manifest_bytes = bundle.manifest_to_bytes(manifest)
             report.bundle_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
             # The bundle has verified: from here on, publish in an order that never
@@ -164,7 +187,7 @@ class Store:
                     report.bytes_written += f.size
             fsync_dir(blobs_dir)
             for repo in manifest["repos"]:
-                self._install_repo(repo, report, report.bundle_sha256, force)
+                self._install_repo(repo, report, txn, force)
             for w in manifest["weights"]:
                 record = {"url": w["url"], "sha256": w["sha256"], "size": w["size"]}
                 write_atomic(self._weight_index(w["url"]),
@@ -183,7 +206,6 @@ class Store:
             for f in staged.values():
                 if not f.fh.closed:
                     f.fh.close()
-            shutil.rmtree(txn, ignore_errors=True)
         return report
 
     def _seed_megengine(self, manifest: Dict[str, Any], versions: Sequence[str],
@@ -198,7 +220,7 @@ class Store:
             return [f"warning: not seeded ({e.filename or home}: {e.strerror or e}); "
                     f"stock megengine.hub will not find this bundle offline"]
 
-    def _install_repo(self, repo: Dict[str, Any], report: InstallReport, bundle_sha: str,
+    def _install_repo(self, repo: Dict[str, Any], report: InstallReport, txn: str,
                       force: bool) -> None:
         rdir = self.repo_dir(repo["host"], repo["owner"], repo["name"])
         ident = {k: repo[k] for k in ("host", "owner", "name", "url")}
@@ -212,29 +234,24 @@ class Store:
             if os.path.isdir(target) and not force:
                 report.snapshots_present.append(label)
                 continue
-            building = make_temp_dir(snaps, f".{snap['commit'][:12]}-")
+            # Built inside the install's own directory, so an abandoned build is
+            # plainly garbage (gc), then renamed into place whole.
+            building = make_temp_dir(txn, f"snapshot-{snap['commit'][:12]}-")
+            for f in snap["files"]:
+                self._materialize(f, os.path.join(building, f["path"]))
+            record = dict(snap, bundle=report.bundle_sha256,
+                          bundle_file=os.path.basename(report.bundle),
+                          installed_at=int(time.time()))
+            write_atomic(target + ".json", json.dumps(record, indent=1).encode())
+            if os.path.isdir(target):  # only with --force: swap, never leave a gap
+                os.rename(target, os.path.join(txn, "replaced-" + snap["commit"]))
             try:
-                for f in snap["files"]:
-                    self._materialize(f, os.path.join(building, f["path"]))
-                record = dict(snap, bundle=bundle_sha, installed_at=int(time.time()))
-                write_atomic(target + ".json", json.dumps(record, indent=1).encode())
-                old = None
-                if os.path.isdir(target):  # only with --force: swap, never leave a gap
-                    old = target + f".old-{os.getpid()}"
-                    os.rename(target, old)
-                try:
-                    os.rename(building, target)
-                except OSError:
-                    if not os.path.isdir(target):
-                        raise
-                    # Another installer published the same snapshot first: same bytes.
-                    shutil.rmtree(building, ignore_errors=True)
-                if old:
-                    shutil.rmtree(old, ignore_errors=True)
-                fsync_dir(snaps)
-            except BaseException:
-                shutil.rmtree(building, ignore_errors=True)
-                raise
+                os.rename(building, target)
+            except OSError:
+                if not os.path.isdir(target):
+                    raise
+                # Another installer published the same snapshot first: the same bytes.
+            fsync_dir(snaps)
             report.snapshots_installed.append(label)
 
     def _materialize(self, f: Dict[str, Any], dest: str) -> None:
@@ -253,25 +270,31 @@ class Store:
         times = {s["commit"]: s["commit_time"] for r in manifest["repos"] for s in r["snapshots"]}
         for repo in manifest["repos"]:
             rdir = self.repo_dir(repo["host"], repo["owner"], repo["name"])
-            for ref in repo["refs"]:
-                folder = "heads" if ref["kind"] == "branch" else "tags"
-                path = os.path.join(rdir, "refs", folder, ref["name"])
-                label = f"{repo['owner']}/{repo['name']}:{ref['name']}"
-                current = _read_text(path)
-                if current == ref["commit"]:
+            with locked(os.path.join(rdir, ".refs.lock")):
+                self._set_repo_refs(rdir, repo, times, report, force)
+
+    def _set_repo_refs(self, rdir: str, repo: Dict[str, Any], times: Dict[str, int],
+                       report: InstallReport, force: bool) -> None:
+        for ref in repo["refs"]:
+            folder = "heads" if ref["kind"] == "branch" else "tags"
+            path = os.path.join(rdir, "refs", folder, ref["name"])
+            label = f"{repo['owner']}/{repo['name']}:{ref['name']}"
+            current = _read_text(path)
+            if current == ref["commit"]:
+                continue
+            if current and not force:
+                if ref["kind"] == "tag":
+                    report.refs_kept.append(f"{label} stays at {current[:12]} (tags never "
+                                            f"move without --force)")
                     continue
-                if current and not force:
-                    if ref["kind"] == "tag":
-                        report.refs_kept.append(f"{label} stays at {current[:12]} (tags never "
-                                                f"move without --force)")
-                        continue
-                    old = self._snapshot_record(rdir, current)
-                    if old and old.get("commit_time", 0) > times.get(ref["commit"], 0):
-                        report.refs_kept.append(f"{label} stays at newer {current[:12]} "
-                                                f"(use --force to move it back)")
-                        continue
-                write_atomic(path, (ref["commit"] + "\n").encode())
-                report.refs_set.append(f"{label} -> {ref['commit'][:12]}")
+                old = self._snapshot_record(rdir, current)
+                if old and old.get("commit_time", 0) > times.get(ref["commit"], 0):
+                    report.refs_kept.append(f"{label} stays at newer {current[:12]} "
+                                            f"(use --force to move it back)")
+                    continue
+            write_atomic(path, (ref["commit"] + "\n").encode())
+            moved = f" (was {current[:12]})" if current else ""
+            report.refs_set.append(f"{label} -> {ref['commit'][:12]}{moved}")
 
     # --- queries ------------------------------------------------------------
 
@@ -369,6 +392,19 @@ class Store:
                                              for n, (k, c) in sorted(refs.items())},
                                 commits=self._commits(dirpath)))
         return sorted(out, key=lambda r: (r["host"], r["owner"].lower(), r["name"].lower()))
+
+
+@contextlib.contextmanager
+def locked(path: str, shared: bool = False, wait: bool = True) -> Iterator[None]:
+    """An advisory ``flock`` on ``path``; the kernel drops it when the process dies.
+
+    Raises BlockingIOError when ``wait`` is False and another process holds it.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as fh:
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        fcntl.flock(fh.fileno(), flags)
+        yield  # closing the file releases the lock
 
 
 def _read_text(path: str) -> str | None:

@@ -226,7 +226,8 @@ def test_store_that_cannot_be_written_is_a_clear_error(master_bundle, tmp_path, 
     monkeypatch.setenv("MGE_MIRROR_HOME", str(ro / "store"))
     r = run(MIRROR + ["install", master_bundle])
     assert r.returncode == 1
-    assert r.stderr.strip().startswith(f"Error: store {ro / 'store'}: cannot write here")
+    assert r.stderr.strip() == (f"Error: store {ro / 'store' / 'tmp'}: cannot write here: "
+                                f"Not a directory")
     shutil.rmtree(ro)
 
 
