@@ -260,9 +260,29 @@ def read(path: str, sink: SinkFactory | None = None,
                 return _read_members(path, tar, sink, on_manifest)
         except BundleError:
             raise
+        except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
+            raise e.error from None
         except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, UnicodeError) as e:
             raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
                                     f"the file is truncated, corrupt or not a bundle") from None
+
+
+class _SinkFailed(Exception):
+    """An OSError from writing a member out (a full disk), kept apart from read errors."""
+
+    def __init__(self, error: OSError):
+        self.error = error
+
+
+def _sink_call(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise _SinkFailed(e) from None
+
+
+def _sink(sink: SinkFactory | None, member: Member) -> IO[bytes] | None:
+    return _sink_call(sink, member) if sink else None
 
 
 class _Counting:
@@ -314,7 +334,7 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
             raise BundleError(path, f"size {info.size} differs from the manifest's {want.size}",
                               name)
         seen.add(name)
-        out = sink(want) if sink else None
+        out = _sink(sink, want)
         digest = hashlib.sha256()
         src = tar.extractfile(info)
         while True:
@@ -323,11 +343,11 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
                 break
             digest.update(block)
             if out is not None:
-                out.write(block)
+                _sink_call(out.write, block)
             if name in links:  # a symlink's target is its content (small, size-checked)
                 target = block.decode("utf-8", "surrogateescape")
         if out is not None:
-            out.close()
+            _sink_call(out.close)
         if digest.hexdigest() != want.sha256:
             raise BundleError(path, f"sha256 {digest.hexdigest()} differs from the manifest's "
                                     f"{want.sha256}", name)

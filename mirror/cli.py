@@ -1,8 +1,8 @@
 """The ``mirror`` command: a thin shell over the library.
 
 Exit codes: 0 success, 1 operation failed (git, download, store), 2 bad usage or
-spec, 3 a bundle or stored file failed verification, 4 not installed (repo, ref,
-commit, entrypoint or weight).
+spec, 3 a bundle, the store or a stored file failed verification, 4 not
+installed (repo, ref, commit, entrypoint or weight).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__, bundle
+from . import __version__, bundle, housekeeping
 from .errors import MirrorError
 from .megengine_cache import installed_megengine_version
 from .pack import pack as pack_repos
@@ -130,13 +130,72 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, home, as_json)
 
 
 @cli.command()
-@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
+@click.argument("bundle_path", metavar="[BUNDLE]", required=False,
+                type=click.Path(dir_okay=False))
+@_home_option
+@_json_option
 @_library_errors
-def verify(bundle_path) -> None:
-    """Verify every byte of BUNDLE without installing it."""
-    manifest = bundle.read(bundle_path)
-    n = len(bundle.expected_members(manifest))
-    click.echo(f"{bundle_path}: OK, {n} members verified")
+def verify(bundle_path, home, as_json) -> None:
+    """Verify every byte of BUNDLE without installing it, or, without BUNDLE, the
+    whole store: every blob re-hashed, every snapshot, ref and weight checked.
+
+    Exits 3 when anything fails verification.
+    """
+    if bundle_path:
+        manifest = bundle.read(bundle_path, progress=not as_json)
+        n = len(bundle.expected_members(manifest))
+        if as_json:
+            click.echo(json.dumps({"bundle": bundle_path, "ok": True, "members": n}))
+        else:
+            click.echo(f"{bundle_path}: OK, {n} members verified")
+        return
+    report = housekeeping.verify(Store(home), progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(dict(report.__dict__, ok=report.ok), indent=1))
+    else:
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        click.echo(f"{report.home}: {'OK' if report.ok else 'FAILED'}, {report.blobs} blobs "
+                   f"({report.bytes} bytes) re-hashed, {report.snapshots} snapshots "
+                   f"({report.files} files), {report.refs} refs, {report.weights} weights "
+                   f"checked; {len(report.problems)} problems")
+    if not report.ok:
+        raise SystemExit(3)
+
+
+def _print_plan(plan: housekeeping.Plan, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(plan.__dict__, indent=1))
+        return
+    verb = "would remove" if plan.dry_run else "removed"
+    for kind, items in (("ref", plan.refs), ("snapshot", plan.snapshots),
+                        ("blob", plan.blobs), ("file", plan.other)):
+        for item in items:
+            click.echo(f"{verb} {kind} {item}")
+    click.echo(f"{'would free' if plan.dry_run else 'freed'} {plan.bytes_freed} bytes "
+               f"in {len(plan.blobs)} blobs")
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("-n", "--dry-run", is_flag=True, help="Show what would go, change nothing.")
+@_home_option
+@_json_option
+@_library_errors
+def remove(spec, dry_run, home, as_json) -> None:
+    """Remove a repo (owner/name), a ref (owner/name:ref) or a commit (owner/name@commit),
+    and every blob nothing else uses."""
+    _print_plan(housekeeping.remove(Store(home), spec, dry_run=dry_run), as_json)
+
+
+@cli.command()
+@click.option("-n", "--dry-run", is_flag=True, help="Show what would go, change nothing.")
+@_home_option
+@_json_option
+@_library_errors
+def gc(dry_run, home, as_json) -> None:
+    """Delete what no snapshot, ref or weight references any more, and abandoned work."""
+    _print_plan(housekeeping.gc(Store(home), dry_run=dry_run), as_json)
 
 
 @cli.command("list")
@@ -144,7 +203,7 @@ def verify(bundle_path) -> None:
 @_json_option
 @_library_errors
 def list_(home, as_json) -> None:
-    """List installed repos, their refs and commits."""
+    """List installed repos: refs, commits, entrypoints, weights, sizes, bundles."""
     store = Store(home)
     repos = store.repos()
     if as_json:
@@ -156,8 +215,13 @@ def list_(home, as_json) -> None:
         click.echo(f"{r['host']}/{r['owner']}/{r['name']}")
         for name, ref in r["refs"].items():
             click.echo(f"  {ref['kind']:6} {name} -> {ref['commit'][:12]}")
-        for c in r["commits"]:
-            click.echo(f"  commit {c}")
+        for s in r["snapshots"]:
+            click.echo(f"  commit {s['commit']}  {s['files']} files, {s['size']} bytes, "
+                       f"from {s['bundle_file']}")
+            if s["entrypoints"]:
+                click.echo(f"    entrypoints: {', '.join(s['entrypoints'])}")
+            for w in s["weights"]:
+                click.echo(f"    weight {w['url']} ({w['size']} bytes)")
 
 
 cli.add_command(list_, "ls")

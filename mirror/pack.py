@@ -13,7 +13,7 @@ from . import __version__, bundle
 from .errors import MirrorError
 from .git import Upstream
 from .refs import DEFAULT_HOST, RepoSpec
-from .weights import Unresolved, WeightRef, discover, download, url_basename
+from .weights import Unresolved, WeightRef, discover, download, entrypoints, url_basename
 
 
 @dataclass
@@ -78,6 +78,7 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
                     sources[bundle.code_member(snap.commit, f.path)] = f.data
                 repo["snapshots"].append({"commit": snap.commit, "tree": snap.tree,
                                           "commit_time": snap.commit_time, "files": files,
+                                          "entrypoints": entrypoints(snap.files),
                                           "weights": sorted(w.url for w in found)})
                 report.files += len(files)
 

@@ -287,7 +287,7 @@ class Store:
                     report.refs_kept.append(f"{label} stays at {current[:12]} (tags never "
                                             f"move without --force)")
                     continue
-                old = self._snapshot_record(rdir, current)
+                old = self.snapshot_record(rdir, current)
                 if old and old.get("commit_time", 0) > times.get(ref["commit"], 0):
                     report.refs_kept.append(f"{label} stays at newer {current[:12]} "
                                             f"(use --force to move it back)")
@@ -298,11 +298,11 @@ class Store:
 
     # --- queries ------------------------------------------------------------
 
-    def _snapshot_record(self, rdir: str, commit: str) -> Dict[str, Any] | None:
+    def snapshot_record(self, rdir: str, commit: str) -> Dict[str, Any] | None:
         text = _read_text(os.path.join(rdir, "snapshots", commit + ".json"))
         return json.loads(text) if text else None
 
-    def _commits(self, rdir: str) -> List[str]:
+    def commits(self, rdir: str) -> List[str]:
         snaps = os.path.join(rdir, "snapshots")
         if not os.path.isdir(snaps):
             return []
@@ -328,10 +328,10 @@ class Store:
 
         ``commit`` (full or a unique abbreviation) wins over ``ref``, as in MegEngine.
         """
-        rdir = self._find_repo(host, owner, name)
+        rdir = self.find_repo(host, owner, name)
         label = f"{owner}/{name}" if host == DEFAULT_HOST else f"{host}/{owner}/{name}"
         refs = self.refs(rdir)
-        commits = self._commits(rdir)
+        commits = self.commits(rdir)
         if commit:
             matches = [c for c in commits if c.startswith(commit.lower())]
             if len(matches) > 1:
@@ -345,7 +345,7 @@ class Store:
         found = refs[ref][1]
         return SnapshotRef(label, found, os.path.join(rdir, "snapshots", found))
 
-    def _find_repo(self, host: str, owner: str, name: str) -> str:
+    def find_repo(self, host: str, owner: str, name: str) -> str:
         """The repo's directory; for the default host, also a repo packed from one other host.
 
         MegEngine's own cache key ignores ``git_host``, so ``load("owner/name")`` finds
@@ -378,6 +378,19 @@ class Store:
         rec = json.loads(text)
         return StoredWeight(url, self.blob(rec["sha256"]), rec["size"], rec["sha256"])
 
+    def _describe_snapshot(self, rdir: str, commit: str) -> Dict[str, Any]:
+        record = self.snapshot_record(rdir, commit) or {"files": []}
+        weights = []
+        for url in record.get("weights", []):
+            w = self.weight(url)
+            weights.append({"url": url, "size": w.size if w else None,
+                            "sha256": w.sha256 if w else None})
+        return {"commit": commit, "files": len(record["files"]),
+                "size": sum(f["size"] for f in record["files"]),
+                "entrypoints": record.get("entrypoints", []), "weights": weights,
+                "bundle": record.get("bundle"), "bundle_file": record.get("bundle_file"),
+                "installed_at": record.get("installed_at")}
+
     def repos(self) -> List[Dict[str, Any]]:
         """Every installed repo with its refs and commits, for ``mirror list``."""
         out = []
@@ -390,7 +403,9 @@ class Store:
                 refs = self.refs(dirpath)
                 out.append(dict(ident, refs={n: {"kind": k, "commit": c}
                                              for n, (k, c) in sorted(refs.items())},
-                                commits=self._commits(dirpath)))
+                                commits=self.commits(dirpath),
+                                snapshots=[self._describe_snapshot(dirpath, c)
+                                           for c in self.commits(dirpath)]))
         return sorted(out, key=lambda r: (r["host"], r["owner"].lower(), r["name"].lower()))
 
 

@@ -179,6 +179,24 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
     return weights, unresolved
 
 
+def entrypoints(files: Iterable[TreeFile]) -> List[str]:
+    """The functions ``hubconf.py`` defines at top level, found without running it.
+
+    ``megengine.hub.list`` also counts callables hubconf imports (classes, say); this
+    is the part a reader of the manifest can check without executing the code.
+    """
+    hubconf = next((f for f in files if f.path == "hubconf.py"), None)
+    if hubconf is None:
+        return []
+    try:
+        tree = ast.parse(hubconf.data, filename="hubconf.py")
+    except (SyntaxError, ValueError):
+        return []
+    return sorted(n.name for n in tree.body
+                  if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and not n.name.startswith("_"))
+
+
 # --- download ----------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,3 +86,20 @@ def tree_digest(path: str) -> dict:
             with open(full, "rb") as fh:
                 out[os.path.relpath(full, path)] = fh.read()
     return out
+
+
+@pytest.fixture(scope="session")
+def big_bundle(upstream, tmp_path_factory) -> str:
+    """master plus 6 extra 5 MiB weight files: an install long enough to interrupt."""
+    rng = random.Random(7)
+    urls = [upstream.weights.add(f"big/w{i}.pkl", rng.randbytes(5 << 20)) for i in range(6)]
+    out = str(tmp_path_factory.mktemp("bundles") / "big.hub")
+    pack([upstream.spec()], out, git_host=upstream.git.host, protocol="http",
+         extra_weights=urls, progress=False)
+    return out
+
+
+def pack_spec(upstream, spec: str, out) -> str:
+    pack([upstream.spec(spec)], str(out), git_host=upstream.git.host, protocol="http",
+         progress=False)
+    return str(out)

@@ -1,0 +1,303 @@
+"""The store as an operator sees it: dedup, ref rules, verify, remove, gc, crashes,
+concurrency, a full disk and a read-only store."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mirror.hub
+from mirror import bundle, housekeeping
+from mirror.errors import NotInstalledError, StoreError
+from mirror.store import Store
+from tests.conftest import MIRROR, ROOT, pack_spec, run, tree_digest
+
+
+def _blobs(manifest):
+    out = {f["sha256"]: f["size"] for r in manifest["repos"] for s in r["snapshots"]
+           for f in s["files"]}
+    out.update({w["sha256"]: w["size"] for w in manifest["weights"]})
+    return out
+
+
+def _ref(home, host, kind, name):
+    path = os.path.join(home, "repos", host, "demo", "tinynets", "refs", kind, name)
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+def test_a_second_snapshot_stores_only_its_new_bytes(upstream, master_bundle, home, tmp_path):
+    dev = pack_spec(upstream, ":dev", tmp_path / "dev.hub")
+    first = Store().install(master_bundle)
+    second = Store().install(dev)
+    old, new = _blobs(bundle.read_manifest(master_bundle)), _blobs(bundle.read_manifest(dev))
+    expected = sum(size for sha, size in new.items() if sha not in old)
+    assert second.bytes_written == expected
+    assert 0 < expected < sum(new.values())  # shared files and weights were not stored again
+    assert first.bytes_written == sum(old.values())
+    stored = os.listdir(os.path.join(home, "blobs"))
+    assert sorted(stored) == sorted(set(old) | set(new))
+
+
+def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path):
+    c = upstream.demo.commits
+    host = upstream.git.host
+    old = pack_spec(upstream, ":master@" + c["c1"], tmp_path / "old.hub")
+    new = pack_spec(upstream, ":master", tmp_path / "new.hub")
+    r = Store().install(old)
+    assert r.refs_set == [f"demo/tinynets:master -> {c['c1'][:12]}"]
+    r = Store().install(new)
+    assert r.refs_set == [f"demo/tinynets:master -> {c['c3'][:12]} (was {c['c1'][:12]})"]
+    r = Store().install(old)
+    assert r.refs_kept == [f"demo/tinynets:master stays at newer {c['c3'][:12]} "
+                           f"(use --force to move it back)"]
+    assert _ref(home, host, "heads", "master") == c["c3"]
+    r = run(MIRROR + ["install", "--force", old])
+    assert r.returncode == 0, r.stderr
+    assert _ref(home, host, "heads", "master") == c["c1"]
+
+    tag = pack_spec(upstream, ":v1.0", tmp_path / "tag.hub")
+    Store().install(tag)
+    git = ["git", "--git-dir", upstream.demo.bare]
+    subprocess.run(git + ["tag", "-f", "v1.0", c["c3"]], check=True, capture_output=True)
+    try:
+        moved = pack_spec(upstream, ":v1.0", tmp_path / "moved.hub")
+    finally:
+        subprocess.run(git + ["tag", "-f", "-a", "v1.0", "-m", "release 1.0", c["c2"]],
+                       check=True, capture_output=True)
+    r = Store().install(moved)
+    assert r.refs_kept == [f"demo/tinynets:v1.0 stays at {c['c2'][:12]} "
+                           f"(tags never move without --force)"]
+    assert _ref(home, host, "tags", "v1.0") == c["c2"]
+    Store().install(moved, force=True)
+    assert _ref(home, host, "tags", "v1.0") == c["c3"]
+
+
+def test_verify_accepts_a_sound_store_and_names_what_was_changed(all_refs_bundle, home,
+                                                                 upstream):
+    Store().install(all_refs_bundle)
+    r = run(MIRROR + ["verify"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{home}: OK, " in r.stdout and "4 snapshots" in r.stdout and "; 0 problems" in r.stdout
+
+    snap = Store().resolve("demo", "tinynets", "dev", host=upstream.git.host)
+    hubconf = os.path.join(snap.path, "hubconf.py")
+    os.unlink(hubconf)  # "edited by hand": the editor writes a new file in its place
+    with open(hubconf, "w") as fh:
+        fh.write("# edited\n")
+    with open(os.path.join(snap.path, "notes.txt"), "w") as fh:
+        fh.write("mine\n")
+    weight = Store().weight(upstream.demo.urls[upstream.demo.commits["c1"]]["mlp"])
+    os.chmod(weight.path, 0o644)
+    with open(weight.path, "ab") as fh:
+        fh.write(b"\0")
+    r = run(MIRROR + ["verify"])
+    assert r.returncode == 3
+    label = f"demo/tinynets@{snap.commit[:12]}"
+    assert f"problem: snapshot {label}: hubconf.py was changed ({hubconf})" in r.stdout
+    assert f"problem: snapshot {label}: notes.txt was added by hand" in r.stdout
+    assert f"problem: blob {weight.path} has sha256 " in r.stdout
+    assert f"problem: weight {weight.url}: blob {weight.path} is missing or wrong" in r.stdout
+    assert "FAILED" in r.stdout
+
+
+def test_remove_a_ref_keeps_every_other_snapshot_loadable(all_refs_bundle, home, upstream):
+    c = upstream.demo.commits
+    Store().install(all_refs_bundle)
+    before = tree_digest(home)
+    dry = housekeeping.remove(Store(), "demo/tinynets:dev", dry_run=True)
+    assert tree_digest(home) == before
+    assert dry.refs == ["demo/tinynets:dev"] and dry.snapshots == [f"demo/tinynets@{c['c4']}"]
+
+    r = run(MIRROR + ["remove", "demo/tinynets:dev", "--json"])
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert (plan["refs"], plan["snapshots"]) == (dry.refs, dry.snapshots)
+    assert plan["bytes_freed"] == dry.bytes_freed > 0
+    assert sorted(plan["blobs"]) == sorted(dry.blobs)
+    for path in plan["blobs"]:
+        assert not os.path.exists(path)
+
+    with pytest.raises(NotInstalledError):
+        mirror.hub.load("demo/tinynets:dev", "mlp", source="local")
+    for info, kwargs, label in (("demo/tinynets", {}, "c3"), ("demo/tinynets:v1.0", {}, "c2"),
+                                ("demo/tinynets", {"commit": c["c1"]}, "c1")):
+        model = mirror.hub.load(info, "mlp", pretrained=True, source="local", **kwargs)
+        assert model.revision == upstream.demo.revisions[c[label]]
+    assert housekeeping.verify(Store()).ok
+
+
+def test_remove_a_commit_and_then_the_repo_leaves_an_empty_store(all_refs_bundle, home,
+                                                                upstream):
+    c = upstream.demo.commits
+    Store().install(all_refs_bundle)
+    plan = housekeeping.remove(Store(), "demo/tinynets@" + c["c2"][:8])
+    assert plan.refs == ["demo/tinynets:v1.0"]
+    assert plan.snapshots == [f"demo/tinynets@{c['c2']}"]
+    assert housekeeping.verify(Store()).ok
+    housekeeping.remove(Store(), "demo/tinynets")
+    assert os.listdir(os.path.join(home, "blobs")) == []
+    assert os.listdir(os.path.join(home, "weights")) == []
+    assert os.listdir(os.path.join(home, "bundles")) == []
+    r = run(MIRROR + ["remove", "demo/tinynets"])
+    assert r.returncode == 4 and "demo/tinynets is not installed" in r.stderr
+
+
+def test_gc_deletes_only_what_nothing_references(master_bundle, home, tmp_path):
+    Store().install(master_bundle)
+    stray = os.path.join(home, "blobs", "0" * 64)
+    with open(stray, "wb") as fh:
+        fh.write(b"orphan")
+    abandoned = os.path.join(home, "tmp", "install-dead")
+    os.makedirs(abandoned)
+    before = tree_digest(home)
+    r = run(MIRROR + ["gc", "--dry-run"])
+    assert r.returncode == 0
+    assert f"would remove blob {stray}" in r.stdout
+    assert "would free 6 bytes in 1 blobs" in r.stdout
+    assert tree_digest(home) == before
+    r = run(MIRROR + ["gc"])
+    assert r.returncode == 0 and "freed 6 bytes in 1 blobs" in r.stdout
+    assert not os.path.exists(stray) and not os.path.exists(abandoned)
+    assert housekeeping.verify(Store()).ok
+    assert mirror.hub.list("demo/tinynets", source="local")
+
+
+def test_gc_refuses_to_run_during_an_install(master_bundle, home):
+    Store().install(master_bundle)
+    from mirror.store import locked
+
+    with locked(Store().lock_path, shared=True):  # what a running install holds
+        with pytest.raises(StoreError) as e:
+            housekeeping.gc(Store())
+    assert "an install is running" in str(e.value)
+
+
+def _phase(home):
+    """How far an interrupted install got, from what is on disk."""
+    tmp = os.path.join(home, "tmp")
+    if os.path.isdir(os.path.join(home, "bundles")):
+        return "complete"
+    if os.path.isdir(os.path.join(home, "blobs")):
+        return "publishing"
+    if os.path.isdir(tmp) and os.listdir(tmp):
+        return "verifying"
+    return "starting"
+
+
+def test_install_killed_at_any_instant_leaves_a_store_that_verifies(big_bundle, tmp_path):
+    home = str(tmp_path / "store")
+    env = dict(os.environ, MGE_MIRROR_HOME=home, MGE_HOME=str(tmp_path / "mge"))
+    cmd = MIRROR + ["install", big_bundle]
+
+    # Calibrate: when does the install start its work, and when does it end?
+    calib = str(tmp_path / "calib")
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=dict(env, MGE_MIRROR_HOME=calib), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not os.path.isdir(os.path.join(calib, "tmp")):
+        time.sleep(0.001)
+    begin = time.monotonic() - start
+    assert proc.wait(timeout=60) == 0
+    end = time.monotonic() - start
+
+    # Kill points spread over the work, with extra density at the end where it publishes.
+    rng = random.Random(11)
+    delays = [rng.uniform(begin, end) for _ in range(20)]
+    delays += [rng.uniform(begin + 0.8 * (end - begin), end) for _ in range(10)]
+    phases = []
+    for delay in sorted(delays):
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        phases.append(_phase(home))
+        report = housekeeping.verify(Store(home))
+        assert report.ok, (delay, report.problems)
+        for repo in Store(home).repos():  # refs only ever name whole snapshots
+            for ref in repo["refs"].values():
+                assert ref["commit"] in repo["commits"]
+        subprocess.run(["rm", "-rf", home], check=True)  # each run starts from empty
+    assert {"verifying", "complete"} <= set(phases), phases
+    print("phases at the kill:", {p: phases.count(p) for p in set(phases)})
+    r = run(cmd, env=env)
+    assert r.returncode == 0, r.stderr
+    assert housekeeping.verify(Store(home)).ok
+    r = run(MIRROR + ["gc"], env=env)
+    assert r.returncode == 0 and os.listdir(os.path.join(home, "tmp")) == []
+
+
+LOADER = """
+import sys, mirror.hub
+for _ in range(int(sys.argv[1])):
+    for info in ("demo/tinynets", "demo/tinynets:v1.0"):
+        try:
+            mirror.hub.load(info, "mlp", pretrained=True)
+        except mirror.errors.NotInstalledError:
+            pass  # not installed yet: the installers are still running
+print("loads done")
+"""
+
+
+def test_concurrent_installers_and_loaders(upstream, all_refs_bundle, master_bundle, tmp_path):
+    c = upstream.demo.commits
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"),
+               MGE_HOME=str(tmp_path / "mge"))
+    dev = pack_spec(upstream, ":dev", tmp_path / "dev.hub")
+    tag = pack_spec(upstream, ":v1.0", tmp_path / "tag.hub")
+    bundles = [all_refs_bundle, master_bundle, dev, tag] * 2
+    procs = [subprocess.Popen(MIRROR + ["install", b, "--no-megengine-cache"], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for b in bundles]
+    procs += [subprocess.Popen([sys.executable, "-c", LOADER, "5"], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(8)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    store = Store(env["MGE_MIRROR_HOME"])
+    assert housekeeping.verify(store).ok
+    (repo,) = store.repos()
+    assert {n: r["commit"] for n, r in repo["refs"].items()} == {
+        "master": c["c3"], "dev": c["c4"], "v1.0": c["c2"]}
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs: a real filesystem that fills up (needs root, as CI has)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_the_store_is_unchanged(master_bundle, big_bundle,
+                                                                 small_fs):
+    home = str(small_fs / "store")
+    Store(home).install(master_bundle)
+    before = tree_digest(home)
+    with pytest.raises(StoreError) as e:
+        Store(home).install(big_bundle)
+    assert "No space left on device" in str(e.value) and big_bundle in str(e.value)
+    assert tree_digest(home) == before
+
+
+def test_a_read_only_store_is_a_clear_error(master_bundle, all_refs_bundle, small_fs):
+    home = str(small_fs / "store")
+    Store(home).install(master_bundle)
+    before = tree_digest(home)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    r = run(MIRROR + ["install", all_refs_bundle, "--home", home])
+    assert r.returncode == 1
+    assert r.stderr.strip().endswith("Read-only file system")
+    assert r.stderr.startswith(f"Error: store {home}")
+    assert tree_digest(home) == before
+    # Loading does not need to write.
+    assert mirror.hub.list("demo/tinynets", source="local", store=Store(home))
