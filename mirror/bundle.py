@@ -256,7 +256,8 @@ def read(path: str, sink: SinkFactory | None = None,
         try:
             source = _Counting(fh, bar.update) if progress else fh
             reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            # Large reads: tarfile's default 10 KiB makes thousands of small zstd calls.
+            with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tar:
                 return _read_members(path, tar, sink, on_manifest)
         except BundleError:
             raise
