@@ -5,6 +5,7 @@
       repos/<host>/<owner>/<name>/            owner and name lower-cased, as GitHub matches them
         repo.json                             host, owner, name as packed
         refs/heads/<branch>, refs/tags/<tag>  a commit id each
+        refs.log                              every ref change: old, new, which bundle
         snapshots/<commit>/...                the tree, hard links into blobs/
         snapshots/<commit>.json               what the snapshot holds and which bundle brought it
       weights/<sha256(url)>.json              URL -> blob
@@ -314,6 +315,12 @@ class Store:
                                             f"(use --force to move it back)")
                     continue
             write_atomic(path, (ref["commit"] + "\n").encode())
+            # Which bundle set which ref, and from what: appended under the refs lock.
+            with open(os.path.join(rdir, "refs.log"), "a") as log:
+                log.write(json.dumps({"ref": ref["name"], "kind": ref["kind"], "old": current,
+                                      "new": ref["commit"], "bundle": report.bundle_sha256,
+                                      "bundle_file": os.path.basename(report.bundle),
+                                      "time": int(time.time())}) + "\n")
             moved = f" (was {current[:12]})" if current else ""
             report.refs_set.append(f"{label} -> {ref['commit'][:12]}{moved}")
 

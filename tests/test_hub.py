@@ -118,6 +118,11 @@ def test_a_tampered_weight_is_never_loaded(upstream, installed):
     assert url in str(e.value) and stored.sha256 in str(e.value)
 
 
+def test_owner_and_name_match_case_insensitively_as_on_github(upstream, installed):
+    model = mirror.hub.load("Demo/TinyNets:dev", "mlp", source="local")
+    assert model.revision == "4-dev"
+
+
 def test_owner_and_name_are_not_patterns(installed):
     with pytest.raises(NotInstalledError):
         mirror.hub.load("*/tinynets", "mlp", source="local")

@@ -42,6 +42,13 @@ def test_stock_megengine_hub_loads_offline_after_install(upstream, all_refs_bund
     r = run(MIRROR + ["install", all_refs_bundle], env=env, netns=True)
     assert r.returncode == 0, r.stderr
     assert "megengine cache: seeded demo/tinynets:master ->" in r.stdout
+    # Seeded files are the store's own bytes (hard links), not copies.
+    master = upstream.demo.branches["master"]
+    seeded = tmp_path / "mge" / "hub" / repo_key(megengine.__version__, "demo", "tinynets",
+                                                "master") / "hubconf.py"
+    stored = (tmp_path / "store" / "repos" / upstream.git.host / "demo" / "tinynets" /
+              "snapshots" / master / "hubconf.py")
+    assert os.stat(seeded).st_ino == os.stat(stored).st_ino
 
     c = upstream.demo.commits
     calls = {

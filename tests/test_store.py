@@ -56,6 +56,10 @@ def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path)
     r = Store().install(old)
     assert r.refs_kept == [f"demo/tinynets:master stays at newer {c['c3'][:12]} "
                            f"(use --force to move it back)"]
+    with open(os.path.join(home, "repos", host, "demo", "tinynets", "refs.log")) as fh:
+        log = [json.loads(line) for line in fh]
+    assert [(e["ref"], e["old"], e["new"], e["bundle_file"]) for e in log] == [
+        ("master", None, c["c1"], "old.hub"), ("master", c["c1"], c["c3"], "new.hub")]
     assert _ref(home, host, "heads", "master") == c["c3"]
     r = run(MIRROR + ["install", "--force", old])
     assert r.returncode == 0, r.stderr
