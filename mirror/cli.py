@@ -227,6 +227,24 @@ def list_(home, as_json) -> None:
 cli.add_command(list_, "ls")
 
 
+@cli.command(context_settings={"ignore_unknown_options": True,
+                              "allow_interspersed_args": False})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_home_option
+def run(command, home) -> None:
+    """Run COMMAND (e.g. -- python script.py) with megengine.hub answering from the store.
+
+    Unmodified scripts that call megengine.hub.load(...), even with use_cache=False,
+    load the installed snapshots and weights and never reach the network.
+    """
+    from .patch import run as run_redirected
+
+    try:
+        run_redirected(command, home)
+    except OSError as e:
+        raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
+
+
 @cli.command()
 def home() -> None:
     """Print the default store location."""

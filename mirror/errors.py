@@ -133,12 +133,31 @@ class EntrypointNotFoundError(MirrorError):
 
     exit_code = 4
 
-    def __init__(self, repo: str, commit: str, entry: str, available: Sequence[str]):
+    def __init__(self, repo: str, commit: str, entry: str, available: Sequence[str],
+                 suggestion: str | None = None):
         self.repo, self.commit, self.entry = repo, commit, entry
-        self.available = list(available)
+        self.available, self.suggestion = list(available), suggestion
+        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
         super().__init__(
             f"{repo}@{commit[:12]}: no entrypoint {entry!r} in hubconf.py "
-            f"(it has: {', '.join(self.available) or 'none'})"
+            f"(it has: {', '.join(self.available) or 'none'}){hint}"
+        )
+
+
+class DependencyError(MirrorError):
+    """Raised when a module that a repo's hubconf imports, or declares in
+    ``dependencies``, cannot be imported on this host."""
+
+    exit_code = 4
+
+    def __init__(self, repo: str, commit: str, module: str, entry: str | None = None,
+                 declared: bool = False):
+        self.repo, self.commit, self.module, self.entry = repo, commit, module, entry
+        why = "declares it in dependencies" if declared else "imports it"
+        who = f"entrypoint {entry!r} of " if entry else ""
+        super().__init__(
+            f"{who}{repo}@{commit[:12]} needs module {module!r}, which cannot be imported "
+            f"here (hubconf.py {why}); install it into this Python environment"
         )
 
 
@@ -147,12 +166,14 @@ class WeightNotInstalledError(MirrorError):
 
     exit_code = 4
 
-    def __init__(self, url: str, store: str = ""):
-        self.url = url
+    def __init__(self, url: str, store: str = "", location: str | None = None):
+        self.url, self.location = url, location
         where = f" in {store}" if store else ""
+        asked = f" (asked for at {location})" if location else " (asked for by code that " \
+            "builds the URL at run time)"
         super().__init__(
-            f"weight {url} is not installed{where}; pack it with "
-            f"'mirror pack ... --weights {url}' and install that bundle"
+            f"weight {url}{asked} is not installed{where}: no installed bundle packed it. "
+            f"Pack it with 'mirror pack ... --weights {url}' and install that bundle"
         )
 
 

@@ -11,9 +11,11 @@ would online, plus ``source``:
 - ``"auto"``: the store first, then ``megengine.hub`` when the store lacks it,
   unless ``MGE_MIRROR_OFFLINE=1``.
 
-While a repo's code runs, ``megengine.hub``'s weight download
-(``load_serialized_obj_from_url``, which ``@hub.pretrained`` looks up at call
-time) is pointed at the store, so the weights loaded are the verified ones.
+While a repo's code runs, ``megengine.hub`` itself is pointed at the store: its
+weight download (``load_serialized_obj_from_url``, which ``@hub.pretrained``
+looks up at call time) and its ``load``/``list``/``help``/``import_module``, so
+a repo that loads itself or another repo from inside its code stays offline and
+verified too.
 """
 
 from __future__ import annotations
@@ -21,19 +23,23 @@ from __future__ import annotations
 import builtins
 import contextlib
 import difflib
+import functools
 import hashlib
+import importlib
 import importlib.util
 import os
 import sys
 import threading
 import types
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from .errors import (
+    DependencyError,
     EntrypointNotFoundError,
     IntegrityError,
     MirrorError,
     NotInstalledError,
+    SpecError,
     WeightNotInstalledError,
 )
 from .refs import DEFAULT_HOST, parse_repo_info
@@ -41,24 +47,32 @@ from .store import SnapshotRef, Store
 
 HUBCONF = "hubconf.py"
 SOURCES = ("local", "remote", "auto")
+MIN_COMMIT_PREFIX = 7
+# The names mirror answers for while it redirects megengine.hub.
+REDIRECTED = ("load", "list", "help", "import_module", "load_serialized_obj_from_url")
 _verified: Dict[str, Tuple[int, int]] = {}  # blob path -> (size, mtime_ns) checked this process
+_originals: Dict[str, Callable[..., Any]] = {}  # megengine.hub's own functions, before any patch
 _patch_lock = threading.RLock()
 
 
-def _offline() -> bool:
-    return os.environ.get("MGE_MIRROR_OFFLINE", "") not in ("", "0")
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
 
 
 def _source(source: str) -> str:
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
-    return "local" if _offline() else source
+    return "local" if _flag("MGE_MIRROR_OFFLINE") else source
 
 
-def _remote():
-    import megengine.hub
-
-    return megengine.hub
+def _megengine_hub() -> Dict[str, Callable[..., Any]]:
+    """megengine.hub's own functions, even while mirror has them redirected."""
+    with _patch_lock:
+        if not _originals:
+            mge_hub = importlib.import_module("megengine.hub.hub")
+            _originals.update({n: getattr(mge_hub, n) for n in REDIRECTED})
+            _originals["pretrained"] = mge_hub.pretrained
+        return _originals
 
 
 # --- weights -----------------------------------------------------------------
@@ -66,19 +80,24 @@ def _remote():
 
 def load_serialized_obj_from_url(url: str, model_dir: str | None = None, *,
                                  store: Store | None = None) -> Any:
-    """Load the weights that were packed for ``url``, verifying them once per process.
+    """Load the weights that were packed for ``url``.
 
-    ``model_dir`` is accepted for MegEngine compatibility and ignored: the store
-    is the only place weights come from.
+    Each file's size and sha256 are checked the first time it is used in a
+    process (every time with ``MGE_MIRROR_PARANOID=1``). ``model_dir`` is
+    accepted for MegEngine compatibility and ignored: weights come from the store.
     """
+    return _load_weight(url, store or Store(), None)
+
+
+def _load_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
     from megengine.serialization import load as mge_load
 
-    store = store or Store()
     weight = store.weight(url)
     if weight is None or not os.path.exists(weight.path):
-        raise WeightNotInstalledError(url, store.home)
+        raise WeightNotInstalledError(url, store.home, _locate(snap, url) if snap else None)
     st = os.stat(weight.path)
-    if _verified.get(weight.path) != (st.st_size, st.st_mtime_ns):
+    if _flag("MGE_MIRROR_PARANOID") or _verified.get(weight.path) != (st.st_size,
+                                                                      st.st_mtime_ns):
         digest = hashlib.sha256()
         with open(weight.path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -89,27 +108,81 @@ def load_serialized_obj_from_url(url: str, model_dir: str | None = None, *,
     return mge_load(weight.path)
 
 
+def _locate(snap: SnapshotRef, url: str) -> str | None:
+    """Where the snapshot's code names ``url``, found as pack finds it (statically)."""
+    from .git import MODE_FILE, TreeFile
+    from .weights import discover
+
+    files = []
+    for dirpath, _, names in os.walk(snap.path):
+        for n in names:
+            if n.endswith(".py"):
+                full = os.path.join(dirpath, n)
+                with open(full, "rb") as fh:
+                    files.append(TreeFile(os.path.relpath(full, snap.path), MODE_FILE, fh.read()))
+    found = {w.url: w for w in discover(files)[0]}
+    return str(found[url].locations[0]) if url in found else None
+
+
+# --- redirecting megengine.hub -----------------------------------------------
+
+
+class Redirect:
+    """``megengine.hub`` pointed at a store from :meth:`apply` until :meth:`restore`.
+
+    A plain object rather than a generator-based context manager: ``patch_megengine``
+    keeps one alive for the life of a process, and a collected generator would run
+    its ``finally`` and silently undo the patch. Nested redirects stack: each
+    restores what it found.
+    """
+
+    def __init__(self, store: Store, snap: SnapshotRef | None = None):
+        self.store, self.snap = store, snap
+        self._saved: builtins.list = []
+
+    def _functions(self) -> Dict[str, Callable[..., Any]]:
+        store, snap = self.store, self.snap
+        return {
+            "load": functools.partial(load, source="local", store=store),
+            "list": functools.partial(list, source="local", store=store),
+            "help": functools.partial(help, source="local", store=store),
+            "import_module": functools.partial(import_module, source="local", store=store),
+            # @hub.pretrained looks this up in megengine.hub.hub at call time; code that
+            # calls megengine.hub.load_serialized_obj_from_url uses the package's name.
+            "load_serialized_obj_from_url":
+                lambda url, model_dir=None: _load_weight(url, store, snap),
+        }
+
+    def apply(self) -> None:
+        # By name, not attribute: under `mirror run` this runs while megengine itself
+        # is still being imported, before megengine.hub is set on the package.
+        modules = (importlib.import_module("megengine.hub.hub"),
+                   importlib.import_module("megengine.hub"))
+        _megengine_hub()
+        functions = self._functions()
+        with _patch_lock:
+            self._saved = [(m, {n: getattr(m, n) for n in REDIRECTED}) for m in modules]
+            for m in modules:
+                for n, fn in functions.items():
+                    setattr(m, n, fn)
+
+    def restore(self) -> None:
+        with _patch_lock:
+            for m, names in self._saved:
+                for n, fn in names.items():
+                    setattr(m, n, fn)
+            self._saved = []
+
+
 @contextlib.contextmanager
-def _weights_from_store(store: Store) -> Iterator[None]:
-    """Point megengine.hub's downloader at the store while a repo's code runs."""
-    import megengine.hub
-    import megengine.hub.hub
-
-    def from_store(url: str, model_dir: str | None = None) -> Any:
-        return load_serialized_obj_from_url(url, model_dir, store=store)
-
-    # @hub.pretrained looks the downloader up in megengine.hub.hub; code that calls
-    # megengine.hub.load_serialized_obj_from_url directly uses the package's name.
-    modules = (megengine.hub.hub, megengine.hub)
-    with _patch_lock:
-        saved = [m.load_serialized_obj_from_url for m in modules]
-        for m in modules:
-            m.load_serialized_obj_from_url = from_store
-        try:
-            yield
-        finally:
-            for m, original in zip(modules, saved):
-                m.load_serialized_obj_from_url = original
+def redirected(store: Store, snap: SnapshotRef | None = None) -> Iterator[None]:
+    """Point ``megengine.hub`` at the store for as long as the block runs."""
+    redirect = Redirect(store, snap)
+    redirect.apply()
+    try:
+        yield
+    finally:
+        redirect.restore()
 
 
 # --- code --------------------------------------------------------------------
@@ -117,27 +190,51 @@ def _weights_from_store(store: Store) -> Iterator[None]:
 
 def _resolve(repo_info: str, git_host: str, commit: str | None, store: Store) -> SnapshotRef:
     owner, name, branch = parse_repo_info(repo_info)
+    if commit is not None and (len(commit) < MIN_COMMIT_PREFIX or not all(
+            c in "0123456789abcdefABCDEF" for c in commit)):
+        raise SpecError(commit, f"commit= takes a full commit id or at least "
+                                f"{MIN_COMMIT_PREFIX} of its hex digits")
     return store.resolve(owner, name, branch, commit, host=git_host)
 
 
-def _import_hubconf(snap: SnapshotRef, store: Store) -> types.ModuleType:
+def _top_level_names(root: str) -> List[str]:
+    """The importable names a snapshot provides (packages and modules at its root)."""
+    names = []
+    for entry in os.listdir(root):
+        stem = entry[:-3] if entry.endswith(".py") else entry
+        if stem.isidentifier() and (entry.endswith(".py") or os.path.isdir(
+                os.path.join(root, entry))):
+            names.append(stem)
+    return names
+
+
+def _import_hubconf(snap: SnapshotRef, store: Store, entry: str | None = None) \
+        -> types.ModuleType:
     # As megengine.hub does: the snapshot is importable only while hubconf runs.
     path = os.path.join(snap.path, HUBCONF)
     if not os.path.exists(path):
         raise MirrorError(f"{snap.repo}@{snap.commit[:12]} has no {HUBCONF}")
     spec = importlib.util.spec_from_file_location(HUBCONF, path)
     module = importlib.util.module_from_spec(spec)
+    # Modules of the same names from elsewhere (another commit, another repo, the
+    # user's own) step aside while this snapshot's are imported, then come back.
+    own = set(_top_level_names(snap.path)) - {"hubconf"}
+    stashed = {k: sys.modules.pop(k) for k in builtins.list(sys.modules)
+               if k.split(".")[0] in own}
     before = set(sys.modules)
     # No __pycache__ inside the store: a snapshot stays exactly the bytes installed.
     saved_bytecode_flag, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     sys.path.insert(0, snap.path)
     try:
-        with _weights_from_store(store):
+        with redirected(store, snap):
             spec.loader.exec_module(module)
+    except ImportError as e:
+        raise DependencyError(snap.repo, snap.commit, e.name or str(e), entry) from None
     finally:
         sys.path.remove(snap.path)
         sys.dont_write_bytecode = saved_bytecode_flag
         _forget_modules_from(snap.path, before)
+        sys.modules.update(stashed)
     module.__mirror_snapshot__ = snap
     return module
 
@@ -177,7 +274,8 @@ def import_module(repo_info: str, git_host: str = DEFAULT_HOST, use_cache: bool 
     store = store or Store()
     snap = _snapshot(repo_info, git_host, commit, source, store)
     if snap is None:
-        return _remote().import_module(repo_info, git_host, use_cache, commit, protocol)
+        return _megengine_hub()["import_module"](repo_info, git_host, use_cache, commit,
+                                                 protocol)
     return _import_hubconf(snap, store)
 
 
@@ -190,21 +288,21 @@ def _entry(module: types.ModuleType, entry: str) -> Any:
     if entry.startswith("__") or not callable(getattr(module, entry, None)):
         snap: SnapshotRef = module.__mirror_snapshot__
         names = _entrypoints(module)
-        err = EntrypointNotFoundError(snap.repo, snap.commit, entry, names)
         close = difflib.get_close_matches(entry, names, n=1)
-        if close:
-            err.args = (f"{err.args[0]}; did you mean {close[0]!r}?",)
-        raise err
+        raise EntrypointNotFoundError(snap.repo, snap.commit, entry, names,
+                                      close[0] if close else None)
     return getattr(module, entry)
 
 
 def _check_dependencies(module: types.ModuleType, entry: str) -> None:
-    missing = [m for m in getattr(module, "dependencies", None) or []
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        snap: SnapshotRef = module.__mirror_snapshot__
-        raise MirrorError(f"{snap.repo}@{snap.commit[:12]}: entrypoint {entry!r} needs "
-                          f"{', '.join(missing)}, which cannot be imported here")
+    snap: SnapshotRef = module.__mirror_snapshot__
+    for name in getattr(module, "dependencies", None) or []:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise DependencyError(snap.repo, snap.commit, name, entry, declared=True)
 
 
 def list(repo_info: str, git_host: str = DEFAULT_HOST, use_cache: bool = True,  # noqa: A001
@@ -214,7 +312,7 @@ def list(repo_info: str, git_host: str = DEFAULT_HOST, use_cache: bool = True,  
     store = store or Store()
     snap = _snapshot(repo_info, git_host, commit, source, store)
     if snap is None:
-        return _remote().list(repo_info, git_host, use_cache, commit, protocol)
+        return _megengine_hub()["list"](repo_info, git_host, use_cache, commit, protocol)
     return _entrypoints(_import_hubconf(snap, store))
 
 
@@ -225,23 +323,27 @@ def help(repo_info: str, entry: str, git_host: str = DEFAULT_HOST,  # noqa: A001
     store = store or Store()
     snap = _snapshot(repo_info, git_host, commit, source, store)
     if snap is None:
-        return _remote().help(repo_info, entry, git_host, use_cache, commit, protocol)
-    return _entry(_import_hubconf(snap, store), entry).__doc__
+        return _megengine_hub()["help"](repo_info, entry, git_host, use_cache, commit, protocol)
+    return _entry(_import_hubconf(snap, store, entry), entry).__doc__
 
 
 def load(repo_info: str, entry: str, *args: Any, git_host: str = DEFAULT_HOST,
          use_cache: bool = True, commit: str | None = None, protocol: str = "HTTPS",
          source: str = "local", store: Store | None = None, **kwargs: Any) -> Any:
-    """Build ``entry`` from the repo's hubconf, as ``megengine.hub.load``, from the store."""
+    """Build ``entry`` from the repo's hubconf, as ``megengine.hub.load``, from the store.
+
+    ``use_cache`` is accepted and ignored: the store is never deleted or refetched.
+    """
     store = store or Store()
     snap = _snapshot(repo_info, git_host, commit, source, store)
     if snap is None:
-        return _remote().load(repo_info, entry, *args, git_host=git_host, use_cache=use_cache,
-                              commit=commit, protocol=protocol, **kwargs)
-    module = _import_hubconf(snap, store)
+        return _megengine_hub()["load"](repo_info, entry, *args, git_host=git_host,
+                                        use_cache=use_cache, commit=commit, protocol=protocol,
+                                        **kwargs)
+    module = _import_hubconf(snap, store, entry)
     factory = _entry(module, entry)
     _check_dependencies(module, entry)
-    with _weights_from_store(store):
+    with redirected(store, snap):
         return factory(*args, **kwargs)
 
 
@@ -249,5 +351,5 @@ def __getattr__(name: str) -> Any:
     # ``pretrained`` is MegEngine's own decorator: it calls the downloader that
     # load() points at the store. Looked up lazily so importing mirror stays light.
     if name == "pretrained":
-        return _remote().pretrained
+        return _megengine_hub()["pretrained"]
     raise AttributeError(name)

@@ -365,11 +365,12 @@ class Store:
             if len(matches) > 1:
                 raise AmbiguousCommitError(label, commit, matches)
             if not matches:
-                raise NotInstalledError(label, None, commit, self._describe(refs, commits),
+                raise NotInstalledError(label, None, commit, self._describe(rdir, refs, commits),
                                         self.home)
             return SnapshotRef(label, matches[0], os.path.join(rdir, "snapshots", matches[0]))
         if not ref or ref not in refs or refs[ref][1] not in commits:
-            raise NotInstalledError(label, ref, None, self._describe(refs, commits), self.home)
+            raise NotInstalledError(label, ref, None, self._describe(rdir, refs, commits),
+                                    self.home)
         found = refs[ref][1]
         return SnapshotRef(label, found, os.path.join(rdir, "snapshots", found))
 
@@ -392,11 +393,17 @@ class Store:
                 f"copies from several hosts ({hosts}): pass git_host= to choose"])
         return others[0] if others else rdir
 
-    @staticmethod
-    def _describe(refs: Dict[str, Tuple[str, str]], commits: List[str]) -> List[str]:
-        named = [f"{kind} {n} -> {c[:12]}" for n, (kind, c) in sorted(refs.items())]
+    def _describe(self, rdir: str, refs: Dict[str, Tuple[str, str]],
+                  commits: List[str]) -> List[str]:
+        def when(commit: str) -> str:
+            record = self.snapshot_record(rdir, commit) or {}
+            stamp = record.get("installed_at")
+            return time.strftime(" (installed %Y-%m-%d %H:%M UTC)", time.gmtime(stamp)) \
+                if stamp else ""
+
+        named = [f"{kind} {n} -> {c[:12]}{when(c)}" for n, (kind, c) in sorted(refs.items())]
         pointed = {c for _, c in refs.values()}
-        return named + [f"commit {c[:12]}" for c in commits if c not in pointed]
+        return named + [f"commit {c[:12]}{when(c)}" for c in commits if c not in pointed]
 
     def weight(self, url: str) -> StoredWeight | None:
         """The stored file for a weight URL, or None if no installed bundle brought it."""

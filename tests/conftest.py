@@ -16,6 +16,8 @@ from tests.upstream import DemoRepo, GitServer, WeightServer, build_demo_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIRROR = [sys.executable, "-m", "mirror"]
+# megengine.hub.list's answer for the demo repo: every callable, imported classes included.
+ENTRYPOINTS = ["MLP", "SmallCNN", "mlp", "mlp_from_url", "mlp_via_hub", "small_cnn"]
 
 
 @dataclass
@@ -102,4 +104,41 @@ def big_bundle(upstream, tmp_path_factory) -> str:
 def pack_spec(upstream, spec: str, out) -> str:
     pack([upstream.spec(spec)], str(out), git_host=upstream.git.host, protocol="http",
          progress=False)
+    return str(out)
+
+
+def handmade_bundle(out, snapshots, owner="hand", name="made", refs=(), weights=()) -> str:
+    """A bundle written directly with mirror.bundle: for repos git could not produce
+    (commit ids sharing a prefix) or that are broken on purpose.
+
+    ``snapshots`` maps a commit id to ``{path: text}``; ``refs`` are
+    ``(name, kind, commit)``; ``weights`` are ``(url, bytes)``.
+    """
+    import hashlib
+
+    from mirror import bundle
+
+    sources, snaps = {}, []
+    for i, (commit, files) in enumerate(sorted(snapshots.items())):
+        entries = []
+        for path, text in sorted(files.items()):
+            data = text.encode()
+            entries.append({"path": path, "mode": 0o100644, "size": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+            sources[bundle.code_member(commit, path)] = data
+        snaps.append({"commit": commit, "tree": "0" * 40, "commit_time": 1700000000 + i,
+                      "files": entries, "weights": []})
+    ws = []
+    for url, data in weights:
+        sha = hashlib.sha256(data).hexdigest()
+        ws.append({"url": url, "size": len(data), "sha256": sha, "locations": []})
+        sources[bundle.weight_member(sha)] = data
+    manifest = {"format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
+                "tool": "tests", "created": 0, "weights": ws,
+                "repos": [{"host": "github.com", "owner": owner, "name": name,
+                           "url": f"https://github.com/{owner}/{name}",
+                           "refs": [{"name": n, "kind": k, "commit": c, "asked": n,
+                                     "resolved_at": 0} for n, k, c in refs],
+                           "snapshots": snaps}]}
+    bundle.write(str(out), manifest, sources)
     return str(out)

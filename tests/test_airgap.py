@@ -10,7 +10,7 @@ import megengine
 import numpy as np
 import pytest
 
-from tests.conftest import MIRROR, run
+from tests.conftest import ENTRYPOINTS, MIRROR, run
 
 LOAD = textwrap.dedent('''
     import json, socket, sys
@@ -52,7 +52,7 @@ def test_install_and_load_with_no_network(upstream, master_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     answer = json.loads(r.stdout.strip().splitlines()[-1])
     assert answer["reachable"] is False
-    assert answer["list"] == ["MLP", "SmallCNN", "mlp", "mlp_from_url", "small_cnn"]
+    assert answer["list"] == ENTRYPOINTS
     assert answer["help"] == "A two-convolution network for 3x8x8 images (revision 3)."
 
     master = upstream.demo.branches["master"]

@@ -11,7 +11,7 @@ import numpy as np
 from megengine.hub.fetcher import GitHTTPSFetcher
 
 from mirror.megengine_cache import repo_key
-from tests.conftest import MIRROR, run
+from tests.conftest import ENTRYPOINTS, MIRROR, run
 
 STOCK = textwrap.dedent('''
     import json, sys
@@ -72,7 +72,7 @@ def test_stock_megengine_hub_loads_offline_after_install(upstream, all_refs_bund
         served = megengine.load(io.BytesIO(upstream.demo.weights[url]))
         for k, v in served.items():
             np.testing.assert_array_equal(np.asarray(got[name]["params"][k], np.float32), v)
-    assert got["list"] == ["MLP", "SmallCNN", "mlp", "mlp_from_url", "small_cnn"]
+    assert got["list"] == ENTRYPOINTS
     assert got["help"] == "A two-layer perceptron over 8 features (revision 2)."
 
 

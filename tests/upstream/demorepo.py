@@ -109,6 +109,11 @@ def mlp_from_url(pretrained=True, **kwargs):
     return model
 
 
+def mlp_via_hub(pretrained=True, **kwargs):
+    """This repo's default-branch MLP, through megengine.hub.load (revision {revision})."""
+    return hub.load("demo/tinynets", "mlp", pretrained=pretrained, **kwargs)
+
+
 @hub.pretrained(
     "{base}/weights/"
     "{cnn}"
