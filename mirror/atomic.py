@@ -7,6 +7,8 @@ part of it; this is what the store's and the bundle writer's safety rest on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -39,13 +41,42 @@ def write_atomic(path: str, data: bytes) -> None:
         fh.write(data)
 
 
-def fsync_dir(path: str) -> None:
-    """Make renames into ``path`` durable."""
+def fsync_path(path: str) -> None:
+    """fsync a file that is already closed (Linux allows it on a read-only descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def exchange(new: str, old: str) -> None:
+    """Put directory ``new`` at ``old`` in one step (``renameat2(RENAME_EXCHANGE)``),
+    then delete what was at ``old``; readers never see the name missing.
+
+    Where the kernel or filesystem cannot exchange, fall back to moving ``old``
+    aside first, which leaves a short gap.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old),
+                     rename_exchange) == 0:
+            shutil.rmtree(new, ignore_errors=True)  # now holds the old contents
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), old)
+    aside = os.path.join(os.path.dirname(old), f".{os.path.basename(old)}.old-{os.getpid()}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames into ``path`` durable."""
+    fsync_path(path)
 
 
 def make_temp_dir(parent: str, prefix: str) -> str:

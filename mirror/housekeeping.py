@@ -8,6 +8,7 @@ remaining snapshot or weight still uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 
 from tqdm import tqdm
 
-from .errors import NotInstalledError, StoreError
+from .errors import MirrorError, NotInstalledError, StoreError
 from .refs import RepoSpec
 from .store import Store, locked
 
@@ -81,52 +82,76 @@ class VerifyReport:
 
 
 def verify(store: Store, progress: bool = False) -> VerifyReport:
-    """Re-hash every blob; check every snapshot file, ref and weight index entry."""
+    """Re-hash every blob; check every snapshot file, ref, record and weight index entry.
+
+    Whatever is unreadable or malformed is a problem in the report, not a crash.
+    """
     report = VerifyReport(store.home)
-    blobs_dir = os.path.join(store.home, "blobs")
     good: Dict[str, int] = {}  # sha256 -> inode of a blob whose content matches its name
-    names = sorted(n for n in os.listdir(blobs_dir) if not n.startswith(".")) \
-        if os.path.isdir(blobs_dir) else []
+    blobs_dir = os.path.join(store.home, "blobs")
+    names = _listing(blobs_dir)
     for name in tqdm(names, desc="blobs", unit="blob", disable=not progress or None,
                      leave=False):
         path = os.path.join(blobs_dir, name)
         report.blobs += 1
-        report.bytes += os.path.getsize(path)
-        actual = _hash_file(path)
-        if actual != name:
-            report.problems.append(f"blob {path} has sha256 {actual}: it was changed")
-        else:
-            good[name] = os.stat(path).st_ino
+        with _problem(report, f"blob {path}"):
+            report.bytes += os.path.getsize(path)
+            actual = _hash_file(path)
+            if actual != name:
+                report.problems.append(f"blob {path} has sha256 {actual}: it was changed")
+            else:
+                good[name] = os.stat(path).st_ino
 
     for rdir, ident in _repo_dirs(store):
         label = f"{ident['owner']}/{ident['name']}"
         commits = set(store.commits(rdir))
         for commit in sorted(commits):
             report.snapshots += 1
-            _verify_snapshot(store, rdir, commit, f"{label}@{commit[:12]}", good, report)
-        for ref, (kind, commit) in sorted(store.refs(rdir).items()):
+            with _problem(report, f"snapshot {label}@{commit[:12]}"):
+                _verify_snapshot(store, rdir, commit, f"{label}@{commit[:12]}", good, report)
+        for kind, ref, commit in store.ref_entries(rdir):
             report.refs += 1
             if commit not in commits:
                 report.problems.append(f"{kind} {label}:{ref} points at {commit[:12] or '?'}, "
                                        f"which is not installed")
 
     bundles_dir = os.path.join(store.home, "bundles")
-    for name in sorted(os.listdir(bundles_dir)) if os.path.isdir(bundles_dir) else []:
-        if not name.startswith(".") and _hash_file(os.path.join(bundles_dir, name)) != name[:-5]:
-            report.problems.append(f"bundle record {os.path.join(bundles_dir, name)} was "
-                                   f"changed: its digest no longer matches its name")
+    for name in _listing(bundles_dir):
+        path = os.path.join(bundles_dir, name)
+        with _problem(report, f"bundle record {path}"):
+            if _hash_file(path) != name[:-5]:
+                report.problems.append(f"bundle record {path} was changed: its digest no "
+                                       f"longer matches its name")
 
     weights_dir = os.path.join(store.home, "weights")
-    for name in sorted(os.listdir(weights_dir)) if os.path.isdir(weights_dir) else []:
-        if name.startswith("."):
-            continue
+    for name in _listing(weights_dir):
         report.weights += 1
-        with open(os.path.join(weights_dir, name)) as fh:
-            rec = json.load(fh)
-        blob = store.blob(rec["sha256"])
-        if rec["sha256"] not in good or os.path.getsize(blob) != rec["size"]:
-            report.problems.append(f"weight {rec['url']}: blob {blob} is missing or wrong")
+        path = os.path.join(weights_dir, name)
+        with _problem(report, f"weight index entry {path}"):
+            rec = _load_json(path)
+            blob = store.blob(rec["sha256"])
+            if rec["sha256"] not in good or os.path.getsize(blob) != rec["size"]:
+                report.problems.append(f"weight {rec['url']}: blob {blob} is missing or wrong")
     return report
+
+
+@contextlib.contextmanager
+def _problem(report: VerifyReport, what: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, MirrorError) as e:
+        report.problems.append(f"{what} cannot be checked: {type(e).__name__}: {e}")
+
+
+def _listing(path: str) -> List[str]:
+    """Names in a store folder, without the dot-files of interrupted writes."""
+    return sorted(n for n in os.listdir(path) if not n.startswith(".")) \
+        if os.path.isdir(path) else []
+
+
+def _load_json(path: str) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def _verify_snapshot(store: Store, rdir: str, commit: str, label: str, good: Dict[str, int],
@@ -146,8 +171,8 @@ def _verify_snapshot(store: Store, rdir: str, commit: str, label: str, good: Dic
         report.files += 1
         f, full = expected[path], os.path.join(root, path)
         if f["mode"] == 0o120000:
-            with open(store.blob(f["sha256"]), "rb") as fh:
-                same = os.path.islink(full) and os.readlink(full).encode() == fh.read()
+            same = os.path.islink(full) and hashlib.sha256(
+                os.fsencode(os.readlink(full))).hexdigest() == f["sha256"]
         elif os.path.islink(full):
             same = False
         elif good.get(f["sha256"]) == os.stat(full).st_ino:
@@ -156,6 +181,10 @@ def _verify_snapshot(store: Store, rdir: str, commit: str, label: str, good: Dic
             same = _hash_file(full) == f["sha256"]
         if not same:
             report.problems.append(f"snapshot {label}: {path} was changed ({full})")
+    for url, pinned in (record.get("weight_digests") or {}).items():
+        if pinned["sha256"] not in good:
+            report.problems.append(f"snapshot {label}: weight {url} (blob "
+                                   f"{store.blob(pinned['sha256'])}) is missing or wrong")
 
 
 # --- remove and gc -----------------------------------------------------------
@@ -177,52 +206,58 @@ def remove(store: Store, spec: str, dry_run: bool = False) -> Plan:
     """Remove a repo (``owner/name``), a ref (``owner/name:ref``) or a commit
     (``owner/name@commit``), then collect what nothing references any more.
 
-    A ref's snapshot goes with it unless another ref still points at it.
+    A ref's snapshot goes with it unless another ref still points at it. The plan
+    is made under the store lock, so no install can change refs in between.
     """
     parsed = RepoSpec.parse(spec)
+    if dry_run:
+        return _remove(store, parsed, dry_run=True)
+    with _exclusive(store, "remove"):
+        return _remove(store, parsed, dry_run=False)
+
+
+def _remove(store: Store, parsed: RepoSpec, dry_run: bool) -> Plan:
     rdir = store.find_repo(parsed.host, parsed.owner, parsed.name)
-    refs = store.refs(rdir)
+    entries = store.ref_entries(rdir)
     commits = store.commits(rdir)
-    if not commits and not refs:
+    if not commits and not entries:
         raise NotInstalledError(parsed.repo, parsed.ref, parsed.commit, store=store.home)
-    ref_paths: List[Tuple[str, str]] = []  # (label, file)
+    doomed_refs: List[Tuple[str, str, str]] = []
     doomed: Set[str] = set()
     if parsed.commit:
         snap = store.resolve(parsed.owner, parsed.name, None, parsed.commit, host=parsed.host)
         doomed.add(snap.commit)
-        ref_paths += [(n, _ref_file(rdir, k, n)) for n, (k, c) in refs.items()
-                      if c == snap.commit]
+        doomed_refs = [e for e in entries if e[2] == snap.commit]
     elif parsed.ref:
-        if parsed.ref not in refs:
+        resolved = store.refs(rdir).get(parsed.ref)  # what ":ref" names: a branch first
+        if resolved is None:
             raise NotInstalledError(parsed.repo, parsed.ref, None,
-                                    [f"{k} {n}" for n, (k, _) in sorted(refs.items())],
-                                    store.home)
-        kind, commit = refs[parsed.ref]
-        ref_paths.append((parsed.ref, _ref_file(rdir, kind, parsed.ref)))
-        if not any(c == commit for n, (_, c) in refs.items() if n != parsed.ref):
-            doomed.add(commit)
+                                    [f"{k} {n}" for k, n, _ in entries], store.home)
+        doomed_refs = [(resolved[0], parsed.ref, resolved[1])]
+        others = [e for e in entries if e not in doomed_refs]
+        if not any(commit == resolved[1] for _, _, commit in others):
+            doomed.add(resolved[1])
     else:
         doomed.update(commits)
-        ref_paths += [(n, _ref_file(rdir, k, n)) for n, (k, _) in refs.items()]
+        doomed_refs = list(entries)
 
     plan = Plan(dry_run=dry_run)
-    plan.refs = sorted(f"{parsed.repo}:{n}" for n, _ in ref_paths)
+    plan.refs = sorted(f"{parsed.repo}:{n}" for _, n, _ in doomed_refs)
     plan.snapshots = sorted(f"{parsed.repo}@{c}" for c in doomed)
     if dry_run:
-        _collect(store, plan, exclude=doomed, rdir=rdir, act=False)
+        _collect(store, plan, gone={(rdir, c) for c in doomed}, act=False)
         return plan
-    with locked(store.lock_path):
-        # Refs first: from here on no load resolves to what is being deleted.
-        for _, path in ref_paths:
-            _unlink(path)
-        trash = tempfile.mkdtemp(prefix="remove-", dir=_tmp(store))
-        for commit in doomed:
-            snap = os.path.join(rdir, "snapshots", commit)
-            if os.path.isdir(snap):
-                os.rename(snap, os.path.join(trash, commit))  # gone whole, in one step
-            _unlink(snap + ".json")
-        shutil.rmtree(trash, ignore_errors=True)
-        _collect(store, plan, exclude=set(), rdir=None, act=True)
+    # Refs first: from here on no load resolves to what is being deleted.
+    for kind, name, _ in doomed_refs:
+        _unlink(_ref_file(rdir, kind, name))
+    trash = tempfile.mkdtemp(prefix="remove-", dir=_tmp(store))
+    for commit in doomed:
+        snap_dir = os.path.join(rdir, "snapshots", commit)
+        if os.path.isdir(snap_dir):
+            os.rename(snap_dir, os.path.join(trash, commit))  # gone whole, in one step
+        _unlink(snap_dir + ".json")
+    shutil.rmtree(trash, ignore_errors=True)
+    _collect(store, plan, gone=set(), act=True)
     return plan
 
 
@@ -230,31 +265,43 @@ def gc(store: Store, dry_run: bool = False) -> Plan:
     """Delete blobs, index entries, records and abandoned work that nothing references."""
     plan = Plan(dry_run=dry_run)
     if dry_run:
-        _collect(store, plan, exclude=set(), rdir=None, act=False)
+        _collect(store, plan, gone=set(), act=False)
         return plan
-    try:
-        with locked(store.lock_path, wait=False):
-            _collect(store, plan, exclude=set(), rdir=None, act=True)
-    except BlockingIOError:
-        raise StoreError(store.home, "an install is running; run gc when it has finished") \
-            from None
+    with _exclusive(store, "gc", wait=False):
+        _collect(store, plan, gone=set(), act=True)
     return plan
 
 
-def _collect(store: Store, plan: Plan, exclude: Set[str], rdir: str | None, act: bool) -> None:
-    """Find (and with ``act``, delete) everything unreferenced once ``exclude`` is gone."""
+@contextlib.contextmanager
+def _exclusive(store: Store, what: str, wait: bool = True) -> Iterator[None]:
+    """The store lock, alone; OSErrors as one-line StoreErrors."""
+    try:
+        with locked(store.lock_path, wait=wait):
+            yield
+    except BlockingIOError:
+        raise StoreError(store.home, f"an install is running; run {what} when it has "
+                                     f"finished") from None
+    except OSError as e:
+        raise StoreError(e.filename or store.home, f"{what} failed: {e.strerror or e}") \
+            from None
+
+
+def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) -> None:
+    """Find (and with ``act``, delete) everything unreferenced once ``gone`` (repo
+    directory, commit) snapshots are removed."""
     live_blobs: Set[str] = set()
     live_urls: Set[str] = set()
-    live_bundles: Set[str] = set()
+    installed: Set[str] = set()  # commits with a snapshot directory, that stay
     for repo_dir, _ in _repo_dirs(store):
         for commit, record in _records(store, repo_dir).items():
-            if repo_dir == rdir and commit in exclude:
+            if (repo_dir, commit) in gone:
                 continue
+            installed.add(commit)
             live_blobs.update(f["sha256"] for f in record["files"])
+            live_blobs.update(w["sha256"] for w in (record.get("weight_digests") or {}).values())
             live_urls.update(record.get("weights", []))
-            live_bundles.add(record.get("bundle", ""))
         # A record whose snapshot directory is gone is left from a crash or a remove;
-        # a ".tmp-" file is a write that a crash interrupted.
+        # a dot-file is a write that a crash interrupted.
         snaps = os.path.join(repo_dir, "snapshots")
         for name in os.listdir(snaps) if os.path.isdir(snaps) else []:
             if name.startswith(".") or (name.endswith(".json") and not os.path.isdir(
@@ -268,14 +315,15 @@ def _collect(store: Store, plan: Plan, exclude: Set[str], rdir: str | None, act:
     bundles_dir = os.path.join(store.home, "bundles")
     for name in sorted(os.listdir(bundles_dir)) if os.path.isdir(bundles_dir) else []:
         path = os.path.join(bundles_dir, name)
-        if name.startswith("."):
-            _drop(path, plan.other, plan, act)
-            continue
-        with open(path) as fh:
-            manifest = json.load(fh)
-        # Weights a bundle brought beyond its snapshots' own (pack --weights) live as
-        # long as the bundle does: until none of its snapshots remains.
-        if name[:-5] in live_bundles or not manifest["repos"]:
+        try:
+            manifest = _load_json(path) if not name.startswith(".") else None
+        except (OSError, ValueError):
+            manifest = None
+        # A bundle stays while any snapshot it brought is installed (or it brought only
+        # weights), and with it every weight it brought, pack --weights extras included.
+        commits = {s["commit"] for r in (manifest or {}).get("repos", [])
+                   for s in r["snapshots"]}
+        if manifest is not None and (not commits or commits & installed):
             live_urls.update(w["url"] for w in manifest["weights"])
         else:
             _drop(path, plan.other, plan, act)
@@ -283,12 +331,11 @@ def _collect(store: Store, plan: Plan, exclude: Set[str], rdir: str | None, act:
     weights_dir = os.path.join(store.home, "weights")
     for name in sorted(os.listdir(weights_dir)) if os.path.isdir(weights_dir) else []:
         path = os.path.join(weights_dir, name)
-        if name.startswith("."):
-            _drop(path, plan.other, plan, act)
-            continue
-        with open(path) as fh:
-            rec = json.load(fh)
-        if rec["url"] in live_urls:
+        try:
+            rec = _load_json(path) if not name.startswith(".") else None
+        except (OSError, ValueError):
+            rec = None
+        if rec is not None and rec.get("url") in live_urls:
             live_blobs.add(rec["sha256"])
         else:
             _drop(path, plan.other, plan, act)
@@ -297,7 +344,7 @@ def _collect(store: Store, plan: Plan, exclude: Set[str], rdir: str | None, act:
     for name in sorted(os.listdir(blobs_dir)) if os.path.isdir(blobs_dir) else []:
         if name not in live_blobs:
             path = os.path.join(blobs_dir, name)
-            plan.bytes_freed += os.path.getsize(path)
+            plan.bytes_freed += os.path.getsize(path) if os.path.isfile(path) else 0
             _drop(path, plan.blobs, plan, act)
 
     if act:  # under the exclusive lock, so no install is running: all of tmp/ is abandoned

@@ -92,7 +92,7 @@ def load_serialized_obj_from_url(url: str, model_dir: str | None = None, *,
 def _load_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
     from megengine.serialization import load as mge_load
 
-    weight = store.weight(url)
+    weight = store.weight(url, snap)
     if weight is None or not os.path.exists(weight.path):
         raise WeightNotInstalledError(url, store.home, _locate(snap, url) if snap else None)
     st = os.stat(weight.path)

@@ -8,9 +8,10 @@ MegEngine (megengine/hub/fetcher.py and hub.py, 1.13) looks for:
   default) an existing directory is used as is, with no network;
 - weights in ``MGE_HOME/serialized/<sha256(url)[:6]>_<basename of the URL>``.
 
-Seeded entries are hard links to the store's blobs where the filesystem allows.
-A directory MegEngine fetched itself is left alone; one mirror seeded earlier is
-replaced when the ref it stands for has moved.
+Seeded entries are hard links to the store's blobs where the filesystem allows,
+and carry a ``.mirror-seed`` mark (which commit). A directory without the mark,
+which MegEngine fetched itself, is left alone; one mirror seeded earlier is
+swapped in one step when the ref it stands for has moved.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import shutil
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from .atomic import link_or_copy, make_temp_dir, write_atomic
+from .atomic import exchange, link_or_copy, make_temp_dir, write_atomic
 from .refs import DEFAULT_BRANCH
+
+MARK = ".mirror-seed"  # inside a seeded directory: which commit mirror put there
 
 if TYPE_CHECKING:
     from .store import Store
@@ -67,8 +70,8 @@ def seed(store: Store, manifest: Dict[str, Any], versions: Sequence[str],
     Returns one line per entry seeded or deliberately left alone.
     """
     home = mge_home or megengine_home()
-    hub_dir, marks = os.path.join(home, "hub"), os.path.join(home, "hub", ".mirror")
-    os.makedirs(marks, exist_ok=True)
+    hub_dir = os.path.join(home, "hub")
+    os.makedirs(hub_dir, exist_ok=True)
     done: List[str] = []
     for repo in manifest["repos"]:
         rdir = store.repo_dir(repo["host"], repo["owner"], repo["name"])
@@ -85,8 +88,7 @@ def seed(store: Store, manifest: Dict[str, Any], versions: Sequence[str],
                     wanted[repo_key(version, owner, name, branch, commit)] = (
                         commit, f"{owner}/{name}:{branch} commit={commit[:12]}")
         for key, (commit, label) in sorted(wanted.items()):
-            done.append(_seed_repo(store, rdir, commit, os.path.join(hub_dir, key),
-                                   os.path.join(marks, key), label))
+            done.append(_seed_repo(rdir, commit, os.path.join(hub_dir, key), label))
     serialized = os.path.join(home, "serialized")
     os.makedirs(serialized, exist_ok=True)
     for w in manifest["weights"]:
@@ -99,9 +101,9 @@ def seed(store: Store, manifest: Dict[str, Any], versions: Sequence[str],
     return done
 
 
-def _seed_repo(store: Store, rdir: str, commit: str, target: str, mark: str,
-               label: str) -> str:
-    seeded = _read_mark(mark)
+def _seed_repo(rdir: str, commit: str, target: str, label: str) -> str:
+    # The mark lives inside the seeded directory, so it appears and goes with it.
+    seeded = _read_mark(target)
     if os.path.exists(target):
         if seeded is None:
             return f"left {label} alone: {target} was not made by mirror"
@@ -121,21 +123,28 @@ def _seed_repo(store: Store, rdir: str, commit: str, target: str, mark: str,
                     os.symlink(os.readlink(src), dst)
                 else:
                     link_or_copy(src, dst)
-        if os.path.exists(target):  # an older seed for a ref that moved: swap it out
-            old = target + f".old-{os.getpid()}"
-            os.rename(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(building, target)
+        write_atomic(os.path.join(building, MARK), json.dumps(
+            {"commit": commit, "for": label}).encode())
+        if seeded is not None:  # an older seed of a ref that moved: one swap, no gap
+            exchange(building, target)
+        else:
+            try:
+                os.rename(building, target)
+            except OSError:
+                if _read_mark(target) != commit:
+                    raise
+                # Another install seeded the same entry a moment ago: the same files.
+                shutil.rmtree(building, ignore_errors=True)
+                return f"{label} already seeded"
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    write_atomic(mark, json.dumps({"commit": commit, "for": label}).encode())
     return f"seeded {label} -> {os.path.basename(target)}"
 
 
-def _read_mark(path: str) -> str | None:
+def _read_mark(directory: str) -> str | None:
     try:
-        with open(path) as fh:
+        with open(os.path.join(directory, MARK)) as fh:
             return json.load(fh)["commit"]
     except (OSError, ValueError, KeyError):
         return None

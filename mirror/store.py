@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Sequence, Tuple
 
 from . import bundle
-from .atomic import fsync_dir, link_or_copy, make_temp_dir, write_atomic
+from .atomic import exchange, fsync_dir, fsync_path, link_or_copy, make_temp_dir, write_atomic
 from .errors import AmbiguousCommitError, NotInstalledError, StoreError
 from .refs import DEFAULT_HOST
 
@@ -111,18 +111,14 @@ class _SyncedFile:
         self.size += len(block)
 
     def close(self) -> None:
-        self.fh.flush()
+        # Closed here and fsynced by path later: thousands of small members must not
+        # hold thousands of descriptors while they wait for the fsync thread.
         os.fchmod(self.fh.fileno(), 0o444)
-        self.synced = self.syncer.submit(self._sync_and_close)
-
-    def _sync_and_close(self) -> None:
-        try:
-            os.fsync(self.fh.fileno())
-        finally:
-            self.fh.close()
+        self.fh.close()
+        self.synced = self.syncer.submit(fsync_path, self.path)
 
     def wait(self) -> None:
-        """Block until the file is durable; raises what fsync raised (a full disk)."""
+        """Block until the file is durable; raises what writing or fsync raised."""
         if self.synced is None:
             self.fh.close()
         else:
@@ -209,7 +205,7 @@ class Store:
                     report.bytes_written += f.size
             fsync_dir(blobs_dir)
             for repo in manifest["repos"]:
-                self._install_repo(repo, report, txn, force)
+                self._install_repo(repo, manifest["weights"], report, txn, force)
             for w in manifest["weights"]:
                 record = {"url": w["url"], "sha256": w["sha256"], "size": w["size"]}
                 write_atomic(self._weight_index(w["url"]),
@@ -242,14 +238,15 @@ class Store:
             return [f"warning: not seeded ({e.filename or home}: {e.strerror or e}); "
                     f"stock megengine.hub will not find this bundle offline"]
 
-    def _install_repo(self, repo: Dict[str, Any], report: InstallReport, txn: str,
-                      force: bool) -> None:
+    def _install_repo(self, repo: Dict[str, Any], manifest_weights: List[Dict[str, Any]],
+                      report: InstallReport, txn: str, force: bool) -> None:
         rdir = self.repo_dir(repo["host"], repo["owner"], repo["name"])
         ident = {k: repo[k] for k in ("host", "owner", "name", "url")}
         if not os.path.exists(os.path.join(rdir, "repo.json")):
             write_atomic(os.path.join(rdir, "repo.json"), json.dumps(ident, indent=1).encode())
         snaps = os.path.join(rdir, "snapshots")
         os.makedirs(snaps, exist_ok=True)
+        sizes = {w["url"]: (w["sha256"], w["size"]) for w in manifest_weights}
         for snap in repo["snapshots"]:
             target = os.path.join(snaps, snap["commit"])
             label = f"{repo['owner']}/{repo['name']}@{snap['commit'][:12]}"
@@ -261,18 +258,24 @@ class Store:
             building = make_temp_dir(txn, f"snapshot-{snap['commit'][:12]}-")
             for f in snap["files"]:
                 self._materialize(f, os.path.join(building, f["path"]))
-            record = dict(snap, bundle=report.bundle_sha256,
+            # The weights this snapshot's code asks for, pinned to their bytes: a later
+            # bundle with other bytes under the same URL cannot change what it loads.
+            digests = {u: {"sha256": sizes[u][0], "size": sizes[u][1]}
+                       for u in snap.get("weights", []) if u in sizes}
+            record = dict(snap, weight_digests=digests, bundle=report.bundle_sha256,
                           bundle_file=os.path.basename(report.bundle),
                           installed_at=int(time.time()))
-            write_atomic(target + ".json", json.dumps(record, indent=1).encode())
-            if os.path.isdir(target):  # only with --force: swap, never leave a gap
-                os.rename(target, os.path.join(txn, "replaced-" + snap["commit"]))
-            try:
-                os.rename(building, target)
-            except OSError:
-                if not os.path.isdir(target):
-                    raise
-                # Another installer published the same snapshot first: the same bytes.
+            if force or not os.path.exists(target + ".json"):
+                write_atomic(target + ".json", json.dumps(record, indent=1).encode())
+            if os.path.isdir(target):  # only with --force: one atomic swap, no gap
+                exchange(building, target)
+            else:
+                try:
+                    os.rename(building, target)
+                except OSError:
+                    if not os.path.isdir(target):
+                        raise
+                    # Another installer published the same snapshot first: the same bytes.
             fsync_dir(snaps)
             report.snapshots_installed.append(label)
 
@@ -327,8 +330,15 @@ class Store:
     # --- queries ------------------------------------------------------------
 
     def snapshot_record(self, rdir: str, commit: str) -> Dict[str, Any] | None:
-        text = _read_text(os.path.join(rdir, "snapshots", commit + ".json"))
-        return json.loads(text) if text else None
+        """What install recorded about a snapshot, or None if there is no record."""
+        path = os.path.join(rdir, "snapshots", commit + ".json")
+        text = _read_text(path)
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            # Never treated as "no record": gc would then free the snapshot's blobs.
+            raise StoreError(path, "this snapshot record is unreadable; run 'mirror verify' "
+                                   "and reinstall its bundle with --force") from None
 
     def commits(self, rdir: str) -> List[str]:
         snaps = os.path.join(rdir, "snapshots")
@@ -338,16 +348,24 @@ class Store:
                       if not c.startswith(".") and not c.endswith(".json")
                       and os.path.isdir(os.path.join(snaps, c)))
 
-    def refs(self, rdir: str) -> Dict[str, Tuple[str, str]]:
-        """``name -> (kind, commit)`` for every branch and tag of a repo."""
-        out: Dict[str, Tuple[str, str]] = {}
-        for folder, kind in (("tags", "tag"), ("heads", "branch")):  # a branch wins a tie
+    def ref_entries(self, rdir: str) -> List[Tuple[str, str, str]]:
+        """``(kind, name, commit)`` of every branch and tag of a repo, both kept when a
+        branch and a tag share a name."""
+        out = []
+        for folder, kind in (("heads", "branch"), ("tags", "tag")):
             base = os.path.join(rdir, "refs", folder)
             for dirpath, _, names in os.walk(base):
                 for n in names:
                     if not n.startswith(".tmp-"):
                         full = os.path.join(dirpath, n)
-                        out[os.path.relpath(full, base)] = (kind, _read_text(full) or "")
+                        out.append((kind, os.path.relpath(full, base), _read_text(full) or ""))
+        return sorted(out)
+
+    def refs(self, rdir: str) -> Dict[str, Tuple[str, str]]:
+        """``name -> (kind, commit)``, as ``:name`` resolves: a branch wins over a tag."""
+        out: Dict[str, Tuple[str, str]] = {}
+        for kind, name, commit in sorted(self.ref_entries(rdir), key=lambda e: e[0] != "tag"):
+            out[name] = (kind, commit)
         return out
 
     def resolve(self, owner: str, name: str, ref: str | None = None,
@@ -405,12 +423,21 @@ class Store:
         pointed = {c for _, c in refs.values()}
         return named + [f"commit {c[:12]}{when(c)}" for c in commits if c not in pointed]
 
-    def weight(self, url: str) -> StoredWeight | None:
-        """The stored file for a weight URL, or None if no installed bundle brought it."""
-        text = _read_text(self._weight_index(url))
-        if not text:
-            return None
-        rec = json.loads(text)
+    def weight(self, url: str, snap: SnapshotRef | None = None) -> StoredWeight | None:
+        """The stored file for a weight URL, or None if no installed bundle brought it.
+
+        With ``snap``, the bytes that snapshot was installed with for ``url``; else
+        (or for a URL its code was not known to use) the latest bundle's.
+        """
+        rec = None
+        if snap is not None:
+            text = _read_text(snap.path + ".json")
+            rec = (json.loads(text).get("weight_digests") or {}).get(url) if text else None
+        if rec is None:
+            text = _read_text(self._weight_index(url))
+            if not text:
+                return None
+            rec = json.loads(text)
         return StoredWeight(url, self.blob(rec["sha256"]), rec["size"], rec["sha256"])
 
     def _describe_snapshot(self, rdir: str, commit: str) -> Dict[str, Any]:

@@ -127,7 +127,7 @@ def handmade_bundle(out, snapshots, owner="hand", name="made", refs=(), weights=
                             "sha256": hashlib.sha256(data).hexdigest()})
             sources[bundle.code_member(commit, path)] = data
         snaps.append({"commit": commit, "tree": "0" * 40, "commit_time": 1700000000 + i,
-                      "files": entries, "weights": []})
+                      "files": entries, "weights": sorted(u for u, _ in weights)})
     ws = []
     for url, data in weights:
         sha = hashlib.sha256(data).hexdigest()

@@ -14,8 +14,8 @@ import pytest
 import mirror.hub
 from mirror import bundle, housekeeping
 from mirror.errors import NotInstalledError, StoreError
-from mirror.store import Store
-from tests.conftest import MIRROR, ROOT, pack_spec, run, tree_digest
+from mirror.store import SnapshotRef, Store
+from tests.conftest import MIRROR, ROOT, handmade_bundle, pack_spec, run, tree_digest
 
 
 def _blobs(manifest):
@@ -240,36 +240,47 @@ def test_install_killed_at_any_instant_leaves_a_store_that_verifies(big_bundle, 
 LOADER = """
 import sys, mirror.hub
 for _ in range(int(sys.argv[1])):
-    for info in ("demo/tinynets", "demo/tinynets:v1.0"):
-        try:
-            mirror.hub.load(info, "mlp", pretrained=True)
-        except mirror.errors.NotInstalledError:
-            pass  # not installed yet: the installers are still running
+    # master was installed before any of this started: it must load every time.
+    mirror.hub.load("demo/tinynets", "mlp", pretrained=True)
+    try:
+        mirror.hub.load("demo/tinynets:v1.0", "mlp", pretrained=True)
+    except mirror.errors.NotInstalledError:
+        pass  # the tag may not be installed yet
 print("loads done")
 """
 
 
-def test_concurrent_installers_and_loaders(upstream, all_refs_bundle, master_bundle, tmp_path):
+def test_concurrent_installers_loaders_and_gc(upstream, all_refs_bundle, master_bundle,
+                                             tmp_path):
     c = upstream.demo.commits
     env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"),
                MGE_HOME=str(tmp_path / "mge"))
+    assert run(MIRROR + ["install", master_bundle], env=env).returncode == 0
     dev = pack_spec(upstream, ":dev", tmp_path / "dev.hub")
     tag = pack_spec(upstream, ":v1.0", tmp_path / "tag.hub")
-    bundles = [all_refs_bundle, master_bundle, dev, tag] * 2
-    procs = [subprocess.Popen(MIRROR + ["install", b, "--no-megengine-cache"], env=env,
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for b in bundles]
+    installs = [[all_refs_bundle], [master_bundle, "--force"], [dev], [tag]] * 2
+    procs = [subprocess.Popen(MIRROR + ["install", *args], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in installs]
     procs += [subprocess.Popen([sys.executable, "-c", LOADER, "5"], env=env, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(8)]
+    gcs = [run(MIRROR + ["gc"], env=env) for _ in range(3)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+    for g in gcs:  # gc either ran or stood aside for a running install
+        assert g.returncode == 0 or "an install is running" in g.stderr, g.stderr
     store = Store(env["MGE_MIRROR_HOME"])
-    assert housekeeping.verify(store).ok
+    report = housekeeping.verify(store)
+    assert report.ok, report.problems
     (repo,) = store.repos()
     assert {n: r["commit"] for n, r in repo["refs"].items()} == {
         "master": c["c3"], "dev": c["c4"], "v1.0": c["c2"]}
+    # Every seeded MegEngine cache entry is whole and marked with its commit.
+    hub_dir = tmp_path / "mge" / "hub"
+    assert all((hub_dir / d / ".mirror-seed").exists() for d in os.listdir(hub_dir)
+               if not d.startswith("."))
 
 
 @pytest.fixture()
@@ -305,3 +316,75 @@ def test_a_read_only_store_is_a_clear_error(master_bundle, all_refs_bundle, smal
     assert tree_digest(home) == before
     # Loading does not need to write.
     assert mirror.hub.list("demo/tinynets", source="local", store=Store(home))
+
+
+A, B = "a" * 40, "b" * 40
+
+
+def test_a_branch_and_a_tag_of_one_name_are_two_refs(home, tmp_path):
+    hub = handmade_bundle(tmp_path / "x.hub", {A: {"hubconf.py": "x = 1\n"},
+                                               B: {"hubconf.py": "x = 2\n"}},
+                          refs=[("v1", "branch", A), ("v1", "tag", A), ("master", "branch", B)])
+    Store().install(hub)
+    plan = housekeeping.remove(Store(), "hand/made:v1")
+    assert plan.refs == ["hand/made:v1"] and plan.snapshots == []  # the tag still holds A
+    report = housekeeping.verify(Store())
+    assert report.ok and report.refs == 2, report.problems
+
+
+def test_gc_keeps_weights_a_bundle_added_to_an_installed_snapshot(upstream, master_bundle,
+                                                                  home, tmp_path):
+    extra = upstream.weights.add("extra/vocab.bin", b"vocabulary")
+    with_extra = str(tmp_path / "extra.hub")
+    from mirror.pack import pack
+
+    pack([upstream.spec("@" + upstream.demo.branches["master"])], with_extra,
+         git_host=upstream.git.host, protocol="http", extra_weights=[extra], progress=False)
+    Store().install(master_bundle)
+    assert Store().install(with_extra).snapshots_present  # nothing new but the weight
+    plan = housekeeping.gc(Store())
+    assert plan.blobs == []
+    with open(Store().weight(extra).path, "rb") as fh:
+        assert fh.read() == b"vocabulary"
+
+
+def test_a_snapshot_keeps_the_weight_bytes_it_was_installed_with(home, tmp_path):
+    url = "https://example.invalid/w.pkl"
+    one = handmade_bundle(tmp_path / "1.hub", {A: {"hubconf.py": ""}},
+                          refs=[("master", "branch", A)], weights=[(url, b"first")])
+    two = handmade_bundle(tmp_path / "2.hub", {B: {"hubconf.py": ""}},
+                          refs=[("dev", "branch", B)], weights=[(url, b"second")])
+    Store().install(one)
+    Store().install(two)
+    store = Store()
+    rdir = store.repo_dir("github.com", "hand", "made")
+    for commit, expected in ((A, b"first"), (B, b"second")):
+        snap = SnapshotRef("hand/made", commit, os.path.join(rdir, "snapshots", commit))
+        with open(store.weight(url, snap).path, "rb") as fh:
+            assert fh.read() == expected
+    assert housekeeping.gc(store).blobs == []  # both stay: each snapshot pins its own
+
+
+def test_force_reinstall_repairs_a_changed_snapshot(master_bundle, home, upstream):
+    Store().install(master_bundle)
+    snap = Store().resolve("demo", "tinynets", "master", host=upstream.git.host)
+    target = os.path.join(snap.path, "README.md")
+    os.unlink(target)
+    assert not housekeeping.verify(Store()).ok
+    r = run(MIRROR + ["install", "--force", master_bundle])
+    assert r.returncode == 0, r.stderr
+    assert housekeeping.verify(Store()).ok
+    assert os.listdir(os.path.join(home, "tmp")) == []
+
+
+def test_verify_reports_unreadable_records_instead_of_crashing(master_bundle, home):
+    Store().install(master_bundle)
+    weights = os.path.join(home, "weights")
+    first = sorted(os.listdir(weights))[0]
+    os.chmod(os.path.join(weights, first), 0o644)
+    with open(os.path.join(weights, first), "w") as fh:
+        fh.write("{trunc")
+    r = run(MIRROR + ["verify"])
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert (f"problem: weight index entry {os.path.join(weights, first)} cannot be checked: "
+            f"JSONDecodeError") in r.stdout
