@@ -52,6 +52,7 @@ MIN_COMMIT_PREFIX = 7
 REDIRECTED = ("load", "list", "help", "import_module", "load_serialized_obj_from_url")
 _verified: Dict[str, Tuple[int, int]] = {}  # blob path -> (size, mtime_ns) checked this process
 _originals: Dict[str, Callable[..., Any]] = {}  # megengine.hub's own functions, before any patch
+_hubconf_cache: Dict[Tuple[str, int], types.ModuleType] = {}  # (snapshot dir, inode) -> hubconf
 _patch_lock = threading.RLock()
 
 
@@ -210,6 +211,21 @@ def _top_level_names(root: str) -> List[str]:
 
 def _import_hubconf(snap: SnapshotRef, store: Store, entry: str | None = None) \
         -> types.ModuleType:
+    """The snapshot's hubconf, imported once per process: a snapshot never changes
+    (a --force reinstall swaps in a new directory, which is imported afresh)."""
+    try:
+        key = (snap.path, os.stat(snap.path).st_ino)
+    except OSError:
+        key = None
+    module = _hubconf_cache.get(key) if key else None
+    if module is None:
+        module = _exec_hubconf(snap, store, entry)
+        if key:
+            _hubconf_cache[key] = module
+    return module
+
+
+def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.ModuleType:
     # As megengine.hub does: the snapshot is importable only while hubconf runs.
     path = os.path.join(snap.path, HUBCONF)
     if not os.path.exists(path):
@@ -219,11 +235,14 @@ def _import_hubconf(snap: SnapshotRef, store: Store, entry: str | None = None) \
     # Modules of the same names from elsewhere (another commit, another repo, the
     # user's own) step aside while this snapshot's are imported, then come back.
     own = set(_top_level_names(snap.path)) - {"hubconf"}
-    stashed = {k: sys.modules.pop(k) for k in builtins.list(sys.modules)
-               if k.split(".")[0] in own}
+    stashed = {}
+    if any(name in sys.modules for name in own):  # a scan of sys.modules only when needed
+        stashed = {k: sys.modules.pop(k) for k in builtins.list(sys.modules)
+                   if k.partition(".")[0] in own}
     before = set(sys.modules)
-    # No __pycache__ inside the store: a snapshot stays exactly the bytes installed.
-    saved_bytecode_flag, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    # Bytecode goes to <store>/pycache, never into a snapshot, which stays exactly the
+    # bytes installed; without a cache every load would compile the repo again.
+    saved_prefix, sys.pycache_prefix = sys.pycache_prefix, os.path.join(store.home, "pycache")
     sys.path.insert(0, snap.path)
     try:
         with redirected(store, snap):
@@ -232,7 +251,7 @@ def _import_hubconf(snap: SnapshotRef, store: Store, entry: str | None = None) \
         raise DependencyError(snap.repo, snap.commit, e.name or str(e), entry) from None
     finally:
         sys.path.remove(snap.path)
-        sys.dont_write_bytecode = saved_bytecode_flag
+        sys.pycache_prefix = saved_prefix
         _forget_modules_from(snap.path, before)
         sys.modules.update(stashed)
     module.__mirror_snapshot__ = snap

@@ -2,12 +2,16 @@
 
 install: `mirror install` (verify every byte, install atomically) against
 `zstd -d | tar -x` of the same bundle, median of --runs; peak RSS of each.
+load: `mirror.hub.load(..., pretrained=True)` against stock `megengine.hub.load`
+with its cache warm (seeded by install), same model, same process; the first
+load of each and the median of repeated loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import shutil
@@ -75,6 +79,45 @@ def bench_install(bundle: str, runs: int, work: str) -> dict:
             "baseline_rss_mb": max(r for _, r in base), "mirror_rss_mb": max(r for _, r in mine)}
 
 
+LOAD = """
+import json, statistics, sys, time
+import megengine.hub as stock
+import mirror.hub
+
+def clock(fn, n):
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+n = int(sys.argv[1])
+args = ("demo/tinynets", "small_cnn")
+first_stock = clock(lambda: stock.load(*args, pretrained=True), 1)[0]
+first_mirror = clock(lambda: mirror.hub.load(*args, pretrained=True), 1)[0]
+# Interleaved, so that neither side gets a warmer machine.
+rep_stock, rep_mirror = [], []
+for _ in range(n):
+    rep_stock += clock(lambda: stock.load(*args, pretrained=True), 1)
+    rep_mirror += clock(lambda: mirror.hub.load(*args, pretrained=True), 1)
+print(json.dumps({"first_stock": first_stock, "first_mirror": first_mirror,
+                  "stock": statistics.median(rep_stock), "mirror": statistics.median(rep_mirror)}))
+"""
+
+
+def bench_load(bundle: str, work: str, repeats: int) -> dict:
+    env = dict(os.environ, MGE_MIRROR_HOME=os.path.join(work, "load-store"),
+               MGE_HOME=os.path.join(work, "load-mge"))
+    # Python's default: bytecode cached (this machine's environment turns it off).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "mirror", "install", bundle, "--json"], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", LOAD, str(repeats)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=1024, help="weights in the bundle")
@@ -88,6 +131,8 @@ def main() -> None:
             urls = make_weights(weights, args.size_mb, args.files)
             with GitServer(os.path.join(work, "git")) as git:
                 bundle = os.path.join(work, "bench.hub")
+                small = os.path.join(work, "demo.hub")
+                pack([demo.repo], small, git_host=git.host, protocol="http", progress=False)
                 t = time.perf_counter()
                 pack([demo.repo], bundle, git_host=git.host, protocol="http",
                      extra_weights=urls, progress=False)
@@ -98,11 +143,16 @@ def main() -> None:
               f"({args.size_mb} MiB of float32 weights in {args.files} files); "
               f"pack took {pack_s:.2f} s")
         r = bench_install(bundle, args.runs, work)
+        load = bench_load(small, work, 20)
         print(f"install: mirror {r['mirror_s']:.2f} s vs zstd -d | tar -x {r['baseline_s']:.2f} s"
               f" -> ratio {r['ratio']:.2f}; throughput {size / r['mirror_s'] / 2**20:.0f} MiB/s"
               f" vs {size / r['baseline_s'] / 2**20:.0f} MiB/s; peak RSS mirror "
               f"{r['mirror_rss_mb']:.0f} MiB, baseline {r['baseline_rss_mb']:.0f} MiB "
               f"(median of {args.runs})")
+        print(f"load (small_cnn, pretrained): mirror {load['mirror'] * 1e3:.1f} ms vs stock "
+              f"megengine.hub, warm cache, {load['stock'] * 1e3:.1f} ms -> ratio "
+              f"{load['mirror'] / load['stock']:.2f} (median of 20, same process); first "
+              f"load {load['first_mirror'] * 1e3:.1f} ms vs {load['first_stock'] * 1e3:.1f} ms")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
