@@ -216,3 +216,28 @@ def test_a_corrupted_blob_is_detected_at_load(upstream, offline, tmp_path):
     assert got["error"].startswith(f"mirror.errors.IntegrityError: integrity check failed for "
                                    f"{url} ({stored.path}): expected sha256 {stored.sha256}, "
                                    f"got ")
+
+
+SOURCES = """
+import json, os, mirror.hub
+out = {"auto-installed": mirror.hub.load("demo/tinynets:dev", "mlp", source="auto").revision}
+try:
+    mirror.hub.load("other/repo", "x", source="auto")
+except mirror.errors.MirrorError as e:
+    out["auto-missing"] = "mirror: " + type(e).__name__
+except Exception as e:  # megengine.hub answered: it tried the network, which is not there
+    out["auto-missing"] = "megengine: " + type(e).__name__
+os.environ["MGE_MIRROR_OFFLINE"] = "1"
+try:
+    mirror.hub.load("other/repo", "x", source="remote")
+except mirror.errors.MirrorError as e:
+    out["offline-remote"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def test_sources_auto_and_offline_mode(offline):
+    got = offline_python(offline, SOURCES)
+    assert got["auto-installed"] == "4-dev"
+    assert got["auto-missing"].startswith("megengine: ")  # fell back to megengine.hub
+    assert got["offline-remote"] == "NotInstalledError"  # MGE_MIRROR_OFFLINE=1 wins
