@@ -312,30 +312,17 @@ def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) ->
                 if name.startswith(".tmp-"):
                     _drop(os.path.join(dirpath, name), plan.other, plan, act)
 
-    bundles_dir = os.path.join(store.home, "bundles")
-    for name in sorted(os.listdir(bundles_dir)) if os.path.isdir(bundles_dir) else []:
-        path = os.path.join(bundles_dir, name)
-        try:
-            manifest = _load_json(path) if not name.startswith(".") else None
-        except (OSError, ValueError):
-            manifest = None
+    for path, manifest in _records_in(store, "bundles", plan, act):
         # A bundle stays while any snapshot it brought is installed (or it brought only
         # weights), and with it every weight it brought, pack --weights extras included.
-        commits = {s["commit"] for r in (manifest or {}).get("repos", [])
-                   for s in r["snapshots"]}
-        if manifest is not None and (not commits or commits & installed):
+        commits = {s["commit"] for r in manifest["repos"] for s in r["snapshots"]}
+        if not commits or commits & installed:
             live_urls.update(w["url"] for w in manifest["weights"])
         else:
             _drop(path, plan.other, plan, act)
 
-    weights_dir = os.path.join(store.home, "weights")
-    for name in sorted(os.listdir(weights_dir)) if os.path.isdir(weights_dir) else []:
-        path = os.path.join(weights_dir, name)
-        try:
-            rec = _load_json(path) if not name.startswith(".") else None
-        except (OSError, ValueError):
-            rec = None
-        if rec is not None and rec.get("url") in live_urls:
+    for path, rec in _records_in(store, "weights", plan, act):
+        if rec["url"] in live_urls:
             live_blobs.add(rec["sha256"])
         else:
             _drop(path, plan.other, plan, act)
@@ -350,6 +337,26 @@ def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) ->
     if act:  # under the exclusive lock, so no install is running: all of tmp/ is abandoned
         for name in os.listdir(_tmp(store)):
             _drop(os.path.join(_tmp(store), name), plan.other, plan, act)
+
+
+def _records_in(store: Store, folder: str, plan: Plan, act: bool) \
+        -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """The JSON records in a store folder; leftovers of interrupted writes are dropped.
+
+    An unreadable record stops gc: what it keeps alive cannot be known, and
+    guessing would delete what it protects.
+    """
+    base = os.path.join(store.home, folder)
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        path = os.path.join(base, name)
+        if name.startswith("."):
+            _drop(path, plan.other, plan, act)
+            continue
+        try:
+            yield path, _load_json(path)
+        except (OSError, ValueError):
+            raise StoreError(path, "this record is unreadable, so gc cannot tell what it "
+                                   "keeps alive; run 'mirror verify'") from None
 
 
 def _drop(path: str, listing: List[str], plan: Plan, act: bool) -> None:
