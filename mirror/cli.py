@@ -70,13 +70,25 @@ def cli() -> None:
               default="https", show_default=True)
 @click.option("--weights", "extra_weights", multiple=True, metavar="URL",
               help="Also pack this file (repeatable).")
+@click.option("--rewrite", "rewrites", multiple=True, metavar="FROM=TO",
+              help="Fetch git and weight URLs starting with FROM from TO instead, like git's "
+                   "url.<base>.insteadOf; the bundle records the original URLs (repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Leave out weights whose URL matches this glob (repeatable).")
+@click.option("--allow-unresolved", is_flag=True,
+              help="Pack even if some download calls' URLs cannot be worked out.")
+@click.option("--allow-unreachable", is_flag=True,
+              help="Pack :ref@commit even if the commit is not in the ref's history.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
 @_library_errors
-def pack(specs, output, git_host, protocol, extra_weights, quiet, as_json) -> None:
+def pack(specs, output, git_host, protocol, extra_weights, rewrites, exclude, allow_unresolved,
+         allow_unreachable, quiet, as_json) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
     report = pack_repos(specs, output, git_host=git_host, protocol=protocol,
-                        extra_weights=extra_weights, progress=not quiet,
+                        extra_weights=extra_weights, rewrites=rewrites, exclude=exclude,
+                        allow_unresolved=allow_unresolved,
+                        allow_unreachable=allow_unreachable, progress=not quiet,
                         log=(lambda m: None) if quiet else _say)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=1))
@@ -196,6 +208,37 @@ def remove(spec, dry_run, home, as_json) -> None:
 def gc(dry_run, home, as_json) -> None:
     """Delete what no snapshot, ref or weight references any more, and abandoned work."""
     _print_plan(housekeeping.gc(Store(home), dry_run=dry_run), as_json)
+
+
+@cli.command()
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
+@_json_option
+@_library_errors
+def inspect(bundle_path, as_json) -> None:
+    """Summarize BUNDLE from its manifest (its first member) without reading the rest."""
+    manifest = bundle.read_manifest(bundle_path)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=1))
+        return
+    size = {w["url"]: w["size"] for w in manifest["weights"]}
+    click.echo(f"{bundle_path}: {manifest['tool']}, format {manifest['format_version']}, "
+               f"{len(manifest['weights'])} weights, "
+               f"{sum(size.values())} bytes of weights")
+    for repo in manifest["repos"]:
+        click.echo(f"{repo['host']}/{repo['owner']}/{repo['name']} ({repo['url']})")
+        for ref in repo["refs"]:
+            click.echo(f"  {ref['kind']:6} {ref['name']} -> {ref['commit'][:12]}  "
+                       f"(asked {ref['asked']!r})")
+        for snap in repo["snapshots"]:
+            code = sum(f["size"] for f in snap["files"])
+            click.echo(f"  commit {snap['commit']}  {len(snap['files'])} files, {code} bytes")
+            for entry, urls in (snap.get("coverage") or {}).items():
+                named = ", ".join(f"{u} ({size.get(u, '?')} bytes)" for u in urls)
+                click.echo(f"    {entry}: {named or 'no @pretrained weights'}")
+            for u in snap.get("unresolved", []):
+                click.echo(f"    unresolved: {u}")
+            for u in snap.get("excluded", []):
+                click.echo(f"    excluded: {u}")
 
 
 @cli.command("list")

@@ -61,6 +61,17 @@ class DownloadError(MirrorError):
         super().__init__(f"download failed: {url}: {reason}")
 
 
+class UnresolvedError(MirrorError):
+    """Raised when code downloads from a URL that static discovery cannot work out."""
+
+    def __init__(self, unresolved: Sequence[str]):
+        self.unresolved = list(unresolved)
+        super().__init__(
+            f"cannot tell which URL {len(unresolved)} download call(s) fetch: "
+            f"{'; '.join(unresolved[:3])}{' ...' if len(unresolved) > 3 else ''}. Add the "
+            f"files with --weights URL, or pass --allow-unresolved to pack without them")
+
+
 # --- bundles ---------------------------------------------------------------
 
 

@@ -83,8 +83,12 @@ class Upstream:
             return DEFAULT_BRANCH
         return self._default
 
-    def resolve(self, spec: RepoSpec) -> ResolvedRef:
-        """Resolve ``spec`` to a commit, fetching only the ref it names."""
+    def resolve(self, spec: RepoSpec, allow_unreachable: bool = False) -> ResolvedRef:
+        """Resolve ``spec`` to a commit, fetching only the ref it names.
+
+        ``:ref@commit`` must name a commit in the ref's history, unless
+        ``allow_unreachable``.
+        """
         refs = self.refs()
         if spec.ref:
             if f"refs/heads/{spec.ref}" in refs:
@@ -119,15 +123,19 @@ class Upstream:
             commit = self._lookup_commit(spec.commit)
         if spec.ref:
             tip = self._peel(self.repo.references[refname].target)
-            if tip != commit and not self.repo.descendant_of(tip, commit):
+            if tip != commit and not self.repo.descendant_of(tip, commit) and \
+                    not allow_unreachable:
                 raise GitError(self.url, f"commit {commit[:12]} is not reachable from {kind} "
-                                         f"{name!r} (its tip is {tip[:12]})")
+                                         f"{name!r} (its tip is {tip[:12]}); pass "
+                                         f"--allow-unreachable to pack it as {name} anyway")
         return ResolvedRef(spec.ref or spec.commit, name, kind, commit)
 
     def _fetch(self, refspecs: List[str], depth: int) -> None:
         try:
             self.remote.fetch(refspecs, depth=depth)
         except pygit2.GitError as e:
+            if depth and "shallow" in str(e):  # libgit2's file:// transport: fetch it all
+                return self._fetch(refspecs, depth=0)
             raise GitError(self.url, f"fetch failed: {e}") from None
 
     def _peel(self, oid) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import tempfile
@@ -10,10 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Sequence
 
 from . import __version__, bundle
-from .errors import MirrorError
+from .errors import MirrorError, UnresolvedError
 from .git import Upstream
-from .refs import DEFAULT_HOST, RepoSpec
-from .weights import Unresolved, WeightRef, discover, download, entrypoints, url_basename
+from .refs import DEFAULT_HOST, RepoSpec, Rewrites
+from .weights import coverage, discover, download, url_basename
 
 
 @dataclass
@@ -27,6 +28,8 @@ class PackReport:
     files: int = 0
     weights: List[Dict[str, Any]] = field(default_factory=list)
     unresolved: List[str] = field(default_factory=list)
+    excluded: List[str] = field(default_factory=list)
+    coverage: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)
 
 
 def _now() -> int:
@@ -35,57 +38,89 @@ def _now() -> int:
 
 
 def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
-         protocol: str = "https", extra_weights: Sequence[str] = (), progress: bool = True,
-         log: Callable[[str], None] = lambda msg: None) -> PackReport:
-    """Pack every repo spec into the bundle ``output``."""
+         protocol: str = "https", extra_weights: Sequence[str] = (),
+         rewrites: Sequence[str] = (), exclude: Sequence[str] = (),
+         allow_unresolved: bool = False, allow_unreachable: bool = False,
+         progress: bool = True, log: Callable[[str], None] = lambda msg: None) -> PackReport:
+    """Pack every repo spec into the bundle ``output``.
+
+    ``rewrites`` (``FROM=TO``) change where git and weight bytes are fetched from,
+    never the URLs recorded; ``exclude`` drops weights whose URL matches a glob.
+    """
     report = PackReport(output=output)
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):  # before any download, not after
         raise MirrorError(f"cannot write {output}: directory {out_dir} does not exist")
+    rewrite = Rewrites.parse(rewrites)
     repos: Dict[tuple, Dict[str, Any]] = {}
     weight_refs: Dict[str, List[str]] = {u: [] for u in extra_weights}
-    with tempfile.TemporaryDirectory(prefix="mirror-pack-") as work:
-        sources: Dict[str, bundle.Source] = {}
-        for text in specs:
-            spec = RepoSpec.parse(text)
+    sources: Dict[str, bundle.Source] = {}
+    mtimes: Dict[str, int] = {}
+
+    for text in specs:
+        spec = RepoSpec.parse(text)
+        if protocol.lower() == "file":
+            # --git-host is then a directory of owner/name repositories: where the bytes
+            # are, not who the repo is, so the recorded identity keeps the spec's host.
+            if not git_host:
+                raise MirrorError("--protocol file needs --git-host DIR (a directory "
+                                  "holding owner/name repositories)")
+            url = spec.url("https")
+            fetch_url = rewrite(f"file://{os.path.abspath(git_host)}/{spec.repo}")
+        else:
             if git_host and spec.host == DEFAULT_HOST:
                 spec = replace(spec, host=git_host)
             url = spec.url(protocol.lower())
-            with Upstream(url) as up:
-                resolved = up.resolve(spec)
-                log(f"resolved {spec} -> {resolved.kind} {resolved.name} at {resolved.commit}")
-                snap = up.snapshot(resolved.commit)
-            found, unresolved = discover(snap.files)
-            report.unresolved += [f"{spec.repo}@{snap.commit[:12]} {u}" for u in unresolved]
-            _warn_unresolved(unresolved, log)
-            for w in found:
-                weight_refs.setdefault(w.url, []).extend(_where(spec, snap.commit, w))
+            fetch_url = rewrite(url)
+        with Upstream(fetch_url) as up:
+            resolved = up.resolve(spec, allow_unreachable=allow_unreachable)
+            log(f"resolved {spec} -> {resolved.kind} {resolved.name} at {resolved.commit}")
+            snap = up.snapshot(resolved.commit)
+        found, unresolved = discover(snap.files)
+        label = f"{spec.repo}@{snap.commit[:12]}"
+        report.unresolved += [f"{label} {u}" for u in unresolved]
+        kept = [w for w in found if not _excluded(w.url, exclude)]
+        report.excluded += sorted(w.url for w in found if _excluded(w.url, exclude))
+        for w in kept:
+            weight_refs.setdefault(w.url, []).extend(f"{label}:{loc}" for loc in w.locations)
 
-            key = (spec.host, spec.owner, spec.name)
-            repo = repos.setdefault(key, {"host": spec.host, "owner": spec.owner,
-                                          "name": spec.name, "url": url,
-                                          "refs": [], "snapshots": []})
-            repo["refs"].append({"name": resolved.name, "kind": resolved.kind,
-                                 "commit": resolved.commit, "asked": text,
-                                 "resolved_at": _now()})
-            report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
-            if all(s["commit"] != snap.commit for s in repo["snapshots"]):
-                files = []
-                for f in snap.files:
-                    sha = hashlib.sha256(f.data).hexdigest()
-                    files.append({"path": f.path, "mode": f.mode, "size": len(f.data),
-                                  "sha256": sha})
-                    sources[bundle.code_member(snap.commit, f.path)] = f.data
-                repo["snapshots"].append({"commit": snap.commit, "tree": snap.tree,
-                                          "commit_time": snap.commit_time, "files": files,
-                                          "entrypoints": entrypoints(snap.files),
-                                          "weights": sorted(w.url for w in found)})
-                report.files += len(files)
+        key = (spec.host, spec.owner, spec.name)
+        repo = repos.setdefault(key, {"host": spec.host, "owner": spec.owner,
+                                      "name": spec.name, "url": url,
+                                      "refs": [], "snapshots": []})
+        repo["refs"].append({"name": resolved.name, "kind": resolved.kind,
+                             "commit": resolved.commit, "asked": text,
+                             "resolved_at": _now(), "fetched_from": fetch_url})
+        report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
+        if any(s["commit"] == snap.commit for s in repo["snapshots"]):
+            continue
+        files = []
+        for f in snap.files:
+            files.append({"path": f.path, "mode": f.mode, "size": len(f.data),
+                          "sha256": hashlib.sha256(f.data).hexdigest()})
+            member = bundle.code_member(snap.commit, f.path)
+            sources[member], mtimes[member] = f.data, snap.commit_time
+        entry_weights = coverage(snap.files)
+        report.coverage[label] = entry_weights
+        repo["snapshots"].append({
+            "commit": snap.commit, "tree": snap.tree, "commit_time": snap.commit_time,
+            "files": files, "entrypoints": sorted(entry_weights), "coverage": entry_weights,
+            "weights": sorted(w.url for w in kept),
+            "excluded": sorted(w.url for w in found if w not in kept),
+            "unresolved": [str(u) for u in unresolved]})
+        report.files += len(files)
 
+    if report.unresolved and not allow_unresolved:
+        raise UnresolvedError(report.unresolved)
+    for u in report.unresolved:
+        log(f"warning: packed without the file that {u} downloads")
+
+    with tempfile.TemporaryDirectory(prefix="mirror-pack-") as work:
         weights = []
         for i, (url, where) in enumerate(sorted(weight_refs.items())):
-            log(f"downloading {url}")
-            got = download(url, os.path.join(work, f"w{i}-{url_basename(url)}"),
+            source = rewrite(url)
+            log(f"downloading {url}" + (f" from {source}" if source != url else ""))
+            got = download(source, os.path.join(work, f"w{i}-{url_basename(url)}"),
                            progress=progress)
             sources[bundle.weight_member(got.sha256)] = got.path
             weights.append({"url": url, "size": got.size, "sha256": got.sha256,
@@ -96,7 +131,7 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
             "repos": [repos[k] for k in sorted(repos)], "weights": weights,
         }
         try:
-            report.sha256 = bundle.write(output, manifest, sources)
+            report.sha256 = bundle.write(output, manifest, sources, mtimes)
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {output}: {e}") from None
     report.size = os.path.getsize(output)
@@ -105,11 +140,5 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
     return report
 
 
-def _where(spec: RepoSpec, commit: str, w: WeightRef) -> List[str]:
-    return [f"{spec.repo}@{commit[:12]}:{loc}" for loc in w.locations]
-
-
-def _warn_unresolved(unresolved: List[Unresolved], log: Callable[[str], None]) -> None:
-    for u in unresolved:
-        log(f"warning: cannot tell statically which URL {u} downloads; "
-            f"add it with --weights URL")
+def _excluded(url: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(url, p) for p in patterns)

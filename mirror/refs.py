@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence, Tuple
 
 from .errors import SpecError
 
 DEFAULT_HOST = "github.com"
 # MegEngine Hub's default when repo_info has no ":branch" (megengine/hub/const.py).
 DEFAULT_BRANCH = "master"
-PROTOCOLS = ("https", "http", "ssh", "file")
+PROTOCOLS = ("https", "http", "ssh")
 
 _SPEC = re.compile(
     r"^(?:(?P<host>[^/@]+)/)?"  # optional host, may carry a port
@@ -63,9 +63,6 @@ class RepoSpec:
             raise SpecError(str(self), f"unknown protocol {protocol!r}, use one of {PROTOCOLS}")
         if protocol == "ssh":
             return f"git@{self.host}:{self.repo}.git"
-        if protocol == "file":
-            # --git-host is then a directory holding owner/name repositories.
-            return f"file://{self.host}/{self.repo}"
         return f"{protocol}://{self.host}/{self.repo}"
 
     def __str__(self) -> str:
@@ -101,3 +98,29 @@ def parse_repo_info(repo_info: str) -> Tuple[str, str, str]:
     if not owner or not name or not branch:
         raise SpecError(repo_info, "expected owner/name[:branch_or_tag]")
     return owner, name, branch
+
+
+@dataclass(frozen=True)
+class Rewrites:
+    """URL prefix rewrites (``FROM=TO``), applied as git's ``url.<base>.insteadOf``:
+    the longest matching prefix wins. What is recorded stays the original URL; only
+    the bytes come from the rewritten one (an internal mirror, or a test server)."""
+
+    rules: Tuple[Tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, texts: Sequence[str]) -> Rewrites:
+        rules = []
+        for text in texts:
+            source, sep, target = text.partition("=")
+            if not sep or not source or not target:
+                raise SpecError(text, "a rewrite is FROM=TO, e.g. "
+                                      "https://github.com=https://git.corp.example/github")
+            rules.append((source, target))
+        return cls(tuple(sorted(rules, key=lambda r: -len(r[0]))))
+
+    def __call__(self, url: str) -> str:
+        for source, target in self.rules:
+            if url.startswith(source):
+                return target + url[len(source):]
+        return url

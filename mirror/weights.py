@@ -179,22 +179,38 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
     return weights, unresolved
 
 
-def entrypoints(files: Iterable[TreeFile]) -> List[str]:
-    """The functions ``hubconf.py`` defines at top level, found without running it.
+def coverage(files: Iterable[TreeFile]) -> Dict[str, List[str]]:
+    """Each function ``hubconf.py`` defines at top level, with the weight URLs that its
+    own ``@pretrained(...)`` decorators name, found without running it.
 
-    ``megengine.hub.list`` also counts callables hubconf imports (classes, say); this
-    is the part a reader of the manifest can check without executing the code.
+    ``megengine.hub.list`` also counts callables hubconf imports (classes, say); these
+    are the entrypoints a reader of the manifest can check without executing code.
     """
     hubconf = next((f for f in files if f.path == "hubconf.py"), None)
     if hubconf is None:
-        return []
+        return {}
     try:
         tree = ast.parse(hubconf.data, filename="hubconf.py")
     except (SyntaxError, ValueError):
-        return []
-    return sorted(n.name for n in tree.body
-                  if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                  and not n.name.startswith("_"))
+        return {}
+    env = _module_constants(tree)
+    out: Dict[str, List[str]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                not node.name.startswith("_"):
+            urls = []
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and _callee_name(deco) in _DOWNLOADERS \
+                        and deco.args:
+                    try:
+                        url = _evaluate(deco.args[0], env)
+                    except (_NotConstant, ArithmeticError, AttributeError, LookupError,
+                            TypeError, ValueError, RecursionError):
+                        continue
+                    if isinstance(url, str):
+                        urls.append(url)
+            out[node.name] = urls
+    return dict(sorted(out.items()))
 
 
 # --- download ----------------------------------------------------------------

@@ -20,11 +20,20 @@ MIRROR = [sys.executable, "-m", "mirror"]
 ENTRYPOINTS = ["MLP", "SmallCNN", "mlp", "mlp_from_url", "mlp_via_hub", "small_cnn"]
 
 
+PUBLIC_WEIGHTS = "https://data.example.invalid"  # never contacted: served via --rewrite
+
+
 @dataclass
 class Upstream:
     demo: DemoRepo
     git: GitServer
     weights: WeightServer
+    mirrored: DemoRepo  # names github.com and PUBLIC_WEIGHTS; packed with --rewrite
+
+    @property
+    def rewrites(self) -> List[str]:
+        return [f"https://github.com={self.git.base_url}",
+                f"{PUBLIC_WEIGHTS}={self.weights.base_url}"]
 
     def spec(self, suffix: str = "") -> str:
         return f"{self.demo.repo}{suffix}"
@@ -35,8 +44,10 @@ def upstream(tmp_path_factory) -> Upstream:
     root = tmp_path_factory.mktemp("upstream")
     weights = WeightServer().start()
     demo = build_demo_repo(str(root / "git"), weights)
+    mirrored = build_demo_repo(str(root / "git"), weights, name="mirrored",
+                               url_base=PUBLIC_WEIGHTS)
     git = GitServer(str(root / "git")).start()
-    yield Upstream(demo, git, weights)
+    yield Upstream(demo, git, weights, mirrored)
     git.stop()
     weights.stop()
 

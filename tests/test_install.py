@@ -253,3 +253,19 @@ def test_a_megengine_cache_that_cannot_be_written_is_a_warning(master_bundle, ho
     assert r.returncode == 0, r.stderr
     assert "megengine cache: warning: not seeded" in r.stdout
     assert Store().repos()[0]["commits"] == [upstream.demo.branches["master"]]
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 512, b"junk", b"\x28\xb5\x2f\xfd" + b"\0" * 20])
+def test_data_appended_after_the_archive_is_refused(master_bundle, home, tmp_path, tail):
+    import zstandard
+
+    bad = tmp_path / "tail.hub"
+    with open(master_bundle, "rb") as fh:
+        data = fh.read()
+    # Appended as another zstd frame (what a careless concatenation makes), or raw.
+    extra = zstandard.ZstdCompressor().compress(tail) if tail != b"junk" else tail
+    bad.write_bytes(data + extra)
+    with pytest.raises(BundleError) as e:
+        Store().install(str(bad))
+    assert str(bad) in str(e.value)
+    assert not os.path.exists(os.path.join(home, "repos"))

@@ -36,7 +36,8 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
     assert (repo["host"], repo["owner"], repo["name"]) == (upstream.git.host, "demo", "tinynets")
     assert repo["refs"] == [{"name": "master", "kind": "branch", "commit": c2,
                              "asked": upstream.spec("@" + c2[:8]),
-                             "resolved_at": repo["refs"][0]["resolved_at"]}]
+                             "resolved_at": repo["refs"][0]["resolved_at"],
+                             "fetched_from": upstream.git.url("demo/tinynets")}]
     (snap,) = repo["snapshots"]
     assert snap["commit"] == c2
     paths = [f["path"] for f in snap["files"]]

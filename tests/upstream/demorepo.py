@@ -177,8 +177,14 @@ def _git(cwd: str, *args: str, date: str = "2024-01-01T00:00:00Z") -> str:
 
 
 def build_demo_repo(git_root: str, weights: WeightServer, owner: str = "demo",
-                    name: str = "tinynets") -> DemoRepo:
-    """Create the demo repo as a bare repo at ``git_root/owner/name`` and serve its weights."""
+                    name: str = "tinynets", url_base: str | None = None) -> DemoRepo:
+    """Create the demo repo as a bare repo at ``git_root/owner/name`` and serve its weights.
+
+    ``url_base`` is what hubconf.py names as the weight host (default: the weight
+    server itself); another one, such as a public host, is served through
+    ``mirror pack --rewrite``.
+    """
+    url_base = url_base or weights.base_url
     bare = os.path.join(git_root, owner, name)
     demo = DemoRepo(owner, name, bare)
     files: Dict[str, str] = {}
@@ -191,11 +197,12 @@ def build_demo_repo(git_root: str, weights: WeightServer, owner: str = "demo",
                 data = make_weights(entry, seed)
                 # A hex token in the name, as real hub files have; never a checksum to trust.
                 fname = f"{entry}_r{seed}_{hashlib.sha256(data).hexdigest()[:8]}.pkl"
-                urls[entry] = weights.add(f"weights/{fname}", data)
+                weights.add(f"weights/{fname}", data)
+                urls[entry] = f"{url_base}/weights/{fname}"
                 demo.weights[urls[entry]] = data
             files.update({
                 "hubconf.py": HUBCONF_PY.format(
-                    base=weights.base_url, revision=revision,
+                    base=url_base, revision=revision,
                     mlp=urls["mlp"].rsplit("/", 1)[1], cnn=urls["small_cnn"].rsplit("/", 1)[1]),
                 "tinynets/__init__.py": INIT_PY.format(revision=revision),
                 "tinynets/labels.txt": LABELS,

@@ -1,0 +1,133 @@
+"""pack options: --rewrite (identity kept, bytes from a mirror), --exclude, unresolved
+downloads, --allow-unreachable, inspect, and member times."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import megengine
+import numpy as np
+import pytest
+import zstandard
+
+import mirror.hub  # noqa: I001
+from mirror import bundle
+from mirror.errors import UnresolvedError, WeightNotInstalledError
+from mirror.pack import pack
+from mirror.store import Store
+from tests.conftest import MIRROR, PUBLIC_WEIGHTS, run
+
+
+def test_rewrite_packs_github_identity_from_loopback_and_loads_offline(upstream, tmp_path):
+    c3 = upstream.mirrored.commits["c3"]
+    out = str(tmp_path / "m.hub")
+    args = ["pack", f"demo/mirrored@{c3[:10]}", "-o", out, "-q"]
+    for rule in upstream.rewrites:
+        args += ["--rewrite", rule]
+    r = run(MIRROR + args)
+    assert r.returncode == 0, r.stderr
+    manifest = bundle.read_manifest(out)
+    (repo,) = manifest["repos"]
+    assert (repo["host"], repo["url"]) == ("github.com", "https://github.com/demo/mirrored")
+    assert repo["refs"][0]["fetched_from"] == upstream.git.url("demo/mirrored")
+    assert sorted(w["url"] for w in manifest["weights"]) == sorted(
+        upstream.mirrored.urls[c3].values())
+    assert all(w["url"].startswith(PUBLIC_WEIGHTS + "/weights/") for w in manifest["weights"])
+
+    # On the isolated host, the default git_host finds it, by mirror and by stock MegEngine.
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"),
+               MGE_HOME=str(tmp_path / "mge"))
+    assert run(MIRROR + ["install", out], env=env, netns=True).returncode == 0
+    code = ("import json, numpy as np, mirror.hub, megengine.hub\n"
+            "a = mirror.hub.load('demo/mirrored', 'mlp', pretrained=True)\n"
+            "b = megengine.hub.load('demo/mirrored', 'mlp', pretrained=True)\n"
+            "print(json.dumps({k: np.asarray(v).tolist() for k, v in a.state_dict().items()}))\n"
+            "print(json.dumps({k: np.asarray(v).tolist() for k, v in b.state_dict().items()}))")
+    r = run([sys.executable, "-c", code], env=env, netns=True)
+    assert r.returncode == 0, r.stderr
+    url = upstream.mirrored.urls[c3]["mlp"]
+    served = megengine.load(io.BytesIO(upstream.mirrored.weights[url]))
+    for line in r.stdout.strip().splitlines()[-2:]:
+        got = json.loads(line)
+        for k, v in served.items():
+            np.testing.assert_array_equal(np.asarray(got[k], np.float32), v)
+
+
+def test_exclude_leaves_weights_out_and_says_so(upstream, tmp_path, home):
+    out = str(tmp_path / "x.hub")
+    report = pack([upstream.spec()], out, git_host=upstream.git.host, protocol="http",
+                  exclude=["*small_cnn_*"], progress=False)
+    master = upstream.demo.branches["master"]
+    assert report.excluded == [upstream.demo.urls[master]["small_cnn"]]
+    manifest = bundle.read_manifest(out)
+    assert [w["url"] for w in manifest["weights"]] == [upstream.demo.urls[master]["mlp"]]
+    assert manifest["repos"][0]["snapshots"][0]["excluded"] == report.excluded
+    Store().install(out)
+    with pytest.raises(WeightNotInstalledError) as e:
+        mirror.hub.load("demo/tinynets", "small_cnn", pretrained=True)
+    assert "(asked for at hubconf.py:" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def dynamic_repo(tmp_path_factory):
+    """A repo served over file://, whose code builds a weight URL at run time."""
+    root = tmp_path_factory.mktemp("filegit")
+    work = root / "work"
+    work.mkdir()
+    (work / "hubconf.py").write_text(
+        "from megengine import hub\n\nBASE = 'https://data.example.invalid/w/'\n\n\n"
+        "def model(name='a'):\n    return hub.load_serialized_obj_from_url(BASE + name)\n")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid",
+               GIT_CONFIG_GLOBAL="/dev/null")
+    for cmd in (["git", "init", "-q", "-b", "master"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "dynamic"]):
+        subprocess.run(cmd, cwd=work, env=env, check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "git" / "dyn" / "repo")],
+                   check=True)
+    return str(root / "git")
+
+
+def test_unresolved_downloads_fail_the_pack_unless_allowed(dynamic_repo, tmp_path):
+    out = tmp_path / "d.hub"
+    with pytest.raises(UnresolvedError) as e:
+        pack(["dyn/repo"], str(out), git_host=dynamic_repo, protocol="file", progress=False)
+    assert "hubconf.py:7: BASE + name" in str(e.value) and "--allow-unresolved" in str(e.value)
+    assert not out.exists()
+    pack(["dyn/repo"], str(out), git_host=dynamic_repo, protocol="file", progress=False,
+         allow_unresolved=True)
+    snap = bundle.read_manifest(str(out))["repos"][0]["snapshots"][0]
+    assert snap["unresolved"] == ["hubconf.py:7: BASE + name"]
+
+
+def test_allow_unreachable_pins_a_ref_to_any_commit(upstream, tmp_path):
+    c3 = upstream.demo.commits["c3"]
+    out = str(tmp_path / "u.hub")
+    pack([upstream.spec(":v1.0@" + c3[:10])], out, git_host=upstream.git.host,
+         protocol="http", progress=False, allow_unreachable=True)
+    ref = bundle.read_manifest(out)["repos"][0]["refs"][0]
+    assert (ref["kind"], ref["name"], ref["commit"]) == ("tag", "v1.0", c3)
+
+
+def test_inspect_reads_only_the_head(big_bundle, tmp_path):
+    head = tmp_path / "head.hub"
+    with open(big_bundle, "rb") as fh:
+        head.write_bytes(fh.read(64 << 10))  # the rest of the 30 MiB is not there at all
+    r = run(MIRROR + ["inspect", str(head)])
+    assert r.returncode == 0, r.stderr
+    assert "    mlp: http://127.0.0.1:" in r.stdout and "mlp_from_url: no @pretrained weights" \
+        in r.stdout
+    r = run(MIRROR + ["inspect", "--json", str(head)])
+    assert json.loads(r.stdout)["format_version"] == bundle.FORMAT_VERSION
+
+
+def test_code_members_carry_their_commit_time(master_bundle, upstream):
+    with open(master_bundle, "rb") as fh:
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            times = {m.name.split("/")[0]: m.mtime for m in tar}
+    assert times["code"] == 1704240000  # 2024-01-03, when the demo's master tip was made
+    assert times["weights"] == 0 and times["manifest.json"] == 0
