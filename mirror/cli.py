@@ -79,16 +79,25 @@ def cli() -> None:
               help="Pack even if some download calls' URLs cannot be worked out.")
 @click.option("--allow-unreachable", is_flag=True,
               help="Pack :ref@commit even if the commit is not in the ref's history.")
+@click.option("--lock", type=click.Path(dir_okay=False), default=None,
+              help="Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
+                   "enforced if present.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Weights downloaded at once.")
+@click.option("--refresh", is_flag=True,
+              help="Download every weight again instead of using the download cache.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
 @_library_errors
 def pack(specs, output, git_host, protocol, extra_weights, rewrites, exclude, allow_unresolved,
-         allow_unreachable, quiet, as_json) -> None:
+         allow_unreachable, lock, jobs, refresh, quiet, as_json) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
     report = pack_repos(specs, output, git_host=git_host, protocol=protocol,
                         extra_weights=extra_weights, rewrites=rewrites, exclude=exclude,
                         allow_unresolved=allow_unresolved,
-                        allow_unreachable=allow_unreachable, progress=not quiet,
+                        allow_unreachable=allow_unreachable, lock=lock, jobs=jobs,
+                        refresh=refresh,
+                        progress=not quiet,
                         log=(lambda m: None) if quiet else _say)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=1))

@@ -72,6 +72,16 @@ class UnresolvedError(MirrorError):
             f"files with --weights URL, or pass --allow-unresolved to pack without them")
 
 
+class LockMismatchError(MirrorError):
+    """Raised when a pack under ``--lock`` finds a ref or a weight that no longer
+    matches its pin."""
+
+    def __init__(self, path: str, what: str):
+        self.path = path
+        super().__init__(f"lock {path}: {what}. Review the change; delete the lock file "
+                         f"to pin the new state")
+
+
 # --- bundles ---------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Sequence
@@ -13,8 +12,9 @@ from typing import Any, Callable, Dict, List, Sequence
 from . import __version__, bundle
 from .errors import MirrorError, UnresolvedError
 from .git import Upstream
+from .lock import Lock
 from .refs import DEFAULT_HOST, RepoSpec, Rewrites
-from .weights import coverage, discover, download, url_basename
+from .weights import DownloadCache, coverage, discover, fetch_all
 
 
 @dataclass
@@ -41,12 +41,19 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
          protocol: str = "https", extra_weights: Sequence[str] = (),
          rewrites: Sequence[str] = (), exclude: Sequence[str] = (),
          allow_unresolved: bool = False, allow_unreachable: bool = False,
+         lock: str | None = None, jobs: int = 4, cache_dir: str | None = None,
+         refresh: bool = False,
          progress: bool = True, log: Callable[[str], None] = lambda msg: None) -> PackReport:
     """Pack every repo spec into the bundle ``output``.
 
     ``rewrites`` (``FROM=TO``) change where git and weight bytes are fetched from,
-    never the URLs recorded; ``exclude`` drops weights whose URL matches a glob.
+    never the URLs recorded; ``exclude`` drops weights whose URL matches a glob;
+    ``lock`` is a lock file to write, or to enforce if it exists. Weights are
+    downloaded ``jobs`` at a time through the packing host's download cache
+    (``refresh`` downloads again: with a lock, that is how to check that upstream
+    still serves the pinned bytes).
     """
+    pins = Lock.load(lock) if lock else None
     report = PackReport(output=output)
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):  # before any download, not after
@@ -74,6 +81,8 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
             fetch_url = rewrite(url)
         with Upstream(fetch_url) as up:
             resolved = up.resolve(spec, allow_unreachable=allow_unreachable)
+            if pins:
+                pins.check_ref(text, resolved.commit)
             log(f"resolved {spec} -> {resolved.kind} {resolved.name} at {resolved.commit}")
             snap = up.snapshot(resolved.commit)
         found, unresolved = discover(snap.files)
@@ -115,28 +124,34 @@ def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
     for u in report.unresolved:
         log(f"warning: packed without the file that {u} downloads")
 
-    with tempfile.TemporaryDirectory(prefix="mirror-pack-") as work:
-        weights = []
-        for i, (url, where) in enumerate(sorted(weight_refs.items())):
-            source = rewrite(url)
-            log(f"downloading {url}" + (f" from {source}" if source != url else ""))
-            got = download(source, os.path.join(work, f"w{i}-{url_basename(url)}"),
-                           progress=progress)
-            sources[bundle.weight_member(got.sha256)] = got.path
-            weights.append({"url": url, "size": got.size, "sha256": got.sha256,
-                            "locations": sorted(set(where))})
-        manifest = {
-            "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
-            "tool": f"mirror {__version__}", "created": _now(),
-            "repos": [repos[k] for k in sorted(repos)], "weights": weights,
-        }
-        try:
-            report.sha256 = bundle.write(output, manifest, sources, mtimes)
-        except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
-            raise MirrorError(f"cannot pack into {output}: {e}") from None
+    urls = sorted(weight_refs)
+    log(f"fetching {len(urls)} weights ({jobs} at a time)")
+    got = fetch_all(urls, DownloadCache(cache_dir, refresh), rewrite, jobs=jobs,
+                    progress=progress,
+                    expect=pins.weights if pins else None)
+    weights = []
+    for url in urls:
+        if pins:
+            pins.check_weight(url, got[url].sha256)
+        sources[bundle.weight_member(got[url].sha256)] = got[url].path
+        weights.append({"url": url, "size": got[url].size, "sha256": got[url].sha256,
+                        "locations": sorted(set(weight_refs[url]))})
+    manifest = {
+        "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
+        "tool": f"mirror {__version__}", "created": _now(),
+        "repos": [repos[k] for k in sorted(repos)], "weights": weights,
+    }
+    try:
+        report.sha256 = bundle.write(output, manifest, sources, mtimes)
+    except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
+        raise MirrorError(f"cannot pack into {output}: {e}") from None
     report.size = os.path.getsize(output)
     report.weights = [{"url": w["url"], "size": w["size"], "sha256": w["sha256"]}
                       for w in weights]
+    if pins and not pins.exists:
+        pins.write({r["asked"]: r["commit"] for repo in repos.values() for r in repo["refs"]},
+                   {w["url"]: w["sha256"] for w in weights})
+        log(f"wrote lock {pins.path}")
     return report
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import ast
 import hashlib
 import http.client
+import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -310,3 +313,84 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool) -> None:
         if expected is not None and received != expected:
             raise _Retryable(f"connection closed after {have + received} of "
                              f"{have + expected} bytes")
+
+
+# --- the packing host's download cache ----------------------------------------
+
+
+def default_cache_dir() -> str:
+    """``$MGE_MIRROR_DOWNLOADS``, else ``$XDG_CACHE_HOME/megengine/mirror-downloads``."""
+    if os.environ.get("MGE_MIRROR_DOWNLOADS"):
+        return os.path.expanduser(os.environ["MGE_MIRROR_DOWNLOADS"])
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return os.path.join(os.path.expanduser(cache), "megengine", "mirror-downloads")
+
+
+class DownloadCache:
+    """Weights downloaded before, by URL, so packing again downloads nothing.
+
+    A cached file is never trusted because it exists: it is re-hashed against the
+    sha256 recorded when it was downloaded (and against ``expect``, a lock's pin).
+    """
+
+    def __init__(self, root: str | None = None, refresh: bool = False):
+        self.root = root or default_cache_dir()
+        self.refresh = refresh  # download again, whatever is cached
+
+    def _paths(self, url: str) -> Tuple[str, str]:
+        key = hashlib.sha256(url.encode()).hexdigest()
+        return os.path.join(self.root, key + ".data"), os.path.join(self.root, key + ".json")
+
+    def fetch(self, url: str, source: str, progress: bool = True,
+              expect: str | None = None) -> Downloaded:
+        """The file for ``url`` (downloaded from ``source``), from the cache when its
+        bytes still match what was recorded."""
+        data, record = self._paths(url)
+        cached = None if self.refresh else self._check(url, data, record, expect)
+        if cached:
+            return cached
+        os.makedirs(self.root, exist_ok=True)
+        tmp = f"{data}.{os.getpid()}.{threading.get_ident()}"
+        got = download(source, tmp, progress=progress)
+        os.replace(tmp, data)
+        with open(record + ".tmp", "w") as fh:
+            json.dump({"url": url, "sha256": got.sha256, "size": got.size}, fh)
+        os.replace(record + ".tmp", record)
+        return Downloaded(url, data, got.size, got.sha256)
+
+    @staticmethod
+    def _check(url: str, data: str, record: str, expect: str | None) -> Downloaded | None:
+        try:
+            with open(record) as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        if rec.get("url") != url or (expect and rec.get("sha256") != expect):
+            return None
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(data, "rb") as fh:
+                for block in iter(lambda: fh.read(CHUNK), b""):
+                    digest.update(block)
+                    size += len(block)
+        except OSError:
+            return None
+        if digest.hexdigest() != rec["sha256"]:
+            return None  # changed on disk since: download again
+        return Downloaded(url, data, size, rec["sha256"])
+
+
+def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
+              jobs: int = 4, progress: bool = True,
+              expect: Dict[str, str] | None = None) -> Dict[str, Downloaded]:
+    """Download ``urls`` (each from ``source(url)``), ``jobs`` at a time, through ``cache``."""
+    expect = expect or {}
+    results: Dict[str, Downloaded] = {}
+    with tqdm(total=len(urls), unit="file", desc="weights", disable=not progress or None) \
+            as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
+                               expect.get(u)): u for u in urls}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update(1)
+    return results

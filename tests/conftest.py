@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import List
 
@@ -15,6 +16,8 @@ from mirror.pack import pack
 from tests.upstream import DemoRepo, GitServer, WeightServer, build_demo_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Never the user's caches: the packing host's download cache lives in the session's temp dir.
+os.environ["MGE_MIRROR_DOWNLOADS"] = tempfile.mkdtemp(prefix="mirror-test-downloads-")
 MIRROR = [sys.executable, "-m", "mirror"]
 # megengine.hub.list's answer for the demo repo: every callable, imported classes included.
 ENTRYPOINTS = ["MLP", "SmallCNN", "mlp", "mlp_from_url", "mlp_via_hub", "small_cnn"]

@@ -109,7 +109,8 @@ def test_commit_not_on_the_ref_is_refused(upstream, tmp_path):
     assert "not reachable from tag 'v1.0'" in str(e.value)
 
 
-def test_weight_server_down_leaves_no_partial_bundle(upstream, tmp_path):
+def test_weight_server_down_leaves_no_partial_bundle(upstream, tmp_path, monkeypatch):
+    monkeypatch.setenv("MGE_MIRROR_DOWNLOADS", str(tmp_path / "cache"))
     url = upstream.demo.urls[upstream.demo.commits["c1"]]["mlp"]
     path = url.split("/", 3)[3]
     upstream.weights.fault(path, "404")
@@ -121,7 +122,7 @@ def test_weight_server_down_leaves_no_partial_bundle(upstream, tmp_path):
     finally:
         upstream.weights.fault(path, None)
     assert url in str(e.value)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no bundle, no temp file
 
 
 def test_bundle_is_zstd_of_tar(master_bundle):

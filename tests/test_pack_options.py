@@ -1,6 +1,7 @@
 """pack options: --rewrite (identity kept, bytes from a mirror), --exclude, unresolved
 downloads, --allow-unreachable, inspect, and member times."""
 
+import hashlib
 import io
 import json
 import os
@@ -15,7 +16,7 @@ import zstandard
 
 import mirror.hub  # noqa: I001
 from mirror import bundle
-from mirror.errors import UnresolvedError, WeightNotInstalledError
+from mirror.errors import LockMismatchError, UnresolvedError, WeightNotInstalledError
 from mirror.pack import pack
 from mirror.store import Store
 from tests.conftest import MIRROR, PUBLIC_WEIGHTS, run
@@ -131,3 +132,79 @@ def test_code_members_carry_their_commit_time(master_bundle, upstream):
             times = {m.name.split("/")[0]: m.mtime for m in tar}
     assert times["code"] == 1704240000  # 2024-01-03, when the demo's master tip was made
     assert times["weights"] == 0 and times["manifest.json"] == 0
+
+
+def _weight_hits(upstream, urls):
+    return sum(upstream.weights.hits.get("/" + u.split("/", 3)[3], 0) for u in urls)
+
+
+def test_a_second_pack_downloads_nothing_and_a_changed_cache_is_not_trusted(
+        upstream, tmp_path, monkeypatch):
+    monkeypatch.setenv("MGE_MIRROR_DOWNLOADS", str(tmp_path / "cache"))
+    urls = list(upstream.demo.urls[upstream.demo.commits["c1"]].values())
+    spec = [upstream.spec("@" + upstream.demo.commits["c1"])]
+    kw = dict(git_host=upstream.git.host, protocol="http", progress=False)
+    before = _weight_hits(upstream, urls)
+    pack(spec, str(tmp_path / "a.hub"), **kw)
+    assert _weight_hits(upstream, urls) == before + 2
+    pack(spec, str(tmp_path / "b.hub"), **kw)
+    assert _weight_hits(upstream, urls) == before + 2  # all from the cache
+    for name in os.listdir(tmp_path / "cache"):
+        if name.endswith(".data"):
+            with open(tmp_path / "cache" / name, "r+b") as fh:
+                fh.write(b"tampered")
+    pack(spec, str(tmp_path / "c.hub"), **kw)
+    assert _weight_hits(upstream, urls) == before + 4  # re-hashed, found changed, fetched
+    for w in bundle.read_manifest(str(tmp_path / "c.hub"))["weights"]:
+        assert w["sha256"] == hashlib.sha256(upstream.demo.weights[w["url"]]).hexdigest()
+
+
+def test_parallel_downloads_give_the_same_bundle(upstream, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    outs = []
+    for jobs in (1, 8):
+        monkeypatch.setenv("MGE_MIRROR_DOWNLOADS", str(tmp_path / f"cache{jobs}"))
+        outs.append(tmp_path / f"j{jobs}.hub")
+        pack([upstream.spec(""), upstream.spec(":dev")], str(outs[-1]),
+             git_host=upstream.git.host, protocol="http", progress=False, jobs=jobs)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_lock_is_written_then_enforced(upstream, tmp_path):
+    lock = tmp_path / "demo.lock"
+    c = upstream.demo.commits
+    kw = dict(git_host=upstream.git.host, protocol="http", progress=False, lock=str(lock),
+              cache_dir=str(tmp_path / "cache"))
+    specs = [upstream.spec(":dev"), upstream.spec(":v1.0")]
+    pack(specs, str(tmp_path / "a.hub"), **kw)
+    pins = json.loads(lock.read_text())
+    assert pins["refs"] == {specs[0]: c["c4"], specs[1]: c["c2"]}
+    assert pins["weights"] == {u: hashlib.sha256(upstream.demo.weights[u]).hexdigest()
+                               for label in ("c4", "c2")
+                               for u in upstream.demo.urls[c[label]].values()}
+    pack(specs, str(tmp_path / "b.hub"), **kw)  # nothing changed: passes
+
+    # Upstream serves other bytes under a pinned URL: a refreshed pack fails, naming it.
+    url = upstream.demo.urls[c["c4"]]["mlp"]
+    path = url.split("/", 3)[3]
+    original = upstream.weights.files["/" + path]
+    upstream.weights.add(path, original + b"changed")
+    try:
+        with pytest.raises(LockMismatchError) as e:
+            pack(specs, str(tmp_path / "c.hub"), refresh=True, **kw)
+        assert f"{url} now has sha256 " in str(e.value) and "content changed upstream" \
+            in str(e.value)
+        assert not (tmp_path / "c.hub").exists()
+    finally:
+        upstream.weights.add(path, original)
+
+    # A ref that moved upstream fails the pack too.
+    git = ["git", "--git-dir", upstream.demo.bare]
+    subprocess.run(git + ["update-ref", "refs/heads/dev", c["c3"]], check=True)
+    try:
+        with pytest.raises(LockMismatchError) as e:
+            pack(specs, str(tmp_path / "d.hub"), **kw)
+        assert str(e.value).startswith(f"lock {lock}: {specs[0]} now resolves to {c['c3']}, "
+                                       f"the lock pins {c['c4']}")
+    finally:
+        subprocess.run(git + ["update-ref", "refs/heads/dev", c["c4"]], check=True)
