@@ -151,6 +151,8 @@ class Upstream:
                 raise RefNotFoundError(self.url, prefix) from None
             ids = (str(c.id) for c in self._all_commits())
             matches = sorted({i for i in ids if i.startswith(prefix)})
+            if len(matches) == 1:  # the others sharing the prefix are trees or blobs
+                return matches[0]
             raise AmbiguousCommitError(self.url, prefix, matches) from None
         try:
             return str(obj.peel(pygit2.Commit).id)

@@ -16,7 +16,12 @@ import zstandard
 
 import mirror.hub  # noqa: I001
 from mirror import bundle
-from mirror.errors import LockMismatchError, UnresolvedError, WeightNotInstalledError
+from mirror.errors import (
+    AmbiguousCommitError,
+    LockMismatchError,
+    UnresolvedError,
+    WeightNotInstalledError,
+)
 from mirror.pack import pack
 from mirror.store import Store
 from tests.conftest import MIRROR, PUBLIC_WEIGHTS, run
@@ -208,3 +213,48 @@ def test_lock_is_written_then_enforced(upstream, tmp_path):
                                        f"the lock pins {c['c4']}")
     finally:
         subprocess.run(git + ["update-ref", "refs/heads/dev", c["c4"]], check=True)
+
+
+@pytest.fixture(scope="module")
+def many_commits(tmp_path_factory):
+    """A repo with 1500 commits (made with git fast-import), so that two of them
+    share a 4-digit prefix, served over file://."""
+    root = tmp_path_factory.mktemp("many")
+    bare = root / "git" / "many" / "commits"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    stream = []
+    hubconf = b"def f():\n    return 1\n"
+    for i in range(1, 1501):
+        msg = f"commit {i}\n".encode()
+        stream.append(b"commit refs/heads/master\nmark :%d\n" % i)
+        stream.append(b"committer t <t@example.invalid> %d +0000\n" % (1700000000 + i))
+        stream.append(b"data %d\n%s" % (len(msg), msg))
+        if i == 1:
+            stream.append(b"M 644 inline hubconf.py\ndata %d\n%s\n" % (len(hubconf), hubconf))
+        else:
+            stream.append(b"from :%d\n\n" % (i - 1))
+    subprocess.run(["git", "--git-dir", str(bare), "fast-import", "--quiet"],
+                   input=b"".join(stream), check=True)
+    ids = subprocess.run(["git", "--git-dir", str(bare), "rev-list", "master"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    by_prefix = {}
+    for c in ids:
+        by_prefix.setdefault(c[:4], []).append(c)
+    shared = sorted(p for p, cs in by_prefix.items() if len(cs) > 1)
+    assert shared, "1500 commits with no shared 4-digit prefix"
+    return str(root / "git"), shared[0], sorted(by_prefix[shared[0]]), ids
+
+
+def test_an_ambiguous_abbreviation_lists_the_candidates(many_commits, tmp_path):
+    git_dir, prefix, candidates, ids = many_commits
+    with pytest.raises(AmbiguousCommitError) as e:
+        pack([f"many/commits@{prefix}"], str(tmp_path / "x.hub"), git_host=git_dir,
+             protocol="file", progress=False)
+    assert e.value.candidates == candidates
+    assert f"commit '{prefix}' is ambiguous, it matches {', '.join(candidates)}" in str(e.value)
+    # One more digit (or the full id) picks one, and pins the default branch to it.
+    out = str(tmp_path / "y.hub")
+    pack([f"many/commits@{candidates[0][:12]}"], out, git_host=git_dir, protocol="file",
+         progress=False)
+    (ref,) = bundle.read_manifest(out)["repos"][0]["refs"]
+    assert (ref["name"], ref["commit"]) == ("master", candidates[0])
