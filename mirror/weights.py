@@ -80,6 +80,12 @@ def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
         if node.id in env:
             return env[node.id]
         raise _NotConstant
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+            isinstance(env.get(node.value.id), _Namespace):
+        namespace = env[node.value.id]
+        if node.attr in namespace:
+            return namespace[node.attr]
+        raise _NotConstant
     if isinstance(node, ast.JoinedStr):
         parts = []
         for v in node.values:
@@ -123,10 +129,76 @@ def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
     raise _NotConstant
 
 
-def _module_constants(tree: ast.Module) -> Dict[str, Any]:
-    """Top-level ``NAME = <constant expression>`` assignments, in order."""
+class _Namespace(dict):
+    """The constants of another module of the repo, bound by ``import pkg.mod as m``."""
+
+
+_EVAL_ERRORS = (_NotConstant, ArithmeticError, AttributeError, LookupError, TypeError,
+                ValueError, RecursionError)
+
+
+class _Modules:
+    """The repo's Python files, parsed once, and their module-level constants,
+    following ``from .const import BASE`` and ``import pkg.const as c`` between them."""
+
+    def __init__(self, files: Iterable[TreeFile]):
+        self.trees: Dict[str, ast.Module] = {}
+        for f in files:
+            if f.path.endswith(".py"):
+                try:
+                    self.trees[f.path] = ast.parse(f.data, filename=f.path)
+                except (SyntaxError, ValueError):
+                    pass  # Python would fail to import it as well; not ours to judge.
+        self._envs: Dict[str, Dict[str, Any]] = {}
+        self._busy: set = set()
+
+    def path_of(self, importer: str, module: str | None, level: int) -> str | None:
+        parts = importer.split("/")[:-1] if level else []
+        if level > 1:
+            parts = parts[:len(parts) - (level - 1)] if len(parts) >= level - 1 else None
+        if parts is None:
+            return None
+        base = "/".join(parts + (module.split(".") if module else []))
+        for candidate in (base + ".py", base + "/__init__.py"):
+            if candidate.lstrip("/") in self.trees:
+                return candidate.lstrip("/")
+        return None
+
+    def env(self, path: str) -> Dict[str, Any]:
+        if path in self._envs:
+            return self._envs[path]
+        if path in self._busy:  # an import cycle: what is known so far
+            return {}
+        self._busy.add(path)
+        try:
+            self._envs[path] = _module_constants(self.trees[path], path, self)
+        finally:
+            self._busy.discard(path)
+        return self._envs[path]
+
+
+def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None = None) \
+        -> Dict[str, Any]:
+    """Top-level ``NAME = <constant expression>`` assignments, in order, and constants
+    imported from other modules of the repo."""
     env: Dict[str, Any] = {}
     for stmt in tree.body:
+        if modules is not None and isinstance(stmt, ast.ImportFrom):
+            source = modules.path_of(path, stmt.module, stmt.level)
+            if source is not None:
+                other = modules.env(source)
+                for alias in stmt.names:
+                    if alias.name == "*":
+                        env.update({k: v for k, v in other.items() if not k.startswith("_")})
+                    elif alias.name in other:
+                        env[alias.asname or alias.name] = other[alias.name]
+            continue
+        if modules is not None and isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                source = modules.path_of(path, alias.name, 0)
+                if source is not None and alias.asname:
+                    env[alias.asname] = _Namespace(modules.env(source))
+            continue
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
             target, value = stmt.targets[0], stmt.value
         elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
@@ -136,8 +208,7 @@ def _module_constants(tree: ast.Module) -> Dict[str, Any]:
         if isinstance(target, ast.Name):
             try:
                 env[target.id] = _evaluate(value, env)
-            except (_NotConstant, ArithmeticError, AttributeError, LookupError, TypeError,
-                    ValueError, RecursionError):
+            except _EVAL_ERRORS:
                 env.pop(target.id, None)
     return env
 
@@ -151,14 +222,9 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
     """Every weight URL that the Python files of a snapshot pass to MegEngine's downloaders."""
     found: Dict[str, List[Location]] = {}
     unresolved: List[Unresolved] = []
-    for f in files:
-        if not f.path.endswith(".py"):
-            continue
-        try:
-            tree = ast.parse(f.data, filename=f.path)
-        except (SyntaxError, ValueError):
-            continue  # Python would fail to import it as well; not ours to judge.
-        env = _module_constants(tree)
+    modules = _Modules(files)
+    for path, tree in sorted(modules.trees.items()):
+        env = modules.env(path)
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and _callee_name(node) in _DOWNLOADERS):
                 continue
@@ -166,11 +232,10 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
                 (k.value for k in node.keywords if k.arg == "url"), None)
             if arg is None:
                 continue
-            loc = Location(f.path, node.lineno)
+            loc = Location(path, node.lineno)
             try:
                 url = _evaluate(arg, env)
-            except (_NotConstant, ArithmeticError, AttributeError, LookupError, TypeError,
-                    ValueError, RecursionError):
+            except _EVAL_ERRORS:
                 url = None  # not a plain constant: reported below, never guessed
             if isinstance(url, str):
                 found.setdefault(url, []).append(loc)
@@ -189,14 +254,11 @@ def coverage(files: Iterable[TreeFile]) -> Dict[str, List[str]]:
     ``megengine.hub.list`` also counts callables hubconf imports (classes, say); these
     are the entrypoints a reader of the manifest can check without executing code.
     """
-    hubconf = next((f for f in files if f.path == "hubconf.py"), None)
-    if hubconf is None:
+    modules = _Modules(files)
+    tree = modules.trees.get("hubconf.py")
+    if tree is None:
         return {}
-    try:
-        tree = ast.parse(hubconf.data, filename="hubconf.py")
-    except (SyntaxError, ValueError):
-        return {}
-    env = _module_constants(tree)
+    env = modules.env("hubconf.py")
     out: Dict[str, List[str]] = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
@@ -207,8 +269,7 @@ def coverage(files: Iterable[TreeFile]) -> Dict[str, List[str]]:
                         and deco.args:
                     try:
                         url = _evaluate(deco.args[0], env)
-                    except (_NotConstant, ArithmeticError, AttributeError, LookupError,
-                            TypeError, ValueError, RecursionError):
+                    except _EVAL_ERRORS:
                         continue
                     if isinstance(url, str):
                         urls.append(url)

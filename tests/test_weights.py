@@ -158,3 +158,28 @@ def test_expressions_that_raise_are_reported_not_crashed_on():
     assert [w.url for w in weights] == []  # "a" * 10 is not one of the supported forms
     assert [str(u) for u in unresolved] == ["hubconf.py:5: X", "hubconf.py:7: Y",
                                             "hubconf.py:9: Z"]
+
+
+def test_constants_imported_from_other_modules_of_the_repo():
+    files = [
+        _src("models/const.py", 'HOST = "https://data.example"\nBASE = HOST + "/w/"\n'),
+        _src("models/__init__.py", ""),
+        _src("models/nets/__init__.py", ""),
+        _src("models/nets/resnet.py",
+             "from megengine import hub\nfrom ..const import BASE\n\n"
+             "@hub.pretrained(BASE + 'resnet.pkl')\ndef resnet(**kw): ...\n"),
+        _src("hubconf.py",
+             "from megengine import hub\nimport models.const as c\n"
+             "from models.const import BASE as ROOT\nfrom models.nets.resnet import resnet\n\n"
+             "@hub.pretrained(c.HOST + '/alias.pkl')\ndef alias(**kw): ...\n\n"
+             "@hub.pretrained(ROOT + 'renamed.pkl')\ndef renamed(**kw): ...\n"),
+        _src("cycle_a.py", "from cycle_b import B\nA = 'x'\n"),
+        _src("cycle_b.py", "from cycle_a import A\nB = 'y'\n"),
+    ]
+    weights, unresolved = discover(files)
+    assert {w.url: [str(x) for x in w.locations] for w in weights} == {
+        "https://data.example/alias.pkl": ["hubconf.py:6"],
+        "https://data.example/w/renamed.pkl": ["hubconf.py:9"],
+        "https://data.example/w/resnet.pkl": ["models/nets/resnet.py:4"],
+    }
+    assert unresolved == []
