@@ -70,6 +70,13 @@ def cli() -> None:
               default="https", show_default=True)
 @click.option("--weights", "extra_weights", multiple=True, metavar="URL",
               help="Also pack this file (repeatable).")
+@click.option("--entry", "entries", multiple=True, metavar="NAME",
+              help="Pack only what these entrypoints need (repeatable; implies --trace).")
+@click.option("--trace", is_flag=True,
+              help="Also run each entrypoint with downloads recorded instead of performed, "
+                   "to find what static discovery cannot (this runs the repo's code).")
+@click.option("--follow-nested", is_flag=True,
+              help="Also pack the repos the code loads with megengine.hub.load.")
 @click.option("--rewrite", "rewrites", multiple=True, metavar="FROM=TO",
               help="Fetch git and weight URLs starting with FROM from TO instead, like git's "
                    "url.<base>.insteadOf; the bundle records the original URLs (repeatable).")
@@ -89,11 +96,13 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
 @_library_errors
-def pack(specs, output, git_host, protocol, extra_weights, rewrites, exclude, allow_unresolved,
-         allow_unreachable, lock, jobs, refresh, quiet, as_json) -> None:
+def pack(specs, output, git_host, protocol, extra_weights, entries, trace, follow_nested,
+         rewrites, exclude, allow_unresolved, allow_unreachable, lock, jobs, refresh, quiet,
+         as_json) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
     report = pack_repos(specs, output, git_host=git_host, protocol=protocol,
-                        extra_weights=extra_weights, rewrites=rewrites, exclude=exclude,
+                        extra_weights=extra_weights, entries=entries, trace=trace,
+                        follow_nested=follow_nested, rewrites=rewrites, exclude=exclude,
                         allow_unresolved=allow_unresolved,
                         allow_unreachable=allow_unreachable, lock=lock, jobs=jobs,
                         refresh=refresh,

@@ -11,9 +11,10 @@ from typing import Any, Callable, Dict, List, Sequence
 
 from . import __version__, bundle
 from .errors import MirrorError, UnresolvedError
-from .git import Upstream
+from .git import Snapshot, Upstream
 from .lock import Lock
 from .refs import DEFAULT_HOST, RepoSpec, Rewrites
+from .trace import trace
 from .weights import DownloadCache, coverage, discover, fetch_all
 
 
@@ -29,7 +30,29 @@ class PackReport:
     weights: List[Dict[str, Any]] = field(default_factory=list)
     unresolved: List[str] = field(default_factory=list)
     excluded: List[str] = field(default_factory=list)
+    nested: List[str] = field(default_factory=list)
     coverage: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)
+
+
+@dataclass
+class Options:
+    """How to pack; see :func:`pack`."""
+
+    git_host: str | None = None
+    protocol: str = "https"
+    extra_weights: Sequence[str] = ()
+    rewrites: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    entries: Sequence[str] = ()
+    trace: bool = False
+    follow_nested: bool = False
+    allow_unresolved: bool = False
+    allow_unreachable: bool = False
+    lock: str | None = None
+    jobs: int = 4
+    cache_dir: str | None = None
+    refresh: bool = False
+    progress: bool = True
 
 
 def _now() -> int:
@@ -37,123 +60,188 @@ def _now() -> int:
     return int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
 
 
-def pack(specs: Sequence[str], output: str, *, git_host: str | None = None,
-         protocol: str = "https", extra_weights: Sequence[str] = (),
-         rewrites: Sequence[str] = (), exclude: Sequence[str] = (),
-         allow_unresolved: bool = False, allow_unreachable: bool = False,
-         lock: str | None = None, jobs: int = 4, cache_dir: str | None = None,
-         refresh: bool = False,
-         progress: bool = True, log: Callable[[str], None] = lambda msg: None) -> PackReport:
+def pack(specs: Sequence[str], output: str, *, log: Callable[[str], None] = lambda m: None,
+         **options: Any) -> PackReport:
     """Pack every repo spec into the bundle ``output``.
 
-    ``rewrites`` (``FROM=TO``) change where git and weight bytes are fetched from,
-    never the URLs recorded; ``exclude`` drops weights whose URL matches a glob;
+    Options (:class:`Options`): ``rewrites`` (``FROM=TO``) change where git and weight
+    bytes are fetched from, never the URLs recorded; ``exclude`` drops weights whose
+    URL matches a glob; ``entries`` packs only what those entrypoints need (which
+    implies ``trace``, running them with downloads recorded instead of performed);
+    ``follow_nested`` also packs repos that the code loads with ``megengine.hub.load``;
     ``lock`` is a lock file to write, or to enforce if it exists. Weights are
     downloaded ``jobs`` at a time through the packing host's download cache
-    (``refresh`` downloads again: with a lock, that is how to check that upstream
-    still serves the pinned bytes).
+    (``refresh`` downloads again: with a lock, that checks that upstream still
+    serves the pinned bytes).
     """
-    pins = Lock.load(lock) if lock else None
-    report = PackReport(output=output)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):  # before any download, not after
-        raise MirrorError(f"cannot write {output}: directory {out_dir} does not exist")
-    rewrite = Rewrites.parse(rewrites)
-    repos: Dict[tuple, Dict[str, Any]] = {}
-    weight_refs: Dict[str, List[str]] = {u: [] for u in extra_weights}
-    sources: Dict[str, bundle.Source] = {}
-    mtimes: Dict[str, int] = {}
+    opts = Options(**options)
+    packer = _Packer(output, opts, log)
+    queue = [(s, tuple(opts.entries)) for s in specs]
+    while queue:
+        queue += packer.add(*queue.pop(0))
+    return packer.finish()
 
-    for text in specs:
-        spec = RepoSpec.parse(text)
-        if protocol.lower() == "file":
+
+class _Packer:
+    def __init__(self, output: str, opts: Options, log: Callable[[str], None]):
+        out_dir = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(out_dir):  # before any download, not after
+            raise MirrorError(f"cannot write {output}: directory {out_dir} does not exist")
+        self.opts, self.log = opts, log
+        self.report = PackReport(output=output)
+        self.rewrite = Rewrites.parse(opts.rewrites)
+        self.pins = Lock.load(opts.lock) if opts.lock else None
+        self.repos: Dict[tuple, Dict[str, Any]] = {}
+        self.weight_refs: Dict[str, List[str]] = {u: [] for u in opts.extra_weights}
+        self.sources: Dict[str, bundle.Source] = {}
+        self.mtimes: Dict[str, int] = {}
+        self.seen: set = set()
+
+    def _locate(self, spec: RepoSpec) -> tuple:
+        """(spec with its host, identity URL, URL the bytes are fetched from)."""
+        opts = self.opts
+        if opts.protocol.lower() == "file":
             # --git-host is then a directory of owner/name repositories: where the bytes
             # are, not who the repo is, so the recorded identity keeps the spec's host.
-            if not git_host:
+            if not opts.git_host:
                 raise MirrorError("--protocol file needs --git-host DIR (a directory "
                                   "holding owner/name repositories)")
-            url = spec.url("https")
-            fetch_url = rewrite(f"file://{os.path.abspath(git_host)}/{spec.repo}")
-        else:
-            if git_host and spec.host == DEFAULT_HOST:
-                spec = replace(spec, host=git_host)
-            url = spec.url(protocol.lower())
-            fetch_url = rewrite(url)
-        with Upstream(fetch_url) as up:
-            resolved = up.resolve(spec, allow_unreachable=allow_unreachable)
-            if pins:
-                pins.check_ref(text, resolved.commit)
-            log(f"resolved {spec} -> {resolved.kind} {resolved.name} at {resolved.commit}")
-            snap = up.snapshot(resolved.commit)
-        found, unresolved = discover(snap.files)
-        label = f"{spec.repo}@{snap.commit[:12]}"
-        report.unresolved += [f"{label} {u}" for u in unresolved]
-        kept = [w for w in found if not _excluded(w.url, exclude)]
-        report.excluded += sorted(w.url for w in found if _excluded(w.url, exclude))
-        for w in kept:
-            weight_refs.setdefault(w.url, []).extend(f"{label}:{loc}" for loc in w.locations)
+            fetch = f"file://{os.path.abspath(opts.git_host)}/{spec.repo}"
+            return spec, spec.url("https"), self.rewrite(fetch)
+        if opts.git_host and spec.host == DEFAULT_HOST:
+            spec = replace(spec, host=opts.git_host)
+        url = spec.url(opts.protocol.lower())
+        return spec, url, self.rewrite(url)
 
+    def add(self, text: str, entries: tuple = ()) -> List[tuple]:
+        """Resolve and snapshot one spec (only what ``entries`` need, if given); return
+        the (spec, entries) of nested loads still to pack."""
+        if (text, entries) in self.seen:
+            return []
+        self.seen.add((text, entries))
+        spec, url, fetch_url = self._locate(RepoSpec.parse(text))
+        with Upstream(fetch_url) as up:
+            resolved = up.resolve(spec, allow_unreachable=self.opts.allow_unreachable)
+            if self.pins:
+                self.pins.check_ref(text, resolved.commit)
+            self.log(f"resolved {spec} -> {resolved.kind} {resolved.name} at "
+                     f"{resolved.commit}")
+            snap = up.snapshot(resolved.commit)
         key = (spec.host, spec.owner, spec.name)
-        repo = repos.setdefault(key, {"host": spec.host, "owner": spec.owner,
-                                      "name": spec.name, "url": url,
-                                      "refs": [], "snapshots": []})
+        repo = self.repos.setdefault(key, {"host": spec.host, "owner": spec.owner,
+                                           "name": spec.name, "url": url,
+                                           "refs": [], "snapshots": []})
         repo["refs"].append({"name": resolved.name, "kind": resolved.kind,
                              "commit": resolved.commit, "asked": text,
                              "resolved_at": _now(), "fetched_from": fetch_url})
-        report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
+        self.report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
         if any(s["commit"] == snap.commit for s in repo["snapshots"]):
-            continue
+            return []
+        record, nested = self._snapshot(spec, snap, entries)
+        repo["snapshots"].append(record)
+        return nested if self.opts.follow_nested else []
+
+    def _snapshot(self, spec: RepoSpec, snap: Snapshot, entries: tuple) -> tuple:
+        opts, label = self.opts, f"{spec.repo}@{snap.commit[:12]}"
+        found, unresolved = discover(snap.files)
+        entry_weights = coverage(snap.files)
+        urls: Dict[str, List[str]] = {}  # URL -> where it is asked for
+        traced = trace(snap.files, label) if opts.trace or entries else None
+        if entries:
+            unknown = sorted(set(entries) - set(traced.entries))
+            if unknown:
+                raise MirrorError(f"{label}: no entrypoint {', '.join(unknown)} in "
+                                  f"hubconf.py (it has: {', '.join(traced.entries)})")
+            for entry in entries:
+                for u in entry_weights.get(entry, []):
+                    urls.setdefault(u, []).append(f"hubconf.py (@pretrained of {entry})")
+            unresolved = []  # only the entries' own downloads matter, and they were run
+        else:
+            for w in found:
+                urls.setdefault(w.url, []).extend(str(loc) for loc in w.locations)
+        nested_calls: List[Dict[str, Any]] = []
+        if traced is not None:
+            for u, where in traced.urls(entries or None).items():
+                urls.setdefault(u, []).extend(where)
+            for entry, calls in traced.nested.items():
+                if not entries or entry in entries:
+                    nested_calls += calls
+            for entry, error in traced.errors.items():
+                self.log(f"warning: {label}: tracing {entry} failed: {error}")
+
+        kept = {u: where for u, where in urls.items() if not self._excluded(u)}
+        self.report.excluded += sorted(set(urls) - set(kept))
+        self.report.unresolved += [f"{label} {u}" for u in unresolved]
+        for u, where in kept.items():
+            self.weight_refs.setdefault(u, []).extend(f"{label}:{w}" for w in where)
+        nested = sorted({_nested_spec(c) for c in nested_calls})
+        self.report.nested += [f"{label} loads {n}" for n in nested]
+        if nested and not opts.follow_nested:
+            self.log(f"warning: {label} loads {', '.join(nested)} through "
+                     f"megengine.hub.load; pack them with --follow-nested")
+        # A nested repo is packed whole, or, when entries were named, for the entry called.
+        follow = [(_nested_spec(c), (c["entry"],) if entries else ()) for c in nested_calls]
+
         files = []
         for f in snap.files:
             files.append({"path": f.path, "mode": f.mode, "size": len(f.data),
                           "sha256": hashlib.sha256(f.data).hexdigest()})
             member = bundle.code_member(snap.commit, f.path)
-            sources[member], mtimes[member] = f.data, snap.commit_time
-        entry_weights = coverage(snap.files)
-        report.coverage[label] = entry_weights
-        repo["snapshots"].append({
+            self.sources[member], self.mtimes[member] = f.data, snap.commit_time
+        self.report.files += len(files)
+        self.report.coverage[label] = entry_weights
+        record = {
             "commit": snap.commit, "tree": snap.tree, "commit_time": snap.commit_time,
             "files": files, "entrypoints": sorted(entry_weights), "coverage": entry_weights,
-            "weights": sorted(w.url for w in kept),
-            "excluded": sorted(w.url for w in found if w not in kept),
-            "unresolved": [str(u) for u in unresolved]})
-        report.files += len(files)
+            "weights": sorted(kept), "excluded": sorted(set(urls) - set(kept)),
+            "unresolved": [str(u) for u in unresolved], "nested": nested}
+        if traced is not None:
+            record["trace"] = {"weights": traced.weights, "nested": traced.nested,
+                               "errors": traced.errors}
+        return record, follow
 
-    if report.unresolved and not allow_unresolved:
-        raise UnresolvedError(report.unresolved)
-    for u in report.unresolved:
-        log(f"warning: packed without the file that {u} downloads")
+    def _excluded(self, url: str) -> bool:
+        return any(fnmatch.fnmatchcase(url, p) for p in self.opts.exclude)
 
-    urls = sorted(weight_refs)
-    log(f"fetching {len(urls)} weights ({jobs} at a time)")
-    got = fetch_all(urls, DownloadCache(cache_dir, refresh), rewrite, jobs=jobs,
-                    progress=progress,
-                    expect=pins.weights if pins else None)
-    weights = []
-    for url in urls:
-        if pins:
-            pins.check_weight(url, got[url].sha256)
-        sources[bundle.weight_member(got[url].sha256)] = got[url].path
-        weights.append({"url": url, "size": got[url].size, "sha256": got[url].sha256,
-                        "locations": sorted(set(weight_refs[url]))})
-    manifest = {
-        "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
-        "tool": f"mirror {__version__}", "created": _now(),
-        "repos": [repos[k] for k in sorted(repos)], "weights": weights,
-    }
-    try:
-        report.sha256 = bundle.write(output, manifest, sources, mtimes)
-    except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
-        raise MirrorError(f"cannot pack into {output}: {e}") from None
-    report.size = os.path.getsize(output)
-    report.weights = [{"url": w["url"], "size": w["size"], "sha256": w["sha256"]}
-                      for w in weights]
-    if pins and not pins.exists:
-        pins.write({r["asked"]: r["commit"] for repo in repos.values() for r in repo["refs"]},
-                   {w["url"]: w["sha256"] for w in weights})
-        log(f"wrote lock {pins.path}")
-    return report
+    def finish(self) -> PackReport:
+        report, opts, pins = self.report, self.opts, self.pins
+        if report.unresolved and not opts.allow_unresolved:
+            raise UnresolvedError(report.unresolved)
+        for u in report.unresolved:
+            self.log(f"warning: packed without the file that {u} downloads")
+        urls = sorted(self.weight_refs)
+        self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
+        got = fetch_all(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,
+                        jobs=opts.jobs, progress=opts.progress,
+                        expect=pins.weights if pins else None)
+        weights = []
+        for url in urls:
+            if pins:
+                pins.check_weight(url, got[url].sha256)
+            self.sources[bundle.weight_member(got[url].sha256)] = got[url].path
+            weights.append({"url": url, "size": got[url].size, "sha256": got[url].sha256,
+                            "locations": sorted(set(self.weight_refs[url]))})
+        manifest = {
+            "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
+            "tool": f"mirror {__version__}", "created": _now(),
+            "repos": [self.repos[k] for k in sorted(self.repos)], "weights": weights,
+        }
+        try:
+            report.sha256 = bundle.write(report.output, manifest, self.sources, self.mtimes)
+        except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
+            raise MirrorError(f"cannot pack into {report.output}: {e}") from None
+        report.size = os.path.getsize(report.output)
+        report.weights = [{k: w[k] for k in ("url", "size", "sha256")} for w in weights]
+        if pins and not pins.exists:
+            pins.write({r["asked"]: r["commit"] for repo in self.repos.values()
+                        for r in repo["refs"]}, {w["url"]: w["sha256"] for w in weights})
+            self.log(f"wrote lock {pins.path}")
+        return report
 
 
-def _excluded(url: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(url, p) for p in patterns)
+def _nested_spec(call: Dict[str, Any]) -> str:
+    """A spec for a ``megengine.hub.load`` call the code makes."""
+    spec = call["repo_info"]
+    if call.get("git_host") and call["git_host"] != DEFAULT_HOST:
+        spec = f"{call['git_host']}/{spec}"
+    return spec + (f"@{call['commit']}" if call.get("commit") else "")
