@@ -18,6 +18,7 @@ from . import __version__, bundle, housekeeping
 from .errors import MirrorError
 from .megengine_cache import installed_megengine_version
 from .pack import pack as pack_repos
+from .recipe import Recipe
 from .store import Store, default_home
 
 
@@ -60,54 +61,57 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("specs", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Bundle file to write.")
+@click.argument("specs", nargs=-1)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Bundle file to write (a recipe may name it).")
+@click.option("--recipe", type=click.Path(dir_okay=False, exists=True),
+              help="A TOML recipe naming repos, refs and options (see bundles/).")
 @click.option("--git-host", default=None,
               help="Git host for specs without one (default github.com).")
 @click.option("--protocol", type=click.Choice(["https", "http", "ssh", "file"],
-                                              case_sensitive=False),
-              default="https", show_default=True)
+                                              case_sensitive=False), default=None,
+              help="How to reach the git host (default https).")
 @click.option("--weights", "extra_weights", multiple=True, metavar="URL",
               help="Also pack this file (repeatable).")
 @click.option("--entry", "entries", multiple=True, metavar="NAME",
               help="Pack only what these entrypoints need (repeatable; implies --trace).")
-@click.option("--trace", is_flag=True,
+@click.option("--trace", is_flag=True, default=None,
               help="Also run each entrypoint with downloads recorded instead of performed, "
                    "to find what static discovery cannot (this runs the repo's code).")
-@click.option("--follow-nested", is_flag=True,
+@click.option("--follow-nested", is_flag=True, default=None,
               help="Also pack the repos the code loads with megengine.hub.load.")
 @click.option("--rewrite", "rewrites", multiple=True, metavar="FROM=TO",
               help="Fetch git and weight URLs starting with FROM from TO instead, like git's "
                    "url.<base>.insteadOf; the bundle records the original URLs (repeatable).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave out weights whose URL matches this glob (repeatable).")
-@click.option("--allow-unresolved", is_flag=True,
+@click.option("--allow-unresolved", is_flag=True, default=None,
               help="Pack even if some download calls' URLs cannot be worked out.")
-@click.option("--allow-unreachable", is_flag=True,
+@click.option("--allow-unreachable", is_flag=True, default=None,
               help="Pack :ref@commit even if the commit is not in the ref's history.")
 @click.option("--lock", type=click.Path(dir_okay=False), default=None,
               help="Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
                    "enforced if present.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Weights downloaded at once.")
-@click.option("--refresh", is_flag=True,
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None,
+              help="Weights downloaded at once (default 4).")
+@click.option("--refresh", is_flag=True, default=None,
               help="Download every weight again instead of using the download cache.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
 @_library_errors
-def pack(specs, output, git_host, protocol, extra_weights, entries, trace, follow_nested,
-         rewrites, exclude, allow_unresolved, allow_unreachable, lock, jobs, refresh, quiet,
-         as_json) -> None:
+def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
-    report = pack_repos(specs, output, git_host=git_host, protocol=protocol,
-                        extra_weights=extra_weights, entries=entries, trace=trace,
-                        follow_nested=follow_nested, rewrites=rewrites, exclude=exclude,
-                        allow_unresolved=allow_unresolved,
-                        allow_unreachable=allow_unreachable, lock=lock, jobs=jobs,
-                        refresh=refresh,
-                        progress=not quiet,
-                        log=(lambda m: None) if quiet else _say)
+    options = {k: v for k, v in options.items() if v not in (None, ())}
+    if recipe:
+        loaded = Recipe.load(recipe)
+        specs, output = list(loaded.specs) + list(specs), output or loaded.output
+        options = loaded.merged(options)
+    if not specs:
+        raise click.UsageError("name at least one repo spec, or a --recipe")
+    if not output:
+        raise click.UsageError("name the bundle to write with -o/--output")
+    report = pack_repos(specs, output, progress=not quiet,
+                        log=(lambda m: None) if quiet else _say, **options)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=1))
         return

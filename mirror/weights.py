@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import threading
 import time
 import urllib.error
@@ -303,21 +304,17 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
     kept at ``dest + ".part"`` so that a retry asks only for the rest (HTTP Range).
     """
     scheme = urllib.parse.urlparse(url).scheme
-    if scheme not in SCHEMES:
-        raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; "
-                                 f"mirror downloads {', '.join(SCHEMES)} URLs")
     part = dest + ".part"
-    last_error = "no attempt made"
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(0.25 * 2 ** attempt, 4.0))
-        try:
-            _fetch_into(url, part, timeout, progress)
-            break
-        except _Retryable as e:
-            last_error = str(e)
+    if scheme == "" and os.path.isabs(url):
+        _copy_local(url, part)  # a path on this host, as megfile (and MegEngine) allow
+    elif scheme == "s3":
+        _copy_s3(url, part)
+    elif scheme not in SCHEMES:
+        raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; mirror "
+                                 f"downloads {', '.join(SCHEMES)} and s3 URLs and absolute "
+                                 f"paths")
     else:
-        raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
+        _fetch_with_retries(url, part, retries, timeout, progress)
     digest, size = hashlib.sha256(), 0
     with open(part, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
@@ -325,6 +322,39 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
             size += len(block)
     os.replace(part, dest)
     return Downloaded(url, dest, size, digest.hexdigest())
+
+
+def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
+                        progress: bool) -> None:
+    last_error = "no attempt made"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.25 * 2 ** attempt, 4.0))
+        try:
+            return _fetch_into(url, part, timeout, progress)
+        except _Retryable as e:
+            last_error = str(e)
+    raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
+
+
+def _copy_local(path: str, part: str) -> None:
+    try:
+        shutil.copyfile(path, part)
+    except OSError as e:
+        raise DownloadError(path, e.strerror or str(e)) from None
+
+
+def _copy_s3(url: str, part: str) -> None:
+    try:
+        import megfile  # MegEngine's own file layer, which its hub uses for s3://
+    except ImportError:
+        raise DownloadError(url, "s3:// needs megfile (pip install megfile), which "
+                                 "MegEngine installs") from None
+    try:
+        with megfile.smart_open(url, "rb") as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+    except Exception as e:  # noqa: BLE001  (megfile raises its own and botocore's errors)
+        raise DownloadError(url, f"{type(e).__name__}: {e}") from None
 
 
 class _Retryable(Exception):

@@ -24,7 +24,7 @@ from mirror.errors import (
 )
 from mirror.pack import pack
 from mirror.store import Store
-from tests.conftest import MIRROR, PUBLIC_WEIGHTS, run
+from tests.conftest import MIRROR, PUBLIC_WEIGHTS, ROOT, run
 
 
 def test_rewrite_packs_github_identity_from_loopback_and_loads_offline(upstream, tmp_path):
@@ -258,3 +258,46 @@ def test_an_ambiguous_abbreviation_lists_the_candidates(many_commits, tmp_path):
          progress=False)
     (ref,) = bundle.read_manifest(out)["repos"][0]["refs"]
     assert (ref["name"], ref["commit"]) == ("master", candidates[0])
+
+
+def test_a_recipe_packs_what_it_names_with_command_line_additions(upstream, tmp_path):
+    out = tmp_path / "demo.hub"
+    args = ["pack", "--recipe", os.path.join(ROOT, "bundles", "demo.toml"), "-o", str(out),
+            "-q"]
+    for rule in upstream.rewrites:
+        args += ["--rewrite", rule]
+    r = run(MIRROR + args)
+    assert r.returncode == 0, r.stderr
+    manifest = bundle.read_manifest(str(out))
+    (repo,) = manifest["repos"]
+    m = upstream.mirrored
+    assert sorted((x["name"], x["commit"]) for x in repo["refs"]) == sorted(
+        [("master", m.commits["c3"]), ("v1.0", m.commits["c2"])])
+    # The recipe's exclude applies: no small_cnn weights.
+    assert sorted(w["url"] for w in manifest["weights"]) == sorted(
+        {m.urls[m.commits[c]]["mlp"] for c in ("c2", "c3")})
+
+
+def test_the_model_zoo_recipe_says_what_a_platform_team_would_pack():
+    from mirror.recipe import Recipe
+
+    recipe = Recipe.load(os.path.join(ROOT, "bundles", "megengine-models.toml"))
+    assert recipe.specs == ["megengine/models:master", "megengine/models:v1.2.0"]
+    assert recipe.output.endswith("bundles/megengine-models.hub")
+    merged = recipe.merged({"rewrites": ["https://github.com=https://git.corp.example/gh"],
+                            "jobs": 2})
+    assert merged == {"entries": ["resnet18", "resnet50", "shufflenet_v2_x1_0"],
+                      "trace": True, "jobs": 2,
+                      "rewrites": ["https://github.com=https://git.corp.example/gh"],
+                      "lock": os.path.join(ROOT, "bundles", "megengine-models.lock")}
+
+
+def test_a_bad_recipe_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[repo]]\nspec = "a/b"\n[options]\nturbo = true\n')
+    r = run(MIRROR + ["pack", "--recipe", str(bad)])
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"Error: recipe {bad}: unknown option(s) turbo (known: "
+                                f"allow_unreachable, allow_unresolved, entries, exclude, "
+                                f"follow_nested, git_host, jobs, protocol, rewrites, trace, "
+                                f"weights)")

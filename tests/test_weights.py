@@ -132,8 +132,9 @@ def test_persistent_server_error_gives_up_with_the_url(upstream, served, tmp_pat
 
 
 @pytest.mark.parametrize("url, message", [
-    ("s3://bucket/w.pkl", "unsupported URL scheme 's3'"),
+    ("gs://bucket/w.pkl", "unsupported URL scheme 'gs'"),
     ("weights/w.pkl", "unsupported URL scheme '(none)'"),
+    ("/no/such/file.pkl", "No such file or directory"),
     ("http://127.0.0.1:abc/w.pkl", "invalid URL"),
 ])
 def test_urls_that_cannot_be_downloaded_fail_at_once(url, message, tmp_path):
@@ -142,11 +143,14 @@ def test_urls_that_cannot_be_downloaded_fail_at_once(url, message, tmp_path):
     assert str(e.value).startswith(f"download failed: {url}: {message}")
 
 
-def test_file_urls_are_copied_and_hashed(tmp_path):
+@pytest.mark.parametrize("form", ["uri", "path"])
+def test_file_urls_and_local_paths_are_copied_and_hashed(tmp_path, form):
     src = tmp_path / "src.pkl"
     src.write_bytes(b"weights")
-    got = download(src.as_uri(), str(tmp_path / "w"), progress=False)
+    url = src.as_uri() if form == "uri" else str(src)
+    got = download(url, str(tmp_path / "w"), progress=False)
     assert (got.size, got.sha256) == (7, hashlib.sha256(b"weights").hexdigest())
+    assert (tmp_path / "w").read_bytes() == b"weights"
 
 
 def test_expressions_that_raise_are_reported_not_crashed_on():
