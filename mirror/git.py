@@ -6,6 +6,8 @@ state leaks between packs and nothing on the host's git config matters.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
@@ -65,7 +67,7 @@ class Upstream:
         """Upstream refs (``refs/heads/*``, ``refs/tags/*``) to the object ids they name."""
         if self._heads is None:
             try:
-                listing = _list_heads(self.remote)
+                listing = _list_heads(self.remote, Credentials())
             except pygit2.GitError as e:
                 raise GitError(self.url, str(e)) from None
             self._heads = {}
@@ -132,7 +134,7 @@ class Upstream:
 
     def _fetch(self, refspecs: List[str], depth: int) -> None:
         try:
-            self.remote.fetch(refspecs, depth=depth)
+            self.remote.fetch(refspecs, depth=depth, callbacks=Credentials())
         except pygit2.GitError as e:
             if depth and "shallow" in str(e):  # libgit2's file:// transport: fetch it all
                 return self._fetch(refspecs, depth=0)
@@ -187,11 +189,59 @@ class Upstream:
             # A submodule ("commit" entry) has no content in this repository: left out.
 
 
-def _list_heads(remote: pygit2.Remote) -> List[Tuple[str, str, str | None]]:
+class Credentials(pygit2.RemoteCallbacks):
+    """Credentials from the usual places, each offered once (libgit2 asks again after a
+    refusal, and would loop): ssh-agent for SSH; for HTTPS, ``MGE_MIRROR_GIT_USERNAME``
+    and ``MGE_MIRROR_GIT_PASSWORD`` (a token, say), else git's own credential helpers
+    (``git credential fill``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried: set = set()
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: int):
+        if allowed_types & pygit2.enums.CredentialType.SSH_KEY and "agent" not in self.tried:
+            self.tried.add("agent")
+            return pygit2.KeypairFromAgent(username_from_url or "git")
+        if allowed_types & pygit2.enums.CredentialType.USERPASS_PLAINTEXT:
+            if "env" not in self.tried and os.environ.get("MGE_MIRROR_GIT_PASSWORD"):
+                self.tried.add("env")
+                user = os.environ.get("MGE_MIRROR_GIT_USERNAME") or username_from_url or "git"
+                return pygit2.UserPass(user, os.environ["MGE_MIRROR_GIT_PASSWORD"])
+            if "helper" not in self.tried:
+                self.tried.add("helper")
+                found = _credential_helper(url, username_from_url)
+                if found:
+                    return pygit2.UserPass(*found)
+        offered = ", ".join(sorted(self.tried)) or "nothing"
+        raise GitError(url, f"authentication failed (offered: {offered}); for HTTPS set "
+                            f"MGE_MIRROR_GIT_USERNAME and MGE_MIRROR_GIT_PASSWORD or configure "
+                            f"a git credential helper, for SSH load the key into ssh-agent")
+
+
+def _credential_helper(url: str, username: str | None) -> Tuple[str, str] | None:
+    """What ``git credential fill`` knows for ``url`` (never prompting)."""
+    query = f"url={url}\n" + (f"username={username}\n" if username else "") + "\n"
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="")
+    try:
+        proc = subprocess.run(["git", "credential", "fill"], input=query, env=env,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    answer = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    if proc.returncode == 0 and answer.get("password"):
+        return answer.get("username", username or ""), answer["password"]
+    return None
+
+
+def _list_heads(remote: pygit2.Remote,
+                callbacks: pygit2.RemoteCallbacks) -> List[Tuple[str, str, str | None]]:
     """``(name, oid, symref_target)`` of every ref the remote advertises."""
     if hasattr(remote, "list_heads"):  # pygit2 >= 1.18; ls_remotes is deprecated there
-        return [(h.name or "", str(h.oid), h.symref_target) for h in remote.list_heads()]
-    return [(h["name"], str(h["oid"]), h.get("symref_target")) for h in remote.ls_remotes()]
+        return [(h.name or "", str(h.oid), h.symref_target)
+                for h in remote.list_heads(callbacks=callbacks)]
+    return [(h["name"], str(h["oid"]), h.get("symref_target"))
+            for h in remote.ls_remotes(callbacks=callbacks)]
 
 
 def _short_names(refs: Dict[str, str]) -> List[str]:

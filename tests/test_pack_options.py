@@ -301,3 +301,38 @@ def test_a_bad_recipe_is_a_clear_error(tmp_path):
                                 f"allow_unreachable, allow_unresolved, entries, exclude, "
                                 f"follow_nested, git_host, jobs, protocol, rewrites, trace, "
                                 f"weights)")
+
+
+@pytest.fixture()
+def private_git(upstream):
+    from tests.upstream import GitServer
+
+    server = GitServer(os.path.dirname(os.path.dirname(upstream.demo.bare)), user="ci",
+                       password="s3cret").start()
+    yield server
+    server.stop()
+
+
+def test_private_repos_take_credentials_from_env_or_git_helpers(private_git, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))  # no helpers yet
+    monkeypatch.delenv("MGE_MIRROR_GIT_PASSWORD", raising=False)
+    kw = dict(git_host=private_git.host, protocol="http", progress=False,
+              cache_dir=str(tmp_path / "cache"))
+    r = run(MIRROR + ["pack", "demo/tinynets:v1.0", "-o", str(tmp_path / "x.hub"),
+                      "--git-host", private_git.host, "--protocol", "http", "-q"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"Error: git: {private_git.url('demo/tinynets')}: ")
+    assert "auth" in r.stderr.lower()
+
+    monkeypatch.setenv("MGE_MIRROR_GIT_USERNAME", "ci")
+    monkeypatch.setenv("MGE_MIRROR_GIT_PASSWORD", "s3cret")
+    pack(["demo/tinynets:v1.0"], str(tmp_path / "env.hub"), **kw)
+
+    monkeypatch.delenv("MGE_MIRROR_GIT_PASSWORD")
+    store = tmp_path / "git-credentials"
+    store.write_text(f"http://ci:s3cret@{private_git.host}\n")
+    (tmp_path / "gitconfig").write_text(f"[credential]\n\thelper = store --file={store}\n")
+    pack(["demo/tinynets:v1.0"], str(tmp_path / "helper.hub"), **kw)
+    assert bundle.read_manifest(str(tmp_path / "helper.hub"))["repos"][0]["refs"][0][
+        "name"] == "v1.0"

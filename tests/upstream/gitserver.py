@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 from typing import Dict
@@ -30,6 +31,14 @@ class _GitHandler(QuietHandler):
 
     def _cgi(self) -> None:
         server: GitServer = self.server.owner
+        if server.auth and self.headers.get("Authorization") != server.auth:
+            if self.command == "POST":
+                self._read_body()
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path, _, query = self.path.partition("?")
         body = self._read_body() if self.command == "POST" else b""
         env: Dict[str, str] = {
@@ -69,10 +78,13 @@ class _GitHandler(QuietHandler):
 class GitServer(LoopbackServer):
     """Serves bare repositories under ``root`` as ``http://127.0.0.1:PORT/owner/name``."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, user: str | None = None, password: str | None = None):
         super().__init__(_GitHandler)
         self.root = os.path.abspath(root)
         self.requests = 0
+        # With a user and password, every request must carry them (HTTP Basic).
+        self.auth = ("Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                     if user else None)
         exec_path = subprocess.run(["git", "--exec-path"], capture_output=True, text=True,
                                    check=True).stdout.strip()
         self.backend = os.path.join(exec_path, "git-http-backend")
