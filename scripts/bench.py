@@ -1,5 +1,8 @@
 """Benchmarks, each a ratio against a baseline measured in the same run on the same data.
 
+pack: `mirror pack` of a repo plus its weights, downloaded over loopback HTTP into
+an empty download cache, hashed and compressed, against `tar -cf - DIR | zstd -T0 -3`
+of the same files on local disk (and `sha256sum` of them, shown apart).
 install: `mirror install` (verify every byte, install atomically) against
 `zstd -d | tar -x` of the same bundle, median of --runs; peak RSS of each.
 load: `mirror.hub.load(..., pretrained=True)` against stock `megengine.hub.load`
@@ -45,20 +48,46 @@ def timed(cmd: str, env=None):
     return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
-def make_weights(weights: WeightServer, total_mb: int, files: int) -> list:
-    """float32 state dicts saved with megengine.save, ``total_mb`` in all."""
+def make_weights(weights: WeightServer, total_mb: int, files: int, folder: str) -> list:
+    """float32 state dicts saved with megengine.save, ``total_mb`` in all: served, and
+    written to ``folder`` for the baseline."""
     import megengine
 
     rng = np.random.RandomState(0)
     urls = []
     per_file = total_mb * (1 << 20) // files
+    os.makedirs(folder)
     for i in range(files):
         state = {f"layer{j}.weight": rng.standard_normal(per_file // 4 // 4).astype(np.float32)
                  for j in range(4)}
         buf = io.BytesIO()
         megengine.save(state, buf)
         urls.append(weights.add(f"bench/w{i}.pkl", buf.getvalue()))
+        with open(os.path.join(folder, f"w{i}.pkl"), "wb") as fh:
+            fh.write(buf.getvalue())
     return urls
+
+
+def bench_pack(spec: str, git_host: str, urls: list, folder: str, runs: int,
+               work: str) -> dict:
+    base, sums, mine = [], [], []
+    for i in range(runs):
+        base.append(timed(f"tar -cf - -C {folder} . | zstd -T0 -3 -q -o {work}/base{i}.tar.zst"))
+        sums.append(timed(f"find {folder} -type f -print0 | xargs -0 sha256sum > /dev/null"))
+        out = os.path.join(work, f"pack{i}.hub")
+        env = dict(os.environ, MGE_MIRROR_DOWNLOADS=os.path.join(work, f"dl{i}"))
+        weights = " ".join(f"--weights {u}" for u in urls)
+        mine.append(timed(f"{sys.executable} -m mirror pack {spec} -o {out} --git-host "
+                          f"{git_host} --protocol http -q {weights}", env=env))
+        sizes = (os.path.getsize(f"{work}/base{i}.tar.zst"), os.path.getsize(out))
+        shutil.rmtree(env["MGE_MIRROR_DOWNLOADS"])
+        os.unlink(out)
+        os.unlink(f"{work}/base{i}.tar.zst")
+    b = statistics.median(t for t, _ in base)
+    m = statistics.median(t for t, _ in mine)
+    return {"baseline_s": b, "sha256sum_s": statistics.median(t for t, _ in sums),
+            "mirror_s": m, "ratio": m / b, "mirror_rss_mb": max(r for _, r in mine),
+            "baseline_size": sizes[0], "mirror_size": sizes[1]}
 
 
 def bench_install(bundle: str, runs: int, work: str) -> dict:
@@ -128,8 +157,16 @@ def main() -> None:
     try:
         with WeightServer() as weights:
             demo = build_demo_repo(os.path.join(work, "git"), weights)
-            urls = make_weights(weights, args.size_mb, args.files)
+            content = os.path.join(work, "content")
+            urls = make_weights(weights, args.size_mb, args.files, content)
             with GitServer(os.path.join(work, "git")) as git:
+                subprocess.run(["git", "-C", content, "init", "-q"], check=True)
+                subprocess.run(["git", "-C", content, "fetch", "-q",
+                                os.path.join(work, "git", demo.repo), "master"], check=True)
+                subprocess.run(["git", "-C", content, "checkout", "-q", "FETCH_HEAD", "--",
+                                "."], check=True)
+                shutil.rmtree(os.path.join(content, ".git"))
+                p = bench_pack(demo.repo, git.host, urls, content, args.runs, work)
                 bundle = os.path.join(work, "bench.hub")
                 small = os.path.join(work, "demo.hub")
                 pack([demo.repo], small, git_host=git.host, protocol="http", progress=False)
@@ -142,6 +179,11 @@ def main() -> None:
               f"{platform.python_version()}; bundle {size / 2**20:.0f} MiB "
               f"({args.size_mb} MiB of float32 weights in {args.files} files); "
               f"pack took {pack_s:.2f} s")
+        print(f"pack: mirror {p['mirror_s']:.2f} s vs tar | zstd -T0 -3 {p['baseline_s']:.2f} s"
+              f" -> ratio {p['ratio']:.2f} (sha256sum alone {p['sha256sum_s']:.2f} s); bundle "
+              f"{p['mirror_size'] / 2**20:.1f} MiB vs {p['baseline_size'] / 2**20:.1f} MiB -> "
+              f"{p['mirror_size'] / p['baseline_size']:.3f}; peak RSS mirror "
+              f"{p['mirror_rss_mb']:.0f} MiB (median of {args.runs})")
         r = bench_install(bundle, args.runs, work)
         load = bench_load(small, work, 20)
         print(f"install: mirror {r['mirror_s']:.2f} s vs zstd -d | tar -x {r['baseline_s']:.2f} s"
