@@ -119,6 +119,15 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
         click.echo(f"packed {ref}")
     for w in report.weights:
         click.echo(f"weight {w['url']} ({w['size']} bytes, sha256 {w['sha256'][:12]})")
+    packed = {w["url"] for w in report.weights}
+    for label, entries in report.coverage.items():  # what each entrypoint will load
+        for entry, urls in entries.items():
+            state = ", ".join(u if u in packed else f"{u} (NOT packed)" for u in urls)
+            click.echo(f"coverage {label} {entry}: {state or 'no @pretrained weights'}")
+    for line in report.unresolved:
+        click.echo(f"unresolved {line}")
+    for line in report.nested:
+        click.echo(f"nested {line}")
     click.echo(f"wrote {report.output}: {report.size} bytes, {report.files} files, "
                f"{len(report.weights)} weights, sha256 {report.sha256}")
 

@@ -313,25 +313,43 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
         raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; mirror "
                                  f"downloads {', '.join(SCHEMES)} and s3 URLs and absolute "
                                  f"paths")
-    else:
-        _fetch_with_retries(url, part, retries, timeout, progress)
-    digest, size = hashlib.sha256(), 0
-    with open(part, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-            size += len(block)
+    hashed = _Hashed()
+    if scheme in SCHEMES:
+        _fetch_with_retries(url, part, retries, timeout, progress, hashed)
+    hashed.catch_up(part)  # a no-op after an HTTP download, which hashed as it wrote
     os.replace(part, dest)
-    return Downloaded(url, dest, size, digest.hexdigest())
+    return Downloaded(url, dest, hashed.size, hashed.digest.hexdigest())
+
+
+class _Hashed:
+    """The sha256 of a partial download, kept up to date as blocks arrive."""
+
+    def __init__(self) -> None:
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def update(self, block: bytes) -> None:
+        self.digest.update(block)
+        self.size += len(block)
+
+    def catch_up(self, path: str) -> None:
+        """Make the digest cover exactly the file at ``path`` (it already does unless a
+        download started over, or was resumed from an earlier process's part file)."""
+        have = os.path.getsize(path) if os.path.exists(path) else 0
+        if have != self.size:
+            self.__init__()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(CHUNK), b""):
+                    self.update(block)
 
 
 def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
-                        progress: bool) -> None:
+                        progress: bool, hashed: _Hashed) -> None:
     last_error = "no attempt made"
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.25 * 2 ** attempt, 4.0))
         try:
-            return _fetch_into(url, part, timeout, progress)
+            return _fetch_into(url, part, timeout, progress, hashed)
         except _Retryable as e:
             last_error = str(e)
     raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
@@ -361,8 +379,9 @@ class _Retryable(Exception):
     pass
 
 
-def _fetch_into(url: str, part: str, timeout: float, progress: bool) -> None:
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed) -> None:
+    hashed.catch_up(part)
+    have = hashed.size
     request = urllib.request.Request(url, headers={"User-Agent": "mge-mirror"})
     if have:
         request.add_header("Range", f"bytes={have}-")
@@ -382,6 +401,7 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool) -> None:
     with response:
         if have and response.status != 206:
             have = 0  # the server ignored Range: start over
+            hashed.__init__()
         length = response.headers.get("Content-Length")
         expected = int(length) if length is not None else None
         mode = "ab" if have else "wb"
@@ -397,6 +417,7 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool) -> None:
                     if not block:
                         break
                     out.write(block)
+                    hashed.update(block)  # sha256 on the fly: the file is read once
                     received += len(block)
                     bar.update(len(block))
             except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead

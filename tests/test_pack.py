@@ -25,6 +25,9 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
                       "--git-host", upstream.git.host, "--protocol", "http", "-q"])
     assert r.returncode == 0, r.stderr
     assert f"packed demo/tinynets:master -> {c2}" in r.stdout
+    urls = upstream.demo.urls[c2]
+    assert f"coverage demo/tinynets@{c2[:12]} small_cnn: {urls['small_cnn']}\n" in r.stdout
+    assert f"coverage demo/tinynets@{c2[:12]} mlp_from_url: no @pretrained weights" in r.stdout
 
     # Standard tools can list it, manifest first.
     names = subprocess.run(["tar", "--zstd", "-tf", str(out)], capture_output=True, text=True,

@@ -336,3 +336,17 @@ def test_private_repos_take_credentials_from_env_or_git_helpers(private_git, tmp
     pack(["demo/tinynets:v1.0"], str(tmp_path / "helper.hub"), **kw)
     assert bundle.read_manifest(str(tmp_path / "helper.hub"))["repos"][0]["refs"][0][
         "name"] == "v1.0"
+
+
+def test_without_master_the_remote_default_branch_is_used(tmp_path):
+    bare = tmp_path / "git" / "only" / "main"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    hubconf = b"def f():\n    return 1\n"
+    stream = (b"commit refs/heads/main\ncommitter t <t@example.invalid> 1700000000 +0000\n"
+              b"data 3\nmsg\nM 644 inline hubconf.py\ndata %d\n%s\n" % (len(hubconf), hubconf))
+    subprocess.run(["git", "--git-dir", str(bare), "fast-import", "--quiet"], input=stream,
+                   check=True)
+    out = str(tmp_path / "m.hub")
+    pack(["only/main"], out, git_host=str(tmp_path / "git"), protocol="file", progress=False)
+    (ref,) = bundle.read_manifest(out)["repos"][0]["refs"]
+    assert (ref["kind"], ref["name"]) == ("branch", "main")
