@@ -294,6 +294,8 @@ def read(path: str, sink: SinkFactory | None = None,
                   unit_divisor=1024, desc="verify", disable=not progress or None,
                   leave=False) as bar:
         try:
+            _check_frames(path, fh)
+            fh.seek(0)
             source = _Counting(fh, bar.update) if progress else fh
             reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
             counted = _Counting(reader)
@@ -341,6 +343,63 @@ class _Counting:
         if self.report:
             self.report(len(data))
         return data
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _check_frames(path: str, fh: IO[bytes]) -> None:
+    """Walk the zstd frames' headers (no decompression): the file must be whole
+    standard frames, each with data, and end where the last one ends.
+
+    zstd's own readers silently skip skippable and empty frames and do not notice a
+    last frame cut short, so data could hide in or after a bundle that verifies.
+    """
+    size = os.fstat(fh.fileno()).st_size
+    if size == 0:
+        raise BundleError(path, "empty file")
+    offset = frames = 0
+    while offset < size:
+        fh.seek(offset)
+        head = fh.read(18)  # magic + the largest frame header
+        if head[:4] != ZSTD_MAGIC:
+            what = "a skippable zstd frame" if head[:4][1:] == b"\x2a\x4d\x18" else \
+                "not a zstd frame"
+            raise BundleError(path, f"{what} at byte {offset}; a bundle holds only standard "
+                                    f"frames" + (", so this is not a bundle" if not frames
+                                                 else ""))
+        if len(head) < 6:
+            raise BundleError(path, f"truncated: frame header at byte {offset}")
+        descriptor = head[4]
+        single = descriptor >> 5 & 1
+        header = 1 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] \
+            + ((1 if single else 0), 2, 4, 8)[descriptor >> 6]
+        offset += 4 + header
+        content = 0
+        while True:
+            fh.seek(offset)
+            raw = fh.read(3)
+            if len(raw) < 3:
+                raise BundleError(path, f"truncated: zstd block header at byte {offset}")
+            value = int.from_bytes(raw, "little")
+            last, kind, length = value & 1, value >> 1 & 3, value >> 3
+            if kind == 3:
+                raise BundleError(path, f"corrupt zstd block at byte {offset}")
+            offset += 3 + (1 if kind == 1 else length)
+            content += length if kind != 2 else 1  # a compressed block holds data
+            if offset > size:
+                raise BundleError(path, f"truncated: a zstd block runs past the end of the "
+                                        f"file ({size} bytes)")
+            if last:
+                break
+        offset += 4 if descriptor >> 2 & 1 else 0  # the content checksum
+        if content == 0:
+            raise BundleError(path, f"an empty zstd frame ends at byte {offset}; a bundle "
+                                    f"has none")
+        frames += 1
+    if offset != size:
+        raise BundleError(path, f"truncated: the last zstd frame needs {offset - size} more "
+                                f"bytes")
 
 
 def _check_end(path: str, end_offset: int, stream: _Counting) -> None:

@@ -252,7 +252,8 @@ def inspect(bundle_path, as_json) -> None:
         click.echo(json.dumps(manifest, indent=1))
         return
     size = {w["url"]: w["size"] for w in manifest["weights"]}
-    click.echo(f"{bundle_path}: {manifest['tool']}, format {manifest['format_version']}, "
+    click.echo(f"{bundle_path}: {manifest.get('tool', '?')}, format "
+               f"{manifest['format_version']}, "
                f"{len(manifest['weights'])} weights, "
                f"{sum(size.values())} bytes of weights")
     for repo in manifest["repos"]:

@@ -156,6 +156,14 @@ class Upstream:
             if len(matches) == 1:  # the others sharing the prefix are trees or blobs
                 return matches[0]
             raise AmbiguousCommitError(self.url, prefix, matches) from None
+        if not str(obj.id).startswith(prefix.lower()):
+            # revparse took it as a branch or tag name: @ takes only commit ids.
+            ids = sorted({str(c.id) for c in self._all_commits()
+                          if str(c.id).startswith(prefix.lower())})
+            if len(ids) != 1:
+                raise RefNotFoundError(self.url, prefix) if not ids else \
+                    AmbiguousCommitError(self.url, prefix, ids)
+            return ids[0]
         try:
             return str(obj.peel(pygit2.Commit).id)
         except (pygit2.InvalidSpecError, ValueError):

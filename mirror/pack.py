@@ -10,11 +10,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Sequence
 
 from . import __version__, bundle
-from .errors import MirrorError, UnresolvedError
+from .errors import LockMismatchError, MirrorError, UnresolvedError
 from .git import Snapshot, Upstream
 from .lock import Lock
 from .refs import DEFAULT_HOST, RepoSpec, Rewrites
-from .trace import trace
+from .trace import IMPORT, trace
 from .weights import DownloadCache, coverage, discover, fetch_all
 
 
@@ -96,6 +96,8 @@ class _Packer:
         self.sources: Dict[str, bundle.Source] = {}
         self.mtimes: Dict[str, int] = {}
         self.seen: set = set()
+        # commit -> entries whose weights are packed (None: the whole snapshot's)
+        self.covered: Dict[str, set | None] = {}
 
     def _locate(self, spec: RepoSpec) -> tuple:
         """(spec with its host, identity URL, URL the bytes are fetched from)."""
@@ -131,22 +133,53 @@ class _Packer:
         repo = self.repos.setdefault(key, {"host": spec.host, "owner": spec.owner,
                                            "name": spec.name, "url": url,
                                            "refs": [], "snapshots": []})
+        self._add_ref(repo, spec, resolved, text, fetch_url)
+        record = next((r for r in repo["snapshots"] if r["commit"] == snap.commit), None)
+        covered = self.covered.get(snap.commit, set())
+        if record is not None and (covered is None or (entries and set(entries) <= covered)):
+            return []  # already packed with everything this request needs
+        urls, follow, extra = self._weights(spec, snap, entries)
+        if record is None:
+            record = self._record(snap, extra)
+            repo["snapshots"].append(record)
+        record["weights"] = sorted(set(record["weights"]) | set(urls))
+        self.covered[snap.commit] = covered | set(entries) if entries else None
+        return follow if self.opts.follow_nested else []
+
+    def _add_ref(self, repo: Dict[str, Any], spec: RepoSpec, resolved: Any, text: str,
+                 fetch_url: str) -> None:
+        for ref in repo["refs"]:
+            if (ref["kind"], ref["name"]) == (resolved.kind, resolved.name):
+                if ref["commit"] == resolved.commit:
+                    return  # asked twice (a nested load of a ref already packed, say)
+                # owner/name@commit only stands in for the default branch when nothing
+                # else names it: the snapshot is still there for commit=.
+                if spec.ref is None:
+                    self.log(f"note: {text} is packed by commit only; {resolved.name} "
+                             f"stays at {ref['commit'][:12]}")
+                    return
+                if RepoSpec.parse(ref["asked"]).ref is None:
+                    repo["refs"].remove(ref)
+                    break
+                raise MirrorError(
+                    f"{ref['asked']!r} and {text!r} would both set {resolved.kind} "
+                    f"{resolved.name} of {spec.repo} ({ref['commit'][:12]} and "
+                    f"{resolved.commit[:12]}); pin other refs with {spec.repo}:REF@COMMIT")
         repo["refs"].append({"name": resolved.name, "kind": resolved.kind,
                              "commit": resolved.commit, "asked": text,
                              "resolved_at": _now(), "fetched_from": fetch_url})
         self.report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
-        if any(s["commit"] == snap.commit for s in repo["snapshots"]):
-            return []
-        record, nested = self._snapshot(spec, snap, entries)
-        repo["snapshots"].append(record)
-        return nested if self.opts.follow_nested else []
 
-    def _snapshot(self, spec: RepoSpec, snap: Snapshot, entries: tuple) -> tuple:
+    def _weights(self, spec: RepoSpec, snap: Snapshot, entries: tuple) -> tuple:
+        """(URL -> where it is asked for, nested loads to follow, what the record notes)
+        for the whole snapshot, or for ``entries``."""
         opts, label = self.opts, f"{spec.repo}@{snap.commit[:12]}"
         found, unresolved = discover(snap.files)
         entry_weights = coverage(snap.files)
-        urls: Dict[str, List[str]] = {}  # URL -> where it is asked for
-        traced = trace(snap.files, label) if opts.trace or entries else None
+        urls: Dict[str, List[str]] = {}
+        tracing = opts.trace or opts.follow_nested or bool(entries)
+        traced = trace(snap.files, label) if tracing else None
+        unresolved_text = [str(u) for u in unresolved]
         if entries:
             unknown = sorted(set(entries) - set(traced.entries))
             if unknown:
@@ -155,7 +188,10 @@ class _Packer:
             for entry in entries:
                 for u in entry_weights.get(entry, []):
                     urls.setdefault(u, []).append(f"hubconf.py (@pretrained of {entry})")
-            unresolved = []  # only the entries' own downloads matter, and they were run
+            # Only the entries' own downloads matter, and they were run; one that failed
+            # may have stopped before asking for everything it needs.
+            unresolved_text = [f"tracing {e} failed: {traced.errors[e]}" for e in entries
+                               if e in traced.errors]
         else:
             for w in found:
                 urls.setdefault(w.url, []).extend(str(loc) for loc in w.locations)
@@ -164,14 +200,15 @@ class _Packer:
             for u, where in traced.urls(entries or None).items():
                 urls.setdefault(u, []).extend(where)
             for entry, calls in traced.nested.items():
-                if not entries or entry in entries:
+                if not entries or entry in entries or entry == IMPORT:
                     nested_calls += calls
             for entry, error in traced.errors.items():
-                self.log(f"warning: {label}: tracing {entry} failed: {error}")
+                if entry not in entries:
+                    self.log(f"warning: {label}: tracing {entry} failed: {error}")
 
         kept = {u: where for u, where in urls.items() if not self._excluded(u)}
         self.report.excluded += sorted(set(urls) - set(kept))
-        self.report.unresolved += [f"{label} {u}" for u in unresolved]
+        self.report.unresolved += [f"{label} {u}" for u in unresolved_text]
         for u, where in kept.items():
             self.weight_refs.setdefault(u, []).extend(f"{label}:{w}" for w in where)
         nested = sorted({_nested_spec(c) for c in nested_calls})
@@ -181,7 +218,16 @@ class _Packer:
                      f"megengine.hub.load; pack them with --follow-nested")
         # A nested repo is packed whole, or, when entries were named, for the entry called.
         follow = [(_nested_spec(c), (c["entry"],) if entries else ()) for c in nested_calls]
+        self.report.coverage[label] = entry_weights
+        extra = {"entrypoints": sorted(entry_weights), "coverage": entry_weights,
+                 "excluded": sorted(set(urls) - set(kept)), "unresolved": unresolved_text,
+                 "nested": nested}
+        if traced is not None:
+            extra["trace"] = {"weights": traced.weights, "nested": traced.nested,
+                              "errors": traced.errors}
+        return kept, follow, extra
 
+    def _record(self, snap: Snapshot, extra: Dict[str, Any]) -> Dict[str, Any]:
         files = []
         for f in snap.files:
             files.append({"path": f.path, "mode": f.mode, "size": len(f.data),
@@ -189,22 +235,20 @@ class _Packer:
             member = bundle.code_member(snap.commit, f.path)
             self.sources[member], self.mtimes[member] = f.data, snap.commit_time
         self.report.files += len(files)
-        self.report.coverage[label] = entry_weights
-        record = {
-            "commit": snap.commit, "tree": snap.tree, "commit_time": snap.commit_time,
-            "files": files, "entrypoints": sorted(entry_weights), "coverage": entry_weights,
-            "weights": sorted(kept), "excluded": sorted(set(urls) - set(kept)),
-            "unresolved": [str(u) for u in unresolved], "nested": nested}
-        if traced is not None:
-            record["trace"] = {"weights": traced.weights, "nested": traced.nested,
-                               "errors": traced.errors}
-        return record, follow
+        return dict(extra, commit=snap.commit, tree=snap.tree, commit_time=snap.commit_time,
+                    files=files, weights=[])
 
     def _excluded(self, url: str) -> bool:
         return any(fnmatch.fnmatchcase(url, p) for p in self.opts.exclude)
 
     def finish(self) -> PackReport:
         report, opts, pins = self.report, self.opts, self.pins
+        if pins and pins.exists:
+            new = pins.missing(sorted({r["asked"] for repo in self.repos.values()
+                                       for r in repo["refs"]}), sorted(self.weight_refs))
+            if new:
+                raise LockMismatchError(pins.path, f"it does not pin {', '.join(new[:3])}"
+                                                   f"{' ...' if len(new) > 3 else ''}")
         if report.unresolved and not opts.allow_unresolved:
             raise UnresolvedError(report.unresolved)
         for u in report.unresolved:

@@ -38,6 +38,9 @@ OPTIONS = {"git_host": "git_host", "protocol": "protocol", "weights": "extra_wei
            "allow_unresolved": "allow_unresolved", "allow_unreachable": "allow_unreachable",
            "jobs": "jobs"}
 LISTS = {"extra_weights", "rewrites", "exclude", "entries"}
+TYPES = {**{k: list for k in LISTS}, "git_host": str, "protocol": str, "trace": bool,
+         "follow_nested": bool, "allow_unresolved": bool, "allow_unreachable": bool,
+         "jobs": int}
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,17 @@ class Recipe:
         extra = sorted(set(data) - {"repo", "options", "output", "lock"})
         if extra:
             raise MirrorError(f"recipe {path}: unknown key(s) {', '.join(extra)}")
+
+        for key, value in options.items():
+            kind = TYPES[OPTIONS[key]]
+            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) \
+                if kind is list else (isinstance(value, kind) and not (
+                    kind is int and (isinstance(value, bool) or value < 1)))
+            if not ok:
+                what = {list: "a list of strings", bool: "true or false",
+                        int: "a whole number of at least 1", str: "a string"}[kind]
+                raise MirrorError(f"recipe {path}: option {key} must be {what}, "
+                                  f"not {value!r}")
 
         def near(p: str | None) -> str | None:
             return os.path.join(where, p) if p else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from typing import Any, Dict, Iterable, List
 
 from .errors import MirrorError
 from .git import MODE_LINK, TreeFile
+
+IMPORT = "<import>"  # what hubconf.py asks for while it is imported, before any entry
 
 
 @dataclass
@@ -38,10 +41,11 @@ class Trace:
     errors: Dict[str, str] = field(default_factory=dict)
 
     def urls(self, entries: Iterable[str] | None = None) -> Dict[str, List[str]]:
-        """URL -> where it was asked for, for ``entries`` (default: all)."""
+        """URL -> where it was asked for, for ``entries`` (default: all); what
+        ``hubconf.py`` downloads as it is imported is needed by every entry."""
         out: Dict[str, List[str]] = {}
         for entry, asked in self.weights.items():
-            if entries is None or entry in entries:
+            if entries is None or entry in entries or entry == IMPORT:
                 for a in asked:
                     out.setdefault(a["url"], []).append(f"{a['at']} (trace of {entry})")
         return out
@@ -99,7 +103,7 @@ def _child(root: str, out: str) -> None:
     weights: Dict[str, List[Dict[str, str]]] = {}
     nested: Dict[str, List[Dict[str, Any]]] = {}
     errors: Dict[str, str] = {}
-    current: List[Any] = ["<import>", None]  # entry name, entry function
+    current: List[Any] = [IMPORT, None]  # entry name, entry function
 
     class Stub(megengine.module.Module):
         def forward(self, *args: Any) -> None:
@@ -133,7 +137,10 @@ def _child(root: str, out: str) -> None:
             try:
                 getattr(hubconf, name)(**kwargs)
             except Exception as e:  # noqa: BLE001  (the repo's code: any failure is data)
-                failures.append(f"{type(e).__name__}: {e}")
+                # Without the temporary path and object addresses, so that tracing the
+                # same code gives the same manifest.
+                text = re.sub(r"0x[0-9a-fA-F]+", "0x?", str(e)).replace(root, "<snapshot>")
+                failures.append(f"{type(e).__name__}: {text}")
         if len(failures) == 2:  # one form working is enough: classes take no pretrained=
             errors[name] = failures[0]
     for found in (weights, nested):  # each entry is called twice: once is enough to say

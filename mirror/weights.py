@@ -184,34 +184,82 @@ def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None
     imported from other modules of the repo."""
     env: Dict[str, Any] = {}
     for stmt in tree.body:
-        if modules is not None and isinstance(stmt, ast.ImportFrom):
-            source = modules.path_of(path, stmt.module, stmt.level)
-            if source is not None:
-                other = modules.env(source)
-                for alias in stmt.names:
-                    if alias.name == "*":
-                        env.update({k: v for k, v in other.items() if not k.startswith("_")})
-                    elif alias.name in other:
-                        env[alias.asname or alias.name] = other[alias.name]
-            continue
-        if modules is not None and isinstance(stmt, ast.Import):
+        if isinstance(stmt, ast.ImportFrom):
+            source = modules.path_of(path, stmt.module, stmt.level) if modules else None
+            other = modules.env(source) if source is not None else {}
             for alias in stmt.names:
-                source = modules.path_of(path, alias.name, 0)
+                if alias.name == "*":
+                    env.update({k: v for k, v in other.items() if not k.startswith("_")})
+                elif alias.name in other:
+                    env[alias.asname or alias.name] = other[alias.name]
+                else:  # bound to something not known statically
+                    env.pop(alias.asname or alias.name, None)
+            continue
+        if isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                source = modules.path_of(path, alias.name, 0) if modules else None
+                name = alias.asname or alias.name.split(".")[0]
                 if source is not None and alias.asname:
-                    env[alias.asname] = _Namespace(modules.env(source))
+                    env[name] = _Namespace(modules.env(source))
+                else:
+                    env.pop(name, None)
             continue
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value = stmt.target, stmt.value
-        else:
-            continue
-        if isinstance(target, ast.Name):
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and isinstance(
+                stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target, ast.Name) \
+                and (isinstance(stmt, ast.AnnAssign) or len(stmt.targets) == 1) \
+                and stmt.value is not None:
+            name = (stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target).id
             try:
-                env[target.id] = _evaluate(value, env)
+                env[name] = _evaluate(stmt.value, env)
             except _EVAL_ERRORS:
-                env.pop(target.id, None)
+                env.pop(name, None)
+            continue
+        # Anything else that binds a name (x += ..., a, b = ..., a name set inside an
+        # if, for, try or with, a def or class) makes it unknown: never a stale value.
+        for name in _bound_names(stmt):
+            env.pop(name, None)
     return env
+
+
+def _bound_names(node: ast.AST) -> List[str]:
+    """Every name a statement binds at module level (its nested defs' bodies excluded)."""
+    names = []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+            names.append(child.id)
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(child.name)
+        elif isinstance(child, (ast.Import, ast.ImportFrom)):
+            names += [a.asname or a.name.split(".")[0] for a in child.names]
+    return names
+
+
+def _download_calls(node: ast.AST, local: frozenset):
+    """Each call of a downloader below ``node``, with the names bound locally around it.
+
+    A function's decorators and defaults belong to the enclosing scope; its body
+    adds the function's parameters and the names it assigns.
+    """
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = child.args
+            outer = list(getattr(child, "decorator_list", [])) + args.defaults + [
+                d for d in args.kw_defaults if d is not None]
+            for expr in outer:
+                yield from _download_calls(ast.Expression(expr), local)
+            params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+            params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+            body = ast.Module(body=child.body, type_ignores=[]) if isinstance(
+                child.body, list) else ast.Expression(child.body)
+            assigned = {n.id for n in ast.walk(body)
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            yield from _download_calls(body, local | params | assigned)
+            continue
+        if isinstance(child, ast.Call) and _callee_name(child) in _DOWNLOADERS:
+            yield child, local
+        yield from _download_calls(child, local)
 
 
 def _callee_name(call: ast.Call) -> str | None:
@@ -225,10 +273,10 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
     unresolved: List[Unresolved] = []
     modules = _Modules(files)
     for path, tree in sorted(modules.trees.items()):
-        env = modules.env(path)
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and _callee_name(node) in _DOWNLOADERS):
-                continue
+        module_env = modules.env(path)
+        for node, local in _download_calls(tree, frozenset()):
+            # A name a function binds itself (a parameter, say) is not the module's.
+            env = {k: v for k, v in module_env.items() if k not in local}
             arg = node.args[0] if node.args else next(
                 (k.value for k in node.keywords if k.arg == "url"), None)
             if arg is None:
@@ -461,13 +509,23 @@ class DownloadCache:
         cached = None if self.refresh else self._check(url, data, record, expect)
         if cached:
             return cached
-        os.makedirs(self.root, exist_ok=True)
         tmp = f"{data}.{os.getpid()}.{threading.get_ident()}"
-        got = download(source, tmp, progress=progress)
-        os.replace(tmp, data)
-        with open(record + ".tmp", "w") as fh:
-            json.dump({"url": url, "sha256": got.sha256, "size": got.size}, fh)
-        os.replace(record + ".tmp", record)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            for stale in (tmp, tmp + ".part"):  # never resume into bytes of another day
+                if os.path.exists(stale):
+                    os.unlink(stale)
+            got = download(source, tmp, progress=progress)
+            os.replace(tmp, data)
+            with open(f"{tmp}.json", "w") as fh:
+                json.dump({"url": url, "sha256": got.sha256, "size": got.size}, fh)
+            os.replace(f"{tmp}.json", record)
+        except OSError as e:
+            raise DownloadError(url, f"download cache {self.root}: {e.strerror or e}") \
+                from None
+        finally:
+            if os.path.exists(tmp + ".part"):  # a failed download leaves nothing behind
+                os.unlink(tmp + ".part")
         return Downloaded(url, data, got.size, got.sha256)
 
     @staticmethod
@@ -502,7 +560,12 @@ def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str],
             as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
                                expect.get(u)): u for u in urls}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update(1)
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:
+            for future in futures:  # the first failure is the answer: stop the queue
+                future.cancel()
+            raise
     return results

@@ -269,3 +269,20 @@ def test_data_appended_after_the_archive_is_refused(master_bundle, home, tmp_pat
         Store().install(str(bad))
     assert str(bad) in str(e.value)
     assert not os.path.exists(os.path.join(home, "repos"))
+
+
+@pytest.mark.parametrize("kind", ["empty frame", "skippable frame"])
+def test_frames_that_decode_to_nothing_are_refused(master_bundle, home, tmp_path, kind):
+    import zstandard
+
+    extra = zstandard.ZstdCompressor().compress(b"") if kind == "empty frame" else (
+        b"\x50\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"hello")
+    with open(master_bundle, "rb") as fh:
+        data = fh.read()
+    for name, blob in (("end", data + extra), ("start", extra + data)):
+        bad = tmp_path / f"{name}.hub"
+        bad.write_bytes(blob)
+        r = run(MIRROR + ["verify", str(bad)])
+        assert r.returncode == 3, (name, r.stdout)
+        assert ("empty zstd frame" if kind == "empty frame" else "skippable zstd frame") \
+            in r.stderr

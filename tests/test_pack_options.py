@@ -350,3 +350,23 @@ def test_without_master_the_remote_default_branch_is_used(tmp_path):
     pack(["only/main"], out, git_host=str(tmp_path / "git"), protocol="file", progress=False)
     (ref,) = bundle.read_manifest(out)["repos"][0]["refs"]
     assert (ref["kind"], ref["name"]) == ("branch", "main")
+
+
+def test_a_lock_refuses_what_it_does_not_pin(upstream, tmp_path):
+    lock = tmp_path / "x.lock"
+    kw = dict(git_host=upstream.git.host, protocol="http", progress=False, lock=str(lock),
+              cache_dir=str(tmp_path / "cache"))
+    pack([upstream.spec(":v1.0")], str(tmp_path / "a.hub"), **kw)
+    extra = upstream.weights.add("extra/new.bin", b"new")
+    with pytest.raises(LockMismatchError) as e:
+        pack([upstream.spec(":v1.0")], str(tmp_path / "b.hub"), extra_weights=[extra], **kw)
+    assert str(e.value).startswith(f"lock {lock}: it does not pin {extra}")
+
+
+def test_recipe_options_must_have_their_types(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[repo]]\nspec = "a/b"\n[options]\nexclude = "*_fp16.pkl"\n')
+    r = run(MIRROR + ["pack", "--recipe", str(bad)])
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"Error: recipe {bad}: option exclude must be a list of "
+                                f"strings, not '*_fp16.pkl'")

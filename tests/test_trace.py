@@ -69,3 +69,72 @@ def test_follow_nested_packs_the_repo_the_code_loads_and_it_loads_offline(upstre
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "3"  # master's mlp, through the nested load
     assert Store(env["MGE_MIRROR_HOME"]).repos()[0]["commits"] == sorted([c["c3"], c["c4"]])
+
+
+def _file_repo(root, owner, name, files):
+    """A git repo at root/owner/name with one commit of ``files``, made by fast-import."""
+    import subprocess
+
+    bare = root / owner / name
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "master", str(bare)], check=True)
+    parts = [b"commit refs/heads/master\ncommitter t <t@example.invalid> 1700000000 +0000\n"
+             b"data 3\nmsg\n"]
+    for path, text in files.items():
+        data = text.encode()
+        parts.append(b"M 644 inline %s\ndata %d\n%s\n" % (path.encode(), len(data), data))
+    subprocess.run(["git", "--git-dir", str(bare), "fast-import", "--quiet"],
+                   input=b"".join(parts), check=True)
+
+
+@pytest.fixture(scope="module")
+def nested_repos(upstream, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nested") / "git"
+    w = {n: upstream.weights.add(f"nested/{n}.pkl", n.encode() * 10) for n in ("a", "b", "v")}
+    _file_repo(root, "o", "top", {"hubconf.py": (
+        "from megengine import hub\n"
+        f"VOCAB = hub.load_serialized_obj_from_url({w['v']!r})  # at import\n\n"
+        "def one(pretrained=True):\n    return hub.load('o/nested', 'ea')\n\n"
+        "def two(pretrained=True):\n    return hub.load('o/nested', 'eb')\n\n"
+        "def broken(pretrained=True):\n    raise RuntimeError(f'boom at {__file__} '"
+        " + repr(object()))\n")})
+    _file_repo(root, "o", "nested", {"hubconf.py": (
+        "import megengine.module as M\nfrom megengine import hub\n\n"
+        f"@hub.pretrained({w['a']!r})\ndef ea(**kw):\n    return M.Linear(1, 1)\n\n"
+        f"@hub.pretrained({w['b']!r})\ndef eb(**kw):\n    return M.Linear(1, 1)\n")})
+    return str(root), w
+
+
+def _file_pack(root, out, **kw):
+    pack(["o/top"], str(out), git_host=root, protocol="file", progress=False, **kw)
+    return bundle.read_manifest(str(out))
+
+
+def test_entries_merge_what_each_nested_load_needs_and_import_time_downloads(
+        nested_repos, tmp_path):
+    root, w = nested_repos
+    m = _file_pack(root, tmp_path / "x.hub", entries=["one", "two"], follow_nested=True)
+    assert sorted(x["url"] for x in m["weights"]) == sorted([w["a"], w["b"], w["v"]])
+    repos = {r["name"]: r for r in m["repos"]}
+    assert [r["name"] for r in repos["nested"]["refs"]] == ["master"]  # not twice
+    assert sorted(repos["nested"]["snapshots"][0]["weights"]) == sorted([w["a"], w["b"]])
+
+
+def test_follow_nested_alone_traces(nested_repos, tmp_path):
+    root, w = nested_repos
+    m = _file_pack(root, tmp_path / "y.hub", follow_nested=True, allow_unresolved=True)
+    assert {r["name"] for r in m["repos"]} == {"top", "nested"}
+
+
+def test_a_named_entry_that_fails_to_trace_fails_the_pack(nested_repos, tmp_path):
+    root, _ = nested_repos
+    with pytest.raises(MirrorError) as e:
+        _file_pack(root, tmp_path / "z.hub", entries=["broken"])
+    assert "tracing broken failed: RuntimeError: boom at <snapshot>/hubconf.py" in str(e.value)
+
+
+def test_trace_gives_the_same_bundle_twice(nested_repos, tmp_path, monkeypatch):
+    root, _ = nested_repos
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    for name in ("a", "b"):
+        _file_pack(root, tmp_path / f"{name}.hub", trace=True)
+    assert (tmp_path / "a.hub").read_bytes() == (tmp_path / "b.hub").read_bytes()

@@ -187,3 +187,36 @@ def test_constants_imported_from_other_modules_of_the_repo():
         "https://data.example/w/resnet.pkl": ["models/nets/resnet.py:4"],
     }
     assert unresolved == []
+
+
+def test_names_rebound_in_ways_not_followed_are_unknown_never_stale():
+    code = '''
+from megengine import hub
+A = "https://h/a/"
+A += "v2/"
+B = "https://h/b/"
+if True:
+    B = "https://h/other/"
+C, D = "https://h/c/", "x"
+E = "https://h/e/"
+
+@hub.pretrained(A + "1.pkl")
+def a(**kw): ...
+
+@hub.pretrained(B + "2.pkl")
+def b(**kw): ...
+
+@hub.pretrained(C + "3.pkl")
+def c(**kw): ...
+
+def d(E="https://h/param/"):
+    return hub.load_serialized_obj_from_url(E + "4.pkl")
+
+@hub.pretrained(E + "5.pkl")
+def e(E=None): ...
+'''
+    weights, unresolved = discover([_src("hubconf.py", code)])
+    assert [w.url for w in weights] == ["https://h/e/5.pkl"]  # the decorator is outside e
+    assert [str(u) for u in unresolved] == [
+        "hubconf.py:11: A + '1.pkl'", "hubconf.py:14: B + '2.pkl'",
+        "hubconf.py:17: C + '3.pkl'", "hubconf.py:21: E + '4.pkl'"]
