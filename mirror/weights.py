@@ -374,6 +374,7 @@ class _Hashed:
 
     def __init__(self) -> None:
         self.digest, self.size = hashlib.sha256(), 0
+        self.validator: str | None = None  # ETag or Last-Modified of the bytes so far
 
     def update(self, block: bytes) -> None:
         self.digest.update(block)
@@ -433,6 +434,8 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
     request = urllib.request.Request(url, headers={"User-Agent": "mge-mirror"})
     if have:
         request.add_header("Range", f"bytes={have}-")
+        if hashed.validator:  # the rest only if it is still the same file, else all of it
+            request.add_header("If-Range", hashed.validator)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -447,9 +450,14 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         raise DownloadError(url, f"invalid URL: {e}") from None
 
     with response:
-        if have and response.status != 206:
-            have = 0  # the server ignored Range: start over
+        content_range = response.headers.get("Content-Range", "")
+        if have and (response.status != 206 or not content_range.startswith(
+                f"bytes {have}-")):
+            have = 0  # the server ignored Range, or the file changed: start over
             hashed.__init__()
+        if not have:
+            hashed.validator = response.headers.get("ETag") or \
+                response.headers.get("Last-Modified")
         length = response.headers.get("Content-Length")
         expected = int(length) if length is not None else None
         mode = "ab" if have else "wb"
