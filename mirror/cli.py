@@ -89,6 +89,8 @@ def cli() -> None:
               help="Pack even if some download calls' URLs cannot be worked out.")
 @click.option("--allow-unreachable", is_flag=True, default=None,
               help="Pack :ref@commit even if the commit is not in the ref's history.")
+@click.option("--allow-unsafe-pickle", is_flag=True, default=None,
+              help="Pack weights that would import more than numpy, tensors and collections.")
 @click.option("--lock", type=click.Path(dir_okay=False), default=None,
               help="Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
                    "enforced if present.")
@@ -140,10 +142,14 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
                    "default: the installed one).")
 @click.option("--no-megengine-cache", is_flag=True,
               help="Do not seed MegEngine Hub's own cache ($MGE_HOME/hub, serialized).")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="Install weights that would import more than numpy, tensors and "
+                   "collections when loaded.")
 @_home_option
 @_json_option
 @_library_errors
-def install(bundle_path, force, mge_versions, no_megengine_cache, home, as_json) -> None:
+def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_pickle, home,
+            as_json) -> None:
     """Verify every byte of BUNDLE and install it into the local store.
 
     Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
@@ -152,7 +158,7 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, home, as_json)
     versions = () if no_megengine_cache else (
         mge_versions or [v for v in [installed_megengine_version()] if v])
     report = Store(home).install(bundle_path, force=force, megengine_versions=versions,
-                                 progress=not as_json)
+                                 progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=1))
         return

@@ -82,6 +82,20 @@ class LockMismatchError(MirrorError):
                          f"to pin the new state")
 
 
+class UnsafePickleError(MirrorError):
+    """Raised when a weight file, unpickled, would import something MegEngine weights
+    never use (pickles run code): at pack and at install."""
+
+    exit_code = 3
+
+    def __init__(self, what: str, names: Sequence[str]):
+        self.what, self.names = what, list(names)
+        super().__init__(
+            f"{what} would import {', '.join(self.names)} when loaded (unpickling runs "
+            f"code); MegEngine weights import only numpy arrays, tensors and collections. "
+            f"Pass --allow-unsafe-pickle only if you trust where it comes from")
+
+
 # --- bundles ---------------------------------------------------------------
 
 

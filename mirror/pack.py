@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Sequence
 
 from . import __version__, bundle
-from .errors import LockMismatchError, MirrorError, UnresolvedError
+from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickleError
 from .git import Snapshot, Upstream
 from .lock import Lock
 from .refs import DEFAULT_HOST, RepoSpec, Rewrites
+from .safety import unsafe_globals
 from .trace import IMPORT, trace
 from .weights import DownloadCache, coverage, discover, fetch_all
 
@@ -48,6 +49,7 @@ class Options:
     follow_nested: bool = False
     allow_unresolved: bool = False
     allow_unreachable: bool = False
+    allow_unsafe_pickle: bool = False
     lock: str | None = None
     jobs: int = 4
     cache_dir: str | None = None
@@ -262,6 +264,9 @@ class _Packer:
         for url in urls:
             if pins:
                 pins.check_weight(url, got[url].sha256)
+            unsafe = unsafe_globals(got[url].path)
+            if unsafe and not opts.allow_unsafe_pickle:
+                raise UnsafePickleError(f"weight {url}", unsafe)
             self.sources[bundle.weight_member(got[url].sha256)] = got[url].path
             weights.append({"url": url, "size": got[url].size, "sha256": got[url].sha256,
                             "locations": sorted(set(self.weight_refs[url]))})

@@ -39,8 +39,9 @@ from typing import IO, Any, Dict, Iterator, List, Sequence, Tuple
 
 from . import bundle
 from .atomic import exchange, fsync_dir, fsync_path, link_or_copy, make_temp_dir, write_atomic
-from .errors import AmbiguousCommitError, NotInstalledError, StoreError
+from .errors import AmbiguousCommitError, NotInstalledError, StoreError, UnsafePickleError
 from .refs import DEFAULT_HOST
+from .safety import unsafe_globals
 
 
 def default_home() -> str:
@@ -153,7 +154,8 @@ class Store:
 
     def install(self, bundle_path: str, force: bool = False,
                 megengine_versions: Sequence[str] = (),
-                megengine_home: str | None = None, progress: bool = False) -> InstallReport:
+                megengine_home: str | None = None, progress: bool = False,
+                allow_unsafe_pickle: bool = False) -> InstallReport:
         """Verify every byte of a bundle, then make its snapshots, weights and refs visible.
 
         Nothing becomes visible until the whole bundle has verified; on any error
@@ -168,7 +170,7 @@ class Store:
                 txn = tempfile.mkdtemp(prefix="install-", dir=os.path.join(self.home, "tmp"))
                 try:
                     return self._install(bundle_path, txn, report, force, megengine_versions,
-                                         megengine_home, progress)
+                                         megengine_home, progress, allow_unsafe_pickle)
                 finally:
                     shutil.rmtree(txn, ignore_errors=True)
         except OSError as e:
@@ -177,7 +179,7 @@ class Store:
 
     def _install(self, bundle_path: str, txn: str, report: InstallReport, force: bool,
                  megengine_versions: Sequence[str], megengine_home: str | None,
-                 progress: bool) -> InstallReport:
+                 progress: bool, allow_unsafe_pickle: bool) -> InstallReport:
         staged: Dict[str, _SyncedFile] = {}
         syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
 
@@ -193,6 +195,8 @@ class Store:
             manifest = bundle.read(bundle_path, sink, progress=progress)
             for f in staged.values():
                 f.wait()
+            if not allow_unsafe_pickle:
+                self._check_pickles(bundle_path, manifest, staged)
             manifest_bytes = bundle.manifest_to_bytes(manifest)
             report.bundle_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
             # The bundle has verified: from here on, publish in an order that never
@@ -225,6 +229,15 @@ class Store:
             for f in staged.values():
                 f.fh.close()
         return report
+
+    def _check_pickles(self, bundle_path: str, manifest: Dict[str, Any],
+                       staged: Dict[str, _SyncedFile]) -> None:
+        """Refuse, before anything is published, weights that would run foreign code."""
+        for w in manifest["weights"]:
+            path = staged[w["sha256"]].path if w["sha256"] in staged else self.blob(w["sha256"])
+            unsafe = unsafe_globals(path)
+            if unsafe:
+                raise UnsafePickleError(f"weight {w['url']} in {bundle_path}", unsafe)
 
     def _seed_megengine(self, manifest: Dict[str, Any], versions: Sequence[str],
                         home: str | None) -> List[str]:

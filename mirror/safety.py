@@ -1,0 +1,141 @@
+"""Weights are pickles, and unpickling runs code: what a weight file would import is
+checked, without unpickling it, against what MegEngine state dicts use.
+
+The scan simulates the pickle machine's stack and memo over the opcode stream
+(``pickletools``' own opcode table), so a global is named exactly as ``pickle``
+would resolve it, also when its module and name strings come from the memo.
+Large byte payloads (the arrays) are skipped over, not read: memory stays flat.
+"""
+
+from __future__ import annotations
+
+import pickletools
+from typing import IO, Any, List, Set, Tuple
+
+# What megengine.save writes for state dicts of numpy arrays and MegEngine tensors
+# (checked on MegEngine 1.13 with numpy 1.x; numpy 2 renamed numpy.core to numpy._core).
+ALLOWED: Set[Tuple[str, str]] = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("megengine.tensor", "Tensor"), ("megengine.tensor", "Parameter"),
+    ("_codecs", "encode"),  # how protocol 2 spells bytes
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
+    ("builtins", "complex"), ("builtins", "slice"),
+}
+_MARK = object()
+_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+            "SHORT_BINUNICODE", "BINUNICODE8"}
+_SKIPPED = {pickletools.bytes1.name, pickletools.bytes4.name, pickletools.bytes8.name,
+            pickletools.bytearray8.name}
+MAX_STRING = 1 << 16  # module and attribute names are short; longer strings are data
+
+
+class NotAPickle(ValueError):
+    """The stream is not a complete, well-formed pickle."""
+
+
+def pickle_globals(fh: IO[bytes], found: List[str] | None = None) -> List[str]:
+    """Every ``module.name`` the pickle in ``fh`` would import, in order; also
+    appended to ``found`` as they are met, so a caller keeps them if the stream
+    turns out to be broken further on (unpickling runs what came before)."""
+    stack: List[Any] = []
+    memo: dict = {}
+    found = [] if found is None else found
+    while True:
+        code = fh.read(1)
+        if not code:
+            raise NotAPickle("the pickle ends before its STOP opcode")
+        op = pickletools.code2op.get(code.decode("latin-1"))
+        if op is None:
+            raise NotAPickle(f"unknown pickle opcode {code!r}")
+        arg = _read_arg(op, fh)
+        name = op.name
+        if name == "STOP":
+            return found
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else None
+            continue
+        popped = _pop(stack, op)
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            found.append(f"{module}.{attr}")
+        elif name == "STACK_GLOBAL":
+            module, attr = (popped + [None, None])[:2]
+            if not (isinstance(module, str) and isinstance(attr, str)):
+                raise NotAPickle("STACK_GLOBAL of names that are not plain strings")
+            found.append(f"{module}.{attr}")
+        if name == "MARK":
+            stack.append(_MARK)
+        elif name in _STRINGS:
+            stack.append(arg if isinstance(arg, str) else None)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg))
+        else:
+            stack.extend([None] * len(op.stack_after))
+
+
+def _pop(stack: List[Any], op: pickletools.OpcodeInfo) -> List[Any]:
+    """Pop what ``op`` consumes; return the items above any mark, in push order."""
+    before = op.stack_before
+    if pickletools.markobject in before:
+        # [..., mark, slice] ops: everything down to the newest mark, then what is below.
+        below = before.index(pickletools.markobject)
+        while stack and stack[-1] is not _MARK:
+            stack.pop()
+        if stack:
+            stack.pop()
+        del stack[len(stack) - below:]
+        return []
+    n = len(before)
+    popped = stack[len(stack) - n:] if n else []
+    del stack[len(stack) - n:]
+    return popped
+
+
+def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
+    arg = op.arg
+    if arg is None:
+        return None
+    if arg.name in _SKIPPED:  # array data: skip it, never hold it in memory
+        size = 1 if arg.n == -5 else (arg.n if arg.n > 0 else None)
+        width = {pickletools.bytes1.name: 1, pickletools.bytes4.name: 4}.get(arg.name, 8)
+        length = int.from_bytes(_exact(fh, width), "little")
+        fh.seek(length, 1)
+        return size
+    if arg.name in (pickletools.unicodestring4.name, pickletools.unicodestring8.name,
+                    pickletools.string4.name):
+        width = 8 if arg.name == pickletools.unicodestring8.name else 4
+        length = int.from_bytes(_exact(fh, width), "little")
+        if length > MAX_STRING:
+            fh.seek(length, 1)
+            return None
+        data = _exact(fh, length)
+        return data.decode("utf-8", "surrogatepass") if "unicode" in arg.name else \
+            data.decode("latin-1")
+    try:
+        return arg.reader(fh)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NotAPickle(f"bad argument of {op.name}: {e}") from None
+
+
+def _exact(fh: IO[bytes], n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise NotAPickle("the pickle ends in the middle of an opcode")
+    return data
+
+
+def unsafe_globals(path: str) -> List[str]:
+    """The globals the weight file at ``path`` would import, when unpickled, that
+    MegEngine weights never do. A file that is no pickle at all (a vocabulary, a
+    JSON config) imports nothing: unpickling it fails before running any code."""
+    names: List[str] = []
+    try:
+        with open(path, "rb") as fh:
+            pickle_globals(fh, names)
+    except NotAPickle:
+        pass  # what came before the break is in names, and is what would run
+    return sorted({n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED})

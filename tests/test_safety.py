@@ -1,0 +1,98 @@
+"""Weights are pickles: what they would import is checked, without unpickling, at pack
+and at install."""
+
+import io
+import os
+import pickle
+
+import megengine
+import megengine.module as M
+import numpy as np
+import pytest
+
+from mirror.errors import UnsafePickleError
+from mirror.safety import pickle_globals, unsafe_globals
+from mirror.store import Store
+from tests.conftest import MIRROR, handmade_bundle, run, tree_digest
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/mirror-test-pwned",))
+
+
+def _file(tmp_path, data, name="w.pkl"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("obj", [
+    lambda: {"w": np.zeros((3, 4), np.float32), "step": np.int64(3)},
+    lambda: M.Conv2d(3, 4, 3).state_dict(),
+    lambda: {"t": megengine.tensor([1.0, 2.0])},
+])
+def test_megengine_weights_pass(tmp_path, protocol, obj):
+    buf = io.BytesIO()
+    megengine.save(obj(), buf, pickle_protocol=protocol)
+    assert unsafe_globals(_file(tmp_path, buf.getvalue())) == []
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_code_in_a_pickle_is_named(tmp_path, protocol):
+    data = pickle.dumps({"w": np.zeros(2), "x": Evil()}, protocol=protocol)
+    assert unsafe_globals(_file(tmp_path, data)) == ["posix.system"]
+
+
+def test_names_taken_from_the_memo_are_resolved_as_pickle_would(tmp_path):
+    # "os" and "system" memoized, other strings pushed and popped in between: a scanner
+    # that looks at the last strings seen would name the wrong global.
+    data = (b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x8c\x05decoy\x8c\x05decoy0"
+            b"h\x00h\x01\x93\x8c\x04true\x85R.")
+    assert pickle_globals(open(_file(tmp_path, data), "rb")) == ["os.system"]
+
+
+def test_a_broken_pickle_still_reports_what_would_run_before_it_breaks(tmp_path):
+    good = pickle.dumps(Evil(), protocol=2)
+    assert unsafe_globals(_file(tmp_path, good[: len(good) // 2 + 5])) == ["posix.system"]
+    assert unsafe_globals(_file(tmp_path, b"cat dog bird fish\n", "vocab.txt")) == []
+
+
+def test_large_arrays_are_skipped_not_read(tmp_path):
+    buf = io.BytesIO()
+    megengine.save({"w": np.zeros(20_000_000, np.float32)}, buf)
+    path = _file(tmp_path, buf.getvalue())
+    with open(path, "rb") as fh:
+        assert pickle_globals(fh) == ["numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                                      "numpy.dtype"]
+
+
+def test_pack_refuses_an_unsafe_weight_unless_allowed(upstream, tmp_path):
+    url = upstream.weights.add("evil/model.pkl", pickle.dumps(Evil(), protocol=4))
+    args = ["pack", upstream.spec(":v1.0"), "-o", str(tmp_path / "x.hub"), "--git-host",
+            upstream.git.host, "--protocol", "http", "-q", "--weights", url]
+    r = run(MIRROR + args)
+    assert r.returncode == 3
+    assert r.stderr.strip() == (
+        f"Error: weight {url} would import posix.system when loaded (unpickling runs code); "
+        f"MegEngine weights import only numpy arrays, tensors and collections. Pass "
+        f"--allow-unsafe-pickle only if you trust where it comes from")
+    assert not (tmp_path / "x.hub").exists()
+    assert run(MIRROR + args + ["--allow-unsafe-pickle"]).returncode == 0
+
+
+def test_install_refuses_an_unsafe_weight_and_changes_nothing(master_bundle, home, tmp_path):
+    url = "https://example.invalid/evil.pkl"
+    bad = handmade_bundle(tmp_path / "evil.hub", {"e" * 40: {"hubconf.py": "x = 1\n"}},
+                          refs=[("master", "branch", "e" * 40)],
+                          weights=[(url, pickle.dumps(Evil(), protocol=2))])
+    Store().install(master_bundle)
+    before = tree_digest(home)
+    with pytest.raises(UnsafePickleError) as e:
+        Store().install(bad)
+    assert str(e.value).startswith(f"weight {url} in {bad} would import posix.system")
+    assert tree_digest(home) == before
+    r = run(MIRROR + ["install", bad, "--allow-unsafe-pickle"])
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists("/tmp/mirror-test-pwned")  # nothing was ever unpickled
