@@ -51,7 +51,10 @@ def pickle_globals(fh: IO[bytes], found: List[str] | None = None) -> List[str]:
         op = pickletools.code2op.get(code.decode("latin-1"))
         if op is None:
             raise NotAPickle(f"unknown pickle opcode {code!r}")
-        arg = _read_arg(op, fh)
+        try:
+            arg = _read_arg(op, fh)
+        except (ValueError, OverflowError, OSError, EOFError) as e:  # random bytes, say
+            raise NotAPickle(f"bad argument of {op.name}: {e}") from None
         name = op.name
         if name == "STOP":
             return found
@@ -115,10 +118,7 @@ def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
         data = _exact(fh, length)
         return data.decode("utf-8", "surrogatepass") if "unicode" in arg.name else \
             data.decode("latin-1")
-    try:
-        return arg.reader(fh)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise NotAPickle(f"bad argument of {op.name}: {e}") from None
+    return arg.reader(fh)
 
 
 def _exact(fh: IO[bytes], n: int) -> bytes:

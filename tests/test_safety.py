@@ -96,3 +96,11 @@ def test_install_refuses_an_unsafe_weight_and_changes_nothing(master_bundle, hom
     r = run(MIRROR + ["install", bad, "--allow-unsafe-pickle"])
     assert r.returncode == 0, r.stderr
     assert not os.path.exists("/tmp/mirror-test-pwned")  # nothing was ever unpickled
+
+
+def test_random_bytes_never_crash_the_scanner(tmp_path):
+    rng = np.random.RandomState(5)
+    for i in range(300):
+        data = rng.bytes(rng.randint(1, 4096))
+        found = unsafe_globals(_file(tmp_path, data, f"r{i}"))  # raises nothing
+        assert isinstance(found, list) and all(isinstance(n, str) for n in found)
