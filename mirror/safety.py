@@ -10,6 +10,7 @@ Large byte payloads (the arrays) are skipped over, not read: memory stays flat.
 from __future__ import annotations
 
 import pickletools
+import warnings
 from typing import IO, Any, List, Set, Tuple
 
 # What megengine.save writes for state dicts of numpy arrays and MegEngine tensors
@@ -118,7 +119,9 @@ def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
         data = _exact(fh, length)
         return data.decode("utf-8", "surrogatepass") if "unicode" in arg.name else \
             data.decode("latin-1")
-    return arg.reader(fh)
+    with warnings.catch_warnings():  # odd escapes in a broken STRING: not the user's news
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return arg.reader(fh)
 
 
 def _exact(fh: IO[bytes], n: int) -> bytes:
