@@ -33,6 +33,7 @@ from .errors import BundleError
 FORMAT = "mge-mirror-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # optional, right after the manifest (see mirror.signing)
 MAX_MANIFEST_BYTES = 64 << 20
 # Measured here on float32 weights saved with megengine.save: level 1 and level 3
 # both reach a ratio of 1.08, level 1 at 1.3x the speed, and multi-threaded level 1
@@ -181,7 +182,8 @@ Source = Union[bytes, str]  # the member's bytes, or the path of a file holding 
 
 
 def write(path: str, manifest: Dict[str, Any], sources: Dict[str, Source],
-          mtimes: Dict[str, int] | None = None) -> str:
+          mtimes: Dict[str, int] | None = None,
+          sign: Callable[[bytes], bytes] | None = None) -> str:
     """Write a bundle to ``path`` atomically and return the sha256 of the bundle file.
 
     ``sources`` maps every member that ``manifest`` promises to its content, and
@@ -200,6 +202,9 @@ def write(path: str, manifest: Dict[str, Any], sources: Dict[str, Source],
     with atomic_file(path) as raw:
         out = _FrameWriter(_HashingWriter(raw, digest))
         out.member(MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes), 0)
+        if sign is not None:  # signs the manifest, whose digests cover every other byte
+            signature = sign(manifest_bytes)
+            out.member(SIGNATURE, len(signature), io.BytesIO(signature), 0)
         for name in sorted(members):
             src, mtime = sources[name], mtimes.get(name, 0)
             if isinstance(src, bytes):
@@ -276,15 +281,27 @@ class _HashingWriter(io.RawIOBase):
 SinkFactory = Callable[[Member], Optional[IO[bytes]]]
 
 
+@dataclass(frozen=True)
+class Head:
+    """What a reader knows before any other member: the manifest, its exact bytes, and
+    the signature document (inside the bundle, or beside it as BUNDLE.sig), if any."""
+
+    manifest: Dict[str, Any]
+    manifest_bytes: bytes
+    signature: bytes | None
+
+
 def read(path: str, sink: SinkFactory | None = None,
-         on_manifest: Callable[[Dict[str, Any]], None] | None = None,
+         on_head: Callable[[Head], None] | None = None,
          progress: bool = False) -> Dict[str, Any]:
     """Stream the bundle at ``path`` once, verifying every member against the manifest.
 
-    Each member's bytes go to the file ``sink`` returns for it (if any) while they
-    are hashed; any missing, unexpected, duplicated, resized or altered member
-    raises :class:`BundleError` naming it. Callers must treat what a sink received
-    as untrusted until this function returns.
+    ``on_head`` sees the manifest and signature before any other member is read
+    (to refuse a bundle before anything is written). Each member's bytes go to the
+    file ``sink`` returns for it (if any) while they are hashed; any missing,
+    unexpected, duplicated, resized or altered member raises :class:`BundleError`
+    naming it. Callers must treat what a sink received as untrusted until this
+    function returns.
     """
     try:
         fh = open(path, "rb")
@@ -301,7 +318,7 @@ def read(path: str, sink: SinkFactory | None = None,
             counted = _Counting(reader)
             # Large reads: tarfile's default 10 KiB makes thousands of small zstd calls.
             with tarfile.open(fileobj=counted, mode="r|", bufsize=CHUNK) as tar:
-                manifest = _read_members(path, tar, sink, on_manifest)
+                manifest = _read_members(path, tar, sink, on_head)
                 _check_end(path, tar.offset, counted)
                 return manifest
         except BundleError:
@@ -425,7 +442,7 @@ def _check_end(path: str, end_offset: int, stream: _Counting) -> None:
 
 
 def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
-                  on_manifest: Callable[[Dict[str, Any]], None] | None) -> Dict[str, Any]:
+                  on_head: Callable[[Head], None] | None) -> Dict[str, Any]:
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isreg():
         raise BundleError(path, f"first member must be {MANIFEST}")
@@ -433,21 +450,29 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
         raise BundleError(path, f"manifest is {first.size} bytes, over the "
                                 f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
     try:
-        manifest = json.loads(tar.extractfile(first).read())
+        manifest_bytes = tar.extractfile(first).read()
+        manifest = json.loads(manifest_bytes)
         validate_manifest(manifest)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None
-    if on_manifest:
-        on_manifest(manifest)
+    info = tar.next()
+    signature = None
+    if info is not None and info.name == SIGNATURE:
+        if not info.isreg() or info.size > 64 << 10:
+            raise BundleError(path, "signature is not a small regular file", SIGNATURE)
+        signature = tar.extractfile(info).read()
+        info = tar.next()
+    elif os.path.exists(path + ".sig"):  # a detached signature, beside the bundle
+        with open(path + ".sig", "rb") as fh:
+            signature = fh.read(64 << 10)
+    if on_head:
+        on_head(Head(manifest, manifest_bytes, signature))
 
     expected = expected_members(manifest)
     links = {code_member(s["commit"], f["path"]): f["path"] for r in manifest["repos"]
              for s in r["snapshots"] for f in s["files"] if f["mode"] == MODE_LINK}
     seen = set()
-    while True:
-        info = tar.next()
-        if info is None:
-            break
+    while info is not None:
         tar.members.clear()  # a stream reader needs no index; keep memory flat
         name = info.name
         if name in seen:
@@ -481,6 +506,7 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
         if name in links and symlink_escapes(links[name], target if want.size else ""):
             raise BundleError(path, f"symlink {links[name]} -> {target} points outside the "
                                     f"snapshot", name)
+        info = tar.next()
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -7,14 +7,18 @@ installed (repo, ref, commit, entrypoint or weight).
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
 import json
+import os
 import sys
 from typing import Any, Callable
 
 import click
 
-from . import __version__, bundle, housekeeping
+from . import __version__, bundle, housekeeping, signing
+from .atomic import write_atomic
 from .errors import MirrorError
 from .megengine_cache import installed_megengine_version
 from .pack import pack as pack_repos
@@ -94,6 +98,8 @@ def cli() -> None:
 @click.option("--lock", type=click.Path(dir_okay=False), default=None,
               help="Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
                    "enforced if present.")
+@click.option("--sign", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Sign the bundle with this private key (see mirror keygen).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None,
               help="Weights downloaded at once (default 4).")
 @click.option("--refresh", is_flag=True, default=None,
@@ -145,11 +151,19 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Install weights that would import more than numpy, tensors and "
                    "collections when loaded.")
+@click.option("--require-signature", is_flag=True,
+              help="Refuse a bundle not signed by a trusted key (checked before anything "
+                   "is written). Implied when trusted keys are configured.")
+@click.option("--trusted-keys", "trusted_keys", multiple=True, type=click.Path(exists=True),
+              help="Trusted public keys: a .pub file or a directory of them (repeatable; "
+                   "default $MGE_MIRROR_TRUSTED_KEYS, else <store>/trusted-keys).")
+@click.option("--receipt", type=click.Path(dir_okay=False),
+              help="Write a JSON record of what was verified, for compliance.")
 @_home_option
 @_json_option
 @_library_errors
-def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_pickle, home,
-            as_json) -> None:
+def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_pickle,
+            require_signature, trusted_keys, receipt, home, as_json) -> None:
     """Verify every byte of BUNDLE and install it into the local store.
 
     Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
@@ -157,10 +171,23 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
     """
     versions = () if no_megengine_cache else (
         mge_versions or [v for v in [installed_megengine_version()] if v])
-    report = Store(home).install(bundle_path, force=force, megengine_versions=versions,
-                                 progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle)
+    store = Store(home)
+    trusted = None
+    if require_signature or trusted_keys or signing.policy_configured(store.home):
+        trusted = signing.trusted_keys(list(trusted_keys), store.home)
+    try:
+        report = store.install(bundle_path, force=force, megengine_versions=versions,
+                               progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle,
+                               trusted=trusted)
+    except MirrorError as e:
+        if receipt:
+            write_receipt(receipt, bundle_path, None, str(e))
+        raise
+    if receipt:
+        write_receipt(receipt, bundle_path, report, None)
     if as_json:
-        click.echo(json.dumps(report.__dict__, indent=1))
+        click.echo(json.dumps({k: v for k, v in report.__dict__.items() if k != "members"},
+                              indent=1))
         return
     click.echo(f"verified {report.verified_files} files, {report.verified_bytes} bytes "
                f"from {report.bundle}")
@@ -174,6 +201,8 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
         click.echo(f"ref {r}")
     for line in report.megengine_cache:
         click.echo(f"megengine cache: {line}")
+    if report.signed_by:
+        click.echo(f"signed by trusted key {report.signed_by}")
     click.echo(f"{len(report.weights)} weights; {report.bytes_written} bytes written"
                + ("" if report.changed else " (nothing changed)"))
 
@@ -181,22 +210,34 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
 @cli.command()
 @click.argument("bundle_path", metavar="[BUNDLE]", required=False,
                 type=click.Path(dir_okay=False))
+@click.option("--key", "keys", multiple=True, type=click.Path(exists=True),
+              help="Require a signature by this public key (a .pub file or a directory of "
+                   "them; repeatable).")
 @_home_option
 @_json_option
 @_library_errors
-def verify(bundle_path, home, as_json) -> None:
+def verify(bundle_path, keys, home, as_json) -> None:
     """Verify every byte of BUNDLE without installing it, or, without BUNDLE, the
     whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
     Exits 3 when anything fails verification.
     """
     if bundle_path:
-        manifest = bundle.read(bundle_path, progress=not as_json)
+        signer = []
+
+        def on_head(head: bundle.Head) -> None:
+            if keys:
+                signer.append(signing.check(head.signature, head.manifest_bytes,
+                                            signing.trusted_keys(list(keys)), bundle_path))
+
+        manifest = bundle.read(bundle_path, on_head=on_head, progress=not as_json)
         n = len(bundle.expected_members(manifest))
+        signed = f", signed by {signer[0].key_id}" if signer else ""
         if as_json:
-            click.echo(json.dumps({"bundle": bundle_path, "ok": True, "members": n}))
+            click.echo(json.dumps({"bundle": bundle_path, "ok": True, "members": n,
+                                   "signed_by": signer[0].key_id if signer else None}))
         else:
-            click.echo(f"{bundle_path}: OK, {n} members verified")
+            click.echo(f"{bundle_path}: OK, {n} members verified{signed}")
         return
     report = housekeeping.verify(Store(home), progress=not as_json)
     if as_json:
@@ -277,6 +318,47 @@ def inspect(bundle_path, as_json) -> None:
                 click.echo(f"    unresolved: {u}")
             for u in snap.get("excluded", []):
                 click.echo(f"    excluded: {u}")
+
+
+def write_receipt(path: str, bundle_path: str, report: Any, error: str | None) -> None:
+    """A machine-readable record of an install's verification, for compliance."""
+    digest = hashlib.sha256()
+    with open(bundle_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    record = {"bundle": os.path.abspath(bundle_path), "bundle_sha256": digest.hexdigest(),
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "tool": f"mirror {__version__}", "result": "installed" if error is None else
+              "refused", "error": error,
+              "manifest_sha256": report.bundle_sha256 if report else None,
+              "signed_by": report.signed_by if report else None,
+              "members": report.members if report else []}
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+@cli.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Private key file to write; the public key goes to OUTPUT.pub.")
+@_library_errors
+def keygen(output) -> None:
+    """Make an Ed25519 key pair for signing bundles."""
+    if os.path.exists(output):
+        raise click.ClickException(f"{output} exists; not overwriting a key")
+    click.echo(f"key {signing.keygen(output)}: private {output}, public {output}.pub")
+
+
+@cli.command()
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Private key file.")
+@_library_errors
+def sign(bundle_path, key) -> None:
+    """Sign BUNDLE's manifest (which covers every byte) into BUNDLE.sig, beside it."""
+    heads = []
+    bundle.read(bundle_path, on_head=heads.append)  # sign only what verifies
+    document = signing.sign(signing.load_private(key), heads[0].manifest_bytes)
+    write_atomic(bundle_path + ".sig", document)
+    click.echo(f"signed {bundle_path} -> {bundle_path}.sig")
 
 
 @cli.command("list")

@@ -111,6 +111,17 @@ class BundleError(MirrorError):
         super().__init__(f"bad bundle {path}{where}: {reason}")
 
 
+class SignatureError(MirrorError):
+    """Raised when a signature is required and the bundle is unsigned, signed by a key
+    that is not trusted, or altered after signing."""
+
+    exit_code = 3
+
+    def __init__(self, bundle: str, reason: str):
+        self.bundle = bundle
+        super().__init__(f"refusing {bundle}: {reason}")
+
+
 # --- store and loading -----------------------------------------------------
 
 

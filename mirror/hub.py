@@ -27,6 +27,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -39,6 +40,7 @@ from .errors import (
     IntegrityError,
     MirrorError,
     NotInstalledError,
+    SignatureError,
     SpecError,
     WeightNotInstalledError,
 )
@@ -225,8 +227,26 @@ def _import_hubconf(snap: SnapshotRef, store: Store, entry: str | None = None) \
     return module
 
 
+def _check_trust(snap: SnapshotRef, store: Store) -> None:
+    """With a trust policy (trusted keys configured), run only code from bundles that a
+    trusted key signed."""
+    from . import signing
+
+    if not signing.policy_configured(store.home):
+        return
+    with open(snap.path + ".json") as fh:
+        signer = json.load(fh).get("signed_by")
+    trusted = signing.trusted_keys(store_home=store.home)
+    if signer not in trusted:
+        why = f"its bundle was signed by {signer}, not a trusted key" if signer else \
+            "its bundle was not signed"
+        raise SignatureError(f"{snap.repo}@{snap.commit[:12]}",
+                             f"a trust policy is configured and {why}; hubconf.py is not run")
+
+
 def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.ModuleType:
     # As megengine.hub does: the snapshot is importable only while hubconf runs.
+    _check_trust(snap, store)
     path = os.path.join(snap.path, HUBCONF)
     if not os.path.exists(path):
         raise MirrorError(f"{snap.repo}@{snap.commit[:12]} has no {HUBCONF}")

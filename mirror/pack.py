@@ -15,6 +15,7 @@ from .git import Snapshot, Upstream
 from .lock import Lock
 from .refs import DEFAULT_HOST, RepoSpec, Rewrites
 from .safety import unsafe_globals
+from .signing import load_private, sign
 from .trace import IMPORT, trace
 from .weights import DownloadCache, coverage, discover, fetch_all
 
@@ -51,6 +52,7 @@ class Options:
     allow_unreachable: bool = False
     allow_unsafe_pickle: bool = False
     lock: str | None = None
+    sign: str | None = None  # a private key file: the bundle carries its signature
     jobs: int = 4
     cache_dir: str | None = None
     refresh: bool = False
@@ -275,8 +277,13 @@ class _Packer:
             "tool": f"mirror {__version__}", "created": _now(),
             "repos": [self.repos[k] for k in sorted(self.repos)], "weights": weights,
         }
+        signer = None
+        if opts.sign:
+            key = load_private(opts.sign)
+            signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
         try:
-            report.sha256 = bundle.write(report.output, manifest, self.sources, self.mtimes)
+            report.sha256 = bundle.write(report.output, manifest, self.sources, self.mtimes,
+                                         sign=signer)
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {report.output}: {e}") from None
         report.size = os.path.getsize(report.output)

@@ -42,6 +42,7 @@ from .atomic import exchange, fsync_dir, fsync_path, link_or_copy, make_temp_dir
 from .errors import AmbiguousCommitError, NotInstalledError, StoreError, UnsafePickleError
 from .refs import DEFAULT_HOST
 from .safety import unsafe_globals
+from .signing import check
 
 
 def default_home() -> str:
@@ -88,6 +89,8 @@ class InstallReport:
     refs_set: List[str] = field(default_factory=list)
     refs_kept: List[str] = field(default_factory=list)
     megengine_cache: List[str] = field(default_factory=list)
+    signed_by: str | None = None  # the trusted key that signed the bundle, if checked
+    members: List[Dict[str, Any]] = field(default_factory=list)  # name, sha256: verified
 
     @property
     def changed(self) -> bool:
@@ -155,7 +158,8 @@ class Store:
     def install(self, bundle_path: str, force: bool = False,
                 megengine_versions: Sequence[str] = (),
                 megengine_home: str | None = None, progress: bool = False,
-                allow_unsafe_pickle: bool = False) -> InstallReport:
+                allow_unsafe_pickle: bool = False,
+                trusted: Dict[str, Any] | None = None) -> InstallReport:
         """Verify every byte of a bundle, then make its snapshots, weights and refs visible.
 
         Nothing becomes visible until the whole bundle has verified; on any error
@@ -170,7 +174,8 @@ class Store:
                 txn = tempfile.mkdtemp(prefix="install-", dir=os.path.join(self.home, "tmp"))
                 try:
                     return self._install(bundle_path, txn, report, force, megengine_versions,
-                                         megengine_home, progress, allow_unsafe_pickle)
+                                         megengine_home, progress, allow_unsafe_pickle,
+                                         trusted)
                 finally:
                     shutil.rmtree(txn, ignore_errors=True)
         except OSError as e:
@@ -179,20 +184,29 @@ class Store:
 
     def _install(self, bundle_path: str, txn: str, report: InstallReport, force: bool,
                  megengine_versions: Sequence[str], megengine_home: str | None,
-                 progress: bool, allow_unsafe_pickle: bool) -> InstallReport:
+                 progress: bool, allow_unsafe_pickle: bool,
+                 trusted: Dict[str, Any] | None) -> InstallReport:
         staged: Dict[str, _SyncedFile] = {}
         syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
 
         def sink(member: bundle.Member) -> _SyncedFile | None:
             report.verified_files += 1
             report.verified_bytes += member.size
+            report.members.append({"name": member.name, "sha256": member.sha256,
+                                   "size": member.size})
             if os.path.exists(self.blob(member.sha256)) or member.sha256 in staged:
                 return None  # content-addressed: already stored, only verified
             staged[member.sha256] = _SyncedFile(os.path.join(txn, member.sha256), syncer)
             return staged[member.sha256]
 
         try:
-            manifest = bundle.read(bundle_path, sink, progress=progress)
+            def on_head(head: bundle.Head) -> None:
+                # With trusted keys, the signature decides before any member is read.
+                if trusted is not None:
+                    report.signed_by = check(head.signature, head.manifest_bytes, trusted,
+                                             bundle_path).key_id
+
+            manifest = bundle.read(bundle_path, sink, on_head=on_head, progress=progress)
             for f in staged.values():
                 f.wait()
             if not allow_unsafe_pickle:
@@ -276,6 +290,7 @@ class Store:
             digests = {u: {"sha256": sizes[u][0], "size": sizes[u][1]}
                        for u in snap.get("weights", []) if u in sizes}
             record = dict(snap, weight_digests=digests, bundle=report.bundle_sha256,
+                          signed_by=report.signed_by,
                           bundle_file=os.path.basename(report.bundle),
                           installed_at=int(time.time()))
             if force or not os.path.exists(target + ".json"):

@@ -1,0 +1,143 @@
+"""Signed bundles: an Ed25519 signature over the manifest's sha256, which covers every
+byte of the bundle (the manifest lists each member's digest).
+
+The signature travels inside the bundle (``manifest.sig``, right after the
+manifest) or beside it (``BUNDLE.sig``); both hold the same small JSON. Trusted
+public keys come from ``--trusted-keys DIR``, else ``$MGE_MIRROR_TRUSTED_KEYS``
+(directories or files, separated by ``:``), else ``<store>/trusted-keys/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from .atomic import atomic_file
+from .errors import MirrorError, SignatureError
+
+ALGORITHM = "ed25519"
+MAX_SIGNATURE_BYTES = 64 << 10
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """A short, stable name for a public key: the start of the sha256 of its raw bytes."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def keygen(path: str) -> str:
+    """Write a new private key to ``path`` (0600) and its public key to ``path.pub``."""
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    with atomic_file(path, mode=0o600) as fh:
+        fh.write(pem)
+    with atomic_file(path + ".pub") as fh:
+        fh.write(private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key_id(private.public_key())
+
+
+def load_private(path: str) -> Ed25519PrivateKey:
+    try:
+        with open(path, "rb") as fh:
+            key = serialization.load_pem_private_key(fh.read(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise MirrorError(f"key {path}: cannot read an Ed25519 private key: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise MirrorError(f"key {path}: not an Ed25519 private key")
+    return key
+
+
+def load_public(path: str) -> Ed25519PublicKey:
+    try:
+        with open(path, "rb") as fh:
+            key = serialization.load_pem_public_key(fh.read())
+    except (OSError, ValueError, TypeError) as e:
+        raise MirrorError(f"key {path}: cannot read an Ed25519 public key: {e}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise MirrorError(f"key {path}: not an Ed25519 public key")
+    return key
+
+
+def sign(private: Ed25519PrivateKey, manifest_bytes: bytes) -> bytes:
+    """The signature document for a manifest (what ``manifest.sig`` holds)."""
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    return (json.dumps({"algorithm": ALGORITHM, "key_id": key_id(private.public_key()),
+                        "manifest_sha256": digest,
+                        "signature": base64.b64encode(private.sign(digest.encode())).decode()},
+                       sort_keys=True) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signed a bundle, as checked."""
+
+    key_id: str
+    manifest_sha256: str
+
+
+def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25519PublicKey],
+          bundle: str) -> Signer:
+    """The signer of ``manifest_bytes``, if ``document`` is a valid signature of it by a
+    ``trusted`` key; else :class:`SignatureError` saying what is wrong."""
+    if document is None:
+        raise SignatureError(bundle, "it is not signed")
+    try:
+        doc = json.loads(document)
+        signature = base64.b64decode(doc["signature"], validate=True)
+        kid, algorithm = doc["key_id"], doc["algorithm"]
+    except (ValueError, KeyError, TypeError):
+        raise SignatureError(bundle, "its signature document is malformed") from None
+    if algorithm != ALGORITHM:
+        raise SignatureError(bundle, f"it is signed with {algorithm!r}, not {ALGORITHM}")
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if doc.get("manifest_sha256") != digest:
+        raise SignatureError(bundle, "its manifest was changed after signing")
+    if kid not in trusted:
+        known = ", ".join(sorted(trusted)) or "none"
+        raise SignatureError(bundle, f"it is signed by key {kid}, which is not trusted "
+                                     f"(trusted: {known})")
+    try:
+        trusted[kid].verify(signature, digest.encode())
+    except InvalidSignature:
+        raise SignatureError(bundle, f"the signature by key {kid} does not verify: the "
+                                     f"bundle was altered after signing") from None
+    return Signer(kid, digest)
+
+
+def trusted_keys(locations: List[str] | None = None,
+                 store_home: str | None = None) -> Dict[str, Ed25519PublicKey]:
+    """Public keys by key id, from ``locations``, else ``$MGE_MIRROR_TRUSTED_KEYS``, else
+    ``<store>/trusted-keys``. Each location is a ``*.pub`` file or a directory of them."""
+    if not locations:
+        env = os.environ.get("MGE_MIRROR_TRUSTED_KEYS", "")
+        locations = [p for p in env.split(os.pathsep) if p]
+    if not locations and store_home:
+        default = os.path.join(store_home, "trusted-keys")
+        locations = [default] if os.path.isdir(default) else []
+    keys: Dict[str, Ed25519PublicKey] = {}
+    for location in locations:
+        files = [os.path.join(location, n) for n in sorted(os.listdir(location))
+                 if n.endswith(".pub")] if os.path.isdir(location) else [location]
+        for path in files:
+            public = load_public(path)
+            keys[key_id(public)] = public
+    return keys
+
+
+def policy_configured(store_home: str | None = None) -> bool:
+    """Whether a trust policy is in force: trusted keys are configured for this store."""
+    return bool(os.environ.get("MGE_MIRROR_TRUSTED_KEYS")) or bool(
+        store_home and os.path.isdir(os.path.join(store_home, "trusted-keys")))

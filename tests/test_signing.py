@@ -1,0 +1,138 @@
+"""Trust across the gap: signed bundles, trusted keys, receipts, and a loader that runs
+only signed code when a trust policy is configured."""
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+import mirror.hub
+from mirror import bundle
+from mirror.errors import SignatureError
+from mirror.pack import pack
+from mirror.store import Store
+from tests.conftest import MIRROR, run, tree_digest
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("release", "other"):
+        r = run(MIRROR + ["keygen", "-o", str(root / name)])
+        assert r.returncode == 0, r.stderr
+        out[name] = (str(root / name), str(root / f"{name}.pub"), r.stdout.split()[1][:-1])
+    trusted = root / "trusted"
+    trusted.mkdir()
+    (trusted / "release.pub").write_bytes((root / "release.pub").read_bytes())
+    out["trusted_dir"] = str(trusted)
+    return out
+
+
+@pytest.fixture(scope="module")
+def signed(upstream, keys, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("signed") / "signed.hub")
+    pack([upstream.spec(":v1.0")], out, git_host=upstream.git.host, protocol="http",
+         progress=False, sign=keys["release"][0])
+    return out
+
+
+def test_keygen_writes_a_private_key_only_its_owner_can_read(keys):
+    private, public, kid = keys["release"]
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    assert open(public).read().startswith("-----BEGIN PUBLIC KEY-----")
+    assert len(kid) == 16
+    r = run(MIRROR + ["keygen", "-o", private])
+    assert r.returncode == 1 and "not overwriting a key" in r.stderr
+
+
+def test_a_signed_bundle_verifies_with_its_key_and_only_with_it(signed, keys):
+    names = subprocess.run(["tar", "--zstd", "-tf", signed], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert names[:2] == ["manifest.json", "manifest.sig"]
+    r = run(MIRROR + ["verify", signed, "--key", keys["release"][1]])
+    assert r.returncode == 0 and r.stdout.strip().endswith(f"signed by {keys['release'][2]}")
+    r = run(MIRROR + ["verify", signed, "--key", keys["other"][1]])
+    assert r.returncode == 3
+    assert r.stderr.strip() == (f"Error: refusing {signed}: it is signed by key "
+                                f"{keys['release'][2]}, which is not trusted (trusted: "
+                                f"{keys['other'][2]})")
+
+
+def test_an_unsigned_bundle_is_refused_when_a_key_is_required(master_bundle, keys):
+    r = run(MIRROR + ["verify", master_bundle, "--key", keys["release"][1]])
+    assert r.returncode == 3
+    assert r.stderr.strip() == f"Error: refusing {master_bundle}: it is not signed"
+
+
+def test_a_manifest_changed_after_signing_is_refused(signed, keys, tmp_path):
+    heads, members = [], {}
+
+    class Keep:
+        def __init__(self, m):
+            self.m, self.buf = m, bytearray()
+
+        def write(self, b):
+            self.buf += b
+
+        def close(self):
+            members[self.m.name] = bytes(self.buf)
+
+    manifest = bundle.read(signed, lambda m: Keep(m), on_head=heads.append)
+    manifest["repos"][0]["refs"][0]["name"] = "v9.9"  # a lie, under the old signature
+    bad = str(tmp_path / "forged.hub")
+    bundle.write(bad, manifest, members, sign=lambda _: heads[0].signature)
+    r = run(MIRROR + ["verify", bad, "--key", keys["release"][1]])
+    assert r.returncode == 3
+    assert r.stderr.strip() == f"Error: refusing {bad}: its manifest was changed after signing"
+
+
+def test_a_detached_signature_from_mirror_sign(master_bundle, keys, tmp_path):
+    copy = tmp_path / "copy.hub"
+    copy.write_bytes(open(master_bundle, "rb").read())
+    r = run(MIRROR + ["sign", str(copy), "--key", keys["other"][0]])
+    assert r.returncode == 0 and (tmp_path / "copy.hub.sig").exists()
+    r = run(MIRROR + ["verify", str(copy), "--key", keys["other"][1]])
+    assert r.returncode == 0 and f"signed by {keys['other'][2]}" in r.stdout
+
+
+def test_install_requires_a_trusted_signature_before_writing_anything(master_bundle, signed,
+                                                                      keys, home, tmp_path):
+    Store().install(signed)  # a store with content
+    before = tree_digest(home)
+    r = run(MIRROR + ["install", master_bundle, "--require-signature", "--trusted-keys",
+                      keys["trusted_dir"], "--receipt", str(tmp_path / "refused.json")])
+    assert r.returncode == 3 and "it is not signed" in r.stderr
+    assert tree_digest(home) == before
+    assert json.loads((tmp_path / "refused.json").read_text())["result"] == "refused"
+
+    receipt = tmp_path / "receipt.json"
+    r = run(MIRROR + ["install", signed, "--force", "--trusted-keys", keys["trusted_dir"],
+                      "--receipt", str(receipt)])
+    assert r.returncode == 0, r.stderr
+    assert f"signed by trusted key {keys['release'][2]}" in r.stdout
+    record = json.loads(receipt.read_text())
+    assert record["result"] == "installed" and record["signed_by"] == keys["release"][2]
+    manifest = bundle.read_manifest(signed)
+    assert sorted(m["name"] for m in record["members"]) == sorted(
+        bundle.expected_members(manifest))
+    with open(signed, "rb") as fh:
+        assert record["bundle_sha256"] == hashlib.sha256(fh.read()).hexdigest()
+
+
+def test_with_a_trust_policy_the_loader_runs_only_signed_code(master_bundle, signed, keys,
+                                                              home, monkeypatch, upstream):
+    Store().install(master_bundle)  # unsigned: installed before any policy
+    Store().install(signed, trusted=None)
+    monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
+    with pytest.raises(SignatureError) as e:
+        mirror.hub.load("demo/tinynets", "mlp", source="local")
+    assert "a trust policy is configured and its bundle was not signed" in str(e.value)
+    # Installed again under the policy, the signed snapshot records its signer and runs.
+    r = run(MIRROR + ["install", signed, "--force"])
+    assert r.returncode == 0, r.stderr
+    model = mirror.hub.load("demo/tinynets:v1.0", "mlp", source="local")
+    assert model.revision == upstream.demo.revisions[upstream.demo.commits["c2"]]
