@@ -230,8 +230,11 @@ class _FrameWriter:
 
     def __init__(self, out: IO[bytes]):
         self.out, self.offset = out, 0
-        self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1)
-        self.code = zstandard.ZstdCompressor(level=CODE_LEVEL)
+        # Every frame carries zstd's checksum, so accidental damage anywhere (the
+        # manifest included, which no digest of its own covers) fails to decompress.
+        self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1,
+                                                write_checksum=True)
+        self.code = zstandard.ZstdCompressor(level=CODE_LEVEL, write_checksum=True)
 
     def member(self, name: str, size: int, fh: IO[bytes], mtime: int) -> None:
         info = tarfile.TarInfo(name)
@@ -471,12 +474,16 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
     expected = expected_members(manifest)
     links = {code_member(s["commit"], f["path"]): f["path"] for r in manifest["repos"]
              for s in r["snapshots"] for f in s["files"] if f["mode"] == MODE_LINK}
-    seen = set()
+    seen: set = set()
+    previous = ""
     while info is not None:
         tar.members.clear()  # a stream reader needs no index; keep memory flat
         name = info.name
         if name in seen:
             raise BundleError(path, "member appears twice", name)
+        if seen and name < previous:  # the format writes members sorted; so must they be
+            raise BundleError(path, f"member is out of order (after {previous})", name)
+        previous = name
         if name not in expected:
             raise BundleError(path, "member is not listed in the manifest", name)
         if not info.isreg():

@@ -84,11 +84,13 @@ def home(tmp_path, monkeypatch) -> str:
 
 
 def run(args: List[str], env=None, netns: bool = False, timeout: float = 120,
-        **kw) -> subprocess.CompletedProcess:
+        cwd_: str = ROOT, **kw) -> subprocess.CompletedProcess:
     """Run a command, inside a fresh network namespace with no network if ``netns``."""
     cmd = (["unshare", "--net", "--"] if netns else []) + list(args)
+    env = dict(env if env is not None else os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, **kw)
+                          cwd=cwd_, **kw)
 
 
 def tree_digest(path: str) -> dict:

@@ -212,8 +212,8 @@ def test_install_killed_at_any_instant_leaves_a_store_that_verifies(big_bundle, 
 
     # Kill points spread over the work, with extra density at the end where it publishes.
     rng = random.Random(11)
-    delays = [rng.uniform(begin, end) for _ in range(20)]
-    delays += [rng.uniform(begin + 0.8 * (end - begin), end) for _ in range(10)]
+    delays = [rng.uniform(begin, end) for _ in range(36)]
+    delays += [rng.uniform(begin + 0.8 * (end - begin), end) for _ in range(16)]
     phases = []
     for delay in sorted(delays):
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -1,0 +1,205 @@
+"""A corpus of hostile and broken bundles, each made by code so it is reproducible.
+
+For every one, ``mirror install`` and ``mirror verify`` exit non-zero with a one-line
+error, nothing is written outside the store, and the store is byte-for-byte as it
+was. A property-based test then mutates a good bundle at random.
+"""
+
+import io
+import json
+import os
+import random
+import tarfile
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirror import bundle
+from mirror.errors import BundleError
+from mirror.store import Store
+from tests.conftest import MIRROR, run, tree_digest
+
+
+def _parts(good):
+    """The good bundle's manifest and members, to rebuild variations from."""
+    members = {}
+
+    class Keep:
+        def __init__(self, m):
+            self.m, self.buf = m, bytearray()
+
+        def write(self, b):
+            self.buf += b
+
+        def close(self):
+            members[self.m.name] = bytes(self.buf)
+
+    manifest = bundle.read(good, lambda m: Keep(m))
+    return manifest, members
+
+
+def _tar(entries, compress=True):
+    """A tar stream (zstd-compressed) of ``entries``: (TarInfo, bytes or None)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return zstandard.ZstdCompressor().compress(raw.getvalue()) if compress else raw.getvalue()
+
+
+def _info(name, size=0, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = size, kind, link
+    return info
+
+
+def _with(manifest, members, extra=(), order=None, edit=None):
+    manifest = json.loads(json.dumps(manifest))
+    if edit:
+        edit(manifest)
+    data = bundle.manifest_to_bytes(manifest)
+    entries = [(_info("manifest.json", len(data)), data)]
+    names = order or sorted(members)
+    entries += [(_info(n, len(members[n])), members[n]) for n in names]
+    entries += list(extra)
+    return _tar(entries)
+
+
+def _corpus(good):
+    """name -> bytes of a bad bundle."""
+    manifest, members = _parts(good)
+    first = sorted(members)[0]
+    weight = next(n for n in members if n.startswith("weights/"))
+    good_bytes = open(good, "rb").read()
+    data = bundle.manifest_to_bytes(manifest)
+    rng = random.Random(3)
+
+    def snap(m):
+        return m["repos"][0]["snapshots"][0]
+
+    corpus = {
+        "dotdot member": _with(manifest, members, [(_info("../evil.py", 4), b"evil")]),
+        "absolute member": _with(manifest, members, [(_info("/tmp/evil.py", 4), b"evil")]),
+        "symlink member": _with(manifest, members,
+                                [(_info("code/x", 0, tarfile.SYMTYPE, "/etc/passwd"), None)]),
+        "hard link member": _with(manifest, members,
+                                  [(_info("code/y", 0, tarfile.LNKTYPE, "/etc/passwd"), None)]),
+        "device member": _with(manifest, members, [(_info("code/dev", 0, tarfile.CHRTYPE),
+                                                    None)]),
+        "fifo member": _with(manifest, members, [(_info("code/fifo", 0, tarfile.FIFOTYPE),
+                                                  None)]),
+        "directory member": _with(manifest, members, [(_info("code/dir", 0, tarfile.DIRTYPE),
+                                                       None)]),
+        "duplicate member": _with(manifest, members, [(_info(first, len(members[first])),
+                                                       members[first])]),
+        "digest lie": _with(manifest, members, edit=lambda m: snap(m)["files"][0].update(
+            sha256="0" * 64)),
+        "size lie": _with(manifest, members, edit=lambda m: snap(m)["files"][0].update(
+            size=snap(m)["files"][0]["size"] + 7)),
+        "missing member": _with(manifest, {k: v for k, v in members.items() if k != first}),
+        "extra member": _with(manifest, members, [(_info("weights/" + "f" * 64, 3), b"abc")]),
+        "members out of order": _with(manifest, members, order=sorted(members, reverse=True)),
+        "member before the manifest": _tar([(_info(first, len(members[first])),
+                                              members[first]),
+                                             (_info("manifest.json", len(data)), data)]),
+        "manifest missing": _tar([(_info(n, len(members[n])), members[n]) for n in members]),
+        "weight bytes changed": _with({**manifest}, {**members, weight: members[weight][::-1]}),
+        "future format": _with(manifest, members, edit=lambda m: m.update(format_version=99)),
+        "not a mirror manifest": _with(manifest, members, edit=lambda m: m.update(
+            format="something-else")),
+        "deeply nested json": _tar([(_info("manifest.json", 200002),
+                                     b"[" * 100001 + b"]" * 100001)]),
+        "huge manifest": _tar([(_info("manifest.json", bundle.MAX_MANIFEST_BYTES + 1),
+                                b" " * (bundle.MAX_MANIFEST_BYTES + 1))]),
+        "invalid utf-8 name": _with(manifest, members, [(_info("code/\udcff\udcfe.py", 1),
+                                                         b"x")]),
+        "unsafe path in manifest": _with(manifest, members, edit=lambda m: snap(m)["files"][
+            0].update(path="a/../../b")),
+        "symlink escaping in manifest": None,  # built below: needs a matching member
+        "uncompressed tar": _tar([(_info("manifest.json", len(data)), data)], compress=False),
+        "not a bundle": b"PK\x03\x04 this is a zip file, not a bundle" * 20,
+        "empty file": b"",
+        "zstd frame claiming a huge size": bundle.ZSTD_MAGIC + bytes([0xC0]) +
+        (2 ** 62).to_bytes(8, "little") + b"\x01\x00\x00" + b"\x00" * 16,
+        "many tiny unlisted members": _with(manifest, members, [
+            (_info(f"code/tiny/{i}", 0), b"") for i in range(20000)]),
+        "appended bytes": good_bytes + b"\x00junk",
+        "skippable frame": good_bytes + b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd",
+    }
+    target = b"../../../../etc/passwd"
+    corpus["symlink escaping in manifest"] = _with(
+        manifest, {**members, "code/" + snap(manifest)["commit"] + "/link": target},
+        edit=lambda m: snap(m)["files"].append({"path": "link", "mode": 0o120000,
+                                                "size": len(target),
+                                                "sha256": __import__("hashlib").sha256(
+                                                    target).hexdigest()}))
+    for cut in (1, 13, 100, 1000, len(good_bytes) // 3, len(good_bytes) // 2,
+                len(good_bytes) - 200, len(good_bytes) - 1):
+        corpus[f"truncated at {cut}"] = good_bytes[:cut]
+    for i in range(6):
+        flipped = bytearray(good_bytes)
+        at = rng.randrange(len(flipped))
+        flipped[at] ^= 1 << rng.randrange(8)
+        corpus[f"bit flip {i} at {at}"] = bytes(flipped)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(master_bundle):
+    return _corpus(master_bundle)
+
+
+def test_the_corpus_has_at_least_30_kinds(corpus):
+    assert len(corpus) >= 40
+
+
+def test_every_bad_bundle_is_refused_and_nothing_changes(corpus, master_bundle, tmp_path):
+    home = tmp_path / "store"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    env = dict(os.environ, MGE_MIRROR_HOME=str(home), MGE_HOME=str(tmp_path / "mge"))
+    Store(str(home)).install(master_bundle)
+    before = tree_digest(str(home))
+    for name, data in sorted(corpus.items()):
+        bad = outside / "bad.hub"
+        bad.write_bytes(data)
+        for command in ("install", "verify"):
+            r = run(MIRROR + [command, str(bad)], env=env, cwd_=str(outside))
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode != 0, (name, command, r.stdout)
+            assert len(lines) == 1 and lines[0].startswith("Error: "), (name, command, lines)
+            assert "Traceback" not in r.stderr, (name, command)
+        assert tree_digest(str(home)) == before, name
+        assert sorted(os.listdir(outside)) == ["bad.hub"], name
+        bad.unlink()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_damage_is_refused_or_harmless(master_bundle, data):
+    good = open(master_bundle, "rb").read()
+    damaged = bytearray(good)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        at = data.draw(st.integers(0, max(0, len(damaged) - 1)))
+        if kind == "flip" and damaged:
+            damaged[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "cut":
+            del damaged[at:]
+        elif kind == "insert":
+            damaged[at:at] = data.draw(st.binary(min_size=1, max_size=64))
+        elif damaged:
+            del damaged[at:at + data.draw(st.integers(1, 64))]
+    path = master_bundle + ".fuzz"
+    with open(path, "wb") as fh:
+        fh.write(damaged)
+    try:
+        manifest = bundle.read(path)
+    except BundleError:
+        return  # refused, with the error a user sees
+    finally:
+        os.unlink(path)
+    # Accepted: then it must be the very same content (damage only where it is ignored).
+    assert manifest == bundle.read(master_bundle)
