@@ -136,3 +136,13 @@ def test_with_a_trust_policy_the_loader_runs_only_signed_code(master_bundle, sig
     assert r.returncode == 0, r.stderr
     model = mirror.hub.load("demo/tinynets:v1.0", "mlp", source="local")
     assert model.revision == upstream.demo.revisions[upstream.demo.commits["c2"]]
+
+
+def test_a_store_config_file_makes_the_policy(master_bundle, signed, keys, home):
+    os.makedirs(home)
+    with open(os.path.join(home, "config.toml"), "w") as fh:
+        fh.write(f'trusted_keys = ["{keys["trusted_dir"]}"]\nrequire_signature = true\n')
+    r = run(MIRROR + ["install", master_bundle])
+    assert r.returncode == 3 and "it is not signed" in r.stderr
+    r = run(MIRROR + ["install", signed])
+    assert r.returncode == 0 and f"signed by trusted key {keys['release'][2]}" in r.stdout
