@@ -323,10 +323,14 @@ def inspect(bundle_path, as_json) -> None:
 def write_receipt(path: str, bundle_path: str, report: Any, error: str | None) -> None:
     """A machine-readable record of an install's verification, for compliance."""
     digest = hashlib.sha256()
-    with open(bundle_path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    record = {"bundle": os.path.abspath(bundle_path), "bundle_sha256": digest.hexdigest(),
+    try:
+        with open(bundle_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        bundle_sha256 = digest.hexdigest()
+    except OSError:
+        bundle_sha256 = None  # the bundle is missing or unreadable: the error says so
+    record = {"bundle": os.path.abspath(bundle_path), "bundle_sha256": bundle_sha256,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "tool": f"mirror {__version__}", "result": "installed" if error is None else
               "refused", "error": error,

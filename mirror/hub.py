@@ -62,10 +62,15 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-def _source(source: str) -> str:
+def _source(source: str, store: Store | None = None) -> str:
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
-    return "local" if _flag("MGE_MIRROR_OFFLINE") else source
+    from .signing import policy_configured
+
+    # Offline mode, or a trust policy (only signed code may run), keep everything local.
+    if _flag("MGE_MIRROR_OFFLINE") or policy_configured(store.home if store else None):
+        return "local"
+    return source
 
 
 def _megengine_hub() -> Dict[str, Callable[..., Any]]:
@@ -295,7 +300,7 @@ def _forget_modules_from(root: str, before: set) -> None:
 def _snapshot(repo_info: str, git_host: str, commit: str | None, source: str,
               store: Store) -> SnapshotRef | None:
     """The store's snapshot for the request, or None when ``megengine.hub`` should answer."""
-    source = _source(source)
+    source = _source(source, store)
     if source == "remote":
         return None
     try:

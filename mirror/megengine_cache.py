@@ -64,9 +64,11 @@ def weight_file(url: str) -> str:
 
 
 def seed(store: Store, manifest: Dict[str, Any], versions: Sequence[str],
-         mge_home: str | None = None) -> List[str]:
+         mge_home: str | None = None, trusted: set | None = None) -> List[str]:
     """Seed MegEngine's caches for every ref, commit and weight ``manifest`` installed.
 
+    With ``trusted`` key ids (a trust policy), only snapshots a trusted key signed are
+    seeded: stock megengine.hub runs whatever it finds there, unchecked.
     Returns one line per entry seeded or deliberately left alone.
     """
     home = mge_home or megengine_home()
@@ -88,6 +90,10 @@ def seed(store: Store, manifest: Dict[str, Any], versions: Sequence[str],
                     wanted[repo_key(version, owner, name, branch, commit)] = (
                         commit, f"{owner}/{name}:{branch} commit={commit[:12]}")
         for key, (commit, label) in sorted(wanted.items()):
+            if trusted is not None and (store.snapshot_record(rdir, commit) or {}).get(
+                    "signed_by") not in trusted:
+                done.append(f"not seeding {label}: its bundle was not signed by a trusted key")
+                continue
             done.append(_seed_repo(rdir, commit, os.path.join(hub_dir, key), label))
     serialized = os.path.join(home, "serialized")
     os.makedirs(serialized, exist_ok=True)

@@ -9,6 +9,7 @@ Large byte payloads (the arrays) are skipped over, not read: memory stays flat.
 
 from __future__ import annotations
 
+import io
 import pickletools
 import warnings
 from typing import IO, Any, List, Set, Tuple
@@ -31,7 +32,8 @@ _STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
             "SHORT_BINUNICODE", "BINUNICODE8"}
 _SKIPPED = {pickletools.bytes1.name, pickletools.bytes4.name, pickletools.bytes8.name,
             pickletools.bytearray8.name}
-MAX_STRING = 1 << 16  # module and attribute names are short; longer strings are data
+MAX_STRING = 16 << 20  # longer strings are kept as unknown: used as a name, they fail closed
+DYNAMIC = "<computed at load time>"
 
 
 class NotAPickle(ValueError):
@@ -68,11 +70,16 @@ def pickle_globals(fh: IO[bytes], found: List[str] | None = None) -> List[str]:
             found.append(f"{module}.{attr}")
         elif name == "STACK_GLOBAL":
             module, attr = (popped + [None, None])[:2]
-            if not (isinstance(module, str) and isinstance(attr, str)):
-                raise NotAPickle("STACK_GLOBAL of names that are not plain strings")
-            found.append(f"{module}.{attr}")
+            # Names computed at run time (a REDUCE's result, say) cannot be checked:
+            # fail closed, as an import of something unknown.
+            found.append(f"{module if isinstance(module, str) else DYNAMIC}."
+                         f"{attr if isinstance(attr, str) else DYNAMIC}")
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            found.append(f"{DYNAMIC}.copyreg-extension-{arg}")  # whatever is registered
         if name == "MARK":
             stack.append(_MARK)
+        elif name == "DUP":
+            stack.extend(popped + popped)
         elif name in _STRINGS:
             stack.append(arg if isinstance(arg, str) else None)
         elif name in ("GET", "BINGET", "LONG_BINGET"):
@@ -103,6 +110,20 @@ def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
     arg = op.arg
     if arg is None:
         return None
+    if arg.n == pickletools.UP_TO_NEWLINE:
+        # Text arguments (protocol 0): where one ends is certain, what it means is not
+        # always (the C unpickler reads "0x1" or "007" as numbers, pickletools does
+        # not). An argument read differently must not end the scan early, so its
+        # value is then unknown, and the scan goes on as pickle would.
+        lines = [fh.readline() for _ in range(2 if op.name in ("GLOBAL", "INST") else 1)]
+        if not all(line.endswith(b"\n") for line in lines):
+            raise NotAPickle(f"{op.name} without its newline")
+        if op.name in ("GLOBAL", "INST"):
+            return " ".join(line[:-1].decode("utf-8", "replace") for line in lines)
+        try:
+            return arg.reader(io.BytesIO(lines[0]))
+        except (ValueError, UnicodeDecodeError):
+            return None
     if arg.name in _SKIPPED:  # array data: skip it, never hold it in memory
         size = 1 if arg.n == -5 else (arg.n if arg.n > 0 else None)
         width = {pickletools.bytes1.name: 1, pickletools.bytes4.name: 4}.get(arg.name, 8)
@@ -141,4 +162,5 @@ def unsafe_globals(path: str) -> List[str]:
             pickle_globals(fh, names)
     except NotAPickle:
         pass  # what came before the break is in names, and is what would run
-    return sorted({n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED})
+    unsafe = {n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED}
+    return sorted(n if len(n) <= 200 else n[:100] + "..." + n[-40:] for n in unsafe)

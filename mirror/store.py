@@ -233,8 +233,9 @@ class Store:
             write_atomic(os.path.join(self.home, "bundles", report.bundle_sha256 + ".json"),
                          manifest_bytes)
             if megengine_versions:
-                report.megengine_cache = self._seed_megengine(manifest, megengine_versions,
-                                                              megengine_home)
+                report.megengine_cache = self._seed_megengine(
+                    manifest, megengine_versions, megengine_home,
+                    set(trusted) if trusted is not None else None)
         except OSError as e:
             raise StoreError(e.filename or self.home,
                              f"install of {bundle_path} failed: {e.strerror or e}") from None
@@ -254,13 +255,13 @@ class Store:
                 raise UnsafePickleError(f"weight {w['url']} in {bundle_path}", unsafe)
 
     def _seed_megengine(self, manifest: Dict[str, Any], versions: Sequence[str],
-                        home: str | None) -> List[str]:
+                        home: str | None, trusted: set | None) -> List[str]:
         # The store is complete at this point; a cache that cannot be written is a
         # warning about stock megengine.hub, not a failed install.
         from .megengine_cache import seed
 
         try:
-            return seed(self, manifest, versions, home)
+            return seed(self, manifest, versions, home, trusted)
         except OSError as e:
             return [f"warning: not seeded ({e.filename or home}: {e.strerror or e}); "
                     f"stock megengine.hub will not find this bundle offline"]

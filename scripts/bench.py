@@ -5,6 +5,8 @@ an empty download cache, hashed and compressed, against `tar -cf - DIR | zstd -T
 of the same files on local disk (and `sha256sum` of them, shown apart).
 install: `mirror install` (verify every byte, install atomically) against
 `zstd -d | tar -x` of the same bundle, median of --runs; peak RSS of each.
+inspect and verify: `mirror inspect` and `mirror verify` of the same bundle, against
+`zstd -d -c BUNDLE | sha256sum` (decompress and hash every byte once).
 load: `mirror.hub.load(..., pretrained=True)` against stock `megengine.hub.load`
 with its cache warm (seeded by install), same model, same process; the first
 load of each and the median of repeated loads.
@@ -147,6 +149,23 @@ def bench_load(bundle: str, work: str, repeats: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def bench_read(bundle: str, runs: int) -> dict:
+    inspect = [timed(f"{sys.executable} -m mirror inspect --json {bundle}") for _ in range(runs)]
+    verify = [timed(f"{sys.executable} -m mirror verify {bundle}") for _ in range(runs)]
+    base = [timed(f"zstd -d -c {bundle} | sha256sum > /dev/null") for _ in range(runs)]
+    from mirror.bundle import read_manifest
+
+    t = time.perf_counter()
+    for _ in range(20):
+        read_manifest(bundle)
+    in_process = (time.perf_counter() - t) / 20
+    return {"inspect_s": statistics.median(t for t, _ in inspect),
+            "inspect_in_process_s": in_process,
+            "verify_s": statistics.median(t for t, _ in verify),
+            "verify_rss_mb": max(r for _, r in verify),
+            "baseline_s": statistics.median(t for t, _ in base)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=1024, help="weights in the bundle")
@@ -186,11 +205,16 @@ def main() -> None:
               f"{p['mirror_rss_mb']:.0f} MiB (median of {args.runs})")
         r = bench_install(bundle, args.runs, work)
         load = bench_load(small, work, 20)
+        rd = bench_read(bundle, args.runs)
         print(f"install: mirror {r['mirror_s']:.2f} s vs zstd -d | tar -x {r['baseline_s']:.2f} s"
               f" -> ratio {r['ratio']:.2f}; throughput {size / r['mirror_s'] / 2**20:.0f} MiB/s"
               f" vs {size / r['baseline_s'] / 2**20:.0f} MiB/s; peak RSS mirror "
               f"{r['mirror_rss_mb']:.0f} MiB, baseline {r['baseline_rss_mb']:.0f} MiB "
               f"(median of {args.runs})")
+        print(f"inspect: {rd['inspect_s']:.2f} s as a command (Python start-up included), "
+              f"{rd['inspect_in_process_s'] * 1e3:.1f} ms in process; verify: "
+              f"{rd['verify_s']:.2f} s vs zstd -d | sha256sum {rd['baseline_s']:.2f} s -> ratio "
+              f"{rd['verify_s'] / rd['baseline_s']:.2f}, peak RSS {rd['verify_rss_mb']:.0f} MiB")
         print(f"load (small_cnn, pretrained): mirror {load['mirror'] * 1e3:.1f} ms vs stock "
               f"megengine.hub, warm cache, {load['stock'] * 1e3:.1f} ms -> ratio "
               f"{load['mirror'] / load['stock']:.2f} (median of 20, same process); first "

@@ -146,3 +146,31 @@ def test_a_store_config_file_makes_the_policy(master_bundle, signed, keys, home)
     assert r.returncode == 3 and "it is not signed" in r.stderr
     r = run(MIRROR + ["install", signed])
     assert r.returncode == 0 and f"signed by trusted key {keys['release'][2]}" in r.stdout
+
+
+def test_under_a_policy_stock_megengine_gets_only_signed_code(master_bundle, keys, home,
+                                                             tmp_path, monkeypatch):
+    monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
+    r = run(MIRROR + ["install", master_bundle, "--allow-unsafe-pickle"])
+    assert r.returncode == 3  # unsigned: refused outright under the policy
+    monkeypatch.delenv("MGE_MIRROR_TRUSTED_KEYS")
+    assert run(MIRROR + ["install", master_bundle]).returncode == 0  # no policy yet
+    monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
+    # Later signed installs never seed MegEngine's cache with the unsigned snapshot.
+    from mirror.megengine_cache import seed
+
+    lines = seed(Store(), bundle.read_manifest(master_bundle), ["1.13.0"],
+                 str(tmp_path / "mge2"), trusted={keys["release"][2]})
+    assert lines and all(line.startswith("not seeding") or "weight" in line for line in lines)
+    assert not any(p.startswith("1_13_0") for p in os.listdir(tmp_path / "mge2" / "hub"))
+    # And source="auto" does not fall back to the network: only the store answers.
+    with pytest.raises(Exception) as e:
+        mirror.hub.load("nobody/nothing", "x", source="auto")
+    assert type(e.value).__name__ == "NotInstalledError"
+
+
+def test_a_receipt_for_a_missing_bundle_is_still_one_line(tmp_path, home):
+    r = run(MIRROR + ["install", str(tmp_path / "nope.hub"), "--receipt",
+                      str(tmp_path / "r.json")])
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["result"] == "refused"
