@@ -158,3 +158,24 @@ def handmade_bundle(out, snapshots, owner="hand", name="made", refs=(), weights=
                            "snapshots": snaps}]}
     bundle.write(str(out), manifest, sources)
     return str(out)
+
+
+def unpack(bundle_path: str, on_head=None):
+    """(manifest, {member name: bytes}) of a bundle that verifies: the raw material
+    for tests that rebuild it with something changed."""
+    from mirror import bundle
+
+    members = {}
+
+    class Keep:
+        def __init__(self, member):
+            self.member, self.buf = member, bytearray()
+
+        def write(self, block):
+            self.buf += block
+
+        def close(self):
+            members[self.member.name] = bytes(self.buf)
+
+    manifest = bundle.read(bundle_path, Keep, on_head=on_head)
+    return manifest, members

@@ -19,25 +19,7 @@ from hypothesis import strategies as st
 from mirror import bundle
 from mirror.errors import BundleError
 from mirror.store import Store
-from tests.conftest import MIRROR, run, tree_digest
-
-
-def _parts(good):
-    """The good bundle's manifest and members, to rebuild variations from."""
-    members = {}
-
-    class Keep:
-        def __init__(self, m):
-            self.m, self.buf = m, bytearray()
-
-        def write(self, b):
-            self.buf += b
-
-        def close(self):
-            members[self.m.name] = bytes(self.buf)
-
-    manifest = bundle.read(good, lambda m: Keep(m))
-    return manifest, members
+from tests.conftest import MIRROR, run, tree_digest, unpack
 
 
 def _tar(entries, compress=True):
@@ -69,7 +51,7 @@ def _with(manifest, members, extra=(), order=None, edit=None):
 
 def _corpus(good):
     """name -> bytes of a bad bundle."""
-    manifest, members = _parts(good)
+    manifest, members = unpack(good)
     first = sorted(members)[0]
     weight = next(n for n in members if n.startswith("weights/"))
     good_bytes = open(good, "rb").read()

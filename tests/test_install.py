@@ -11,7 +11,7 @@ import pytest
 from mirror import bundle
 from mirror.errors import BundleError
 from mirror.store import Store, default_home
-from tests.conftest import MIRROR, run, tree_digest
+from tests.conftest import MIRROR, run, tree_digest, unpack
 
 
 def test_install_puts_every_file_and_weight_in_the_store(master_bundle, home, upstream):
@@ -50,19 +50,7 @@ def test_second_install_changes_nothing_and_says_so(master_bundle, home):
 
 def _rewrite(src: str, dst: str, edit) -> None:
     """Re-pack ``src`` with ``edit(manifest, sources)`` applied: a bundle that lies."""
-    sources = {}
-
-    class Keep:
-        def __init__(self, m):
-            self.m, self.buf = m, bytearray()
-
-        def write(self, b):
-            self.buf += b
-
-        def close(self):
-            sources[self.m.name] = bytes(self.buf)
-
-    manifest = bundle.read(src, lambda m: Keep(m))
+    manifest, sources = unpack(src)
     edit(manifest, sources)
     tmp = dst + ".raw"
     # Write without the writer's own validation: the point is a bundle that lies.

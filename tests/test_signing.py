@@ -14,7 +14,7 @@ from mirror import bundle
 from mirror.errors import SignatureError
 from mirror.pack import pack
 from mirror.store import Store
-from tests.conftest import MIRROR, run, tree_digest
+from tests.conftest import MIRROR, run, tree_digest, unpack
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,8 @@ def test_an_unsigned_bundle_is_refused_when_a_key_is_required(master_bundle, key
 
 
 def test_a_manifest_changed_after_signing_is_refused(signed, keys, tmp_path):
-    heads, members = [], {}
-
-    class Keep:
-        def __init__(self, m):
-            self.m, self.buf = m, bytearray()
-
-        def write(self, b):
-            self.buf += b
-
-        def close(self):
-            members[self.m.name] = bytes(self.buf)
-
-    manifest = bundle.read(signed, lambda m: Keep(m), on_head=heads.append)
+    heads = []
+    manifest, members = unpack(signed, on_head=heads.append)
     manifest["repos"][0]["refs"][0]["name"] = "v9.9"  # a lie, under the old signature
     bad = str(tmp_path / "forged.hub")
     bundle.write(bad, manifest, members, sign=lambda _: heads[0].signature)
