@@ -296,7 +296,7 @@ class Head:
 
 def read(path: str, sink: SinkFactory | None = None,
          on_head: Callable[[Head], None] | None = None,
-         progress: bool = False) -> Dict[str, Any]:
+         progress: bool = False, file_digest: Any = None) -> Dict[str, Any]:
     """Stream the bundle at ``path`` once, verifying every member against the manifest.
 
     ``on_head`` sees the manifest and signature before any other member is read
@@ -304,7 +304,8 @@ def read(path: str, sink: SinkFactory | None = None,
     file ``sink`` returns for it (if any) while they are hashed; any missing,
     unexpected, duplicated, resized or altered member raises :class:`BundleError`
     naming it. Callers must treat what a sink received as untrusted until this
-    function returns.
+    function returns. ``file_digest`` (a hashlib object) is fed the bundle file's own
+    bytes as they are read, so its digest needs no second pass over the file.
     """
     try:
         fh = open(path, "rb")
@@ -316,7 +317,7 @@ def read(path: str, sink: SinkFactory | None = None,
         try:
             _check_frames(path, fh)
             fh.seek(0)
-            source = _Counting(fh, bar.update) if progress else fh
+            source = _Counting(fh, bar.update, file_digest)
             reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
             counted = _Counting(reader)
             # Large reads: tarfile's default 10 KiB makes thousands of small zstd calls.
@@ -354,14 +355,17 @@ def _sink(sink: SinkFactory | None, member: Member) -> IO[bytes] | None:
 class _Counting:
     """A file reader that counts what it has read (for a progress bar, and the end)."""
 
-    def __init__(self, fh: IO[bytes], report: Callable[[int], Any] | None = None):
-        self.fh, self.report, self.count = fh, report, 0
+    def __init__(self, fh: IO[bytes], report: Callable[[int], Any] | None = None,
+                 digest: Any = None):
+        self.fh, self.report, self.digest, self.count = fh, report, digest, 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.fh.read(n)
         self.count += len(data)
         if self.report:
             self.report(len(data))
+        if self.digest is not None:
+            self.digest.update(data)
         return data
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -178,7 +177,7 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
     try:
         report = store.install(bundle_path, force=force, megengine_versions=versions,
                                progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle,
-                               trusted=trusted)
+                               trusted=trusted, digest_file=bool(receipt))
     except MirrorError as e:
         if receipt:
             write_receipt(receipt, bundle_path, None, str(e))
@@ -322,14 +321,9 @@ def inspect(bundle_path, as_json) -> None:
 
 def write_receipt(path: str, bundle_path: str, report: Any, error: str | None) -> None:
     """A machine-readable record of an install's verification, for compliance."""
-    digest = hashlib.sha256()
-    try:
-        with open(bundle_path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        bundle_sha256 = digest.hexdigest()
-    except OSError:
-        bundle_sha256 = None  # the bundle is missing or unreadable: the error says so
+    # The digest of the bytes that were verified, taken during that one read; a
+    # refused bundle may not have been read whole, so it has none.
+    bundle_sha256 = report.bundle_file_sha256 if report else None
     record = {"bundle": os.path.abspath(bundle_path), "bundle_sha256": bundle_sha256,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "tool": f"mirror {__version__}", "result": "installed" if error is None else

@@ -90,6 +90,7 @@ class InstallReport:
     refs_kept: List[str] = field(default_factory=list)
     megengine_cache: List[str] = field(default_factory=list)
     signed_by: str | None = None  # the trusted key that signed the bundle, if checked
+    bundle_file_sha256: str = ""  # of the bundle file, as it was read and verified
     members: List[Dict[str, Any]] = field(default_factory=list)  # name, sha256: verified
 
     @property
@@ -159,7 +160,8 @@ class Store:
                 megengine_versions: Sequence[str] = (),
                 megengine_home: str | None = None, progress: bool = False,
                 allow_unsafe_pickle: bool = False,
-                trusted: Dict[str, Any] | None = None) -> InstallReport:
+                trusted: Dict[str, Any] | None = None,
+                digest_file: bool = False) -> InstallReport:
         """Verify every byte of a bundle, then make its snapshots, weights and refs visible.
 
         Nothing becomes visible until the whole bundle has verified; on any error
@@ -175,7 +177,7 @@ class Store:
                 try:
                     return self._install(bundle_path, txn, report, force, megengine_versions,
                                          megengine_home, progress, allow_unsafe_pickle,
-                                         trusted)
+                                         trusted, digest_file)
                 finally:
                     shutil.rmtree(txn, ignore_errors=True)
         except OSError as e:
@@ -185,7 +187,7 @@ class Store:
     def _install(self, bundle_path: str, txn: str, report: InstallReport, force: bool,
                  megengine_versions: Sequence[str], megengine_home: str | None,
                  progress: bool, allow_unsafe_pickle: bool,
-                 trusted: Dict[str, Any] | None) -> InstallReport:
+                 trusted: Dict[str, Any] | None, digest_file: bool) -> InstallReport:
         staged: Dict[str, _SyncedFile] = {}
         syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
 
@@ -206,7 +208,10 @@ class Store:
                     report.signed_by = check(head.signature, head.manifest_bytes, trusted,
                                              bundle_path).key_id
 
-            manifest = bundle.read(bundle_path, sink, on_head=on_head, progress=progress)
+            file_digest = hashlib.sha256() if digest_file else None
+            manifest = bundle.read(bundle_path, sink, on_head=on_head, progress=progress,
+                                   file_digest=file_digest)
+            report.bundle_file_sha256 = file_digest.hexdigest() if file_digest else ""
             for f in staged.values():
                 f.wait()
             if not allow_unsafe_pickle:
