@@ -37,10 +37,10 @@ SIGNATURE = "manifest.sig"  # optional, right after the manifest (see mirror.sig
 MAX_MANIFEST_BYTES = 64 << 20
 # Measured here on float32 weights saved with megengine.save: level 1 and level 3
 # both reach a ratio of 1.08, level 1 at 1.3x the speed, and multi-threaded level 1
-# at 440 MB/s on 2 cores. Code is small and compresses well: the strongest level.
-# Multi-threaded zstd gives the same bytes for any number of threads (>= 1), so
-# bundles stay byte-identical across machines.
-WEIGHTS_LEVEL, CODE_LEVEL = 1, 19
+# at 440 MB/s on 2 cores. On 3 MiB of Python source, level 9 reaches a ratio of 7.6
+# in 47 ms, level 19 8.3 in 1.2 s: 9 it is. Multi-threaded zstd gives the same bytes
+# for any number of threads (>= 1), so bundles stay byte-identical across machines.
+WEIGHTS_LEVEL, CODE_LEVEL = 1, 9
 CHUNK = 1 << 20
 MODE_LINK = 0o120000
 MAX_LINK_BYTES = 4096  # PATH_MAX: a symlink target is read whole, so it must be small
@@ -221,11 +221,14 @@ def manifest_to_bytes(manifest: Dict[str, Any]) -> bytes:
 
 
 class _FrameWriter:
-    """Writes a tar stream with each member in a zstd frame of its own.
+    """Writes the tar stream as zstd frames: the manifest (and signature) alone in the
+    first, code members together in one frame per run of them, each weight alone.
 
     Concatenated frames decode as one stream, so ``zstd -d | tar -x`` and
-    ``tar --zstd`` read the bundle as usual, while the manifest, alone in the first
-    frame, can be read without touching the rest (``inspect``).
+    ``tar --zstd`` read the bundle as usual. The manifest alone in the first frame
+    can be read without touching the rest (``inspect``); code compressed together
+    keeps what small files share (thousands of them, frame by frame, came out ten
+    times larger and slower); weights, which barely compress, go fast and alone.
     """
 
     def __init__(self, out: IO[bytes]):
@@ -235,6 +238,20 @@ class _FrameWriter:
         self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1,
                                                 write_checksum=True)
         self.code = zstandard.ZstdCompressor(level=CODE_LEVEL, write_checksum=True)
+        self.frame: Any = None  # the open frame's stream writer
+        self.frame_kind = ""
+
+    def _frame_for(self, kind: str) -> Any:
+        if self.frame is None or kind != self.frame_kind or kind == "weights":
+            self._close_frame()
+            cctx = self.weights if kind == "weights" else self.code
+            self.frame, self.frame_kind = cctx.stream_writer(self.out, closefd=False), kind
+        return self.frame
+
+    def _close_frame(self) -> None:
+        if self.frame is not None:
+            self.frame.close()  # ends the frame (with closefd=False, not the file)
+            self.frame = None
 
     def member(self, name: str, size: int, fh: IO[bytes], mtime: int) -> None:
         info = tarfile.TarInfo(name)
@@ -243,21 +260,23 @@ class _FrameWriter:
         info.uname = info.gname = ""
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         padding = -size % tarfile.BLOCKSIZE
-        cctx = self.weights if name.startswith("weights/") else self.code
-        with cctx.stream_writer(self.out, closefd=False) as z:
-            z.write(header)
-            copied = 0
-            for block in iter(lambda: fh.read(CHUNK), b""):
-                z.write(block)
-                copied += len(block)
-            if copied != size:
-                raise ValueError(f"member {name} changed while packing: {copied} bytes, "
-                                 f"expected {size}")
-            z.write(b"\0" * padding)
+        kind = "weights" if name.startswith("weights/") else \
+            "head" if name in (MANIFEST, SIGNATURE) else "code"
+        z = self._frame_for(kind)
+        z.write(header)
+        copied = 0
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            z.write(block)
+            copied += len(block)
+        if copied != size:
+            raise ValueError(f"member {name} changed while packing: {copied} bytes, "
+                             f"expected {size}")
+        z.write(b"\0" * padding)
         self.offset += len(header) + size + padding
 
     def end(self) -> None:
         """The end-of-archive blocks, padded to a whole record as tar writes it."""
+        self._close_frame()
         end = 2 * tarfile.BLOCKSIZE
         end += -(self.offset + end) % tarfile.RECORDSIZE
         with self.code.stream_writer(self.out, closefd=False) as z:

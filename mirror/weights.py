@@ -143,15 +143,26 @@ class _Modules:
     following ``from .const import BASE`` and ``import pkg.const as c`` between them."""
 
     def __init__(self, files: Iterable[TreeFile]):
-        self.trees: Dict[str, ast.Module] = {}
-        for f in files:
-            if f.path.endswith(".py"):
-                try:
-                    self.trees[f.path] = ast.parse(f.data, filename=f.path)
-                except (SyntaxError, ValueError):
-                    pass  # Python would fail to import it as well; not ours to judge.
+        # Parsed only when needed: a repo of thousands of files mentions a downloader
+        # in a few, and parsing is most of the cost.
+        self.sources: Dict[str, bytes] = {f.path: f.data for f in files
+                                          if f.path.endswith(".py")}
+        self._trees: Dict[str, ast.Module | None] = {}
         self._envs: Dict[str, Dict[str, Any]] = {}
         self._busy: set = set()
+
+    def tree(self, path: str) -> ast.Module | None:
+        if path not in self._trees:
+            try:
+                self._trees[path] = ast.parse(self.sources[path], filename=path)
+            except (SyntaxError, ValueError, KeyError):
+                self._trees[path] = None  # Python would fail to import it as well
+        return self._trees[path]
+
+    def mentioning(self, names: Iterable[str]) -> List[str]:
+        """The files whose text names one of ``names`` (a call must name its callee)."""
+        wanted = [n.encode() for n in names]
+        return sorted(p for p, data in self.sources.items() if any(w in data for w in wanted))
 
     def path_of(self, importer: str, module: str | None, level: int) -> str | None:
         parts = importer.split("/")[:-1] if level else []
@@ -161,7 +172,7 @@ class _Modules:
             return None
         base = "/".join(parts + (module.split(".") if module else []))
         for candidate in (base + ".py", base + "/__init__.py"):
-            if candidate.lstrip("/") in self.trees:
+            if candidate.lstrip("/") in self.sources:
                 return candidate.lstrip("/")
         return None
 
@@ -171,8 +182,9 @@ class _Modules:
         if path in self._busy:  # an import cycle: what is known so far
             return {}
         self._busy.add(path)
+        tree = self.tree(path)
         try:
-            self._envs[path] = _module_constants(self.trees[path], path, self)
+            self._envs[path] = _module_constants(tree, path, self) if tree else {}
         finally:
             self._busy.discard(path)
         return self._envs[path]
@@ -272,7 +284,10 @@ def discover(files: Iterable[TreeFile]) -> Tuple[List[WeightRef], List[Unresolve
     found: Dict[str, List[Location]] = {}
     unresolved: List[Unresolved] = []
     modules = _Modules(files)
-    for path, tree in sorted(modules.trees.items()):
+    for path in modules.mentioning(_DOWNLOADERS):
+        tree = modules.tree(path)
+        if tree is None:
+            continue
         module_env = modules.env(path)
         for node, local in _download_calls(tree, frozenset()):
             # A name a function binds itself (a parameter, say) is not the module's.
@@ -304,7 +319,7 @@ def coverage(files: Iterable[TreeFile]) -> Dict[str, List[str]]:
     are the entrypoints a reader of the manifest can check without executing code.
     """
     modules = _Modules(files)
-    tree = modules.trees.get("hubconf.py")
+    tree = modules.tree("hubconf.py")
     if tree is None:
         return {}
     env = modules.env("hubconf.py")

@@ -82,7 +82,7 @@ def bench_pack(spec: str, git_host: str, urls: list, folder: str, runs: int,
         mine.append(timed(f"{sys.executable} -m mirror pack {spec} -o {out} --git-host "
                           f"{git_host} --protocol http -q {weights}", env=env))
         sizes = (os.path.getsize(f"{work}/base{i}.tar.zst"), os.path.getsize(out))
-        shutil.rmtree(env["MGE_MIRROR_DOWNLOADS"])
+        shutil.rmtree(env["MGE_MIRROR_DOWNLOADS"], ignore_errors=True)
         os.unlink(out)
         os.unlink(f"{work}/base{i}.tar.zst")
     b = statistics.median(t for t, _ in base)
@@ -166,11 +166,34 @@ def bench_read(bundle: str, runs: int) -> dict:
             "baseline_s": statistics.median(t for t, _ in base)}
 
 
+def make_many_files(git_root: str, content: str, count: int) -> str:
+    """A repo of ``count`` small Python files (one commit, by git fast-import), and the
+    same files checked out in ``content`` for the baseline."""
+    bare = os.path.join(git_root, "many", "files")
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "master", bare], check=True)
+    stream = [b"commit refs/heads/master\ncommitter b <b@example.invalid> 1700000000 +0000\n"
+              b"data 4\nmany"]
+    hubconf = b"def f():\n    return None\n"
+    stream.append(b"\nM 644 inline hubconf.py\ndata %d\n%s\n" % (len(hubconf), hubconf))
+    for i in range(count):
+        data = (b"# module %d\nVALUE = %d\n\n\ndef f(x):\n    return x + VALUE\n" % (i, i)) * 8
+        stream.append(b"M 644 inline pkg/sub%03d/mod%05d.py\ndata %d\n%s\n"
+                      % (i // 100, i, len(data), data))
+    subprocess.run(["git", "--git-dir", bare, "fast-import", "--quiet"],
+                   input=b"".join(stream), check=True)
+    os.makedirs(content)
+    subprocess.run(f"git --git-dir {bare} archive master | tar -x -C {content}", shell=True,
+                   check=True)
+    return "many/files"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=1024, help="weights in the bundle")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--small-files", type=int, default=5000,
+                        help="files in the many-small-files repo")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="mirror-bench-")
     try:
@@ -186,6 +209,12 @@ def main() -> None:
                                 "."], check=True)
                 shutil.rmtree(os.path.join(content, ".git"))
                 p = bench_pack(demo.repo, git.host, urls, content, args.runs, work)
+                many_content = os.path.join(work, "many-content")
+                many = make_many_files(os.path.join(work, "git"), many_content,
+                                       args.small_files)
+                mp = bench_pack(many, git.host, [], many_content, args.runs, work)
+                many_bundle = os.path.join(work, "many.hub")
+                pack([many], many_bundle, git_host=git.host, protocol="http", progress=False)
                 bundle = os.path.join(work, "bench.hub")
                 small = os.path.join(work, "demo.hub")
                 pack([demo.repo], small, git_host=git.host, protocol="http", progress=False)
@@ -203,6 +232,13 @@ def main() -> None:
               f"{p['mirror_size'] / 2**20:.1f} MiB vs {p['baseline_size'] / 2**20:.1f} MiB -> "
               f"{p['mirror_size'] / p['baseline_size']:.3f}; peak RSS mirror "
               f"{p['mirror_rss_mb']:.0f} MiB (median of {args.runs})")
+        print(f"pack, {args.small_files} small files: mirror {mp['mirror_s']:.2f} s vs tar | "
+              f"zstd -T0 -3 {mp['baseline_s']:.2f} s -> ratio {mp['ratio']:.2f}; bundle "
+              f"{mp['mirror_size'] / 2**10:.0f} KiB vs {mp['baseline_size'] / 2**10:.0f} KiB "
+              f"-> {mp['mirror_size'] / mp['baseline_size']:.3f}")
+        mr = bench_install(many_bundle, args.runs, work)
+        print(f"install, {args.small_files} small files: mirror {mr['mirror_s']:.2f} s vs "
+              f"zstd -d | tar -x {mr['baseline_s']:.2f} s -> ratio {mr['ratio']:.2f}")
         r = bench_install(bundle, args.runs, work)
         load = bench_load(small, work, 20)
         rd = bench_read(bundle, args.runs)
