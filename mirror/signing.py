@@ -28,7 +28,6 @@ from .atomic import atomic_file
 from .errors import MirrorError, SignatureError
 
 ALGORITHM = "ed25519"
-MAX_SIGNATURE_BYTES = 64 << 10
 
 
 def key_id(public: Ed25519PublicKey) -> str:

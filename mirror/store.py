@@ -500,12 +500,12 @@ class Store:
                 dirnames[:] = []
                 with open(os.path.join(dirpath, "repo.json")) as fh:
                     ident = json.load(fh)
-                refs = self.refs(dirpath)
+                refs, commits = self.refs(dirpath), self.commits(dirpath)
                 out.append(dict(ident, refs={n: {"kind": k, "commit": c}
                                              for n, (k, c) in sorted(refs.items())},
-                                commits=self.commits(dirpath),
+                                commits=commits,
                                 snapshots=[self._describe_snapshot(dirpath, c)
-                                           for c in self.commits(dirpath)]))
+                                           for c in commits]))
         return sorted(out, key=lambda r: (r["host"], r["owner"].lower(), r["name"].lower()))
 
 
