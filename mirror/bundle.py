@@ -20,9 +20,12 @@ import io
 import json
 import os
 import posixpath
+import queue
+import re
 import tarfile
+import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import zstandard
 from tqdm import tqdm
@@ -85,8 +88,11 @@ def expected_members(manifest: Dict[str, Any]) -> Dict[str, Member]:
     return members
 
 
+_HEX = re.compile("[0-9a-f]*")
+
+
 def _is_hex(s: Any, lengths: Tuple[int, ...]) -> bool:
-    return isinstance(s, str) and len(s) in lengths and all(c in "0123456789abcdef" for c in s)
+    return isinstance(s, str) and len(s) in lengths and _HEX.fullmatch(s) is not None
 
 
 def _safe_path(p: Any) -> bool:
@@ -334,17 +340,22 @@ def read(path: str, sink: SinkFactory | None = None,
     with fh, tqdm(total=os.fstat(fh.fileno()).st_size, unit="B", unit_scale=True,
                   unit_divisor=1024, desc="verify", disable=not progress or None,
                   leave=False) as bar:
+        def seen(data: bytes) -> None:
+            bar.update(len(data))
+            if file_digest is not None:
+                file_digest.update(data)
+
         try:
             _check_frames(path, fh)
             fh.seek(0)
-            source = _Counting(fh, bar.update, file_digest)
-            reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
-            counted = _Counting(reader)
-            # Large reads: tarfile's default 10 KiB makes thousands of small zstd calls.
-            with tarfile.open(fileobj=counted, mode="r|", bufsize=CHUNK) as tar:
-                manifest = _read_members(path, tar, sink, on_head)
-                _check_end(path, tar.offset, counted)
-                return manifest
+            with _Decompressed(fh, seen) as stream:
+                # Seekable mode on a forward-only stream: tarfile parses the headers
+                # (PAX included) and member data is read straight from the stream,
+                # not copied through tarfile's own buffers.
+                with tarfile.open(fileobj=stream, mode="r:") as tar:
+                    manifest = _read_members(path, tar, stream, sink, on_head)
+                    _check_end(path, tar.offset, stream)
+                    return manifest
         except BundleError:
             raise
         except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
@@ -372,21 +383,106 @@ def _sink(sink: SinkFactory | None, member: Member) -> IO[bytes] | None:
     return _sink_call(sink, member) if sink else None
 
 
-class _Counting:
-    """A file reader that counts what it has read (for a progress bar, and the end)."""
+class _Seen:
+    """A file reader that shows each block it reads to ``seen`` (progress, file digest)."""
 
-    def __init__(self, fh: IO[bytes], report: Callable[[int], Any] | None = None,
-                 digest: Any = None):
-        self.fh, self.report, self.digest, self.count = fh, report, digest, 0
+    def __init__(self, fh: IO[bytes], seen: Callable[[bytes], None]):
+        self.fh, self.seen = fh, seen
 
     def read(self, n: int = -1) -> bytes:
         data = self.fh.read(n)
-        self.count += len(data)
-        if self.report:
-            self.report(len(data))
-        if self.digest is not None:
-            self.digest.update(data)
+        self.seen(data)
         return data
+
+
+class _Decompressed:
+    """The bundle's tar stream, decompressed on a background thread.
+
+    zstd, sha256 and file writes all release the GIL, so decompressing the next
+    blocks while this thread hashes and writes the last ones keeps both cores busy
+    (as ``zstd -d | tar -x`` does with two processes). Blocks are handed over as
+    they are, and member data is served as views of them: no copy is made in
+    Python. Forward-only, with the ``read``/``tell``/``seek`` that tarfile needs.
+    """
+
+    DEPTH = 4  # decompressed blocks in flight: memory stays a few MiB
+
+    def __init__(self, fh: IO[bytes], seen: Callable[[bytes], None]):
+        self._blocks: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self._stop = threading.Event()
+        self._block = memoryview(b"")
+        self._at = 0  # in self._block
+        self._eof = False
+        self.count = 0  # bytes handed out so far: the stream position
+        self._thread = threading.Thread(target=self._decompress, args=(_Seen(fh, seen),),
+                                        name="mirror-zstd", daemon=True)
+        self._thread.start()
+
+    def _decompress(self, source: _Seen) -> None:
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+            while not self._stop.is_set():
+                block = reader.read(CHUNK)
+                self._put(block)
+                if not block:
+                    return
+        except BaseException as e:  # handed to the reading thread, raised there
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._blocks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __enter__(self) -> _Decompressed:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # it may wait to hand over a block
+            try:
+                self._blocks.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def view(self, n: int) -> memoryview:
+        """Up to ``n`` next bytes (at least one, unless the stream has ended), uncopied."""
+        if self._at == len(self._block) and not self._eof:
+            item = self._blocks.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            self._block, self._at, self._eof = memoryview(item), 0, not item
+        out = self._block[self._at:self._at + n]
+        self._at += len(out)
+        self.count += len(out)
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            raise io.UnsupportedOperation("the stream is read in bounded pieces")
+        parts = []
+        while n > 0:
+            part = self.view(n)
+            if not part:
+                break
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self.count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET or offset < self.count:
+            raise io.UnsupportedOperation("the stream only moves forward")
+        while self.count < offset and self.view(offset - self.count):
+            pass
+        return self.count
 
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -446,7 +542,7 @@ def _check_frames(path: str, fh: IO[bytes]) -> None:
                                 f"bytes")
 
 
-def _check_end(path: str, end_offset: int, stream: _Counting) -> None:
+def _check_end(path: str, end_offset: int, stream: _Decompressed) -> None:
     """The archive must end exactly as written: zero blocks to a whole record, then EOF.
 
     zstd does not notice a last frame cut short, and tar stops reading at its end
@@ -454,21 +550,39 @@ def _check_end(path: str, end_offset: int, stream: _Counting) -> None:
     """
     expected = end_offset + 2 * tarfile.BLOCKSIZE
     expected += -expected % tarfile.RECORDSIZE
-    rest = stream.count
-    while rest <= expected:
-        block = stream.read(CHUNK)
+    while stream.count <= expected:
+        block = stream.view(CHUNK)
         if not block:
             break
-        if block.count(0) != len(block):
+        if bytes(block).count(0) != len(block):
             raise BundleError(path, "data after the end of the archive")
-        rest = stream.count
     if stream.count != expected:
         what = "truncated" if stream.count < expected else "data after the end of the archive"
         raise BundleError(path, f"{what}: the archive ends at byte {stream.count} of the "
                                 f"decompressed stream, not {expected}")
 
 
-def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
+def _member_data(path: str, stream: _Decompressed,
+                 info: tarfile.TarInfo) -> Iterator[memoryview]:
+    """A member's bytes, as views of the stream, then its padding (which must be zeros)."""
+    left = info.size
+    while left:
+        block = stream.view(min(left, CHUNK))
+        if not block:
+            raise BundleError(path, "truncated: the stream ends inside this member", info.name)
+        left -= len(block)
+        yield block
+    padding = stream.read(-info.size % tarfile.BLOCKSIZE)
+    if len(padding) != -info.size % tarfile.BLOCKSIZE or any(padding):
+        raise BundleError(path, "the padding after this member is not zeros", info.name)
+
+
+def _read_whole(path: str, stream: _Decompressed, info: tarfile.TarInfo) -> bytes:
+    return b"".join(_member_data(path, stream, info))
+
+
+def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
+                  sink: SinkFactory | None,
                   on_head: Callable[[Head], None] | None) -> Dict[str, Any]:
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isreg():
@@ -477,7 +591,7 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
         raise BundleError(path, f"manifest is {first.size} bytes, over the "
                                 f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
     try:
-        manifest_bytes = tar.extractfile(first).read()
+        manifest_bytes = _read_whole(path, stream, first)
         manifest = json.loads(manifest_bytes)
         validate_manifest(manifest)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -487,7 +601,7 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
     if info is not None and info.name == SIGNATURE:
         if not info.isreg() or info.size > MAX_SIGNATURE_BYTES:
             raise BundleError(path, "signature is not a small regular file", SIGNATURE)
-        signature = tar.extractfile(info).read()
+        signature = _read_whole(path, stream, info)
         info = tar.next()
     elif os.path.exists(path + ".sig"):  # a detached signature, beside the bundle
         with open(path + ".sig", "rb") as fh:
@@ -519,22 +633,20 @@ def _read_members(path: str, tar: tarfile.TarFile, sink: SinkFactory | None,
         seen.add(name)
         out = _sink(sink, want)
         digest = hashlib.sha256()
-        src = tar.extractfile(info)
-        while True:
-            block = src.read(CHUNK)
-            if not block:
-                break
+        content = []  # kept only for a symlink, whose target is its (small) content
+        for block in _member_data(path, stream, info):
             digest.update(block)
             if out is not None:
                 _sink_call(out.write, block)
-            if name in links:  # a symlink's target is its content (small, size-checked)
-                target = block.decode("utf-8", "surrogateescape")
+            if name in links:
+                content.append(bytes(block))
         if out is not None:
             _sink_call(out.close)
         if digest.hexdigest() != want.sha256:
             raise BundleError(path, f"sha256 {digest.hexdigest()} differs from the manifest's "
                                     f"{want.sha256}", name)
-        if name in links and symlink_escapes(links[name], target if want.size else ""):
+        target = b"".join(content).decode("utf-8", "surrogateescape")
+        if name in links and symlink_escapes(links[name], target):
             raise BundleError(path, f"symlink {links[name]} -> {target} points outside the "
                                     f"snapshot", name)
         info = tar.next()

@@ -20,8 +20,6 @@ from . import __version__, bundle, housekeeping, signing
 from .atomic import write_atomic
 from .errors import MirrorError
 from .megengine_cache import installed_megengine_version
-from .pack import pack as pack_repos
-from .recipe import Recipe
 from .store import Store, default_home
 
 
@@ -108,6 +106,11 @@ def cli() -> None:
 @_library_errors
 def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
+    # Imported here: git, HTTP and the weight discovery are pack's alone, and the
+    # commands used on the isolated host start faster without them.
+    from .pack import pack as pack_repos
+    from .recipe import Recipe
+
     options = {k: v for k, v in options.items() if v not in (None, ())}
     if recipe:
         loaded = Recipe.load(recipe)

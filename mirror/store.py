@@ -201,8 +201,10 @@ class Store:
             staged[member.sha256] = _SyncedFile(os.path.join(txn, member.sha256), syncer)
             return staged[member.sha256]
 
+        heads: List[bundle.Head] = []
         try:
             def on_head(head: bundle.Head) -> None:
+                heads.append(head)
                 # With trusted keys, the signature decides before any member is read.
                 if trusted is not None:
                     report.signed_by = check(head.signature, head.manifest_bytes, trusted,
@@ -220,7 +222,7 @@ class Store:
                 sync_filesystem(txn, small)
             if not allow_unsafe_pickle:
                 self._check_pickles(bundle_path, manifest, staged)
-            manifest_bytes = bundle.manifest_to_bytes(manifest)
+            manifest_bytes = heads[0].manifest_bytes  # as signed, and as the bundle holds it
             report.bundle_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
             # The bundle has verified: from here on, publish in an order that never
             # shows a part whose dependencies are missing: blobs, snapshots, weights, refs.
@@ -304,7 +306,10 @@ class Store:
                           bundle_file=os.path.basename(report.bundle),
                           installed_at=int(time.time()))
             if force or not os.path.exists(target + ".json"):
-                write_atomic(target + ".json", json.dumps(record, indent=1).encode())
+                # Compact: json's C encoder does not indent, and a record lists every
+                # file (the indenting Python encoder took 0.1 s per 5,000 files).
+                write_atomic(target + ".json", json.dumps(record, separators=(",", ":"),
+                                                          sort_keys=True).encode())
             if os.path.isdir(target):  # only with --force: one atomic swap, no gap
                 exchange(building, target)
             else:

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import tarfile
+import threading
 
 import pytest
 import zstandard
@@ -47,6 +48,16 @@ def _with(manifest, members, extra=(), order=None, edit=None):
     entries += [(_info(n, len(members[n])), members[n]) for n in names]
     entries += list(extra)
     return _tar(entries)
+
+
+def _hidden_in_padding(manifest, members):
+    """Every member and digest right, but bytes where tar's zero padding belongs."""
+    raw = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(
+        _with(manifest, members)))
+    with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tar:
+        info = next(m for m in tar.getmembers() if m.size % tarfile.BLOCKSIZE)
+    raw[info.offset_data + info.size] = ord("X")
+    return zstandard.ZstdCompressor().compress(bytes(raw))
 
 
 def _corpus(good):
@@ -109,6 +120,7 @@ def _corpus(good):
             (_info(f"code/tiny/{i}", 0), b"") for i in range(20000)]),
         "appended bytes": good_bytes + b"\x00junk",
         "skippable frame": good_bytes + b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd",
+        "data hidden in a member's padding": _hidden_in_padding(manifest, members),
     }
     target = b"../../../../etc/passwd"
     corpus["symlink escaping in manifest"] = _with(
@@ -156,6 +168,16 @@ def test_every_bad_bundle_is_refused_and_nothing_changes(corpus, master_bundle, 
         assert tree_digest(str(home)) == before, name
         assert sorted(os.listdir(outside)) == ["bad.hub"], name
         bad.unlink()
+
+
+def test_a_refused_bundle_leaves_no_reading_thread(corpus, tmp_path):
+    """The decompressing thread stops when reading stops early, error or not."""
+    bad = tmp_path / "bad.hub"
+    for name in ("weight bytes changed", "truncated at 1000", "digest lie"):
+        bad.write_bytes(corpus[name])
+        with pytest.raises(BundleError):
+            bundle.read(str(bad))
+        assert [t.name for t in threading.enumerate() if t.name == "mirror-zstd"] == [], name
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
