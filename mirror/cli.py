@@ -139,7 +139,7 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     for line in report.nested:
         click.echo(f"nested {line}")
     click.echo(f"wrote {report.output}: {report.size} bytes, {report.files} files, "
-               f"{len(report.weights)} weights, sha256 {report.sha256}")
+               f"{len(report.weights)} weights, bundle id {report.bundle_id[:16]}")
 
 
 @cli.command()
@@ -305,6 +305,7 @@ def inspect(bundle_path, as_json) -> None:
                f"{manifest['format_version']}, "
                f"{len(manifest['weights'])} weights, "
                f"{sum(size.values())} bytes of weights")
+    click.echo(f"bundle id {bundle.bundle_id(bundle.read_manifest_bytes(bundle_path))}")
     for repo in manifest["repos"]:
         click.echo(f"{repo['host']}/{repo['owner']}/{repo['name']} ({repo['url']})")
         for ref in repo["refs"]:

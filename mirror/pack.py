@@ -22,10 +22,10 @@ from .weights import DownloadCache, coverage, discover, fetch_all
 
 @dataclass
 class PackReport:
-    """What ``pack`` wrote: the bundle, its digest and size, and what went into it."""
+    """What ``pack`` wrote: the bundle, its id and size, and what went into it."""
 
     output: str
-    sha256: str = ""
+    bundle_id: str = ""  # sha256 of the manifest: what install records and list shows
     size: int = 0
     refs: List[str] = field(default_factory=list)
     files: int = 0
@@ -282,7 +282,7 @@ class _Packer:
             key = load_private(opts.sign)
             signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
         try:
-            report.sha256 = bundle.write(report.output, manifest, self.sources, self.mtimes,
+            report.bundle_id = bundle.write(report.output, manifest, self.sources, self.mtimes,
                                          sign=signer)
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {report.output}: {e}") from None

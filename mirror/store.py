@@ -223,7 +223,7 @@ class Store:
             if not allow_unsafe_pickle:
                 self._check_pickles(bundle_path, manifest, staged)
             manifest_bytes = heads[0].manifest_bytes  # as signed, and as the bundle holds it
-            report.bundle_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+            report.bundle_sha256 = bundle.bundle_id(manifest_bytes)
             # The bundle has verified: from here on, publish in an order that never
             # shows a part whose dependencies are missing: blobs, snapshots, weights, refs.
             blobs_dir = os.path.join(self.home, "blobs")

@@ -1,15 +1,22 @@
 """Benchmarks, each a ratio against a baseline measured in the same run on the same data.
 
-pack: `mirror pack` of a repo plus its weights, downloaded over loopback HTTP into
-an empty download cache, hashed and compressed, against `tar -cf - DIR | zstd -T0 -3`
-of the same files on local disk (and `sha256sum` of them, shown apart).
-install: `mirror install` (verify every byte, install atomically) against
-`zstd -d | tar -x` of the same bundle, median of --runs; peak RSS of each.
+pack: `mirror pack` of a repo plus its weights (downloaded over loopback HTTP, or
+read from local files) into an empty download cache, hashed and compressed,
+against `tar -cf - DIR | zstd -T0 -3` of the same files on local disk.
+install: `mirror install` (verify every byte, fsync, publish atomically) against
+`zstd -d | tar -x` of the same bundle, and against the same followed by `sync`
+(the baseline made as durable as the install).
 inspect and verify: `mirror inspect` and `mirror verify` of the same bundle, against
 `zstd -d -c BUNDLE | sha256sum` (decompress and hash every byte once).
 load: `mirror.hub.load(..., pretrained=True)` against stock `megengine.hub.load`
 with its cache warm (seeded by install), same model, same process; the first
 load of each and the median of repeated loads.
+small files: pack and install of a repo of --small-files Python files.
+scale: pack and install at each --scale size, to show how time and memory grow.
+
+Every timed command starts after a `sync`, so that none pays for the previous
+one's dirty pages. Times are medians of --runs; peak RSS is the largest of the
+runs, from /usr/bin/time.
 """
 
 from __future__ import annotations
@@ -31,16 +38,19 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mirror.pack import pack  # noqa: E402
 from tests.upstream import GitServer, WeightServer, build_demo_repo  # noqa: E402
+
+MIRROR = f"{sys.executable} -m mirror"
 
 
 def timed(cmd: str, env=None):
-    """Run a shell command; return (seconds, peak RSS in MiB of its largest process).
+    """Run a shell command after a sync; return (seconds, peak RSS in MiB of its
+    largest process).
 
     /usr/bin/time measures the RSS: this script's own memory (the weight server holds
     the weights) would otherwise count for a child forked from it.
     """
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", "sh", "-c", cmd], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -50,64 +60,78 @@ def timed(cmd: str, env=None):
     return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
-def make_weights(weights: WeightServer, total_mb: int, files: int, folder: str) -> list:
-    """float32 state dicts saved with megengine.save, ``total_mb`` in all: served, and
-    written to ``folder`` for the baseline."""
+def median(pairs) -> float:
+    return statistics.median(t for t, _ in pairs)
+
+
+def peak(pairs) -> float:
+    return max(r for _, r in pairs)
+
+
+def make_weights(weights: WeightServer, per_file_mb: int, files: int, folder: str):
+    """``files`` float32 state dicts of ``per_file_mb`` each, saved with megengine.save:
+    served over HTTP, and written to ``folder``. Returns (urls, paths)."""
     import megengine
 
     rng = np.random.RandomState(0)
-    urls = []
-    per_file = total_mb * (1 << 20) // files
+    urls, paths = [], []
     os.makedirs(folder)
     for i in range(files):
-        state = {f"layer{j}.weight": rng.standard_normal(per_file // 4 // 4).astype(np.float32)
-                 for j in range(4)}
+        state = {f"layer{j}.weight": rng.standard_normal(per_file_mb << 16).astype(np.float32)
+                 for j in range(4)}  # 4 arrays of per_file_mb / 4 MiB
         buf = io.BytesIO()
         megengine.save(state, buf)
-        urls.append(weights.add(f"bench/w{i}.pkl", buf.getvalue()))
-        with open(os.path.join(folder, f"w{i}.pkl"), "wb") as fh:
+        urls.append(weights.add(f"bench/w{i:03d}.pkl", buf.getvalue()))
+        paths.append(os.path.join(folder, f"w{i:03d}.pkl"))
+        with open(paths[-1], "wb") as fh:
             fh.write(buf.getvalue())
-    return urls
+    return urls, paths
 
 
-def bench_pack(spec: str, git_host: str, urls: list, folder: str, runs: int,
-               work: str) -> dict:
-    base, sums, mine = [], [], []
-    for i in range(runs):
-        base.append(timed(f"tar -cf - -C {folder} . | zstd -T0 -3 -q -o {work}/base{i}.tar.zst"))
-        sums.append(timed(f"find {folder} -type f -print0 | xargs -0 sha256sum > /dev/null"))
-        out = os.path.join(work, f"pack{i}.hub")
-        env = dict(os.environ, MGE_MIRROR_DOWNLOADS=os.path.join(work, f"dl{i}"))
-        weights = " ".join(f"--weights {u}" for u in urls)
-        mine.append(timed(f"{sys.executable} -m mirror pack {spec} -o {out} --git-host "
-                          f"{git_host} --protocol http -q {weights}", env=env))
-        sizes = (os.path.getsize(f"{work}/base{i}.tar.zst"), os.path.getsize(out))
+def content_dir(work: str, code: str, weight_paths: list) -> str:
+    """The repo's files and these weights in one directory: what the baseline archives."""
+    folder = os.path.join(work, f"content-{len(weight_paths)}")
+    if not os.path.isdir(folder):
+        shutil.copytree(code, folder)
+        for p in weight_paths:
+            os.link(p, os.path.join(folder, os.path.basename(p)))
+    return folder
+
+
+def bench_pack(spec: str, git_host: str, weights: list, folder: str, runs: int,
+               work: str, keep: str) -> dict:
+    """Pack ``runs`` times into an empty download cache; the last bundle is kept at
+    ``keep``."""
+    base, mine = [], []
+    flags = " ".join(f"--weights {w}" for w in weights)
+    for _ in range(runs):
+        base.append(timed(f"tar -cf - -C {folder} . | zstd -T0 -3 -q -o {work}/base.tar.zst"))
+        env = dict(os.environ, MGE_MIRROR_DOWNLOADS=os.path.join(work, "dl"))
+        mine.append(timed(f"{MIRROR} pack {spec} -o {keep} --git-host {git_host} "
+                          f"--protocol http -q {flags}", env=env))
         shutil.rmtree(env["MGE_MIRROR_DOWNLOADS"], ignore_errors=True)
-        os.unlink(out)
-        os.unlink(f"{work}/base{i}.tar.zst")
-    b = statistics.median(t for t, _ in base)
-    m = statistics.median(t for t, _ in mine)
-    return {"baseline_s": b, "sha256sum_s": statistics.median(t for t, _ in sums),
-            "mirror_s": m, "ratio": m / b, "mirror_rss_mb": max(r for _, r in mine),
+    sizes = (os.path.getsize(f"{work}/base.tar.zst"), os.path.getsize(keep))
+    os.unlink(f"{work}/base.tar.zst")
+    return {"baseline_s": median(base), "mirror_s": median(mine),
+            "ratio": median(mine) / median(base), "mirror_rss_mb": peak(mine),
             "baseline_size": sizes[0], "mirror_size": sizes[1]}
 
 
 def bench_install(bundle: str, runs: int, work: str) -> dict:
-    env = dict(os.environ)
-    base, mine = [], []
-    for i in range(runs):
-        out = os.path.join(work, f"untar{i}")
-        os.makedirs(out)
-        base.append(timed(f"zstd -d -c {bundle} | tar -x -C {out}"))
-        shutil.rmtree(out)
-        store = os.path.join(work, f"store{i}")
-        mine.append(timed(f"{sys.executable} -m mirror install {bundle} --no-megengine-cache "
-                          f"--home {store} --json", env=env))
+    base, durable, mine = [], [], []
+    out, store = os.path.join(work, "untar"), os.path.join(work, "store")
+    for _ in range(runs):
+        for times, then in ((base, ""), (durable, " && sync")):
+            os.makedirs(out)
+            times.append(timed(f"zstd -d -c {bundle} | tar -x -C {out}{then}"))
+            shutil.rmtree(out)
+        mine.append(timed(f"{MIRROR} install {bundle} --no-megengine-cache --home {store} "
+                          f"--json"))
         shutil.rmtree(store)
-    b = statistics.median(t for t, _ in base)
-    m = statistics.median(t for t, _ in mine)
-    return {"baseline_s": b, "mirror_s": m, "ratio": m / b,
-            "baseline_rss_mb": max(r for _, r in base), "mirror_rss_mb": max(r for _, r in mine)}
+    return {"baseline_s": median(base), "durable_s": median(durable),
+            "mirror_s": median(mine), "ratio": median(mine) / median(base),
+            "durable_ratio": median(mine) / median(durable),
+            "baseline_rss_mb": peak(base), "mirror_rss_mb": peak(mine)}
 
 
 LOAD = """
@@ -150,8 +174,8 @@ def bench_load(bundle: str, work: str, repeats: int) -> dict:
 
 
 def bench_read(bundle: str, runs: int) -> dict:
-    inspect = [timed(f"{sys.executable} -m mirror inspect --json {bundle}") for _ in range(runs)]
-    verify = [timed(f"{sys.executable} -m mirror verify {bundle}") for _ in range(runs)]
+    inspect = [timed(f"{MIRROR} inspect --json {bundle}") for _ in range(runs)]
+    verify = [timed(f"{MIRROR} verify {bundle}") for _ in range(runs)]
     base = [timed(f"zstd -d -c {bundle} | sha256sum > /dev/null") for _ in range(runs)]
     from mirror.bundle import read_manifest
 
@@ -159,11 +183,9 @@ def bench_read(bundle: str, runs: int) -> dict:
     for _ in range(20):
         read_manifest(bundle)
     in_process = (time.perf_counter() - t) / 20
-    return {"inspect_s": statistics.median(t for t, _ in inspect),
-            "inspect_in_process_s": in_process,
-            "verify_s": statistics.median(t for t, _ in verify),
-            "verify_rss_mb": max(r for _, r in verify),
-            "baseline_s": statistics.median(t for t, _ in base)}
+    return {"inspect_s": median(inspect), "inspect_in_process_s": in_process,
+            "verify_s": median(verify), "verify_rss_mb": peak(verify),
+            "baseline_s": median(base)}
 
 
 def make_many_files(git_root: str, content: str, count: int) -> str:
@@ -187,76 +209,150 @@ def make_many_files(git_root: str, content: str, count: int) -> str:
     return "many/files"
 
 
+def row(what: str, mine: str, base: str, ratio: float | None, target: str,
+        rss: str = "") -> str:
+    r = f"{ratio:.2f}" if ratio is not None else ""
+    return f"| {what} | {mine} | {base} | {r} | {target} | {rss} |"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size-mb", type=int, default=1024, help="weights in the bundle")
-    parser.add_argument("--files", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024, help="weights in the main bundle")
+    parser.add_argument("--files", type=int, default=8, help="weight files in the main bundle")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small-files", type=int, default=5000,
                         help="files in the many-small-files repo")
+    parser.add_argument("--scale", default="256,512,1024,2048",
+                        help="MiB of weights for the scale series (each a multiple of "
+                             "size-mb/files); empty to skip")
     args = parser.parse_args()
+    per_file = args.size_mb // args.files
+    scale = [int(s) for s in args.scale.split(",") if s]
+    for s in scale:
+        if s % per_file:
+            parser.error(f"--scale {s} is not a multiple of {per_file} MiB (size-mb/files)")
+    n_files = max([args.size_mb] + scale) // per_file
     work = tempfile.mkdtemp(prefix="mirror-bench-")
+    started = time.perf_counter()
+    table = []
     try:
-        with WeightServer() as weights:
+        with WeightServer() as weights, GitServer(os.path.join(work, "git")) as git:
             demo = build_demo_repo(os.path.join(work, "git"), weights)
-            content = os.path.join(work, "content")
-            urls = make_weights(weights, args.size_mb, args.files, content)
-            with GitServer(os.path.join(work, "git")) as git:
-                subprocess.run(["git", "-C", content, "init", "-q"], check=True)
-                subprocess.run(["git", "-C", content, "fetch", "-q",
-                                os.path.join(work, "git", demo.repo), "master"], check=True)
-                subprocess.run(["git", "-C", content, "checkout", "-q", "FETCH_HEAD", "--",
-                                "."], check=True)
-                shutil.rmtree(os.path.join(content, ".git"))
-                p = bench_pack(demo.repo, git.host, urls, content, args.runs, work)
+            urls, paths = make_weights(weights, per_file, n_files, os.path.join(work, "w"))
+            code = os.path.join(work, "code")
+            subprocess.run(["git", "clone", "-q", os.path.join(work, "git", demo.repo), code],
+                           check=True)
+            shutil.rmtree(os.path.join(code, ".git"))
+            print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}; {n_files} weight files of {per_file} MiB "
+                  f"made in {time.perf_counter() - started:.0f} s", flush=True)
+
+            n = args.size_mb // per_file
+            folder = content_dir(work, code, paths[:n])
+            bundle = os.path.join(work, "bench.hub")
+            p = bench_pack(demo.repo, git.host, urls[:n], folder, args.runs, work, bundle)
+            pl = bench_pack(demo.repo, git.host, paths[:n], folder, args.runs, work,
+                            os.path.join(work, "local.hub"))
+            size = os.path.getsize(bundle)
+            gib = f"{args.size_mb / 1024:g} GiB"
+            table += [
+                row(f"pack {gib}, weights over loopback HTTP", f"{p['mirror_s']:.2f} s",
+                    f"`tar -cf - DIR \\| zstd -T0 -3`: {p['baseline_s']:.2f} s", p["ratio"],
+                    "1.0", f"{p['mirror_rss_mb']:.0f} MiB"),
+                row(f"pack {gib}, weights from local files", f"{pl['mirror_s']:.2f} s",
+                    f"the same: {pl['baseline_s']:.2f} s", pl["ratio"], "1.0",
+                    f"{pl['mirror_rss_mb']:.0f} MiB"),
+                row(f"bundle size, {gib}", f"{size / 2**20:.1f} MiB",
+                    f"the same tar.zst: {p['baseline_size'] / 2**20:.1f} MiB",
+                    p["mirror_size"] / p["baseline_size"], "1.02"),
+            ]
+            print("\n".join(table[-3:]), flush=True)
+
+            r = bench_install(bundle, args.runs, work)
+            table += [
+                row(f"install {gib} (verify, fsync, publish atomically)",
+                    f"{r['mirror_s']:.2f} s", f"`zstd -d \\| tar -x`: {r['baseline_s']:.2f} s",
+                    r["ratio"], "1.1",
+                    f"{r['mirror_rss_mb']:.0f} MiB (baseline {r['baseline_rss_mb']:.0f})"),
+                row(f"install {gib}, against a durable baseline", f"{r['mirror_s']:.2f} s",
+                    f"`zstd -d \\| tar -x && sync`: {r['durable_s']:.2f} s",
+                    r["durable_ratio"], "", ""),
+            ]
+            print("\n".join(table[-2:]), flush=True)
+            rd = bench_read(bundle, args.runs)
+            table += [
+                row("verify a bundle", f"{rd['verify_s']:.2f} s",
+                    f"`zstd -d -c \\| sha256sum`: {rd['baseline_s']:.2f} s",
+                    rd["verify_s"] / rd["baseline_s"], "", f"{rd['verify_rss_mb']:.0f} MiB"),
+                row("inspect", f"{rd['inspect_in_process_s'] * 1e3:.1f} ms in process, "
+                    f"{rd['inspect_s']:.2f} s as a command", "", None, "0.1 s"),
+            ]
+            small = os.path.join(work, "demo.hub")
+            subprocess.run(MIRROR.split() + ["pack", demo.repo, "-o", small, "--git-host",
+                                             git.host, "--protocol", "http", "-q"],
+                           check=True, stdout=subprocess.DEVNULL)
+            load = bench_load(small, work, 20)
+            table += [
+                row("load `small_cnn`, pretrained, repeated (median of 20)",
+                    f"{load['mirror'] * 1e3:.2f} ms",
+                    f"stock `megengine.hub.load`, warm cache: {load['stock'] * 1e3:.2f} ms",
+                    load["mirror"] / load["stock"], "1.05"),
+                row("load, first in the process", f"{load['first_mirror'] * 1e3:.0f} ms",
+                    f"stock: {load['first_stock'] * 1e3:.0f} ms",
+                    load["first_mirror"] / load["first_stock"], ""),
+            ]
+            print("\n".join(table[-4:]), flush=True)
+
+            if args.small_files:
                 many_content = os.path.join(work, "many-content")
                 many = make_many_files(os.path.join(work, "git"), many_content,
                                        args.small_files)
-                mp = bench_pack(many, git.host, [], many_content, args.runs, work)
                 many_bundle = os.path.join(work, "many.hub")
-                pack([many], many_bundle, git_host=git.host, protocol="http", progress=False)
-                bundle = os.path.join(work, "bench.hub")
-                small = os.path.join(work, "demo.hub")
-                pack([demo.repo], small, git_host=git.host, protocol="http", progress=False)
-                t = time.perf_counter()
-                pack([demo.repo], bundle, git_host=git.host, protocol="http",
-                     extra_weights=urls, progress=False)
-                pack_s = time.perf_counter() - t
-        size = os.path.getsize(bundle)
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-              f"{platform.python_version()}; bundle {size / 2**20:.0f} MiB "
-              f"({args.size_mb} MiB of float32 weights in {args.files} files); "
-              f"pack took {pack_s:.2f} s")
-        print(f"pack: mirror {p['mirror_s']:.2f} s vs tar | zstd -T0 -3 {p['baseline_s']:.2f} s"
-              f" -> ratio {p['ratio']:.2f} (sha256sum alone {p['sha256sum_s']:.2f} s); bundle "
-              f"{p['mirror_size'] / 2**20:.1f} MiB vs {p['baseline_size'] / 2**20:.1f} MiB -> "
-              f"{p['mirror_size'] / p['baseline_size']:.3f}; peak RSS mirror "
-              f"{p['mirror_rss_mb']:.0f} MiB (median of {args.runs})")
-        print(f"pack, {args.small_files} small files: mirror {mp['mirror_s']:.2f} s vs tar | "
-              f"zstd -T0 -3 {mp['baseline_s']:.2f} s -> ratio {mp['ratio']:.2f}; bundle "
-              f"{mp['mirror_size'] / 2**10:.0f} KiB vs {mp['baseline_size'] / 2**10:.0f} KiB "
-              f"-> {mp['mirror_size'] / mp['baseline_size']:.3f}")
-        mr = bench_install(many_bundle, args.runs, work)
-        print(f"install, {args.small_files} small files: mirror {mr['mirror_s']:.2f} s vs "
-              f"zstd -d | tar -x {mr['baseline_s']:.2f} s -> ratio {mr['ratio']:.2f}")
-        r = bench_install(bundle, args.runs, work)
-        load = bench_load(small, work, 20)
-        rd = bench_read(bundle, args.runs)
-        print(f"install: mirror {r['mirror_s']:.2f} s vs zstd -d | tar -x {r['baseline_s']:.2f} s"
-              f" -> ratio {r['ratio']:.2f}; throughput {size / r['mirror_s'] / 2**20:.0f} MiB/s"
-              f" vs {size / r['baseline_s'] / 2**20:.0f} MiB/s; peak RSS mirror "
-              f"{r['mirror_rss_mb']:.0f} MiB, baseline {r['baseline_rss_mb']:.0f} MiB "
-              f"(median of {args.runs})")
-        print(f"inspect: {rd['inspect_s']:.2f} s as a command (Python start-up included), "
-              f"{rd['inspect_in_process_s'] * 1e3:.1f} ms in process; verify: "
-              f"{rd['verify_s']:.2f} s vs zstd -d | sha256sum {rd['baseline_s']:.2f} s -> ratio "
-              f"{rd['verify_s'] / rd['baseline_s']:.2f}, peak RSS {rd['verify_rss_mb']:.0f} MiB")
-        print(f"load (small_cnn, pretrained): mirror {load['mirror'] * 1e3:.1f} ms vs stock "
-              f"megengine.hub, warm cache, {load['stock'] * 1e3:.1f} ms -> ratio "
-              f"{load['mirror'] / load['stock']:.2f} (median of 20, same process); first "
-              f"load {load['first_mirror'] * 1e3:.1f} ms vs {load['first_stock'] * 1e3:.1f} ms")
+                mp = bench_pack(many, git.host, [], many_content, args.runs, work, many_bundle)
+                mr = bench_install(many_bundle, args.runs, work)
+                k = f"{args.small_files:,} small files"
+                table += [
+                    row(f"pack, {k}", f"{mp['mirror_s']:.2f} s",
+                        f"{mp['baseline_s']:.2f} s", mp["ratio"], "1.0"),
+                    row(f"bundle size, {k}", f"{mp['mirror_size'] / 2**10:.0f} KiB",
+                        f"{mp['baseline_size'] / 2**10:.0f} KiB",
+                        mp["mirror_size"] / mp["baseline_size"], "1.02"),
+                    row(f"install, {k}", f"{mr['mirror_s']:.2f} s",
+                        f"{mr['baseline_s']:.2f} s (with sync: {mr['durable_s']:.2f} s)",
+                        mr["ratio"], "1.1"),
+                ]
+                print("\n".join(table[-3:]), flush=True)
+
+            series = []
+            for s in scale:
+                n = s // per_file
+                if s == args.size_mb:
+                    sp, si = p, r
+                else:
+                    out = os.path.join(work, f"scale{s}.hub")
+                    sp = bench_pack(demo.repo, git.host, urls[:n],
+                                    content_dir(work, code, paths[:n]), args.runs, work, out)
+                    si = bench_install(out, args.runs, work)
+                    os.unlink(out)
+                series.append(f"| {s} MiB | {sp['mirror_s']:.2f} s | {sp['ratio']:.2f} | "
+                              f"{sp['mirror_rss_mb']:.0f} MiB | {si['mirror_s']:.2f} s | "
+                              f"{si['ratio']:.2f} | {si['durable_ratio']:.2f} | "
+                              f"{si['mirror_rss_mb']:.0f} MiB |")
+                print(series[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n## Results ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+          f"median of {args.runs}, {time.perf_counter() - started:.0f} s in all)\n")
+    print("| what | mirror | baseline | ratio | target | peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(table))
+    if series:
+        print("\n| weights | pack | pack ratio | pack RSS | install | install ratio | "
+              "ratio to durable | install RSS |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(series))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import zstandard
 from mirror import bundle
 from mirror.errors import RefNotFoundError
 from mirror.pack import pack
+from mirror.store import Store
 from tests.conftest import MIRROR, run
 
 
@@ -58,6 +59,15 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
         data = upstream.demo.weights[w["url"]]
         assert (w["size"], w["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
         assert w["locations"][0].startswith(f"demo/tinynets@{c2[:12]}:hubconf.py:")
+
+    # One id for the bundle, wherever it is shown: pack, inspect, install and the store.
+    manifest_bytes = bundle.read_manifest_bytes(str(out))
+    bundle_id = hashlib.sha256(manifest_bytes).hexdigest()
+    assert f"bundle id {bundle_id[:16]}\n" in r.stdout
+    assert f"bundle id {bundle_id}\n" in run(MIRROR + ["inspect", str(out)]).stdout
+    home = tmp_path / "store"
+    assert Store(str(home)).install(str(out)).bundle_sha256 == bundle_id
+    assert (home / "bundles" / f"{bundle_id}.json").read_bytes() == manifest_bytes
 
 
 @pytest.mark.parametrize("suffix, label, kind, name", [
