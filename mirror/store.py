@@ -39,6 +39,7 @@ from typing import IO, Any, Dict, Iterator, List, Sequence, Tuple
 
 from . import bundle
 from .atomic import (
+    WritebackFile,
     exchange,
     fsync_dir,
     fsync_path,
@@ -107,21 +108,25 @@ class InstallReport:
 
 
 class _SyncedFile:
-    """A staged blob, read-only once written. A large one is fsynced on a background
-    thread while the next member is decompressed and hashed; small ones are made
-    durable together at the end (one fsync each took seconds for thousands)."""
+    """A staged blob, read-only once written. The kernel starts writing it to disk as
+    it grows; a large one is then fsynced on a background thread while the next
+    member is decompressed and hashed; small ones are made durable together at the
+    end (one fsync each took seconds for thousands)."""
 
     LARGE = 1 << 20
 
     def __init__(self, path: str, syncer: ThreadPoolExecutor):
         self.path, self.syncer = path, syncer
         self.fh: IO[bytes] = open(path, "wb")
-        self.size = 0
+        self.out = WritebackFile(self.fh)
         self.synced: Future | None = None
 
+    @property
+    def size(self) -> int:
+        return self.out.written
+
     def write(self, block: bytes) -> None:
-        self.fh.write(block)
-        self.size += len(block)
+        self.out.write(block)
 
     def close(self) -> None:
         os.fchmod(self.fh.fileno(), 0o444)

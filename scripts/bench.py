@@ -105,6 +105,9 @@ def bench_pack(spec: str, git_host: str, weights: list, folder: str, runs: int,
     base, mine = [], []
     flags = " ".join(f"--weights {w}" for w in weights)
     for _ in range(runs):
+        for old in (f"{work}/base.tar.zst", keep):  # neither side pays to delete the last
+            if os.path.exists(old):
+                os.unlink(old)
         base.append(timed(f"tar -cf - -C {folder} . | zstd -T0 -3 -q -o {work}/base.tar.zst"))
         env = dict(os.environ, MGE_MIRROR_DOWNLOADS=os.path.join(work, "dl"))
         mine.append(timed(f"{MIRROR} pack {spec} -o {keep} --git-host {git_host} "
