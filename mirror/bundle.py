@@ -230,7 +230,10 @@ def bundle_id(manifest_bytes: bytes) -> str:
 
 
 def manifest_to_bytes(manifest: Dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    # Compact: json's C encoder does not indent, and the indenting Python one took
+    # 0.15 s for 5,000 files. `mirror inspect --json` (or `jq .`) shows it indented.
+    return (json.dumps(manifest, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            + "\n").encode()
 
 
 class _FrameWriter:
