@@ -482,15 +482,17 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
             unit="B", unit_scale=True, unit_divisor=1024, desc=url_basename(url),
             disable=not progress, leave=False,
         ) as bar:
+            buffer = bytearray(CHUNK)  # reused: read() would allocate and copy each block
             try:
                 while True:
-                    block = response.read(CHUNK)
-                    if not block:
+                    n = response.readinto(buffer)
+                    if not n:
                         break
+                    block = memoryview(buffer)[:n]
                     out.write(block)
                     hashed.update(block)  # sha256 on the fly: the file is read once
-                    received += len(block)
-                    bar.update(len(block))
+                    received += n
+                    bar.update(n)
             except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead
                 raise _Retryable(f"connection lost after {have + received} bytes: {e}") from None
         if expected is not None and received != expected:
