@@ -47,6 +47,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 WEIGHTS_LEVEL, CODE_LEVEL = 1, 9
 CHUNK = 1 << 20
 MODE_LINK = 0o120000
+MAX_HEADER_BYTES = 1 << 20  # long names and PAX records: a bundle's are a few KiB
 MAX_LINK_BYTES = 4096  # PATH_MAX: a symlink target is read whole, so it must be small
 
 
@@ -93,6 +94,11 @@ _HEX = re.compile("[0-9a-f]*")
 
 def _is_hex(s: Any, lengths: Tuple[int, ...]) -> bool:
     return isinstance(s, str) and len(s) in lengths and _HEX.fullmatch(s) is not None
+
+
+def _plain_file(info: tarfile.TarInfo) -> bool:
+    """A regular file stored whole: a sparse member's bytes are not what tar extracts."""
+    return info.isreg() and not info.issparse()
 
 
 def _safe_path(p: Any) -> bool:
@@ -343,7 +349,7 @@ def read(path: str, sink: SinkFactory | None = None,
         try:
             _check_frames(path, fh)
             fh.seek(0)
-            with _Decompressed(fh, seen) as stream:
+            with _Decompressed(path, fh, seen) as stream:
                 # Seekable mode on a forward-only stream: tarfile parses the headers
                 # (PAX included) and member data is read straight from the stream,
                 # not copied through tarfile's own buffers.
@@ -355,7 +361,8 @@ def read(path: str, sink: SinkFactory | None = None,
             raise
         except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
             raise e.error from None
-        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, UnicodeError) as e:
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, UnicodeError,
+                ValueError) as e:  # ValueError: a malformed tar header field
             raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
                                     f"the file is truncated, corrupt or not a bundle") from None
 
@@ -402,7 +409,9 @@ class _Decompressed:
 
     DEPTH = 4  # decompressed blocks in flight: memory stays a few MiB
 
-    def __init__(self, fh: IO[bytes], seen: Callable[[bytes], None]):
+    def __init__(self, path: str, fh: IO[bytes], seen: Callable[[bytes], None]):
+        self.path = path
+        self.last_read = b""  # tarfile reads each header block with one read()
         self._blocks: queue.Queue = queue.Queue(maxsize=self.DEPTH)
         self._stop = threading.Event()
         self._block = memoryview(b"")
@@ -458,8 +467,11 @@ class _Decompressed:
         return out
 
     def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            raise io.UnsupportedOperation("the stream is read in bounded pieces")
+        """For tar headers (tarfile reads long names and PAX records whole) and padding."""
+        if n < 0 or n > MAX_HEADER_BYTES:
+            raise BundleError(self.path, f"a tar header of {n} bytes at byte {self.count} of "
+                                         f"the stream; a bundle's are at most "
+                                         f"{MAX_HEADER_BYTES}")
         parts = []
         while n > 0:
             part = self.view(n)
@@ -467,16 +479,18 @@ class _Decompressed:
                 break
             parts.append(part)
             n -= len(part)
-        return b"".join(parts)
+        self.last_read = b"".join(parts)
+        return self.last_read
 
     def tell(self) -> int:
         return self.count
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence != io.SEEK_SET or offset < self.count:
-            raise io.UnsupportedOperation("the stream only moves forward")
-        while self.count < offset and self.view(offset - self.count):
-            pass
+        # Every byte is read and checked; tarfile seeking past some (a sparse member's
+        # stored data) would let unverified bytes ride along.
+        if whence != io.SEEK_SET or offset != self.count:
+            raise BundleError(self.path, f"tar wants to skip from byte {self.count} to "
+                                         f"{offset} of the stream; a bundle never skips")
         return self.count
 
 
@@ -545,6 +559,11 @@ def _check_end(path: str, end_offset: int, stream: _Decompressed) -> None:
     """
     expected = end_offset + 2 * tarfile.BLOCKSIZE
     expected += -expected % tarfile.RECORDSIZE
+    # tarfile takes any block it cannot parse for the end; the one it read must be zeros.
+    consumed = stream.count - end_offset
+    if consumed and stream.last_read[-consumed:].count(0) != consumed:
+        raise BundleError(path, f"data where the archive should end (byte {end_offset} of "
+                                f"the decompressed stream)")
     while stream.count <= expected:
         block = stream.view(CHUNK)
         if not block:
@@ -580,7 +599,7 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
                   sink: SinkFactory | None,
                   on_head: Callable[[Head], None] | None) -> Dict[str, Any]:
     first = tar.next()
-    if first is None or first.name != MANIFEST or not first.isreg():
+    if first is None or first.name != MANIFEST or not _plain_file(first):
         raise BundleError(path, f"first member must be {MANIFEST}")
     if first.size > MAX_MANIFEST_BYTES:
         raise BundleError(path, f"manifest is {first.size} bytes, over the "
@@ -594,7 +613,7 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
     info = tar.next()
     signature = None
     if info is not None and info.name == SIGNATURE:
-        if not info.isreg() or info.size > MAX_SIGNATURE_BYTES:
+        if not _plain_file(info) or info.size > MAX_SIGNATURE_BYTES:
             raise BundleError(path, "signature is not a small regular file", SIGNATURE)
         signature = _read_whole(path, stream, info)
         info = tar.next()
@@ -619,8 +638,8 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
         previous = name
         if name not in expected:
             raise BundleError(path, "member is not listed in the manifest", name)
-        if not info.isreg():
-            raise BundleError(path, "member is not a regular file", name)
+        if not _plain_file(info):
+            raise BundleError(path, "member is not a regular file (or is a sparse one)", name)
         want = expected[name]
         if info.size != want.size:
             raise BundleError(path, f"size {info.size} differs from the manifest's {want.size}",
@@ -678,8 +697,8 @@ def read_manifest_bytes(path: str) -> bytes:
     try:
         with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
             first = tar.next()
-            if first is None or first.name != MANIFEST or not first.isreg():
+            if first is None or first.name != MANIFEST or not _plain_file(first):
                 raise BundleError(path, f"first member must be {MANIFEST}")
             return tar.extractfile(first).read()
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError) as e:  # ValueError: a malformed header field
         raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None

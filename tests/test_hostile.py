@@ -5,6 +5,7 @@ error, nothing is written outside the store, and the store is byte-for-byte as i
 was. A property-based test then mutates a good bundle at random.
 """
 
+import errno
 import io
 import json
 import os
@@ -32,22 +33,42 @@ def _tar(entries, compress=True):
     return zstandard.ZstdCompressor().compress(raw.getvalue()) if compress else raw.getvalue()
 
 
-def _info(name, size=0, kind=tarfile.REGTYPE, link=""):
+def _info(name, size=0, kind=tarfile.REGTYPE, link="", pax=None):
     info = tarfile.TarInfo(name)
     info.size, info.type, info.linkname = size, kind, link
+    info.pax_headers = pax or {}
     return info
 
 
-def _with(manifest, members, extra=(), order=None, edit=None):
+def _with(manifest, members, extra=(), order=None, edit=None, pax=None, compress=True):
+    """A bundle of ``members`` (name -> bytes); ``pax`` adds PAX records to members."""
     manifest = json.loads(json.dumps(manifest))
     if edit:
         edit(manifest)
     data = bundle.manifest_to_bytes(manifest)
-    entries = [(_info("manifest.json", len(data)), data)]
+    pax = pax or {}
+    entries = [(_info("manifest.json", len(data), pax=pax.get("manifest.json")), data)]
     names = order or sorted(members)
-    entries += [(_info(n, len(members[n])), members[n]) for n in names]
+    entries += [(_info(n, len(members[n]), pax=pax.get(n)), members[n]) for n in names]
     entries += list(extra)
-    return _tar(entries)
+    return _tar(entries, compress)
+
+
+def _sparse(name, data, kept):
+    """PAX records making ``name`` sparse: tar extracts ``kept`` bytes of ``data``, then
+    a hole, while the archive stores all of ``data``."""
+    return {name: {"GNU.sparse.numblocks": "1", "GNU.sparse.map": f"0,{kept}",
+                   "GNU.sparse.size": str(len(data)), "GNU.sparse.name": name}}
+
+
+def _garbage_at_the_end(manifest, members):
+    """A whole, valid archive, but a block of text where the end-of-archive zeros go."""
+    raw = bytearray(_with(manifest, members, compress=False))
+    with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    raw[end:end + tarfile.BLOCKSIZE] = b"GARBAGE!" * (tarfile.BLOCKSIZE // 8)
+    return zstandard.ZstdCompressor().compress(bytes(raw))
 
 
 def _hidden_in_padding(manifest, members):
@@ -121,6 +142,17 @@ def _corpus(good):
         "appended bytes": good_bytes + b"\x00junk",
         "skippable frame": good_bytes + b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd",
         "data hidden in a member's padding": _hidden_in_padding(manifest, members),
+        # GNU tar would extract the first half and a hole; the digest covers all of it.
+        "sparse member": _with(manifest, members, pax=_sparse(weight, members[weight],
+                                                              len(members[weight]) // 2)),
+        "sparse manifest": _with(manifest, members, pax=_sparse("manifest.json", data, 10)),
+        "malformed sparse size": _with(manifest, members, pax={weight: {
+            "GNU.sparse.size": "zz"}}),
+        "malformed sparse size on the manifest": _with(manifest, members, pax={
+            "manifest.json": {"GNU.sparse.size": "zz"}}),
+        "garbage where the archive ends": _garbage_at_the_end(manifest, members),
+        "a 2 MiB tar header": _with(manifest, members, pax={first: {
+            "comment": "x" * (2 << 20)}}),
     }
     target = b"../../../../etc/passwd"
     corpus["symlink escaping in manifest"] = _with(
@@ -170,14 +202,22 @@ def test_every_bad_bundle_is_refused_and_nothing_changes(corpus, master_bundle, 
         bad.unlink()
 
 
-def test_a_refused_bundle_leaves_no_reading_thread(corpus, tmp_path):
-    """The decompressing thread stops when reading stops early, error or not."""
-    bad = tmp_path / "bad.hub"
-    for name in ("weight bytes changed", "truncated at 1000", "digest lie"):
-        bad.write_bytes(corpus[name])
-        with pytest.raises(BundleError):
-            bundle.read(str(bad))
-        assert [t.name for t in threading.enumerate() if t.name.startswith("mirror-")] == [], name
+def test_reading_stopped_early_leaves_no_thread(big_bundle):
+    """The decompressing thread, which runs megabytes ahead, stops when reading stops:
+    a refused signature, a full disk."""
+    def refuse(head):
+        raise BundleError(big_bundle, "refused by the test")
+
+    def disk_full(member):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert os.path.getsize(big_bundle) > 8 * bundle.CHUNK  # more than the thread holds
+    with pytest.raises(BundleError, match="refused by the test"):
+        bundle.read(big_bundle, on_head=refuse)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("mirror-")] == []
+    with pytest.raises(OSError, match="No space left"):
+        bundle.read(big_bundle, sink=disk_full)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("mirror-")] == []
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
