@@ -282,8 +282,8 @@ class _Packer:
             key = load_private(opts.sign)
             signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
         try:
-            report.bundle_id = bundle.write(report.output, manifest, self.sources, self.mtimes,
-                                         sign=signer)
+            report.bundle_id = bundle.write(report.output, manifest, self.sources,
+                                            self.mtimes, sign=signer)
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {report.output}: {e}") from None
         report.size = os.path.getsize(report.output)
