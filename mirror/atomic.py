@@ -56,7 +56,10 @@ def atomic_file(path: str, mode: int = 0o644) -> Iterator[WritebackFile]:
     completes. The store is shared, so files are readable by every user by default."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    except OSError as e:  # named by the folder, not by the temporary name tried in it
+        raise OSError(e.errno, e.strerror, folder) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             yield WritebackFile(fh)

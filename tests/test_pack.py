@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 
 import pytest
@@ -26,6 +27,7 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
                       "--git-host", upstream.git.host, "--protocol", "http", "-q"])
     assert r.returncode == 0, r.stderr
     assert f"packed demo/tinynets:master -> {c2}" in r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["demo.hub"]  # nothing left beside it
     urls = upstream.demo.urls[c2]
     assert f"coverage demo/tinynets@{c2[:12]} small_cnn: {urls['small_cnn']}\n" in r.stdout
     assert f"coverage demo/tinynets@{c2[:12]} mlp_from_url: no @pretrained weights" in r.stdout
@@ -93,6 +95,14 @@ def test_same_inputs_give_a_byte_identical_bundle(upstream, tmp_path, monkeypatc
              progress=False)
     with open(a, "rb") as fa, open(b, "rb") as fb:
         assert fa.read() == fb.read()
+
+
+def test_an_unwritable_output_is_one_clear_error(upstream, tmp_path):
+    r = run(MIRROR + ["pack", upstream.spec(":v1.0"), "-o", "/proc/demo.hub",
+                      "--git-host", upstream.git.host, "--protocol", "http", "-q"])
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "Error: cannot pack into /proc/demo.hub: /proc: No such file or directory"]
 
 
 def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
