@@ -58,8 +58,8 @@ def atomic_file(path: str, mode: int = 0o644) -> Iterator[WritebackFile]:
     os.makedirs(folder, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
-    except OSError as e:  # named by the folder, not by the temporary name tried in it
-        raise OSError(e.errno, e.strerror, folder) from None
+    except OSError as e:  # named by the file asked for, not the temporary name tried
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             yield WritebackFile(fh)

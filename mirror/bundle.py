@@ -48,7 +48,7 @@ WEIGHTS_LEVEL, CODE_LEVEL = 1, 9
 CHUNK = 1 << 20
 MODE_LINK = 0o120000
 MAX_HEADER_BYTES = 1 << 20  # long names and PAX records: a bundle's are a few KiB
-MAX_LINK_BYTES = 4096  # PATH_MAX: a symlink target is read whole, so it must be small
+PATH_MAX = 4096  # no longer path can be checked out; a symlink target is read whole
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,23 @@ def _is_hex(s: Any, lengths: Tuple[int, ...]) -> bool:
     return isinstance(s, str) and len(s) in lengths and _HEX.fullmatch(s) is not None
 
 
+PAX_RECORDS = {"path", "size", "mtime"}  # all that tarfile writes for a bundle's members
+
+
+def _not_plain(info: tarfile.TarInfo) -> str | None:
+    """Why a member is not a regular file stored whole (a sparse member's bytes are not
+    what tar extracts) with a header that carries only what the writer puts there."""
+    if not info.isreg():
+        return "member is not a regular file"
+    if info.issparse():
+        return "member is a sparse file: tar would extract other bytes than it stores"
+    extra = sorted(set(info.pax_headers) - PAX_RECORDS)
+    return f"member's tar header carries {extra[:3]}, which a bundle's never do" \
+        if extra else None
+
+
 def _plain_file(info: tarfile.TarInfo) -> bool:
-    """A regular file stored whole: a sparse member's bytes are not what tar extracts."""
-    return info.isreg() and not info.issparse()
+    return _not_plain(info) is None
 
 
 def _safe_path(p: Any) -> bool:
@@ -175,7 +189,9 @@ def _check_tree(commit: str, files: List[Any]) -> None:
         if _need(f, "mode", int) not in (0o100644, 0o100755, MODE_LINK):
             raise ValueError(f"file {path!r} has an unsupported mode")
         _check_sized(f, path)
-        if f["mode"] == MODE_LINK and f["size"] > MAX_LINK_BYTES:
+        if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
+            raise ValueError(f"file path {path[:60]!r}... is over {PATH_MAX} bytes")
+        if f["mode"] == MODE_LINK and f["size"] > PATH_MAX:
             raise ValueError(f"symlink {path!r} has a {f['size']} byte target")
         if path in kinds:
             raise ValueError(f"file {path!r} is listed twice in snapshot {commit[:12]}")
@@ -223,12 +239,41 @@ def write(path: str, manifest: Dict[str, Any], sources: Dict[str, Source],
             if isinstance(src, bytes):
                 out.member(name, len(src), io.BytesIO(src), mtime)
             else:
-                with open(src, "rb") as fh:
+                with _Source(src) as fh:
                     out.member(name, members[name].size, fh, mtime)
         out.end()
     # The id install records and list shows. Not the file's own sha256: that took a
     # second pass over every byte, a quarter of pack's time on two cores.
     return bundle_id(manifest_bytes)
+
+
+class SourceError(Exception):
+    """A member's source file could not be read (told apart from the bundle's own file)."""
+
+    def __init__(self, path: str, error: OSError):
+        super().__init__(f"cannot read {path}: {error.strerror or error}")
+        self.path = path
+
+
+class _Source:
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fh = open(path, "rb")
+        except OSError as e:
+            raise SourceError(path, e) from None
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fh.close()
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.fh.read(n)
+        except OSError as e:
+            raise SourceError(self.path, e) from None
 
 
 def bundle_id(manifest_bytes: bytes) -> str:
@@ -361,8 +406,9 @@ def read(path: str, sink: SinkFactory | None = None,
             raise
         except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
             raise e.error from None
-        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, UnicodeError,
-                ValueError) as e:  # ValueError: a malformed tar header field
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, ValueError,
+                IndexError, OverflowError, RecursionError) as e:  # what tarfile raises on
+            # malformed header fields, headers cut short, or thousands of chained headers
             raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
                                     f"the file is truncated, corrupt or not a bundle") from None
 
@@ -412,6 +458,7 @@ class _Decompressed:
     def __init__(self, path: str, fh: IO[bytes], seen: Callable[[bytes], None]):
         self.path = path
         self.last_read = b""  # tarfile reads each header block with one read()
+        self.header_bytes = 0  # read() since the last member's data: headers
         self._blocks: queue.Queue = queue.Queue(maxsize=self.DEPTH)
         self._stop = threading.Event()
         self._block = memoryview(b"")
@@ -468,10 +515,11 @@ class _Decompressed:
 
     def read(self, n: int = -1) -> bytes:
         """For tar headers (tarfile reads long names and PAX records whole) and padding."""
-        if n < 0 or n > MAX_HEADER_BYTES:
-            raise BundleError(self.path, f"a tar header of {n} bytes at byte {self.count} of "
-                                         f"the stream; a bundle's are at most "
-                                         f"{MAX_HEADER_BYTES}")
+        self.header_bytes += n
+        if n < 0 or self.header_bytes > MAX_HEADER_BYTES:
+            raise BundleError(self.path, f"tar headers of over {MAX_HEADER_BYTES} bytes "
+                                         f"before byte {self.count + n} of the stream; a "
+                                         f"bundle's are a few KiB")
         parts = []
         while n > 0:
             part = self.view(n)
@@ -489,8 +537,9 @@ class _Decompressed:
         # Every byte is read and checked; tarfile seeking past some (a sparse member's
         # stored data) would let unverified bytes ride along.
         if whence != io.SEEK_SET or offset != self.count:
-            raise BundleError(self.path, f"tar wants to skip from byte {self.count} to "
-                                         f"{offset} of the stream; a bundle never skips")
+            raise BundleError(self.path, f"tar wants to move from byte {self.count} of the "
+                                         f"stream to byte {offset}; a bundle is read whole, "
+                                         f"in order")
         return self.count
 
 
@@ -579,6 +628,7 @@ def _check_end(path: str, end_offset: int, stream: _Decompressed) -> None:
 def _member_data(path: str, stream: _Decompressed,
                  info: tarfile.TarInfo) -> Iterator[memoryview]:
     """A member's bytes, as views of the stream, then its padding (which must be zeros)."""
+    stream.header_bytes = 0
     left = info.size
     while left:
         block = stream.view(min(left, CHUNK))
@@ -638,8 +688,9 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
         previous = name
         if name not in expected:
             raise BundleError(path, "member is not listed in the manifest", name)
-        if not _plain_file(info):
-            raise BundleError(path, "member is not a regular file (or is a sparse one)", name)
+        problem = _not_plain(info)
+        if problem:
+            raise BundleError(path, problem, name)
         want = expected[name]
         if info.size != want.size:
             raise BundleError(path, f"size {info.size} differs from the manifest's {want.size}",
@@ -699,6 +750,9 @@ def read_manifest_bytes(path: str) -> bytes:
             first = tar.next()
             if first is None or first.name != MANIFEST or not _plain_file(first):
                 raise BundleError(path, f"first member must be {MANIFEST}")
+            if first.size > MAX_MANIFEST_BYTES:
+                raise BundleError(path, f"manifest is {first.size} bytes, over the "
+                                        f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
             return tar.extractfile(first).read()
-    except (tarfile.TarError, ValueError) as e:  # ValueError: a malformed header field
+    except (tarfile.TarError, ValueError, IndexError, OverflowError, RecursionError) as e:
         raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None

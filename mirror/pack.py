@@ -286,8 +286,10 @@ class _Packer:
                                             self.mtimes, sign=signer)
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {report.output}: {e}") from None
-        except OSError as e:  # a full disk, an unwritable folder
-            where = f"{e.filename}: " if e.filename else ""
+        except bundle.SourceError as e:  # e.g. a cached download removed meanwhile
+            raise MirrorError(f"cannot pack into {report.output}: {e}") from None
+        except OSError as e:  # the bundle's own file: a full disk, an unwritable folder
+            where = f"{e.filename}: " if e.filename and e.filename != report.output else ""
             raise MirrorError(f"cannot pack into {report.output}: {where}"
                               f"{e.strerror or e}") from None
         report.size = os.path.getsize(report.output)

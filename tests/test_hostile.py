@@ -24,10 +24,11 @@ from mirror.store import Store
 from tests.conftest import MIRROR, run, tree_digest, unpack
 
 
-def _tar(entries, compress=True):
+def _tar(entries, compress=True, pax_global=None):
     """A tar stream (zstd-compressed) of ``entries``: (TarInfo, bytes or None)."""
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers=pax_global) as tar:
         for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return zstandard.ZstdCompressor().compress(raw.getvalue()) if compress else raw.getvalue()
@@ -59,6 +60,18 @@ def _sparse(name, data, kept):
     a hole, while the archive stores all of ``data``."""
     return {name: {"GNU.sparse.numblocks": "1", "GNU.sparse.map": f"0,{kept}",
                    "GNU.sparse.size": str(len(data)), "GNU.sparse.name": name}}
+
+
+def _chained_pax_headers(manifest, members, count):
+    """``count`` PAX headers in a row before a member (tarfile recurses on each)."""
+    raw = _with(manifest, members, compress=False)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        at = tar.getmembers()[1].offset
+    record = b"10 path=x\n"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    block = header.tobuf(tarfile.USTAR_FORMAT) + record + b"\0" * (-len(record) % 512)
+    return zstandard.ZstdCompressor().compress(raw[:at] + block * count + raw[at:])
 
 
 def _garbage_at_the_end(manifest, members):
@@ -153,6 +166,16 @@ def _corpus(good):
         "garbage where the archive ends": _garbage_at_the_end(manifest, members),
         "a 2 MiB tar header": _with(manifest, members, pax={first: {
             "comment": "x" * (2 << 20)}}),
+        "bytes in a PAX comment": _with(manifest, members, pax={first: {"comment": "hidden"}}),
+        "a global PAX header": _tar([(_info("manifest.json", len(data)), data)],
+                                    pax_global={"comment": "hidden"}),
+        "5,000 chained PAX headers": _chained_pax_headers(manifest, members, 5000),
+        # tarfile reads a GNU 1.0 sparse map 512 bytes at a time, into one list
+        "a 3 MiB sparse map": _with(manifest, {}, [(_info(first, 3000007, pax={
+            "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1"}),
+            b"300000\n" + b"1000\n" * 600000)]),
+        "a path longer than PATH_MAX": _with(manifest, members, edit=lambda m: snap(m)[
+            "files"][0].update(path="a/" * 2100 + "x")),
     }
     target = b"../../../../etc/passwd"
     corpus["symlink escaping in manifest"] = _with(

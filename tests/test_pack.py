@@ -102,7 +102,7 @@ def test_an_unwritable_output_is_one_clear_error(upstream, tmp_path):
                       "--git-host", upstream.git.host, "--protocol", "http", "-q"])
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        "Error: cannot pack into /proc/demo.hub: /proc: No such file or directory"]
+        "Error: cannot pack into /proc/demo.hub: No such file or directory"]
 
 
 def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
