@@ -105,6 +105,21 @@ def test_an_unwritable_output_is_one_clear_error(upstream, tmp_path):
         "Error: cannot pack into /proc/demo.hub: No such file or directory"]
 
 
+def test_a_source_that_cannot_be_read_is_named_and_nothing_is_written(tmp_path):
+    """A cached download removed before the bundle is written: the error names it,
+    not the bundle, and no partial bundle is left."""
+    data = b"weights"
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = {"format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
+                "repos": [], "weights": [{"url": "https://example.invalid/w", "sha256": sha,
+                                          "size": len(data)}]}
+    missing = str(tmp_path / "cache" / "w.data")
+    with pytest.raises(bundle.SourceError) as e:
+        bundle.write(str(tmp_path / "x.hub"), manifest, {bundle.weight_member(sha): missing})
+    assert str(e.value) == f"cannot read {missing}: No such file or directory"
+    assert os.listdir(tmp_path) == []
+
+
 def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
     out = tmp_path / "x.hub"
     with pytest.raises(RefNotFoundError) as e:
