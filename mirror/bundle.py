@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import zstandard
-from tqdm import tqdm
 
 from .atomic import atomic_file
 from .errors import BundleError
@@ -379,6 +378,8 @@ def read(path: str, sink: SinkFactory | None = None,
     function returns. ``file_digest`` (a hashlib object) is fed the bundle file's own
     bytes as they are read, so its digest needs no second pass over the file.
     """
+    from tqdm import tqdm  # here: inspect and list, which show no progress, start sooner
+
     try:
         fh = open(path, "rb")
     except OSError as e:

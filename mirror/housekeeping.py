@@ -17,8 +17,6 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Set, Tuple
 
-from tqdm import tqdm
-
 from .errors import MirrorError, NotInstalledError, StoreError
 from .refs import RepoSpec
 from .store import Store, locked
@@ -86,6 +84,8 @@ def verify(store: Store, progress: bool = False) -> VerifyReport:
 
     Whatever is unreadable or malformed is a problem in the report, not a crash.
     """
+    from tqdm import tqdm  # here, as in bundle.read: other commands start sooner
+
     report = VerifyReport(store.home)
     good: Dict[str, int] = {}  # sha256 -> inode of a blob whose content matches its name
     blobs_dir = os.path.join(store.home, "blobs")
