@@ -95,6 +95,9 @@ def _is_hex(s: Any, lengths: Tuple[int, ...]) -> bool:
     return isinstance(s, str) and len(s) in lengths and _HEX.fullmatch(s) is not None
 
 
+# What tarfile raises on malformed header fields, headers cut short, or thousands of
+# chained headers: all of them a bad bundle, never a traceback.
+TAR_HEADER_ERRORS = (tarfile.TarError, ValueError, IndexError, OverflowError, RecursionError)
 PAX_RECORDS = {"path", "size", "mtime"}  # all that tarfile writes for a bundle's members
 
 
@@ -407,9 +410,7 @@ def read(path: str, sink: SinkFactory | None = None,
             raise
         except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
             raise e.error from None
-        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, ValueError,
-                IndexError, OverflowError, RecursionError) as e:  # what tarfile raises on
-            # malformed header fields, headers cut short, or thousands of chained headers
+        except (zstandard.ZstdError, EOFError, OSError) + TAR_HEADER_ERRORS as e:
             raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
                                     f"the file is truncated, corrupt or not a bundle") from None
 
@@ -649,18 +650,9 @@ def _read_whole(path: str, stream: _Decompressed, info: tarfile.TarInfo) -> byte
 def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
                   sink: SinkFactory | None,
                   on_head: Callable[[Head], None] | None) -> Dict[str, Any]:
-    first = tar.next()
-    if first is None or first.name != MANIFEST or not _plain_file(first):
-        raise BundleError(path, f"first member must be {MANIFEST}")
-    if first.size > MAX_MANIFEST_BYTES:
-        raise BundleError(path, f"manifest is {first.size} bytes, over the "
-                                f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
-    try:
-        manifest_bytes = _read_whole(path, stream, first)
-        manifest = json.loads(manifest_bytes)
-        validate_manifest(manifest)
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None
+    first = _manifest_member(path, tar)
+    manifest_bytes = _read_whole(path, stream, first)
+    manifest = manifest_from_bytes(path, manifest_bytes)
     info = tar.next()
     signature = None
     if info is not None and info.name == SIGNATURE:
@@ -723,17 +715,31 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
     return manifest
 
 
+def _manifest_member(path: str, tar: tarfile.TarFile) -> tarfile.TarInfo:
+    first = tar.next()
+    if first is None or first.name != MANIFEST or not _plain_file(first):
+        raise BundleError(path, f"first member must be {MANIFEST}")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise BundleError(path, f"manifest is {first.size} bytes, over the "
+                                f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
+    return first
+
+
+def manifest_from_bytes(path: str, data: bytes) -> Dict[str, Any]:
+    """The manifest in ``data`` (read from bundle ``path``), parsed and validated."""
+    try:
+        manifest = json.loads(data)
+        validate_manifest(manifest)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None
+    return manifest
+
+
 def read_manifest(path: str) -> Dict[str, Any]:
     """Only the manifest, from the bundle's first zstd frame: the rest is never read,
     so this is as fast for a 100 GB bundle as for a small one. Not a verification:
     the manifest's digests are checked by :func:`read`."""
-    data = read_manifest_bytes(path)
-    try:
-        manifest = json.loads(data)
-        validate_manifest(manifest)
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None
-    return manifest
+    return manifest_from_bytes(path, read_manifest_bytes(path))
 
 
 def read_manifest_bytes(path: str) -> bytes:
@@ -748,12 +754,6 @@ def read_manifest_bytes(path: str) -> bytes:
         raise BundleError(path, f"unreadable ({e}); not a bundle, or a corrupt one") from None
     try:
         with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
-            first = tar.next()
-            if first is None or first.name != MANIFEST or not _plain_file(first):
-                raise BundleError(path, f"first member must be {MANIFEST}")
-            if first.size > MAX_MANIFEST_BYTES:
-                raise BundleError(path, f"manifest is {first.size} bytes, over the "
-                                        f"{MAX_MANIFEST_BYTES} byte limit", MANIFEST)
-            return tar.extractfile(first).read()
-    except (tarfile.TarError, ValueError, IndexError, OverflowError, RecursionError) as e:
+            return tar.extractfile(_manifest_member(path, tar)).read()
+    except TAR_HEADER_ERRORS as e:
         raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None

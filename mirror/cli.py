@@ -296,7 +296,8 @@ def gc(dry_run, home, as_json) -> None:
 @_library_errors
 def inspect(bundle_path, as_json) -> None:
     """Summarize BUNDLE from its manifest (its first member) without reading the rest."""
-    manifest = bundle.read_manifest(bundle_path)
+    manifest_bytes = bundle.read_manifest_bytes(bundle_path)  # the first frame, once
+    manifest = bundle.manifest_from_bytes(bundle_path, manifest_bytes)
     if as_json:
         click.echo(json.dumps(manifest, indent=1))
         return
@@ -305,7 +306,7 @@ def inspect(bundle_path, as_json) -> None:
                f"{manifest['format_version']}, "
                f"{len(manifest['weights'])} weights, "
                f"{sum(size.values())} bytes of weights")
-    click.echo(f"bundle id {bundle.bundle_id(bundle.read_manifest_bytes(bundle_path))}")
+    click.echo(f"bundle id {bundle.bundle_id(manifest_bytes)}")
     for repo in manifest["repos"]:
         click.echo(f"{repo['host']}/{repo['owner']}/{repo['name']} ({repo['url']})")
         for ref in repo["refs"]:
