@@ -1,10 +1,64 @@
-"""mirror: take MegEngine Hub repos and their pretrained weights across an air gap."""
+"""mirror: take MegEngine Hub repos and their pretrained weights across an air gap.
+
+The public API, for programs (the ``mirror`` command is a thin shell over it)::
+
+    import mirror
+
+    report = mirror.pack(["megengine/models@3f2a9c1"], "models.hub")      # connected host
+    report = mirror.install("models.hub")                                 # isolated host
+    mirror.verify_bundle("models.hub")          # every byte, installs nothing
+    mirror.verify_store()                       # every blob, snapshot, ref and weight
+    for repo in mirror.list_repos(): ...        # what the store holds
+    mirror.remove("megengine/models:dev"); mirror.gc()
+    model = mirror.hub.load("megengine/models", "resnet18", pretrained=True)
+    mirror.patch_megengine()                    # unmodified megengine.hub calls, offline
+
+Everything is imported on first use, so ``import mirror`` stays light (``mirror
+run`` imports it in every program it starts). Names not listed in ``__all__``, and
+modules and names that start with ``_``, are internal.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+# name -> (module, attribute): where each public name lives.
+_EXPORTS = {
+    "pack": ("packer", "pack"),
+    "PackOptions": ("pack_options", "PackOptions"),
+    "PackReport": ("packer", "PackReport"),
+    "install": ("installer", "install"),
+    "InstallOptions": ("installer", "InstallOptions"),
+    "InstallReport": ("installer", "InstallReport"),
+    "verify_bundle": ("bundle", "verify"),
+    "read_manifest": ("bundle", "read_manifest"),
+    "verify_store": ("housekeeping", "verify"),
+    "remove": ("housekeeping", "remove"),
+    "gc": ("housekeeping", "gc"),
+    "Store": ("store", "Store"),
+    "patch_megengine": ("patch", "patch_megengine"),
+    "settings": ("config", "settings"),
+    "errors": ("errors", None),
+    "hub": ("hub", None),
+}
 
-def patch_megengine(store=None):
-    """Redirect every ``megengine.hub`` call in this process to the store (see mirror.patch)."""
-    from .patch import patch_megengine as patch
+__all__ = sorted(_EXPORTS) + ["list_repos", "__version__"]
 
-    return patch(store)
+
+def list_repos(home: str | None = None) -> list:
+    """Every repo installed in the store at ``home`` (default: the configured one),
+    with its refs and snapshots, as :class:`mirror.store.RepoSummary` objects."""
+    from .store import Store
+
+    return Store(home).repos()
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mirror' has no attribute {name!r}")
+    module_name, attribute = _EXPORTS[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    return module if attribute is None else getattr(module, attribute)

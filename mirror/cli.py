@@ -7,6 +7,7 @@ installed (repo, ref, commit, entrypoint or weight).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -18,9 +19,10 @@ import click
 
 from . import __version__, bundle, housekeeping, signing
 from .atomic import write_atomic
+from .config import settings
 from .errors import MirrorError
-from .megengine_cache import installed_megengine_version
-from .store import Store, default_home
+from .model import short
+from .store import Store
 
 
 class _Failure(click.ClickException):
@@ -61,46 +63,37 @@ def cli() -> None:
     """Take MegEngine Hub repos and their weights across an air gap."""
 
 
+def _pack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A click option for each :class:`~mirror.pack_options.PackOptions` field that has a
+    flag, in declaration order. Each defaults to None (or ``()``), so that a recipe can
+    tell what the command line did not give."""
+    from .pack_options import flags, kind
+
+    for name, flag in reversed(list(flags().items())):
+        settings_ = {"help": flag.help, "metavar": flag.metavar}
+        if kind(name) is bool:
+            settings_.update(is_flag=True, default=None)
+        elif kind(name) is tuple:
+            settings_.update(multiple=True)
+        else:
+            settings_["default"] = None
+            if flag.choices:
+                settings_["type"] = click.Choice(list(flag.choices), case_sensitive=False)
+            elif flag.int_range:
+                settings_["type"] = click.IntRange(*flag.int_range)
+            elif flag.path:
+                settings_["type"] = click.Path(exists=flag.exists, dir_okay=False)
+        fn = click.option(*flag.names, name, **settings_)(fn)
+    return fn
+
+
 @cli.command()
 @click.argument("specs", nargs=-1)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Bundle file to write (a recipe may name it).")
 @click.option("--recipe", type=click.Path(dir_okay=False, exists=True),
               help="A TOML recipe naming repos, refs and options (see bundles/).")
-@click.option("--git-host", default=None,
-              help="Git host for specs without one (default github.com).")
-@click.option("--protocol", type=click.Choice(["https", "http", "ssh", "file"],
-                                              case_sensitive=False), default=None,
-              help="How to reach the git host (default https).")
-@click.option("--weights", "extra_weights", multiple=True, metavar="URL",
-              help="Also pack this file (repeatable).")
-@click.option("--entry", "entries", multiple=True, metavar="NAME",
-              help="Pack only what these entrypoints need (repeatable; implies --trace).")
-@click.option("--trace", is_flag=True, default=None,
-              help="Also run each entrypoint with downloads recorded instead of performed, "
-                   "to find what static discovery cannot (this runs the repo's code).")
-@click.option("--follow-nested", is_flag=True, default=None,
-              help="Also pack the repos the code loads with megengine.hub.load.")
-@click.option("--rewrite", "rewrites", multiple=True, metavar="FROM=TO",
-              help="Fetch git and weight URLs starting with FROM from TO instead, like git's "
-                   "url.<base>.insteadOf; the bundle records the original URLs (repeatable).")
-@click.option("--exclude", multiple=True, metavar="PATTERN",
-              help="Leave out weights whose URL matches this glob (repeatable).")
-@click.option("--allow-unresolved", is_flag=True, default=None,
-              help="Pack even if some download calls' URLs cannot be worked out.")
-@click.option("--allow-unreachable", is_flag=True, default=None,
-              help="Pack :ref@commit even if the commit is not in the ref's history.")
-@click.option("--allow-unsafe-pickle", is_flag=True, default=None,
-              help="Pack weights that would import more than numpy, tensors and collections.")
-@click.option("--lock", type=click.Path(dir_okay=False), default=None,
-              help="Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
-                   "enforced if present.")
-@click.option("--sign", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Sign the bundle with this private key (see mirror keygen).")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None,
-              help="Weights downloaded at once (default 4).")
-@click.option("--refresh", is_flag=True, default=None,
-              help="Download every weight again instead of using the download cache.")
+@_pack_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
 @_library_errors
@@ -108,28 +101,31 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
     # Imported here: git, HTTP and the weight discovery are pack's alone, and the
     # commands used on the isolated host start faster without them.
-    from .pack import pack as pack_repos
+    from .packer import PackOptions
+    from .packer import pack as pack_repos
     from .recipe import Recipe
 
-    options = {k: v for k, v in options.items() if v not in (None, ())}
+    given = {k: v for k, v in options.items() if v not in (None, ())}
     if recipe:
         loaded = Recipe.load(recipe)
         specs, output = list(loaded.specs) + list(specs), output or loaded.output
-        options = loaded.merged(options)
+        pack_options = loaded.merged(given)
+    else:
+        pack_options = PackOptions.from_mapping(given)
     if not specs:
         raise click.UsageError("name at least one repo spec, or a --recipe")
     if not output:
         raise click.UsageError("name the bundle to write with -o/--output")
-    report = pack_repos(specs, output, progress=not quiet,
-                        log=(lambda m: None) if quiet else _say, **options)
+    report = pack_repos(specs, output, dataclasses.replace(pack_options, progress=not quiet),
+                        log=(lambda m: None) if quiet else _say)
     if as_json:
-        click.echo(json.dumps(report.__dict__, indent=1))
+        click.echo(json.dumps(report.to_json(), indent=1))
         return
     for ref in report.refs:
         click.echo(f"packed {ref}")
     for w in report.weights:
-        click.echo(f"weight {w['url']} ({w['size']} bytes, sha256 {w['sha256'][:12]})")
-    packed = {w["url"] for w in report.weights}
+        click.echo(f"weight {w.url} ({w.size} bytes, sha256 {short(w.sha256)})")
+    packed = {w.url for w in report.weights}
     for label, entries in report.coverage.items():  # what each entrypoint will load
         for entry, urls in entries.items():
             state = ", ".join(u if u in packed else f"{u} (NOT packed)" for u in urls)
@@ -171,16 +167,16 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
     Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
     calls work offline too.
     """
-    versions = () if no_megengine_cache else (
-        mge_versions or [v for v in [installed_megengine_version()] if v])
-    store = Store(home)
-    trusted = None
-    if require_signature or trusted_keys or signing.policy_configured(store.home):
-        trusted = signing.trusted_keys(list(trusted_keys), store.home)
+    from .installer import InstallOptions, installed_versions
+    from .installer import install as install_bundle
+
+    options = InstallOptions(
+        force=force, megengine_versions=() if no_megengine_cache else
+        installed_versions(mge_versions), allow_unsafe_pickle=allow_unsafe_pickle,
+        trusted_keys=tuple(trusted_keys), require_signature=require_signature,
+        digest_file=bool(receipt), progress=not as_json)
     try:
-        report = store.install(bundle_path, force=force, megengine_versions=versions,
-                               progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle,
-                               trusted=trusted, digest_file=bool(receipt))
+        report = install_bundle(bundle_path, home, options)
     except MirrorError as e:
         if receipt:
             write_receipt(receipt, bundle_path, None, str(e))
@@ -188,8 +184,7 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
     if receipt:
         write_receipt(receipt, bundle_path, report, None)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in report.__dict__.items() if k != "members"},
-                              indent=1))
+        click.echo(json.dumps(report.to_json(), indent=1))
         return
     click.echo(f"verified {report.verified_files} files, {report.verified_bytes} bytes "
                f"from {report.bundle}")
@@ -197,9 +192,7 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
         click.echo(f"installed {s}")
     for s in report.snapshots_present:
         click.echo(f"already installed {s}")
-    for r in report.refs_set:
-        click.echo(f"ref {r}")
-    for r in report.refs_kept:
+    for r in report.refs_set + report.refs_kept:
         click.echo(f"ref {r}")
     for line in report.megengine_cache:
         click.echo(f"megengine cache: {line}")
@@ -225,25 +218,19 @@ def verify(bundle_path, keys, home, as_json) -> None:
     Exits 3 when anything fails verification.
     """
     if bundle_path:
-        signer = []
-
-        def on_head(head: bundle.Head) -> None:
-            if keys:
-                signer.append(signing.check(head.signature, head.manifest_bytes,
-                                            signing.trusted_keys(list(keys)), bundle_path))
-
-        manifest = bundle.read(bundle_path, on_head=on_head, progress=not as_json)
-        n = len(bundle.expected_members(manifest))
-        signed = f", signed by {signer[0].key_id}" if signer else ""
+        verified = bundle.verify(bundle_path, signing.load_keys(keys) if keys else None,
+                                 progress=not as_json)
+        n = len(verified.manifest.members())
+        signed = f", signed by {verified.signed_by}" if verified.signed_by else ""
         if as_json:
             click.echo(json.dumps({"bundle": bundle_path, "ok": True, "members": n,
-                                   "signed_by": signer[0].key_id if signer else None}))
+                                   "signed_by": verified.signed_by}))
         else:
             click.echo(f"{bundle_path}: OK, {n} members verified{signed}")
         return
     report = housekeeping.verify(Store(home), progress=not as_json)
     if as_json:
-        click.echo(json.dumps(dict(report.__dict__, ok=report.ok), indent=1))
+        click.echo(json.dumps(report.to_json(), indent=1))
     else:
         for problem in report.problems:
             click.echo(f"problem: {problem}")
@@ -257,7 +244,7 @@ def verify(bundle_path, keys, home, as_json) -> None:
 
 def _print_plan(plan: housekeeping.Plan, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(plan.__dict__, indent=1))
+        click.echo(json.dumps(dataclasses.asdict(plan), indent=1))
         return
     verb = "would remove" if plan.dry_run else "removed"
     for kind, items in (("ref", plan.refs), ("snapshot", plan.snapshots),
@@ -299,28 +286,25 @@ def inspect(bundle_path, as_json) -> None:
     manifest_bytes = bundle.read_manifest_bytes(bundle_path)  # the first frame, once
     manifest = bundle.manifest_from_bytes(bundle_path, manifest_bytes)
     if as_json:
-        click.echo(json.dumps(manifest, indent=1))
+        click.echo(json.dumps(json.loads(manifest_bytes), indent=1))
         return
-    size = {w["url"]: w["size"] for w in manifest["weights"]}
-    click.echo(f"{bundle_path}: {manifest.get('tool', '?')}, format "
-               f"{manifest['format_version']}, "
-               f"{len(manifest['weights'])} weights, "
-               f"{sum(size.values())} bytes of weights")
+    size = {w.url: w.size for w in manifest.weights}
+    click.echo(f"{bundle_path}: {manifest.tool or '?'}, format {manifest.format_version}, "
+               f"{len(manifest.weights)} weights, {sum(size.values())} bytes of weights")
     click.echo(f"bundle id {bundle.bundle_id(manifest_bytes)}")
-    for repo in manifest["repos"]:
-        click.echo(f"{repo['host']}/{repo['owner']}/{repo['name']} ({repo['url']})")
-        for ref in repo["refs"]:
-            click.echo(f"  {ref['kind']:6} {ref['name']} -> {ref['commit'][:12]}  "
-                       f"(asked {ref['asked']!r})")
-        for snap in repo["snapshots"]:
-            code = sum(f["size"] for f in snap["files"])
-            click.echo(f"  commit {snap['commit']}  {len(snap['files'])} files, {code} bytes")
-            for entry, urls in (snap.get("coverage") or {}).items():
+    for repo in manifest.repos:
+        ident = repo.id
+        click.echo(f"{ident.host}/{ident.owner}/{ident.name} ({ident.url})")
+        for ref in repo.refs:
+            click.echo(f"  {ref.kind:6} {ref.name} -> {short(ref.commit)}  (asked {ref.asked!r})")
+        for snap in repo.snapshots:
+            click.echo(f"  commit {snap.commit}  {len(snap.files)} files, {snap.size} bytes")
+            for entry, urls in snap.coverage.items():
                 named = ", ".join(f"{u} ({size.get(u, '?')} bytes)" for u in urls)
                 click.echo(f"    {entry}: {named or 'no @pretrained weights'}")
-            for u in snap.get("unresolved", []):
+            for u in snap.unresolved:
                 click.echo(f"    unresolved: {u}")
-            for u in snap.get("excluded", []):
+            for u in snap.excluded:
                 click.echo(f"    excluded: {u}")
 
 
@@ -328,14 +312,15 @@ def write_receipt(path: str, bundle_path: str, report: Any, error: str | None) -
     """A machine-readable record of an install's verification, for compliance."""
     # The digest of the bytes that were verified, taken during that one read; a
     # refused bundle may not have been read whole, so it has none.
-    bundle_sha256 = report.bundle_file_sha256 if report else None
-    record = {"bundle": os.path.abspath(bundle_path), "bundle_sha256": bundle_sha256,
+    record = {"bundle": os.path.abspath(bundle_path),
+              "bundle_sha256": report.file_sha256 if report else None,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "tool": f"mirror {__version__}", "result": "installed" if error is None else
               "refused", "error": error,
-              "manifest_sha256": report.bundle_sha256 if report else None,
+              "manifest_sha256": report.bundle_id if report else None,
               "signed_by": report.signed_by if report else None,
-              "members": report.members if report else []}
+              "members": [{"name": m.name, "sha256": m.sha256, "size": m.size}
+                          for m in report.members] if report else []}
     write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
@@ -357,9 +342,8 @@ def keygen(output) -> None:
 @_library_errors
 def sign(bundle_path, key) -> None:
     """Sign BUNDLE's manifest (which covers every byte) into BUNDLE.sig, beside it."""
-    heads = []
-    bundle.read(bundle_path, on_head=heads.append)  # sign only what verifies
-    document = signing.sign(signing.load_private(key), heads[0].manifest_bytes)
+    verified = bundle.verify(bundle_path)  # sign only what verifies
+    document = signing.sign(signing.load_private(key), verified.manifest_bytes)
     write_atomic(bundle_path + ".sig", document)
     click.echo(f"signed {bundle_path} -> {bundle_path}.sig")
 
@@ -373,21 +357,21 @@ def list_(home, as_json) -> None:
     store = Store(home)
     repos = store.repos()
     if as_json:
-        click.echo(json.dumps(repos, indent=1))
+        click.echo(json.dumps([r.to_json() for r in repos], indent=1))
         return
     if not repos:
         click.echo(f"nothing installed in {store.home}")
     for r in repos:
-        click.echo(f"{r['host']}/{r['owner']}/{r['name']}")
-        for name, ref in r["refs"].items():
-            click.echo(f"  {ref['kind']:6} {name} -> {ref['commit'][:12]}")
-        for s in r["snapshots"]:
-            click.echo(f"  commit {s['commit']}  {s['files']} files, {s['size']} bytes, "
-                       f"from {s['bundle_file']}")
-            if s["entrypoints"]:
-                click.echo(f"    entrypoints: {', '.join(s['entrypoints'])}")
-            for w in s["weights"]:
-                click.echo(f"    weight {w['url']} ({w['size']} bytes)")
+        click.echo(f"{r.id.host}/{r.id.owner}/{r.id.name}")
+        for head in r.refs:
+            click.echo(f"  {head.kind:6} {head.name} -> {short(head.commit)}")
+        for s in r.snapshots:
+            click.echo(f"  commit {s.commit}  {s.files} files, {s.size} bytes, "
+                       f"from {s.bundle_file}")
+            if s.entrypoints:
+                click.echo(f"    entrypoints: {', '.join(s.entrypoints)}")
+            for url, pin in s.weights:
+                click.echo(f"    weight {url} ({pin.size if pin else None} bytes)")
 
 
 cli.add_command(list_, "ls")
@@ -414,7 +398,7 @@ def run(command, home) -> None:
 @cli.command()
 def home() -> None:
     """Print the default store location."""
-    click.echo(default_home())
+    click.echo(settings().store_home)
 
 
 def main() -> None:

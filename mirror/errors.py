@@ -9,11 +9,37 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from .ids import short
+
 
 class MirrorError(Exception):
     """Base class of every error mirror raises on purpose."""
 
     exit_code = 1
+
+
+# --- configuration and records ----------------------------------------------
+
+
+class ConfigError(MirrorError):
+    """Raised when a setting (an environment variable, a store's ``config.toml``) has a
+    value mirror cannot use."""
+
+    def __init__(self, where: str, reason: str):
+        self.where = where
+        super().__init__(f"config {where}: {reason}")
+
+
+class InvalidRecordError(MirrorError, ValueError):
+    """Raised by :mod:`mirror.model` when a manifest or a store record lacks a field, has
+    one of the wrong type or range, or names something unsafe. Callers that know where
+    it came from re-raise it as a :class:`BundleError` or :class:`StoreError`."""
+
+    exit_code = 3
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
 
 
 # --- specs and revisions ---------------------------------------------------
@@ -185,7 +211,7 @@ class EntrypointNotFoundError(MirrorError):
         self.available, self.suggestion = list(available), suggestion
         hint = f"; did you mean {suggestion!r}?" if suggestion else ""
         super().__init__(
-            f"{repo}@{commit[:12]}: no entrypoint {entry!r} in hubconf.py "
+            f"{repo}@{short(commit)}: no entrypoint {entry!r} in hubconf.py "
             f"(it has: {', '.join(self.available) or 'none'}){hint}"
         )
 
@@ -202,7 +228,7 @@ class DependencyError(MirrorError):
         why = "declares it in dependencies" if declared else "imports it"
         who = f"entrypoint {entry!r} of " if entry else ""
         super().__init__(
-            f"{who}{repo}@{commit[:12]} needs module {module!r}, which cannot be imported "
+            f"{who}{repo}@{short(commit)} needs module {module!r}, which cannot be imported "
             f"here (hubconf.py {why}); install it into this Python environment"
         )
 

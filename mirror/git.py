@@ -6,7 +6,6 @@ state leaks between packs and nothing on the host's git config matters.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -14,10 +13,10 @@ from typing import Dict, Iterator, List, Tuple
 
 import pygit2
 
+from .config import git_credential_environment, settings
 from .errors import AmbiguousCommitError, GitError, RefNotFoundError
+from .model import MODE_EXEC, MODE_FILE, MODE_LINK, short
 from .refs import DEFAULT_BRANCH, RepoSpec, ResolvedRef
-
-MODE_FILE, MODE_EXEC, MODE_LINK = 0o100644, 0o100755, 0o120000
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class Upstream:
         self._default: str | None = None
 
     def close(self) -> None:
+        """Remove the private repository (unless it was the caller's ``workdir``)."""
         if self._tmp:
             self._tmp.cleanup()
 
@@ -127,8 +127,8 @@ class Upstream:
             tip = self._peel(self.repo.references[refname].target)
             if tip != commit and not self.repo.descendant_of(tip, commit) and \
                     not allow_unreachable:
-                raise GitError(self.url, f"commit {commit[:12]} is not reachable from {kind} "
-                                         f"{name!r} (its tip is {tip[:12]}); pass "
+                raise GitError(self.url, f"commit {short(commit)} is not reachable from {kind} "
+                                         f"{name!r} (its tip is {short(tip)}); pass "
                                          f"--allow-unreachable to pack it as {name} anyway")
         return ResolvedRef(spec.ref or spec.commit, name, kind, commit)
 
@@ -208,14 +208,17 @@ class Credentials(pygit2.RemoteCallbacks):
         self.tried: set = set()
 
     def credentials(self, url: str, username_from_url: str | None, allowed_types: int):
+        """What libgit2 asks for: the next credential not yet offered. Raises
+        :class:`GitError` when every one was refused."""
         if allowed_types & pygit2.enums.CredentialType.SSH_KEY and "agent" not in self.tried:
             self.tried.add("agent")
             return pygit2.KeypairFromAgent(username_from_url or "git")
         if allowed_types & pygit2.enums.CredentialType.USERPASS_PLAINTEXT:
-            if "env" not in self.tried and os.environ.get("MGE_MIRROR_GIT_PASSWORD"):
+            config = settings()
+            if "env" not in self.tried and config.git_password:
                 self.tried.add("env")
-                user = os.environ.get("MGE_MIRROR_GIT_USERNAME") or username_from_url or "git"
-                return pygit2.UserPass(user, os.environ["MGE_MIRROR_GIT_PASSWORD"])
+                user = config.git_username or username_from_url or "git"
+                return pygit2.UserPass(user, config.git_password)
             if "helper" not in self.tried:
                 self.tried.add("helper")
                 found = _credential_helper(url, username_from_url)
@@ -230,9 +233,9 @@ class Credentials(pygit2.RemoteCallbacks):
 def _credential_helper(url: str, username: str | None) -> Tuple[str, str] | None:
     """What ``git credential fill`` knows for ``url`` (never prompting)."""
     query = f"url={url}\n" + (f"username={username}\n" if username else "") + "\n"
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="")
     try:
-        proc = subprocess.run(["git", "credential", "fill"], input=query, env=env,
+        proc = subprocess.run(["git", "credential", "fill"], input=query,
+                              env=git_credential_environment(),
                               capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None

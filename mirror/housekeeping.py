@@ -9,53 +9,35 @@ remaining snapshot or weight still uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Set, Tuple, TypeVar
 
 from .errors import MirrorError, NotInstalledError, StoreError
+from .hashing import sha256_file
+from .layout import TEMP_PREFIX, RepoLayout, listing
+from .locking import locked
+from .model import MODE_LINK, JsonObject, Manifest, SnapshotRecord, WeightRecord, short
 from .refs import RepoSpec
-from .store import Store, locked
+from .store import RefHead, Store
+from .tree import walk
 
-CHUNK = 1 << 20
-
-
-def _hash_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+T = TypeVar("T")
 
 
-def _repo_dirs(store: Store) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    for dirpath, dirnames, filenames in os.walk(os.path.join(store.home, "repos")):
-        if "repo.json" in filenames:
-            dirnames[:] = []
-            with open(os.path.join(dirpath, "repo.json")) as fh:
-                yield dirpath, json.load(fh)
-
-
-def _records(store: Store, rdir: str) -> Dict[str, Dict[str, Any]]:
+def _records(store: Store, repo: RepoLayout) -> Dict[str, SnapshotRecord]:
     """Snapshot records of a repo whose snapshot directory exists, by commit."""
     out = {}
-    for commit in store.commits(rdir):
-        record = store.snapshot_record(rdir, commit)
+    for commit in store.commits(repo):
+        record = store.snapshot_record(repo, commit)
         if record is not None:
             out[commit] = record
     return out
-
-
-def _files(root: str) -> Iterator[str]:
-    """Every file and symlink below ``root``, as relative POSIX paths."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for name in filenames + links:
-            yield os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
 
 
 # --- verify ------------------------------------------------------------------
@@ -78,61 +60,73 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def to_json(self) -> JsonObject:
+        return dict(dataclasses.asdict(self), ok=self.ok)
+
 
 def verify(store: Store, progress: bool = False) -> VerifyReport:
     """Re-hash every blob; check every snapshot file, ref, record and weight index entry.
 
     Whatever is unreadable or malformed is a problem in the report, not a crash.
     """
+    report = VerifyReport(store.home)
+    good = _verify_blobs(store, report, progress)
+    for repo in store.layout.all_repos():
+        with _problem(report, f"repo {repo.repo_json}"):
+            _verify_repo(store, repo, good, report)
+    layout = store.layout
+    for name in listing(layout.bundles):
+        path = os.path.join(layout.bundles, name)
+        with _problem(report, f"bundle record {path}"):
+            if sha256_file(path)[0] != name[:-5]:
+                report.problems.append(f"bundle record {path} was changed: its digest no "
+                                       f"longer matches its name")
+    for name in listing(layout.weights):
+        report.weights += 1
+        path = os.path.join(layout.weights, name)
+        with _problem(report, f"weight index entry {path}"):
+            with open(path, "rb") as fh:  # its own error, as a problem in the report
+                rec = WeightRecord.from_json(json.loads(fh.read()))
+            blob = layout.blob(rec.pin.sha256)
+            if rec.pin.sha256 not in good or os.path.getsize(blob) != rec.pin.size:
+                report.problems.append(f"weight {rec.url}: blob {blob} is missing or wrong")
+    return report
+
+
+def _verify_blobs(store: Store, report: VerifyReport, progress: bool) -> Dict[str, int]:
+    """Re-hash every blob; return sha256 -> inode of those whose content matches their
+    name (a snapshot file hard-linked to one needs no second hash)."""
     from tqdm import tqdm  # here, as in bundle.read: other commands start sooner
 
-    report = VerifyReport(store.home)
-    good: Dict[str, int] = {}  # sha256 -> inode of a blob whose content matches its name
-    blobs_dir = os.path.join(store.home, "blobs")
-    names = _listing(blobs_dir)
+    good: Dict[str, int] = {}
+    names = listing(store.layout.blobs)
     for name in tqdm(names, desc="blobs", unit="blob", disable=not progress or None,
                      leave=False):
-        path = os.path.join(blobs_dir, name)
+        path = store.layout.blob(name)
         report.blobs += 1
         with _problem(report, f"blob {path}"):
             report.bytes += os.path.getsize(path)
-            actual = _hash_file(path)
+            actual = sha256_file(path)[0]
             if actual != name:
                 report.problems.append(f"blob {path} has sha256 {actual}: it was changed")
             else:
                 good[name] = os.stat(path).st_ino
+    return good
 
-    for rdir, ident in _repo_dirs(store):
-        label = f"{ident['owner']}/{ident['name']}"
-        commits = set(store.commits(rdir))
-        for commit in sorted(commits):
-            report.snapshots += 1
-            with _problem(report, f"snapshot {label}@{commit[:12]}"):
-                _verify_snapshot(store, rdir, commit, f"{label}@{commit[:12]}", good, report)
-        for kind, ref, commit in store.ref_entries(rdir):
-            report.refs += 1
-            if commit not in commits:
-                report.problems.append(f"{kind} {label}:{ref} points at {commit[:12] or '?'}, "
-                                       f"which is not installed")
 
-    bundles_dir = os.path.join(store.home, "bundles")
-    for name in _listing(bundles_dir):
-        path = os.path.join(bundles_dir, name)
-        with _problem(report, f"bundle record {path}"):
-            if _hash_file(path) != name[:-5]:
-                report.problems.append(f"bundle record {path} was changed: its digest no "
-                                       f"longer matches its name")
-
-    weights_dir = os.path.join(store.home, "weights")
-    for name in _listing(weights_dir):
-        report.weights += 1
-        path = os.path.join(weights_dir, name)
-        with _problem(report, f"weight index entry {path}"):
-            rec = _load_json(path)
-            blob = store.blob(rec["sha256"])
-            if rec["sha256"] not in good or os.path.getsize(blob) != rec["size"]:
-                report.problems.append(f"weight {rec['url']}: blob {blob} is missing or wrong")
-    return report
+def _verify_repo(store: Store, repo: RepoLayout, good: Dict[str, int],
+                 report: VerifyReport) -> None:
+    label = store.repo_id(repo).label
+    commits = set(store.commits(repo))
+    for commit in sorted(commits):
+        report.snapshots += 1
+        with _problem(report, f"snapshot {label}@{short(commit)}"):
+            _verify_snapshot(store, repo, commit, f"{label}@{short(commit)}", good, report)
+    for head in store.ref_entries(repo):
+        report.refs += 1
+        if head.commit not in commits:
+            report.problems.append(f"{head.kind} {label}:{head.name} points at "
+                                   f"{short(head.commit) or '?'}, which is not installed")
 
 
 @contextlib.contextmanager
@@ -143,26 +137,15 @@ def _problem(report: VerifyReport, what: str) -> Iterator[None]:
         report.problems.append(f"{what} cannot be checked: {type(e).__name__}: {e}")
 
 
-def _listing(path: str) -> List[str]:
-    """Names in a store folder, without the dot-files of interrupted writes."""
-    return sorted(n for n in os.listdir(path) if not n.startswith(".")) \
-        if os.path.isdir(path) else []
-
-
-def _load_json(path: str) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def _verify_snapshot(store: Store, rdir: str, commit: str, label: str, good: Dict[str, int],
-                     report: VerifyReport) -> None:
-    root = os.path.join(rdir, "snapshots", commit)
-    record = store.snapshot_record(rdir, commit)
+def _verify_snapshot(store: Store, repo: RepoLayout, commit: str, label: str,
+                     good: Dict[str, int], report: VerifyReport) -> None:
+    root = repo.snapshot(commit)
+    record = store.snapshot_record(repo, commit)
     if record is None:
         report.problems.append(f"snapshot {label} ({root}) has no record")
         return
-    expected = {f["path"]: f for f in record["files"]}
-    actual = set(_files(root))
+    expected = {f.path: f for f in record.snapshot.files}
+    actual = set(walk(root))
     for path in sorted(actual - set(expected)):
         report.problems.append(f"snapshot {label}: {path} was added by hand ({root}/{path})")
     for path in sorted(set(expected) - actual):
@@ -170,21 +153,21 @@ def _verify_snapshot(store: Store, rdir: str, commit: str, label: str, good: Dic
     for path in sorted(actual & set(expected)):
         report.files += 1
         f, full = expected[path], os.path.join(root, path)
-        if f["mode"] == 0o120000:
+        if f.mode == MODE_LINK:
             same = os.path.islink(full) and hashlib.sha256(
-                os.fsencode(os.readlink(full))).hexdigest() == f["sha256"]
+                os.fsencode(os.readlink(full))).hexdigest() == f.sha256
         elif os.path.islink(full):
             same = False
-        elif good.get(f["sha256"]) == os.stat(full).st_ino:
+        elif good.get(f.sha256) == os.stat(full).st_ino:
             same = True  # a hard link to a blob that was just verified
         else:
-            same = _hash_file(full) == f["sha256"]
+            same = sha256_file(full)[0] == f.sha256
         if not same:
             report.problems.append(f"snapshot {label}: {path} was changed ({full})")
-    for url, pinned in (record.get("weight_digests") or {}).items():
-        if pinned["sha256"] not in good:
+    for url, pin in record.weight_digests.items():
+        if pin.sha256 not in good:
             report.problems.append(f"snapshot {label}: weight {url} (blob "
-                                   f"{store.blob(pinned['sha256'])}) is missing or wrong")
+                                   f"{store.layout.blob(pin.sha256)}) is missing or wrong")
 
 
 # --- remove and gc -----------------------------------------------------------
@@ -217,48 +200,46 @@ def remove(store: Store, spec: str, dry_run: bool = False) -> Plan:
 
 
 def _remove(store: Store, parsed: RepoSpec, dry_run: bool) -> Plan:
-    rdir = store.find_repo(parsed.host, parsed.owner, parsed.name)
-    entries = store.ref_entries(rdir)
-    commits = store.commits(rdir)
+    repo = store.find_repo(parsed.host, parsed.owner, parsed.name)
+    entries = store.ref_entries(repo)
+    commits = store.commits(repo)
     if not commits and not entries:
         raise NotInstalledError(parsed.repo, parsed.ref, parsed.commit, store=store.home)
-    doomed_refs: List[Tuple[str, str, str]] = []
-    doomed: Set[str] = set()
-    if parsed.commit:
-        snap = store.resolve(parsed.owner, parsed.name, None, parsed.commit, host=parsed.host)
-        doomed.add(snap.commit)
-        doomed_refs = [e for e in entries if e[2] == snap.commit]
-    elif parsed.ref:
-        resolved = store.refs(rdir).get(parsed.ref)  # what ":ref" names: a branch first
-        if resolved is None:
-            raise NotInstalledError(parsed.repo, parsed.ref, None,
-                                    [f"{k} {n}" for k, n, _ in entries], store.home)
-        doomed_refs = [(resolved[0], parsed.ref, resolved[1])]
-        others = [e for e in entries if e not in doomed_refs]
-        if not any(commit == resolved[1] for _, _, commit in others):
-            doomed.add(resolved[1])
-    else:
-        doomed.update(commits)
-        doomed_refs = list(entries)
-
+    doomed_refs, doomed = _doomed(store, repo, parsed, entries, commits)
     plan = Plan(dry_run=dry_run)
-    plan.refs = sorted(f"{parsed.repo}:{n}" for _, n, _ in doomed_refs)
+    plan.refs = sorted(f"{parsed.repo}:{h.name}" for h in doomed_refs)
     plan.snapshots = sorted(f"{parsed.repo}@{c}" for c in doomed)
     if dry_run:
-        _collect(store, plan, gone={(rdir, c) for c in doomed}, act=False)
+        _collect(store, plan, gone={(repo.path, c) for c in doomed}, act=False)
         return plan
     # Refs first: from here on no load resolves to what is being deleted.
-    for kind, name, _ in doomed_refs:
-        _unlink(_ref_file(rdir, kind, name))
+    for head in doomed_refs:
+        _unlink(repo.ref(head.kind, head.name))
     trash = tempfile.mkdtemp(prefix="remove-", dir=_tmp(store))
     for commit in doomed:
-        snap_dir = os.path.join(rdir, "snapshots", commit)
-        if os.path.isdir(snap_dir):
-            os.rename(snap_dir, os.path.join(trash, commit))  # gone whole, in one step
-        _unlink(snap_dir + ".json")
+        if os.path.isdir(repo.snapshot(commit)):
+            os.rename(repo.snapshot(commit), os.path.join(trash, commit))  # whole, at once
+        _unlink(repo.snapshot_record(commit))
     shutil.rmtree(trash, ignore_errors=True)
     _collect(store, plan, gone=set(), act=True)
     return plan
+
+
+def _doomed(store: Store, repo: RepoLayout, parsed: RepoSpec, entries: List[RefHead],
+            commits: List[str]) -> Tuple[List[RefHead], Set[str]]:
+    """The refs and commits that ``parsed`` names for removal. A ref's snapshot goes
+    with it unless another ref still points at it."""
+    if parsed.commit:
+        snap = store.resolve(parsed.owner, parsed.name, None, parsed.commit, host=parsed.host)
+        return [h for h in entries if h.commit == snap.commit], {snap.commit}
+    if parsed.ref:
+        head = store.refs(repo).get(parsed.ref)  # what ":ref" names: a branch first
+        if head is None:
+            raise NotInstalledError(parsed.repo, parsed.ref, None,
+                                    [f"{h.kind} {h.name}" for h in entries], store.home)
+        others = [h for h in entries if h != head]
+        return [head], set() if any(h.commit == head.commit for h in others) else {head.commit}
+    return list(entries), set(commits)
 
 
 def gc(store: Store, dry_run: bool = False) -> Plan:
@@ -276,7 +257,7 @@ def gc(store: Store, dry_run: bool = False) -> Plan:
 def _exclusive(store: Store, what: str, wait: bool = True) -> Iterator[None]:
     """The store lock, alone; OSErrors as one-line StoreErrors."""
     try:
-        with locked(store.lock_path, wait=wait):
+        with locked(store.layout.lock, wait=wait):
             yield
     except BlockingIOError:
         raise StoreError(store.home, f"an install is running; run {what} when it has "
@@ -288,79 +269,89 @@ def _exclusive(store: Store, what: str, wait: bool = True) -> Iterator[None]:
 
 def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) -> None:
     """Find (and with ``act``, delete) everything unreferenced once ``gone`` (repo
-    directory, commit) snapshots are removed."""
+    folder, commit) snapshots are removed."""
     live_blobs: Set[str] = set()
     live_urls: Set[str] = set()
     installed: Set[str] = set()  # commits with a snapshot directory, that stay
-    for repo_dir, _ in _repo_dirs(store):
-        for commit, record in _records(store, repo_dir).items():
-            if (repo_dir, commit) in gone:
-                continue
-            installed.add(commit)
-            live_blobs.update(f["sha256"] for f in record["files"])
-            live_blobs.update(w["sha256"] for w in (record.get("weight_digests") or {}).values())
-            live_urls.update(record.get("weights", []))
-        # A record whose snapshot directory is gone is left from a crash or a remove;
-        # a dot-file is a write that a crash interrupted.
-        snaps = os.path.join(repo_dir, "snapshots")
-        for name in os.listdir(snaps) if os.path.isdir(snaps) else []:
-            if name.startswith(".") or (name.endswith(".json") and not os.path.isdir(
-                    os.path.join(snaps, name[:-5]))):
-                _drop(os.path.join(snaps, name), plan.other, plan, act)
-        for dirpath, _, names in os.walk(os.path.join(repo_dir, "refs")):
-            for name in names:
-                if name.startswith(".tmp-"):
-                    _drop(os.path.join(dirpath, name), plan.other, plan, act)
-
-    for path, manifest in _records_in(store, "bundles", plan, act):
-        # A bundle stays while any snapshot it brought is installed (or it brought only
-        # weights), and with it every weight it brought, pack --weights extras included.
-        commits = {s["commit"] for r in manifest["repos"] for s in r["snapshots"]}
-        if not commits or commits & installed:
-            live_urls.update(w["url"] for w in manifest["weights"])
+    for repo in store.layout.all_repos():
+        for commit, record in _records(store, repo).items():
+            if (repo.path, commit) not in gone:
+                installed.add(commit)
+                live_blobs.update(record.blobs())
+                live_urls.update(record.snapshot.weights)
+        _collect_leftovers(repo, plan, act)
+    _collect_bundles(store, plan, installed, live_urls, act)
+    for path, rec in _weight_records(store, plan, act):
+        if rec.url in live_urls:
+            live_blobs.add(rec.pin.sha256)
         else:
             _drop(path, plan.other, plan, act)
-
-    for path, rec in _records_in(store, "weights", plan, act):
-        if rec["url"] in live_urls:
-            live_blobs.add(rec["sha256"])
-        else:
-            _drop(path, plan.other, plan, act)
-
-    blobs_dir = os.path.join(store.home, "blobs")
-    for name in sorted(os.listdir(blobs_dir)) if os.path.isdir(blobs_dir) else []:
+    blobs = store.layout.blobs
+    for name in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
         if name not in live_blobs:
-            path = os.path.join(blobs_dir, name)
+            path = os.path.join(blobs, name)
             plan.bytes_freed += os.path.getsize(path) if os.path.isfile(path) else 0
             _drop(path, plan.blobs, plan, act)
-
     if act:  # under the exclusive lock, so no install is running: all of tmp/ is abandoned
         for name in os.listdir(_tmp(store)):
             _drop(os.path.join(_tmp(store), name), plan.other, plan, act)
 
 
-def _records_in(store: Store, folder: str, plan: Plan, act: bool) \
-        -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """The JSON records in a store folder; leftovers of interrupted writes are dropped.
+def _collect_leftovers(repo: RepoLayout, plan: Plan, act: bool) -> None:
+    """A record whose snapshot directory is gone is left from a crash or a remove; a
+    dot-file is a write that a crash interrupted."""
+    snaps = repo.snapshots
+    for name in os.listdir(snaps) if os.path.isdir(snaps) else []:
+        if name.startswith(".") or (name.endswith(".json") and not os.path.isdir(
+                os.path.join(snaps, name[:-5]))):
+            _drop(os.path.join(snaps, name), plan.other, plan, act)
+    for dirpath, _, names in os.walk(repo.refs):
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                _drop(os.path.join(dirpath, name), plan.other, plan, act)
 
-    An unreadable record stops gc: what it keeps alive cannot be known, and
-    guessing would delete what it protects.
-    """
-    base = os.path.join(store.home, folder)
-    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-        path = os.path.join(base, name)
+
+def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_urls: Set[str],
+                     act: bool) -> None:
+    """A bundle record stays while any snapshot it brought is installed (or it brought
+    only weights), and with it every weight it brought, pack --weights extras included."""
+    for path in _record_paths(store.layout.bundles, plan, act):
+        manifest = _read_record(path, lambda data: Manifest.from_bytes(data))
+        commits = {s.commit for r in manifest.repos for s in r.snapshots}
+        if not commits or commits & installed:
+            live_urls.update(w.url for w in manifest.weights)
+        else:
+            _drop(path, plan.other, plan, act)
+
+
+def _weight_records(store: Store, plan: Plan, act: bool) -> Iterator[Tuple[str, WeightRecord]]:
+    for path in _record_paths(store.layout.weights, plan, act):
+        yield path, _read_record(path, lambda data: WeightRecord.from_json(json.loads(data)))
+
+
+def _record_paths(folder: str, plan: Plan, act: bool) -> Iterator[str]:
+    """The records in a store folder; leftovers of interrupted writes are dropped."""
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
         if name.startswith("."):
             _drop(path, plan.other, plan, act)
-            continue
-        try:
-            yield path, _load_json(path)
-        except (OSError, ValueError):
-            raise StoreError(path, "this record is unreadable, so gc cannot tell what it "
-                                   "keeps alive; run 'mirror verify'") from None
+        else:
+            yield path
 
 
-def _drop(path: str, listing: List[str], plan: Plan, act: bool) -> None:
-    listing.append(path)
+def _read_record(path: str, parse: Callable[[bytes], T]) -> T:
+    """An unreadable record stops gc: what it keeps alive cannot be known, and guessing
+    would delete what it protects."""
+    try:
+        with open(path, "rb") as fh:
+            return parse(fh.read())
+    except (OSError, ValueError, RecursionError):
+        raise StoreError(path, "this record is unreadable, so gc cannot tell what it "
+                               "keeps alive; run 'mirror verify'") from None
+
+
+def _drop(path: str, items: List[str], plan: Plan, act: bool) -> None:
+    items.append(path)
     if act:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -376,10 +367,5 @@ def _unlink(path: str) -> None:
 
 
 def _tmp(store: Store) -> str:
-    path = os.path.join(store.home, "tmp")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _ref_file(rdir: str, kind: str, name: str) -> str:
-    return os.path.join(rdir, "refs", "heads" if kind == "branch" else "tags", name)
+    os.makedirs(store.layout.tmp, exist_ok=True)
+    return store.layout.tmp

@@ -21,19 +21,17 @@ verified too.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import difflib
 import functools
-import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import threading
 import types
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
+from .config import settings
 from .errors import (
     DependencyError,
     EntrypointNotFoundError,
@@ -44,10 +42,13 @@ from .errors import (
     SpecError,
     WeightNotInstalledError,
 )
+from .hashing import sha256_file
+from .hubconf import HUBCONF, entrypoints, exec_hubconf
+from .model import short
 from .refs import DEFAULT_HOST, parse_repo_info
 from .store import SnapshotRef, Store
+from .tree import walk
 
-HUBCONF = "hubconf.py"
 SOURCES = ("local", "remote", "auto")
 MIN_COMMIT_PREFIX = 7
 # The names mirror answers for while it redirects megengine.hub.
@@ -58,17 +59,11 @@ _hubconf_cache: Dict[Tuple[str, int], types.ModuleType] = {}  # (snapshot dir, i
 _patch_lock = threading.RLock()
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
-
-
-def _source(source: str, store: Store | None = None) -> str:
+def _source(source: str, store: Store) -> str:
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
-    from .signing import policy_configured
-
     # Offline mode, or a trust policy (only signed code may run), keep everything local.
-    if _flag("MGE_MIRROR_OFFLINE") or policy_configured(store.home if store else None):
+    if settings().offline or store.policy.required:
         return "local"
     return source
 
@@ -104,30 +99,23 @@ def _load_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
     if weight is None or not os.path.exists(weight.path):
         raise WeightNotInstalledError(url, store.home, _locate(snap, url) if snap else None)
     st = os.stat(weight.path)
-    if _flag("MGE_MIRROR_PARANOID") or _verified.get(weight.path) != (st.st_size,
-                                                                      st.st_mtime_ns):
-        digest = hashlib.sha256()
-        with open(weight.path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != weight.sha256 or st.st_size != weight.size:
-            raise IntegrityError(weight.path, weight.sha256, digest.hexdigest(), url)
+    if settings().paranoid or _verified.get(weight.path) != (st.st_size, st.st_mtime_ns):
+        actual, size = sha256_file(weight.path)
+        if actual != weight.sha256 or size != weight.size:
+            raise IntegrityError(weight.path, weight.sha256, actual, url)
         _verified[weight.path] = (st.st_size, st.st_mtime_ns)
     return mge_load(weight.path)
 
 
 def _locate(snap: SnapshotRef, url: str) -> str | None:
     """Where the snapshot's code names ``url``, found as pack finds it (statically)."""
-    from .git import MODE_FILE, TreeFile
-    from .weights import discover
+    from .discovery import discover
 
     files = []
-    for dirpath, _, names in os.walk(snap.path):
-        for n in names:
-            if n.endswith(".py"):
-                full = os.path.join(dirpath, n)
-                with open(full, "rb") as fh:
-                    files.append(TreeFile(os.path.relpath(full, snap.path), MODE_FILE, fh.read()))
+    for path in walk(snap.path):
+        if path.endswith(".py"):
+            with open(os.path.join(snap.path, path), "rb") as fh:
+                files.append(types.SimpleNamespace(path=path, data=fh.read()))
     found = {w.url: w for w in discover(files)[0]}
     return str(found[url].locations[0]) if url in found else None
 
@@ -136,7 +124,8 @@ def _locate(snap: SnapshotRef, url: str) -> str | None:
 
 
 class Redirect:
-    """``megengine.hub`` pointed at a store from :meth:`apply` until :meth:`restore`.
+    """``megengine.hub`` pointed at a store from :meth:`apply` until :meth:`undo`
+    (or the end of a ``with`` block).
 
     A plain object rather than a generator-based context manager: ``patch_megengine``
     keeps one alive for the life of a process, and a collected generator would run
@@ -147,6 +136,15 @@ class Redirect:
     def __init__(self, store: Store, snap: SnapshotRef | None = None):
         self.store, self.snap = store, snap
         self._saved: builtins.list = []
+        self.active = False
+
+    def __enter__(self) -> Redirect:
+        if not self.active:
+            self.apply()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.undo()
 
     def _functions(self) -> Dict[str, Callable[..., Any]]:
         store, snap = self.store, self.snap
@@ -161,7 +159,8 @@ class Redirect:
                 lambda url, model_dir=None: _load_weight(url, store, snap),
         }
 
-    def apply(self) -> None:
+    def apply(self) -> Redirect:
+        """Redirect now; returns this object, to undo later."""
         # By name, not attribute: under `mirror run` this runs while megengine itself
         # is still being imported, before megengine.hub is set on the package.
         modules = (importlib.import_module("megengine.hub.hub"),
@@ -173,24 +172,18 @@ class Redirect:
             for m in modules:
                 for n, fn in functions.items():
                     setattr(m, n, fn)
+            self.active = True
+        return self
 
-    def restore(self) -> None:
+    def undo(self) -> None:
+        """Give ``megengine.hub`` back what it had before :meth:`apply`."""
         with _patch_lock:
+            if not self.active:
+                return
             for m, names in self._saved:
                 for n, fn in names.items():
                     setattr(m, n, fn)
-            self._saved = []
-
-
-@contextlib.contextmanager
-def redirected(store: Store, snap: SnapshotRef | None = None) -> Iterator[None]:
-    """Point ``megengine.hub`` at the store for as long as the block runs."""
-    redirect = Redirect(store, snap)
-    redirect.apply()
-    try:
-        yield
-    finally:
-        redirect.restore()
+            self._saved, self.active = [], False
 
 
 # --- code --------------------------------------------------------------------
@@ -235,28 +228,23 @@ def _import_hubconf(snap: SnapshotRef, store: Store, entry: str | None = None) \
 def _check_trust(snap: SnapshotRef, store: Store) -> None:
     """With a trust policy (trusted keys configured), run only code from bundles that a
     trusted key signed."""
-    from . import signing
-
-    if not signing.policy_configured(store.home):
+    policy = store.policy
+    if not policy.required:
         return
-    with open(snap.path + ".json") as fh:
-        signer = json.load(fh).get("signed_by")
-    trusted = signing.trusted_keys(store_home=store.home)
-    if signer not in trusted:
+    record = store.snapshot_record(snap.repo_layout, snap.commit)
+    signer = record.signed_by if record else None
+    if signer not in policy.keys():
         why = f"its bundle was signed by {signer}, not a trusted key" if signer else \
             "its bundle was not signed"
-        raise SignatureError(f"{snap.repo}@{snap.commit[:12]}",
+        raise SignatureError(f"{snap.repo}@{short(snap.commit)}",
                              f"a trust policy is configured and {why}; hubconf.py is not run")
 
 
 def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.ModuleType:
     # As megengine.hub does: the snapshot is importable only while hubconf runs.
     _check_trust(snap, store)
-    path = os.path.join(snap.path, HUBCONF)
-    if not os.path.exists(path):
-        raise MirrorError(f"{snap.repo}@{snap.commit[:12]} has no {HUBCONF}")
-    spec = importlib.util.spec_from_file_location(HUBCONF, path)
-    module = importlib.util.module_from_spec(spec)
+    if not os.path.exists(os.path.join(snap.path, HUBCONF)):
+        raise MirrorError(f"{snap.repo}@{short(snap.commit)} has no {HUBCONF}")
     # Modules of the same names from elsewhere (another commit, another repo, the
     # user's own) step aside while this snapshot's are imported, then come back.
     own = set(_top_level_names(snap.path)) - {"hubconf"}
@@ -267,15 +255,13 @@ def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.M
     before = set(sys.modules)
     # Bytecode goes to <store>/pycache, never into a snapshot, which stays exactly the
     # bytes installed; without a cache every load would compile the repo again.
-    saved_prefix, sys.pycache_prefix = sys.pycache_prefix, os.path.join(store.home, "pycache")
-    sys.path.insert(0, snap.path)
+    saved_prefix, sys.pycache_prefix = sys.pycache_prefix, store.layout.pycache
     try:
-        with redirected(store, snap):
-            spec.loader.exec_module(module)
+        with Redirect(store, snap):
+            module = exec_hubconf(snap.path)
     except ImportError as e:
         raise DependencyError(snap.repo, snap.commit, e.name or str(e), entry) from None
     finally:
-        sys.path.remove(snap.path)
         sys.pycache_prefix = saved_prefix
         _forget_modules_from(snap.path, before)
         sys.modules.update(stashed)
@@ -323,15 +309,10 @@ def import_module(repo_info: str, git_host: str = DEFAULT_HOST, use_cache: bool 
     return _import_hubconf(snap, store)
 
 
-def _entrypoints(module: types.ModuleType) -> List[str]:
-    # The same rule as megengine.hub.list.
-    return [n for n in dir(module) if not n.startswith("__") and callable(getattr(module, n))]
-
-
 def _entry(module: types.ModuleType, entry: str) -> Any:
     if entry.startswith("__") or not callable(getattr(module, entry, None)):
         snap: SnapshotRef = module.__mirror_snapshot__
-        names = _entrypoints(module)
+        names = entrypoints(module)
         close = difflib.get_close_matches(entry, names, n=1)
         raise EntrypointNotFoundError(snap.repo, snap.commit, entry, names,
                                       close[0] if close else None)
@@ -357,7 +338,7 @@ def list(repo_info: str, git_host: str = DEFAULT_HOST, use_cache: bool = True,  
     snap = _snapshot(repo_info, git_host, commit, source, store)
     if snap is None:
         return _megengine_hub()["list"](repo_info, git_host, use_cache, commit, protocol)
-    return _entrypoints(_import_hubconf(snap, store))
+    return entrypoints(_import_hubconf(snap, store))
 
 
 def help(repo_info: str, entry: str, git_host: str = DEFAULT_HOST,  # noqa: A001
@@ -387,7 +368,7 @@ def load(repo_info: str, entry: str, *args: Any, git_host: str = DEFAULT_HOST,
     module = _import_hubconf(snap, store, entry)
     factory = _entry(module, entry)
     _check_dependencies(module, entry)
-    with redirected(store, snap):
+    with Redirect(store, snap):
         return factory(*args, **kwargs)
 
 

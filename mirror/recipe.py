@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Dict, List, Mapping
 
 try:
     import tomllib
@@ -30,17 +30,7 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 from .errors import MirrorError
-
-# Recipe keys -> pack() keywords (the CLI's --weights is pack's extra_weights).
-OPTIONS = {"git_host": "git_host", "protocol": "protocol", "weights": "extra_weights",
-           "rewrites": "rewrites", "exclude": "exclude", "entries": "entries",
-           "trace": "trace", "follow_nested": "follow_nested",
-           "allow_unresolved": "allow_unresolved", "allow_unreachable": "allow_unreachable",
-           "jobs": "jobs"}
-LISTS = {"extra_weights", "rewrites", "exclude", "entries"}
-TYPES = {**{k: list for k in LISTS}, "git_host": str, "protocol": str, "trace": bool,
-         "follow_nested": bool, "allow_unresolved": bool, "allow_unreachable": bool,
-         "jobs": int}
+from .pack_options import OptionValueError, PackOptions, convert, recipe_keys
 
 
 @dataclass(frozen=True)
@@ -51,10 +41,13 @@ class Recipe:
     specs: List[str]
     output: str | None = None
     lock: str | None = None
-    options: Dict[str, Any] = field(default_factory=dict)
+    options: PackOptions = field(default_factory=PackOptions)
 
     @classmethod
     def load(cls, path: str) -> Recipe:
+        """Read and check the recipe at ``path``; ``output`` and ``lock`` are resolved
+        next to it. Raises :class:`MirrorError` naming the recipe and what is wrong (an
+        unknown key or option, a value of the wrong type, no ``[[repo]]``)."""
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
@@ -65,40 +58,48 @@ class Recipe:
         if not isinstance(repos, list) or not repos or not all(
                 isinstance(r, dict) and isinstance(r.get("spec"), str) for r in repos):
             raise MirrorError(f"recipe {path}: needs at least one [[repo]] with a spec")
-        options = data.get("options", {})
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise MirrorError(f"recipe {path}: unknown option(s) {', '.join(unknown)} (known: "
-                              f"{', '.join(sorted(OPTIONS))})")
+        table = data.get("options", {})
+        keys = _option_keys(path, table)
         extra = sorted(set(data) - {"repo", "options", "output", "lock"})
         if extra:
             raise MirrorError(f"recipe {path}: unknown key(s) {', '.join(extra)}")
-
-        for key, value in options.items():
-            kind = TYPES[OPTIONS[key]]
-            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) \
-                if kind is list else (isinstance(value, kind) and not (
-                    kind is int and (isinstance(value, bool) or value < 1)))
-            if not ok:
-                what = {list: "a list of strings", bool: "true or false",
-                        int: "a whole number of at least 1", str: "a string"}[kind]
-                raise MirrorError(f"recipe {path}: option {key} must be {what}, "
-                                  f"not {value!r}")
+        options = _options(path, table, keys)
 
         def near(p: str | None) -> str | None:
             return os.path.join(where, p) if p else None
 
         return cls(path, [r["spec"] for r in repos], near(data.get("output")),
-                   near(data.get("lock")), {OPTIONS[k]: v for k, v in options.items()})
+                   near(data.get("lock")), options)
 
-    def merged(self, cli: Dict[str, Any]) -> Dict[str, Any]:
-        """pack() keywords: this recipe's, with what the command line gave on top."""
-        out = dict(self.options)
-        for key, value in cli.items():
-            if key in LISTS:
-                out[key] = list(out.get(key, [])) + list(value)
-            elif value is not None:
-                out[key] = value
-        if self.lock and "lock" not in out:
-            out["lock"] = self.lock
+    def merged(self, cli: Mapping[str, object]) -> PackOptions:
+        """The options to pack with: this recipe's, with what the command line gave
+        (``cli``: field name -> value, only the options given) on top. A list given
+        adds to the recipe's; any other value replaces it. Raises :class:`MirrorError`
+        as :meth:`PackOptions.from_mapping`."""
+        out = self.options.updated(cli)
+        if self.lock and cli.get("lock") is None:
+            out = out.updated({"lock": self.lock})
         return out
+
+
+def _option_keys(path: str, table: object) -> Dict[str, str]:
+    """Each key of a recipe's ``[options]`` -> the :class:`PackOptions` field it sets."""
+    if not isinstance(table, dict):
+        raise MirrorError(f"recipe {path}: [options] is not a table")
+    keys = recipe_keys()
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise MirrorError(f"recipe {path}: unknown option(s) {', '.join(unknown)} (known: "
+                          f"{', '.join(sorted(keys))})")
+    return {key: keys[key] for key in table}
+
+
+def _options(path: str, table: Mapping[str, object], keys: Mapping[str, str]) -> PackOptions:
+    """A recipe's ``[options]``, each value checked against its field's type."""
+    values = {}
+    for key, value in table.items():
+        try:
+            values[keys[key]] = convert(keys[key], value)
+        except OptionValueError as e:
+            raise MirrorError(f"recipe {path}: option {key} {e}") from None
+    return PackOptions.from_mapping(values)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Tuple
 
 from .errors import SpecError
+from .model import short
 
 DEFAULT_HOST = "github.com"
 # MegEngine Hub's default when repo_info has no ":branch" (megengine/hub/const.py).
@@ -38,6 +39,7 @@ class RepoSpec:
 
     @classmethod
     def parse(cls, text: str, default_host: str = DEFAULT_HOST) -> RepoSpec:
+        """Parse ``[host/]owner/name[:ref][@commit]``. Raises :class:`SpecError`."""
         m = _SPEC.match(text.strip())
         if not m:
             raise SpecError(text, "expected [host/]owner/name[:ref][@commit]")
@@ -82,7 +84,7 @@ class ResolvedRef:
     commit: str  # full 40-hex commit id
 
     def __str__(self) -> str:
-        return f"{self.name} -> {self.commit[:12]}"
+        return f"{self.name} -> {short(self.commit)}"
 
 
 def parse_repo_info(repo_info: str) -> Tuple[str, str, str]:
@@ -98,29 +100,3 @@ def parse_repo_info(repo_info: str) -> Tuple[str, str, str]:
     if not owner or not name or not branch:
         raise SpecError(repo_info, "expected owner/name[:branch_or_tag]")
     return owner, name, branch
-
-
-@dataclass(frozen=True)
-class Rewrites:
-    """URL prefix rewrites (``FROM=TO``), applied as git's ``url.<base>.insteadOf``:
-    the longest matching prefix wins. What is recorded stays the original URL; only
-    the bytes come from the rewritten one (an internal mirror, or a test server)."""
-
-    rules: Tuple[Tuple[str, str], ...] = ()
-
-    @classmethod
-    def parse(cls, texts: Sequence[str]) -> Rewrites:
-        rules = []
-        for text in texts:
-            source, sep, target = text.partition("=")
-            if not sep or not source or not target:
-                raise SpecError(text, "a rewrite is FROM=TO, e.g. "
-                                      "https://github.com=https://git.corp.example/github")
-            rules.append((source, target))
-        return cls(tuple(sorted(rules, key=lambda r: -len(r[0]))))
-
-    def __call__(self, url: str) -> str:
-        for source, target in self.rules:
-            if url.startswith(source):
-                return target + url[len(source):]
-        return url

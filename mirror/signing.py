@@ -2,10 +2,8 @@
 byte of the bundle (the manifest lists each member's digest).
 
 The signature travels inside the bundle (``manifest.sig``, right after the
-manifest) or beside it (``BUNDLE.sig``); both hold the same small JSON. Trusted
-public keys come from ``--trusted-keys DIR``, else ``$MGE_MIRROR_TRUSTED_KEYS``
-(directories or files, separated by ``:``), else ``trusted_keys`` in
-``<store>/config.toml``, else ``<store>/trusted-keys/``.
+manifest) or beside it (``BUNDLE.sig``); both hold the same small JSON. Which
+keys a store trusts is its :class:`mirror.config.TrustPolicy`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, Sequence
 
 from .atomic import atomic_file
 from .errors import MirrorError, SignatureError
@@ -131,42 +129,9 @@ def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25
     return Signer(kid, digest)
 
 
-def config(store_home: str | None) -> Dict[str, object]:
-    """``<store>/config.toml``: ``trusted_keys = ["/etc/mirror/keys"]`` and
-    ``require_signature = true`` make a host's policy without flags on each command."""
-    path = os.path.join(store_home, "config.toml") if store_home else None
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise MirrorError(f"config {path}: {e}") from None
-    keys = data.get("trusted_keys", [])
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
-            not isinstance(data.get("require_signature", False), bool):
-        raise MirrorError(f"config {path}: trusted_keys is a list of paths and "
-                          f"require_signature true or false")
-    return data
-
-
-def trusted_keys(locations: List[str] | None = None,
-                 store_home: str | None = None) -> Dict[str, Ed25519PublicKey]:
-    """Public keys by key id, from ``locations``, else ``$MGE_MIRROR_TRUSTED_KEYS``, else
-    the store's ``config.toml``, else ``<store>/trusted-keys``. Each location is a
-    ``*.pub`` file or a directory of them."""
-    if not locations:
-        env = os.environ.get("MGE_MIRROR_TRUSTED_KEYS", "")
-        locations = [p for p in env.split(os.pathsep) if p]
-    if not locations:
-        locations = list(config(store_home).get("trusted_keys", []))
-    if not locations and store_home:
-        default = os.path.join(store_home, "trusted-keys")
-        locations = [default] if os.path.isdir(default) else []
+def load_keys(locations: Sequence[str]) -> Dict[str, Ed25519PublicKey]:
+    """Public keys by key id, from ``locations``: each a ``*.pub`` file or a folder of
+    them (see :func:`mirror.config.trust_policy` for where the locations come from)."""
     keys: Dict[str, Ed25519PublicKey] = {}
     for location in locations:
         files = [os.path.join(location, n) for n in sorted(os.listdir(location))
@@ -175,11 +140,3 @@ def trusted_keys(locations: List[str] | None = None,
             public = load_public(path)
             keys[key_id(public)] = public
     return keys
-
-
-def policy_configured(store_home: str | None = None) -> bool:
-    """Whether a trust policy is in force: trusted keys are configured for this store."""
-    settings = config(store_home)
-    return bool(os.environ.get("MGE_MIRROR_TRUSTED_KEYS")) or bool(
-        settings.get("trusted_keys") or settings.get("require_signature")) or bool(
-        store_home and os.path.isdir(os.path.join(store_home, "trusted-keys")))

@@ -12,7 +12,7 @@ from typing import List
 
 import pytest
 
-from mirror.pack import pack
+from mirror.packer import PackOptions, pack
 from tests.upstream import DemoRepo, GitServer, WeightServer, build_demo_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def master_bundle(upstream, tmp_path_factory) -> str:
     """The demo repo's master tip, packed once for the session (pinned by commit)."""
     out = str(tmp_path_factory.mktemp("bundles") / "master.hub")
     pack([upstream.spec("@" + upstream.demo.branches["master"][:10])], out,
-         git_host=upstream.git.host, protocol="http", progress=False)
+         PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     return out
 
 
@@ -70,7 +70,7 @@ def all_refs_bundle(upstream, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("bundles") / "all.hub")
     specs = [upstream.spec(s) for s in ("", ":dev", ":v1.0")]
     specs.append(upstream.spec("@" + upstream.demo.commits["c1"]))
-    pack(specs, out, git_host=upstream.git.host, protocol="http", progress=False)
+    pack(specs, out, PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     return out
 
 
@@ -112,14 +112,14 @@ def big_bundle(upstream, tmp_path_factory) -> str:
     rng = random.Random(7)
     urls = [upstream.weights.add(f"big/w{i}.pkl", rng.randbytes(5 << 20)) for i in range(6)]
     out = str(tmp_path_factory.mktemp("bundles") / "big.hub")
-    pack([upstream.spec()], out, git_host=upstream.git.host, protocol="http",
-         extra_weights=urls, progress=False)
+    pack([upstream.spec()], out, PackOptions(git_host=upstream.git.host, protocol="http",
+                                             extra_weights=urls, progress=False))
     return out
 
 
 def pack_spec(upstream, spec: str, out) -> str:
-    pack([upstream.spec(spec)], str(out), git_host=upstream.git.host, protocol="http",
-         progress=False)
+    pack([upstream.spec(spec)], str(out),
+         PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     return str(out)
 
 
@@ -132,7 +132,7 @@ def handmade_bundle(out, snapshots, owner="hand", name="made", refs=(), weights=
     """
     import hashlib
 
-    from mirror import bundle
+    from mirror import bundle, model
 
     sources, snaps = {}, []
     for i, (commit, files) in enumerate(sorted(snapshots.items())):
@@ -149,20 +149,29 @@ def handmade_bundle(out, snapshots, owner="hand", name="made", refs=(), weights=
         sha = hashlib.sha256(data).hexdigest()
         ws.append({"url": url, "size": len(data), "sha256": sha, "locations": []})
         sources[bundle.weight_member(sha)] = data
-    manifest = {"format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
+    manifest = {"format": model.FORMAT, "format_version": model.FORMAT_VERSION,
                 "tool": "tests", "created": 0, "weights": ws,
                 "repos": [{"host": "github.com", "owner": owner, "name": name,
                            "url": f"https://github.com/{owner}/{name}",
                            "refs": [{"name": n, "kind": k, "commit": c, "asked": n,
                                      "resolved_at": 0} for n, k, c in refs],
                            "snapshots": snaps}]}
-    bundle.write(str(out), manifest, sources)
+    bundle.write(str(out), model.Manifest.from_json(manifest), sources)
     return str(out)
 
 
+def manifest_json(bundle_path: str) -> dict:
+    """A bundle's manifest as the JSON it holds, for tests that look inside or edit it."""
+    import json
+
+    from mirror import bundle
+
+    return json.loads(bundle.read_manifest_bytes(bundle_path))
+
+
 def unpack(bundle_path: str, on_head=None):
-    """(manifest, {member name: bytes}) of a bundle that verifies: the raw material
-    for tests that rebuild it with something changed."""
+    """(manifest as JSON, {member name: bytes}) of a bundle that verifies: the raw
+    material for tests that rebuild it with something changed."""
     from mirror import bundle
 
     members = {}
@@ -178,4 +187,4 @@ def unpack(bundle_path: str, on_head=None):
             members[self.member.name] = bytes(self.buf)
 
     manifest = bundle.read(bundle_path, Keep, on_head=on_head)
-    return manifest, members
+    return manifest.to_json(), members

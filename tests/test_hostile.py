@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from mirror import bundle
 from mirror.errors import BundleError
-from mirror.store import Store
+from mirror.installer import install
+from mirror.model import canonical_json
 from tests.conftest import MIRROR, run, tree_digest, unpack
 
 
@@ -46,7 +47,7 @@ def _with(manifest, members, extra=(), order=None, edit=None, pax=None, compress
     manifest = json.loads(json.dumps(manifest))
     if edit:
         edit(manifest)
-    data = bundle.manifest_to_bytes(manifest)
+    data = canonical_json(manifest)
     pax = pax or {}
     entries = [(_info("manifest.json", len(data), pax=pax.get("manifest.json")), data)]
     names = order or sorted(members)
@@ -100,7 +101,7 @@ def _corpus(good):
     first = sorted(members)[0]
     weight = next(n for n in members if n.startswith("weights/"))
     good_bytes = open(good, "rb").read()
-    data = bundle.manifest_to_bytes(manifest)
+    data = canonical_json(manifest)
     rng = random.Random(3)
 
     def snap(m):
@@ -209,7 +210,7 @@ def test_every_bad_bundle_is_refused_and_nothing_changes(corpus, master_bundle, 
     outside = tmp_path / "outside"
     outside.mkdir()
     env = dict(os.environ, MGE_MIRROR_HOME=str(home), MGE_HOME=str(tmp_path / "mge"))
-    Store(str(home)).install(master_bundle)
+    install(master_bundle, str(home))
     before = tree_digest(str(home))
     for name, data in sorted(corpus.items()):
         bad = outside / "bad.hub"

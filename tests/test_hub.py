@@ -9,13 +9,14 @@ import pytest
 
 import mirror.hub
 from mirror.errors import EntrypointNotFoundError, IntegrityError, NotInstalledError
+from mirror.installer import install
 from mirror.store import Store
 from tests.conftest import ENTRYPOINTS
 
 
 @pytest.fixture()
 def installed(all_refs_bundle, home, upstream):
-    Store().install(all_refs_bundle)
+    install(all_refs_bundle)
     hits = dict(upstream.weights.hits)
     yield home
     # Every weight came from the store: the weight server saw no request, and

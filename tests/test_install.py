@@ -9,20 +9,23 @@ import stat
 import pytest
 
 from mirror import bundle
+from mirror.config import settings
 from mirror.errors import BundleError
-from mirror.store import Store, default_home
-from tests.conftest import MIRROR, run, tree_digest, unpack
+from mirror.installer import install
+from mirror.model import canonical_json
+from mirror.store import Store
+from tests.conftest import MIRROR, manifest_json, run, tree_digest, unpack
 
 
 def test_install_puts_every_file_and_weight_in_the_store(master_bundle, home, upstream):
-    report = Store().install(master_bundle)
+    report = install(master_bundle)
     master = upstream.demo.branches["master"]
     assert report.snapshots_installed == [f"demo/tinynets@{master[:12]}"]
     assert report.refs_set == [f"demo/tinynets:master -> {master[:12]}"]
 
     snap = os.path.join(home, "repos", upstream.git.host, "demo", "tinynets", "snapshots",
                         master)
-    manifest = bundle.read_manifest(master_bundle)
+    manifest = manifest_json(master_bundle)
     for f in manifest["repos"][0]["snapshots"][0]["files"]:
         path = os.path.join(snap, f["path"])
         with open(path, "rb") as fh:
@@ -39,7 +42,7 @@ def test_install_puts_every_file_and_weight_in_the_store(master_bundle, home, up
 
 
 def test_second_install_changes_nothing_and_says_so(master_bundle, home):
-    Store().install(master_bundle)
+    install(master_bundle)
     before = tree_digest(home)
     r = run(MIRROR + ["install", master_bundle])
     assert r.returncode == 0, r.stderr
@@ -61,7 +64,7 @@ def _rewrite(src: str, dst: str, edit) -> None:
     with open(tmp, "wb") as raw:
         with zstandard.ZstdCompressor().stream_writer(raw) as z:
             with tarfile.open(fileobj=z, mode="w|") as tar:
-                data = bundle.manifest_to_bytes(manifest)
+                data = canonical_json(manifest)
                 for name, blob in [("manifest.json", data)] + sorted(sources.items()):
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)
@@ -145,10 +148,10 @@ def test_a_bundle_that_lies_is_refused_and_the_store_is_untouched(
         master_bundle, home, tmp_path, edit, expected):
     bad = str(tmp_path / "bad.hub")
     _rewrite(master_bundle, bad, edit)
-    Store().install(master_bundle)  # a store with content, to prove nothing of it changes
+    install(master_bundle)  # a store with content, to prove nothing of it changes
     before = tree_digest(home)
     with pytest.raises(BundleError) as e:
-        Store().install(bad)
+        install(bad)
     assert expected in str(e.value) and bad in str(e.value)
     assert tree_digest(home) == before
     r = run(MIRROR + ["verify", bad])
@@ -167,7 +170,7 @@ def test_truncated_or_empty_bundle_is_refused(master_bundle, home, tmp_path, cut
     bad = tmp_path / "cut.hub"
     bad.write_bytes(data[:n])
     with pytest.raises(BundleError) as e:
-        Store().install(str(bad))
+        install(str(bad))
     assert str(bad) in str(e.value)
     assert not os.path.exists(os.path.join(home, "repos"))
     assert os.listdir(os.path.join(home, "tmp")) == []
@@ -189,17 +192,17 @@ def test_verify_checks_a_bundle_without_installing(master_bundle, home):
 def test_default_home_follows_megengine_conventions(monkeypatch):
     for var in ("MGE_MIRROR_HOME", "MGE_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
-    assert default_home() == os.path.expanduser("~/.cache/megengine/mirror")
+    assert settings().store_home == os.path.expanduser("~/.cache/megengine/mirror")
     monkeypatch.setenv("XDG_CACHE_HOME", "/x")
-    assert default_home() == "/x/megengine/mirror"
+    assert settings().store_home == "/x/megengine/mirror"
     monkeypatch.setenv("MGE_HOME", "/m")
-    assert default_home() == "/m/mirror"
+    assert settings().store_home == "/m/mirror"
     monkeypatch.setenv("MGE_MIRROR_HOME", "/s")
-    assert default_home() == "/s"
+    assert settings().store_home == "/s"
 
 
 def test_list_shows_refs_and_commits(master_bundle, home, upstream):
-    Store().install(master_bundle)
+    install(master_bundle)
     r = run(MIRROR + ["list", "--json"])
     (repo,) = json.loads(r.stdout)
     master = upstream.demo.branches["master"]
@@ -221,7 +224,7 @@ def test_store_that_cannot_be_written_is_a_clear_error(master_bundle, tmp_path, 
 
 def test_store_and_bundle_are_readable_by_other_users(master_bundle, home, upstream):
     assert stat.S_IMODE(os.stat(master_bundle).st_mode) == 0o644
-    Store().install(master_bundle)
+    install(master_bundle)
     for dirpath, dirnames, filenames in os.walk(home):
         if os.path.relpath(dirpath, home).startswith("tmp"):
             continue
@@ -240,7 +243,7 @@ def test_a_megengine_cache_that_cannot_be_written_is_a_warning(master_bundle, ho
     r = run(MIRROR + ["install", master_bundle])
     assert r.returncode == 0, r.stderr
     assert "megengine cache: warning: not seeded" in r.stdout
-    assert Store().repos()[0]["commits"] == [upstream.demo.branches["master"]]
+    assert Store().repos()[0].commits == [upstream.demo.branches["master"]]
 
 
 @pytest.mark.parametrize("tail", [b"\0" * 512, b"junk", b"\x28\xb5\x2f\xfd" + b"\0" * 20])
@@ -254,7 +257,7 @@ def test_data_appended_after_the_archive_is_refused(master_bundle, home, tmp_pat
     extra = zstandard.ZstdCompressor().compress(tail) if tail != b"junk" else tail
     bad.write_bytes(data + extra)
     with pytest.raises(BundleError) as e:
-        Store().install(str(bad))
+        install(str(bad))
     assert str(bad) in str(e.value)
     assert not os.path.exists(os.path.join(home, "repos"))
 

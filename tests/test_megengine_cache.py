@@ -10,7 +10,7 @@ import megengine
 import numpy as np
 from megengine.hub.fetcher import GitHTTPSFetcher
 
-from mirror.megengine_cache import repo_key
+from mirror.layout import megengine_repo_key as repo_key
 from tests.conftest import ENTRYPOINTS, MIRROR, run
 
 STOCK = textwrap.dedent('''

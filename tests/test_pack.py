@@ -10,9 +10,10 @@ import zstandard
 
 from mirror import bundle
 from mirror.errors import RefNotFoundError
-from mirror.pack import pack
-from mirror.store import Store
-from tests.conftest import MIRROR, run
+from mirror.installer import install
+from mirror.model import Manifest
+from mirror.packer import PackOptions, pack
+from tests.conftest import MIRROR, manifest_json, run
 
 
 def _git_show(upstream, commit, path) -> bytes:
@@ -37,7 +38,7 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
                            check=True).stdout.split()
     assert names[0] == "manifest.json"
 
-    manifest = bundle.read(str(out))
+    manifest = bundle.read(str(out)).to_json()
     (repo,) = manifest["repos"]
     assert (repo["host"], repo["owner"], repo["name"]) == (upstream.git.host, "demo", "tinynets")
     assert repo["refs"] == [{"name": "master", "kind": "branch", "commit": c2,
@@ -68,7 +69,7 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
     assert f"bundle id {bundle_id[:16]}\n" in r.stdout
     assert f"bundle id {bundle_id}\n" in run(MIRROR + ["inspect", str(out)]).stdout
     home = tmp_path / "store"
-    assert Store(str(home)).install(str(out)).bundle_sha256 == bundle_id
+    assert install(str(out), str(home)).bundle_id == bundle_id
     assert (home / "bundles" / f"{bundle_id}.json").read_bytes() == manifest_bytes
 
 
@@ -79,9 +80,9 @@ def test_cli_pack_pinned_commit_writes_a_verified_tar_zstd_bundle(upstream, tmp_
 ])
 def test_refs_resolve_to_their_commits(upstream, tmp_path, suffix, label, kind, name):
     out = str(tmp_path / "x.hub")
-    report = pack([upstream.spec(suffix)], out, git_host=upstream.git.host, protocol="http",
-                  progress=False)
-    ref = bundle.read_manifest(out)["repos"][0]["refs"][0]
+    report = pack([upstream.spec(suffix)], out,
+                  PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
+    ref = manifest_json(out)["repos"][0]["refs"][0]
     assert (ref["kind"], ref["name"], ref["commit"]) == (kind, name,
                                                          upstream.demo.commits[label])
     assert report.refs == [f"demo/tinynets:{name} -> {upstream.demo.commits[label]}"]
@@ -91,8 +92,8 @@ def test_same_inputs_give_a_byte_identical_bundle(upstream, tmp_path, monkeypatc
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     a, b = str(tmp_path / "a.hub"), str(tmp_path / "b.hub")
     for out in (a, b):
-        pack([upstream.spec(":v1.0")], out, git_host=upstream.git.host, protocol="http",
-             progress=False)
+        pack([upstream.spec(":v1.0")], out,
+             PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     with open(a, "rb") as fa, open(b, "rb") as fb:
         assert fa.read() == fb.read()
 
@@ -115,7 +116,8 @@ def test_a_source_that_cannot_be_read_is_named_and_nothing_is_written(tmp_path):
                                           "size": len(data)}]}
     missing = str(tmp_path / "cache" / "w.data")
     with pytest.raises(bundle.SourceError) as e:
-        bundle.write(str(tmp_path / "x.hub"), manifest, {bundle.weight_member(sha): missing})
+        bundle.write(str(tmp_path / "x.hub"), Manifest.from_json(manifest),
+                     {bundle.weight_member(sha): missing})
     assert str(e.value) == f"cannot read {missing}: No such file or directory"
     assert os.listdir(tmp_path) == []
 
@@ -123,8 +125,8 @@ def test_a_source_that_cannot_be_read_is_named_and_nothing_is_written(tmp_path):
 def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
     out = tmp_path / "x.hub"
     with pytest.raises(RefNotFoundError) as e:
-        pack([upstream.spec(":nope")], str(out), git_host=upstream.git.host, protocol="http",
-             progress=False)
+        pack([upstream.spec(":nope")], str(out),
+             PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     assert "'nope'" in str(e.value) and "dev, master, v1.0" in str(e.value)
     assert not out.exists()
 
@@ -141,9 +143,8 @@ def test_cli_errors_are_one_line_with_an_exit_code(upstream, tmp_path):
 
 def test_commit_not_on_the_ref_is_refused(upstream, tmp_path):
     with pytest.raises(Exception) as e:
-        pack([upstream.spec(":v1.0@" + upstream.demo.commits["c3"][:10])],
-             str(tmp_path / "x.hub"), git_host=upstream.git.host, protocol="http",
-             progress=False)
+        pack([upstream.spec(":v1.0@" + upstream.demo.commits["c3"][:10])], str(tmp_path / "x.hub"),
+             PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     assert "not reachable from tag 'v1.0'" in str(e.value)
 
 
@@ -156,7 +157,7 @@ def test_weight_server_down_leaves_no_partial_bundle(upstream, tmp_path, monkeyp
     try:
         with pytest.raises(Exception) as e:
             pack([upstream.spec("@" + upstream.demo.commits["c1"])], str(out),
-                 git_host=upstream.git.host, protocol="http", progress=False)
+                 PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
     finally:
         upstream.weights.fault(path, None)
     assert url in str(e.value)
@@ -167,7 +168,7 @@ def test_bundle_is_zstd_of_tar(master_bundle):
     with open(master_bundle, "rb") as fh:
         raw = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
     assert raw[257:262] == b"ustar"
-    assert json.loads(bundle.manifest_to_bytes(bundle.read_manifest(master_bundle)))
+    assert json.loads(bundle.read_manifest(master_bundle).to_bytes())
 
 
 def test_output_directory_must_exist_before_anything_is_fetched(upstream, tmp_path):

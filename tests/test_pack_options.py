@@ -22,9 +22,9 @@ from mirror.errors import (
     UnresolvedError,
     WeightNotInstalledError,
 )
-from mirror.pack import pack
-from mirror.store import Store
-from tests.conftest import MIRROR, PUBLIC_WEIGHTS, ROOT, run
+from mirror.installer import install
+from mirror.packer import PackOptions, pack
+from tests.conftest import MIRROR, PUBLIC_WEIGHTS, ROOT, manifest_json, run
 
 
 def test_rewrite_packs_github_identity_from_loopback_and_loads_offline(upstream, tmp_path):
@@ -35,7 +35,7 @@ def test_rewrite_packs_github_identity_from_loopback_and_loads_offline(upstream,
         args += ["--rewrite", rule]
     r = run(MIRROR + args)
     assert r.returncode == 0, r.stderr
-    manifest = bundle.read_manifest(out)
+    manifest = manifest_json(out)
     (repo,) = manifest["repos"]
     assert (repo["host"], repo["url"]) == ("github.com", "https://github.com/demo/mirrored")
     assert repo["refs"][0]["fetched_from"] == upstream.git.url("demo/mirrored")
@@ -64,14 +64,15 @@ def test_rewrite_packs_github_identity_from_loopback_and_loads_offline(upstream,
 
 def test_exclude_leaves_weights_out_and_says_so(upstream, tmp_path, home):
     out = str(tmp_path / "x.hub")
-    report = pack([upstream.spec()], out, git_host=upstream.git.host, protocol="http",
-                  exclude=["*small_cnn_*"], progress=False)
+    report = pack([upstream.spec()], out,
+                  PackOptions(git_host=upstream.git.host, protocol="http",
+                              exclude=["*small_cnn_*"], progress=False))
     master = upstream.demo.branches["master"]
     assert report.excluded == [upstream.demo.urls[master]["small_cnn"]]
-    manifest = bundle.read_manifest(out)
+    manifest = manifest_json(out)
     assert [w["url"] for w in manifest["weights"]] == [upstream.demo.urls[master]["mlp"]]
     assert manifest["repos"][0]["snapshots"][0]["excluded"] == report.excluded
-    Store().install(out)
+    install(out)
     with pytest.raises(WeightNotInstalledError) as e:
         mirror.hub.load("demo/tinynets", "small_cnn", pretrained=True)
     assert "(asked for at hubconf.py:" in str(e.value)
@@ -100,21 +101,23 @@ def dynamic_repo(tmp_path_factory):
 def test_unresolved_downloads_fail_the_pack_unless_allowed(dynamic_repo, tmp_path):
     out = tmp_path / "d.hub"
     with pytest.raises(UnresolvedError) as e:
-        pack(["dyn/repo"], str(out), git_host=dynamic_repo, protocol="file", progress=False)
+        pack(["dyn/repo"], str(out),
+             PackOptions(git_host=dynamic_repo, protocol="file", progress=False))
     assert "hubconf.py:7: BASE + name" in str(e.value) and "--allow-unresolved" in str(e.value)
     assert not out.exists()
-    pack(["dyn/repo"], str(out), git_host=dynamic_repo, protocol="file", progress=False,
-         allow_unresolved=True)
-    snap = bundle.read_manifest(str(out))["repos"][0]["snapshots"][0]
+    pack(["dyn/repo"], str(out),
+         PackOptions(git_host=dynamic_repo, protocol="file", progress=False, allow_unresolved=True))
+    snap = manifest_json(str(out))["repos"][0]["snapshots"][0]
     assert snap["unresolved"] == ["hubconf.py:7: BASE + name"]
 
 
 def test_allow_unreachable_pins_a_ref_to_any_commit(upstream, tmp_path):
     c3 = upstream.demo.commits["c3"]
     out = str(tmp_path / "u.hub")
-    pack([upstream.spec(":v1.0@" + c3[:10])], out, git_host=upstream.git.host,
-         protocol="http", progress=False, allow_unreachable=True)
-    ref = bundle.read_manifest(out)["repos"][0]["refs"][0]
+    pack([upstream.spec(":v1.0@" + c3[:10])], out,
+         PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                     allow_unreachable=True))
+    ref = manifest_json(out)["repos"][0]["refs"][0]
     assert (ref["kind"], ref["name"], ref["commit"]) == ("tag", "v1.0", c3)
 
 
@@ -150,17 +153,17 @@ def test_a_second_pack_downloads_nothing_and_a_changed_cache_is_not_trusted(
     spec = [upstream.spec("@" + upstream.demo.commits["c1"])]
     kw = dict(git_host=upstream.git.host, protocol="http", progress=False)
     before = _weight_hits(upstream, urls)
-    pack(spec, str(tmp_path / "a.hub"), **kw)
+    pack(spec, str(tmp_path / "a.hub"), PackOptions(**kw))
     assert _weight_hits(upstream, urls) == before + 2
-    pack(spec, str(tmp_path / "b.hub"), **kw)
+    pack(spec, str(tmp_path / "b.hub"), PackOptions(**kw))
     assert _weight_hits(upstream, urls) == before + 2  # all from the cache
     for name in os.listdir(tmp_path / "cache"):
         if name.endswith(".data"):
             with open(tmp_path / "cache" / name, "r+b") as fh:
                 fh.write(b"tampered")
-    pack(spec, str(tmp_path / "c.hub"), **kw)
+    pack(spec, str(tmp_path / "c.hub"), PackOptions(**kw))
     assert _weight_hits(upstream, urls) == before + 4  # re-hashed, found changed, fetched
-    for w in bundle.read_manifest(str(tmp_path / "c.hub"))["weights"]:
+    for w in manifest_json(str(tmp_path / "c.hub"))["weights"]:
         assert w["sha256"] == hashlib.sha256(upstream.demo.weights[w["url"]]).hexdigest()
 
 
@@ -171,7 +174,7 @@ def test_parallel_downloads_give_the_same_bundle(upstream, tmp_path, monkeypatch
         monkeypatch.setenv("MGE_MIRROR_DOWNLOADS", str(tmp_path / f"cache{jobs}"))
         outs.append(tmp_path / f"j{jobs}.hub")
         pack([upstream.spec(""), upstream.spec(":dev")], str(outs[-1]),
-             git_host=upstream.git.host, protocol="http", progress=False, jobs=jobs)
+             PackOptions(git_host=upstream.git.host, protocol="http", progress=False, jobs=jobs))
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
@@ -181,13 +184,13 @@ def test_lock_is_written_then_enforced(upstream, tmp_path):
     kw = dict(git_host=upstream.git.host, protocol="http", progress=False, lock=str(lock),
               cache_dir=str(tmp_path / "cache"))
     specs = [upstream.spec(":dev"), upstream.spec(":v1.0")]
-    pack(specs, str(tmp_path / "a.hub"), **kw)
+    pack(specs, str(tmp_path / "a.hub"), PackOptions(**kw))
     pins = json.loads(lock.read_text())
     assert pins["refs"] == {specs[0]: c["c4"], specs[1]: c["c2"]}
     assert pins["weights"] == {u: hashlib.sha256(upstream.demo.weights[u]).hexdigest()
                                for label in ("c4", "c2")
                                for u in upstream.demo.urls[c[label]].values()}
-    pack(specs, str(tmp_path / "b.hub"), **kw)  # nothing changed: passes
+    pack(specs, str(tmp_path / "b.hub"), PackOptions(**kw))  # nothing changed: passes
 
     # Upstream serves other bytes under a pinned URL: a refreshed pack fails, naming it.
     url = upstream.demo.urls[c["c4"]]["mlp"]
@@ -196,7 +199,7 @@ def test_lock_is_written_then_enforced(upstream, tmp_path):
     upstream.weights.add(path, original + b"changed")
     try:
         with pytest.raises(LockMismatchError) as e:
-            pack(specs, str(tmp_path / "c.hub"), refresh=True, **kw)
+            pack(specs, str(tmp_path / "c.hub"), PackOptions(refresh=True, **kw))
         assert f"{url} now has sha256 " in str(e.value) and "content changed upstream" \
             in str(e.value)
         assert not (tmp_path / "c.hub").exists()
@@ -208,7 +211,7 @@ def test_lock_is_written_then_enforced(upstream, tmp_path):
     subprocess.run(git + ["update-ref", "refs/heads/dev", c["c3"]], check=True)
     try:
         with pytest.raises(LockMismatchError) as e:
-            pack(specs, str(tmp_path / "d.hub"), **kw)
+            pack(specs, str(tmp_path / "d.hub"), PackOptions(**kw))
         assert str(e.value).startswith(f"lock {lock}: {specs[0]} now resolves to {c['c3']}, "
                                        f"the lock pins {c['c4']}")
     finally:
@@ -248,15 +251,15 @@ def many_commits(tmp_path_factory):
 def test_an_ambiguous_abbreviation_lists_the_candidates(many_commits, tmp_path):
     git_dir, prefix, candidates, ids = many_commits
     with pytest.raises(AmbiguousCommitError) as e:
-        pack([f"many/commits@{prefix}"], str(tmp_path / "x.hub"), git_host=git_dir,
-             protocol="file", progress=False)
+        pack([f"many/commits@{prefix}"], str(tmp_path / "x.hub"),
+             PackOptions(git_host=git_dir, protocol="file", progress=False))
     assert e.value.candidates == candidates
     assert f"commit '{prefix}' is ambiguous, it matches {', '.join(candidates)}" in str(e.value)
     # One more digit (or the full id) picks one, and pins the default branch to it.
     out = str(tmp_path / "y.hub")
-    pack([f"many/commits@{candidates[0][:12]}"], out, git_host=git_dir, protocol="file",
-         progress=False)
-    (ref,) = bundle.read_manifest(out)["repos"][0]["refs"]
+    pack([f"many/commits@{candidates[0][:12]}"], out,
+         PackOptions(git_host=git_dir, protocol="file", progress=False))
+    (ref,) = manifest_json(out)["repos"][0]["refs"]
     assert (ref["name"], ref["commit"]) == ("master", candidates[0])
 
 
@@ -268,7 +271,7 @@ def test_a_recipe_packs_what_it_names_with_command_line_additions(upstream, tmp_
         args += ["--rewrite", rule]
     r = run(MIRROR + args)
     assert r.returncode == 0, r.stderr
-    manifest = bundle.read_manifest(str(out))
+    manifest = manifest_json(str(out))
     (repo,) = manifest["repos"]
     m = upstream.mirrored
     assert sorted((x["name"], x["commit"]) for x in repo["refs"]) == sorted(
@@ -285,7 +288,7 @@ def test_the_model_zoo_recipe_says_what_a_platform_team_would_pack():
     assert recipe.specs == ["megengine/models:master", "megengine/models:v1.2.0"]
     assert recipe.output.endswith("bundles/megengine-models.hub")
     merged = recipe.merged({"rewrites": ["https://github.com=https://git.corp.example/gh"],
-                            "jobs": 2})
+                            "jobs": 2}).to_json()
     assert merged == {"entries": ["resnet18", "resnet50", "shufflenet_v2_x1_0"],
                       "trace": True, "jobs": 2,
                       "rewrites": ["https://github.com=https://git.corp.example/gh"],
@@ -331,15 +334,15 @@ def test_private_repos_take_credentials_from_env_or_git_helpers(private_git, tmp
 
     monkeypatch.setenv("MGE_MIRROR_GIT_USERNAME", "ci")
     monkeypatch.setenv("MGE_MIRROR_GIT_PASSWORD", "s3cret")
-    pack(["demo/tinynets:v1.0"], str(tmp_path / "env.hub"), **kw)
+    pack(["demo/tinynets:v1.0"], str(tmp_path / "env.hub"), PackOptions(**kw))
 
     monkeypatch.delenv("MGE_MIRROR_GIT_PASSWORD")
     store = tmp_path / "git-credentials"
     store.write_text(f"http://ci:s3cret@{private_git.host}\n")
     (tmp_path / "gitconfig").write_text(f"[credential]\n\thelper = store --file={store}\n")
-    pack(["demo/tinynets:v1.0"], str(tmp_path / "helper.hub"), **kw)
-    assert bundle.read_manifest(str(tmp_path / "helper.hub"))["repos"][0]["refs"][0][
-        "name"] == "v1.0"
+    pack(["demo/tinynets:v1.0"], str(tmp_path / "helper.hub"), PackOptions(**kw))
+    assert manifest_json(str(tmp_path / "helper.hub"))["repos"][0]["refs"][
+        0]["name"] == "v1.0"
 
 
 def test_without_master_the_remote_default_branch_is_used(tmp_path):
@@ -351,8 +354,9 @@ def test_without_master_the_remote_default_branch_is_used(tmp_path):
     subprocess.run(["git", "--git-dir", str(bare), "fast-import", "--quiet"], input=stream,
                    check=True)
     out = str(tmp_path / "m.hub")
-    pack(["only/main"], out, git_host=str(tmp_path / "git"), protocol="file", progress=False)
-    (ref,) = bundle.read_manifest(out)["repos"][0]["refs"]
+    pack(["only/main"], out,
+         PackOptions(git_host=str(tmp_path / "git"), protocol="file", progress=False))
+    (ref,) = manifest_json(out)["repos"][0]["refs"]
     assert (ref["kind"], ref["name"]) == ("branch", "main")
 
 
@@ -360,8 +364,62 @@ def test_a_lock_refuses_what_it_does_not_pin(upstream, tmp_path):
     lock = tmp_path / "x.lock"
     kw = dict(git_host=upstream.git.host, protocol="http", progress=False, lock=str(lock),
               cache_dir=str(tmp_path / "cache"))
-    pack([upstream.spec(":v1.0")], str(tmp_path / "a.hub"), **kw)
+    pack([upstream.spec(":v1.0")], str(tmp_path / "a.hub"), PackOptions(**kw))
     extra = upstream.weights.add("extra/new.bin", b"new")
     with pytest.raises(LockMismatchError) as e:
-        pack([upstream.spec(":v1.0")], str(tmp_path / "b.hub"), extra_weights=[extra], **kw)
+        pack([upstream.spec(":v1.0")], str(tmp_path / "b.hub"),
+             PackOptions(extra_weights=[extra], **kw))
     assert str(e.value).startswith(f"lock {lock}: it does not pin {extra}")
+
+
+# --- the options' one declaration ------------------------------------------------
+
+
+def test_an_unknown_pack_option_is_a_clear_error_naming_the_known_ones():
+    from mirror.errors import MirrorError
+
+    with pytest.raises(MirrorError) as e:
+        PackOptions.from_mapping({"bogus": 1, "git_host": "h"})
+    assert str(e.value) == (
+        "unknown pack option(s) bogus (known: allow_unreachable, allow_unresolved, "
+        "allow_unsafe_pickle, cache_dir, entries, exclude, extra_weights, follow_nested, "
+        "git_host, jobs, lock, progress, protocol, refresh, rewrites, sign, trace)")
+    with pytest.raises(MirrorError) as e:
+        PackOptions.from_mapping({"jobs": "8"})
+    assert str(e.value) == "pack option jobs must be a whole number of at least 1, not '8'"
+    assert PackOptions.from_mapping({"exclude": ["*.pkl"], "jobs": 2}) == PackOptions(
+        exclude=("*.pkl",), jobs=2)
+
+
+def test_each_recipe_option_sets_the_pack_option_its_declaration_names(tmp_path):
+    import dataclasses
+
+    from mirror.pack_options import kind, recipe_keys
+    from mirror.recipe import Recipe
+
+    sample = {tuple: ["x=y"], bool: True, int: 3, str: "file"}
+    declared = {f.metadata["recipe"]: f.name for f in dataclasses.fields(PackOptions)
+                if f.metadata["recipe"]}
+    assert recipe_keys() == declared and declared["weights"] == "extra_weights"
+    for key, name in declared.items():
+        value = sample[kind(name)]
+        path = tmp_path / f"{key}.toml"
+        path.write_text(f'[[repo]]\nspec = "a/b"\n[options]\n{key} = {json.dumps(value)}\n')
+        options = Recipe.load(str(path)).options
+        got = getattr(options, name)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+        assert options == PackOptions.from_mapping({name: value})
+
+
+def test_pack_help_lists_every_option_with_a_flag():
+    from mirror.pack_options import flags
+
+    r = run(MIRROR + ["pack", "--help"])
+    assert r.returncode == 0, r.stderr
+    listed = set(r.stdout.replace(",", " ").split())
+    declared = flags()
+    assert set(declared) == {f for f in PackOptions.__dataclass_fields__} - {
+        "cache_dir", "progress"}
+    for name, flag in declared.items():
+        assert set(flag.names) <= listed, name
+        assert " ".join(flag.help.split()[:3]) in " ".join(r.stdout.split()), name

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mirror.errors import UnsafePickleError
+from mirror.installer import install
 from mirror.safety import pickle_globals, unsafe_globals
-from mirror.store import Store
 from tests.conftest import MIRROR, handmade_bundle, run, tree_digest
 
 
@@ -87,10 +87,10 @@ def test_install_refuses_an_unsafe_weight_and_changes_nothing(master_bundle, hom
     bad = handmade_bundle(tmp_path / "evil.hub", {"e" * 40: {"hubconf.py": "x = 1\n"}},
                           refs=[("master", "branch", "e" * 40)],
                           weights=[(url, pickle.dumps(Evil(), protocol=2))])
-    Store().install(master_bundle)
+    install(master_bundle)
     before = tree_digest(home)
     with pytest.raises(UnsafePickleError) as e:
-        Store().install(bad)
+        install(bad)
     assert str(e.value).startswith(f"weight {url} in {bad} would import posix.system")
     assert tree_digest(home) == before
     r = run(MIRROR + ["install", bad, "--allow-unsafe-pickle"])

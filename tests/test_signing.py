@@ -12,7 +12,10 @@ import pytest
 import mirror.hub
 from mirror import bundle
 from mirror.errors import SignatureError
-from mirror.pack import pack
+from mirror.installer import install
+from mirror.model import Manifest
+from mirror.pack_options import PackOptions
+from mirror.packer import pack
 from mirror.store import Store
 from tests.conftest import MIRROR, run, tree_digest, unpack
 
@@ -35,8 +38,9 @@ def keys(tmp_path_factory):
 @pytest.fixture(scope="module")
 def signed(upstream, keys, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("signed") / "signed.hub")
-    pack([upstream.spec(":v1.0")], out, git_host=upstream.git.host, protocol="http",
-         progress=False, sign=keys["release"][0])
+    pack([upstream.spec(":v1.0")], out, PackOptions(git_host=upstream.git.host,
+                                                    protocol="http", progress=False,
+                                                    sign=keys["release"][0]))
     return out
 
 
@@ -73,7 +77,7 @@ def test_a_manifest_changed_after_signing_is_refused(signed, keys, tmp_path):
     manifest, members = unpack(signed, on_head=heads.append)
     manifest["repos"][0]["refs"][0]["name"] = "v9.9"  # a lie, under the old signature
     bad = str(tmp_path / "forged.hub")
-    bundle.write(bad, manifest, members, sign=lambda _: heads[0].signature)
+    bundle.write(bad, Manifest.from_json(manifest), members, sign=lambda _: heads[0].signature)
     r = run(MIRROR + ["verify", bad, "--key", keys["release"][1]])
     assert r.returncode == 3
     assert r.stderr.strip() == f"Error: refusing {bad}: its manifest was changed after signing"
@@ -90,7 +94,7 @@ def test_a_detached_signature_from_mirror_sign(master_bundle, keys, tmp_path):
 
 def test_install_requires_a_trusted_signature_before_writing_anything(master_bundle, signed,
                                                                       keys, home, tmp_path):
-    Store().install(signed)  # a store with content
+    install(signed)  # a store with content
     before = tree_digest(home)
     r = run(MIRROR + ["install", master_bundle, "--require-signature", "--trusted-keys",
                       keys["trusted_dir"], "--receipt", str(tmp_path / "refused.json")])
@@ -106,16 +110,15 @@ def test_install_requires_a_trusted_signature_before_writing_anything(master_bun
     record = json.loads(receipt.read_text())
     assert record["result"] == "installed" and record["signed_by"] == keys["release"][2]
     manifest = bundle.read_manifest(signed)
-    assert sorted(m["name"] for m in record["members"]) == sorted(
-        bundle.expected_members(manifest))
+    assert sorted(m["name"] for m in record["members"]) == sorted(manifest.members())
     with open(signed, "rb") as fh:
         assert record["bundle_sha256"] == hashlib.sha256(fh.read()).hexdigest()
 
 
 def test_with_a_trust_policy_the_loader_runs_only_signed_code(master_bundle, signed, keys,
                                                               home, monkeypatch, upstream):
-    Store().install(master_bundle)  # unsigned: installed before any policy
-    Store().install(signed, trusted=None)
+    install(master_bundle)  # unsigned: installed before any policy
+    install(signed)
     monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
     with pytest.raises(SignatureError) as e:
         mirror.hub.load("demo/tinynets", "mlp", source="local")
@@ -163,3 +166,22 @@ def test_a_receipt_for_a_missing_bundle_is_still_one_line(tmp_path, home):
                       str(tmp_path / "r.json")])
     assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1
     assert json.loads((tmp_path / "r.json").read_text())["result"] == "refused"
+
+
+@pytest.mark.parametrize("policy", ["trusted-keys folder", "config.toml"])
+def test_a_stores_policy_binds_installs_from_python_too(master_bundle, signed, keys, home,
+                                                         policy):
+    """The library's install obeys the store's policy, not only the command line."""
+    os.makedirs(home)
+    if policy == "config.toml":
+        with open(os.path.join(home, "config.toml"), "w") as fh:
+            fh.write(f'trusted_keys = ["{keys["trusted_dir"]}"]\n')
+    else:
+        os.symlink(keys["trusted_dir"], os.path.join(home, "trusted-keys"))
+    assert install(signed).signed_by == keys["release"][2]
+    before = tree_digest(home)
+    with pytest.raises(SignatureError) as e:
+        install(master_bundle)
+    assert str(e.value) == f"refusing {master_bundle}: it is not signed"
+    assert tree_digest(home) == before
+    assert mirror.hub.load("demo/tinynets:v1.0", "mlp", source="local").revision == "2"

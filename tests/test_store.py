@@ -12,10 +12,11 @@ import time
 import pytest
 
 import mirror.hub
-from mirror import bundle, housekeeping
+from mirror import housekeeping
 from mirror.errors import NotInstalledError, StoreError
+from mirror.installer import InstallOptions, install
 from mirror.store import SnapshotRef, Store
-from tests.conftest import MIRROR, ROOT, handmade_bundle, pack_spec, run, tree_digest
+from tests.conftest import MIRROR, ROOT, handmade_bundle, manifest_json, pack_spec, run, tree_digest
 
 
 def _blobs(manifest):
@@ -33,9 +34,9 @@ def _ref(home, host, kind, name):
 
 def test_a_second_snapshot_stores_only_its_new_bytes(upstream, master_bundle, home, tmp_path):
     dev = pack_spec(upstream, ":dev", tmp_path / "dev.hub")
-    first = Store().install(master_bundle)
-    second = Store().install(dev)
-    old, new = _blobs(bundle.read_manifest(master_bundle)), _blobs(bundle.read_manifest(dev))
+    first = install(master_bundle)
+    second = install(dev)
+    old, new = _blobs(manifest_json(master_bundle)), _blobs(manifest_json(dev))
     expected = sum(size for sha, size in new.items() if sha not in old)
     assert second.bytes_written == expected
     assert 0 < expected < sum(new.values())  # shared files and weights were not stored again
@@ -49,11 +50,11 @@ def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path)
     host = upstream.git.host
     old = pack_spec(upstream, ":master@" + c["c1"], tmp_path / "old.hub")
     new = pack_spec(upstream, ":master", tmp_path / "new.hub")
-    r = Store().install(old)
+    r = install(old)
     assert r.refs_set == [f"demo/tinynets:master -> {c['c1'][:12]}"]
-    r = Store().install(new)
+    r = install(new)
     assert r.refs_set == [f"demo/tinynets:master -> {c['c3'][:12]} (was {c['c1'][:12]})"]
-    r = Store().install(old)
+    r = install(old)
     assert r.refs_kept == [f"demo/tinynets:master stays at newer {c['c3'][:12]} "
                            f"(use --force to move it back)"]
     with open(os.path.join(home, "repos", host, "demo", "tinynets", "refs.log")) as fh:
@@ -66,7 +67,7 @@ def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path)
     assert _ref(home, host, "heads", "master") == c["c1"]
 
     tag = pack_spec(upstream, ":v1.0", tmp_path / "tag.hub")
-    Store().install(tag)
+    install(tag)
     git = ["git", "--git-dir", upstream.demo.bare]
     subprocess.run(git + ["tag", "-f", "v1.0", c["c3"]], check=True, capture_output=True)
     try:
@@ -74,17 +75,17 @@ def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path)
     finally:
         subprocess.run(git + ["tag", "-f", "-a", "v1.0", "-m", "release 1.0", c["c2"]],
                        check=True, capture_output=True)
-    r = Store().install(moved)
+    r = install(moved)
     assert r.refs_kept == [f"demo/tinynets:v1.0 stays at {c['c2'][:12]} "
                            f"(tags never move without --force)"]
     assert _ref(home, host, "tags", "v1.0") == c["c2"]
-    Store().install(moved, force=True)
+    install(moved, options=InstallOptions(force=True))
     assert _ref(home, host, "tags", "v1.0") == c["c3"]
 
 
 def test_verify_accepts_a_sound_store_and_names_what_was_changed(all_refs_bundle, home,
                                                                  upstream):
-    Store().install(all_refs_bundle)
+    install(all_refs_bundle)
     r = run(MIRROR + ["verify"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{home}: OK, " in r.stdout and "4 snapshots" in r.stdout and "; 0 problems" in r.stdout
@@ -112,7 +113,7 @@ def test_verify_accepts_a_sound_store_and_names_what_was_changed(all_refs_bundle
 
 def test_remove_a_ref_keeps_every_other_snapshot_loadable(all_refs_bundle, home, upstream):
     c = upstream.demo.commits
-    Store().install(all_refs_bundle)
+    install(all_refs_bundle)
     before = tree_digest(home)
     dry = housekeeping.remove(Store(), "demo/tinynets:dev", dry_run=True)
     assert tree_digest(home) == before
@@ -139,7 +140,7 @@ def test_remove_a_ref_keeps_every_other_snapshot_loadable(all_refs_bundle, home,
 def test_remove_a_commit_and_then_the_repo_leaves_an_empty_store(all_refs_bundle, home,
                                                                 upstream):
     c = upstream.demo.commits
-    Store().install(all_refs_bundle)
+    install(all_refs_bundle)
     plan = housekeeping.remove(Store(), "demo/tinynets@" + c["c2"][:8])
     assert plan.refs == ["demo/tinynets:v1.0"]
     assert plan.snapshots == [f"demo/tinynets@{c['c2']}"]
@@ -153,7 +154,7 @@ def test_remove_a_commit_and_then_the_repo_leaves_an_empty_store(all_refs_bundle
 
 
 def test_gc_deletes_only_what_nothing_references(master_bundle, home, tmp_path):
-    Store().install(master_bundle)
+    install(master_bundle)
     stray = os.path.join(home, "blobs", "0" * 64)
     with open(stray, "wb") as fh:
         fh.write(b"orphan")
@@ -173,10 +174,10 @@ def test_gc_deletes_only_what_nothing_references(master_bundle, home, tmp_path):
 
 
 def test_gc_refuses_to_run_during_an_install(master_bundle, home):
-    Store().install(master_bundle)
-    from mirror.store import locked
+    install(master_bundle)
+    from mirror.locking import locked
 
-    with locked(Store().lock_path, shared=True):  # what a running install holds
+    with locked(Store().layout.lock, shared=True):  # what a running install holds
         with pytest.raises(StoreError) as e:
             housekeeping.gc(Store())
     assert "an install is running" in str(e.value)
@@ -225,8 +226,8 @@ def test_install_killed_at_any_instant_leaves_a_store_that_verifies(big_bundle, 
         report = housekeeping.verify(Store(home))
         assert report.ok, (delay, report.problems)
         for repo in Store(home).repos():  # refs only ever name whole snapshots
-            for ref in repo["refs"].values():
-                assert ref["commit"] in repo["commits"]
+            for ref in repo.refs:
+                assert ref.commit in repo.commits
         subprocess.run(["rm", "-rf", home], check=True)  # each run starts from empty
     assert {"verifying", "complete"} <= set(phases), phases
     print("phases at the kill:", {p: phases.count(p) for p in set(phases)})
@@ -275,7 +276,7 @@ def test_concurrent_installers_loaders_and_gc(upstream, all_refs_bundle, master_
     report = housekeeping.verify(store)
     assert report.ok, report.problems
     (repo,) = store.repos()
-    assert {n: r["commit"] for n, r in repo["refs"].items()} == {
+    assert {r.name: r.commit for r in repo.refs} == {
         "master": c["c3"], "dev": c["c4"], "v1.0": c["c2"]}
     # Every seeded MegEngine cache entry is whole and marked with its commit.
     hub_dir = tmp_path / "mge" / "hub"
@@ -296,17 +297,17 @@ def small_fs(tmp_path):
 def test_a_full_disk_is_a_clear_error_and_the_store_is_unchanged(master_bundle, big_bundle,
                                                                  small_fs):
     home = str(small_fs / "store")
-    Store(home).install(master_bundle)
+    install(master_bundle, home)
     before = tree_digest(home)
     with pytest.raises(StoreError) as e:
-        Store(home).install(big_bundle)
+        install(big_bundle, home)
     assert "No space left on device" in str(e.value) and big_bundle in str(e.value)
     assert tree_digest(home) == before
 
 
 def test_a_read_only_store_is_a_clear_error(master_bundle, all_refs_bundle, small_fs):
     home = str(small_fs / "store")
-    Store(home).install(master_bundle)
+    install(master_bundle, home)
     before = tree_digest(home)
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     r = run(MIRROR + ["install", all_refs_bundle, "--home", home])
@@ -325,7 +326,7 @@ def test_a_branch_and_a_tag_of_one_name_are_two_refs(home, tmp_path):
     hub = handmade_bundle(tmp_path / "x.hub", {A: {"hubconf.py": "x = 1\n"},
                                                B: {"hubconf.py": "x = 2\n"}},
                           refs=[("v1", "branch", A), ("v1", "tag", A), ("master", "branch", B)])
-    Store().install(hub)
+    install(hub)
     plan = housekeeping.remove(Store(), "hand/made:v1")
     assert plan.refs == ["hand/made:v1"] and plan.snapshots == []  # the tag still holds A
     report = housekeeping.verify(Store())
@@ -336,12 +337,14 @@ def test_gc_keeps_weights_a_bundle_added_to_an_installed_snapshot(upstream, mast
                                                                   home, tmp_path):
     extra = upstream.weights.add("extra/vocab.bin", b"vocabulary")
     with_extra = str(tmp_path / "extra.hub")
-    from mirror.pack import pack
+    from mirror.pack_options import PackOptions
+    from mirror.packer import pack
 
     pack([upstream.spec("@" + upstream.demo.branches["master"])], with_extra,
-         git_host=upstream.git.host, protocol="http", extra_weights=[extra], progress=False)
-    Store().install(master_bundle)
-    assert Store().install(with_extra).snapshots_present  # nothing new but the weight
+         PackOptions(git_host=upstream.git.host, protocol="http", extra_weights=(extra,),
+                     progress=False))
+    install(master_bundle)
+    assert install(with_extra).snapshots_present  # nothing new but the weight
     plan = housekeeping.gc(Store())
     assert plan.blobs == []
     with open(Store().weight(extra).path, "rb") as fh:
@@ -354,19 +357,19 @@ def test_a_snapshot_keeps_the_weight_bytes_it_was_installed_with(home, tmp_path)
                           refs=[("master", "branch", A)], weights=[(url, b"first")])
     two = handmade_bundle(tmp_path / "2.hub", {B: {"hubconf.py": ""}},
                           refs=[("dev", "branch", B)], weights=[(url, b"second")])
-    Store().install(one)
-    Store().install(two)
+    install(one)
+    install(two)
     store = Store()
     rdir = store.repo_dir("github.com", "hand", "made")
     for commit, expected in ((A, b"first"), (B, b"second")):
-        snap = SnapshotRef("hand/made", commit, os.path.join(rdir, "snapshots", commit))
+        snap = SnapshotRef("hand/made", commit, rdir)
         with open(store.weight(url, snap).path, "rb") as fh:
             assert fh.read() == expected
     assert housekeeping.gc(store).blobs == []  # both stay: each snapshot pins its own
 
 
 def test_force_reinstall_repairs_a_changed_snapshot(master_bundle, home, upstream):
-    Store().install(master_bundle)
+    install(master_bundle)
     snap = Store().resolve("demo", "tinynets", "master", host=upstream.git.host)
     target = os.path.join(snap.path, "README.md")
     os.unlink(target)
@@ -378,7 +381,7 @@ def test_force_reinstall_repairs_a_changed_snapshot(master_bundle, home, upstrea
 
 
 def test_verify_reports_unreadable_records_instead_of_crashing(master_bundle, home):
-    Store().install(master_bundle)
+    install(master_bundle)
     weights = os.path.join(home, "weights")
     first = sorted(os.listdir(weights))[0]
     os.chmod(os.path.join(weights, first), 0o644)

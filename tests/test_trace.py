@@ -5,17 +5,16 @@ import sys
 
 import pytest
 
-from mirror import bundle
 from mirror.errors import MirrorError
-from mirror.pack import pack
+from mirror.packer import PackOptions, pack
 from mirror.store import Store
-from tests.conftest import run
+from tests.conftest import manifest_json, run
 
 
 def _pack(upstream, out, spec, **kw):
-    pack([upstream.spec(spec)], str(out), git_host=upstream.git.host, protocol="http",
-         progress=False, **kw)
-    return bundle.read_manifest(str(out))
+    pack([upstream.spec(spec)], str(out),
+         PackOptions(git_host=upstream.git.host, protocol="http", progress=False, **kw))
+    return manifest_json(str(out))
 
 
 def test_trace_records_what_each_entrypoint_downloads_and_loads(upstream, tmp_path):
@@ -68,7 +67,7 @@ def test_follow_nested_packs_the_repo_the_code_loads_and_it_loads_offline(upstre
     r = run([sys.executable, "-c", code], env=env, netns=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "3"  # master's mlp, through the nested load
-    assert Store(env["MGE_MIRROR_HOME"]).repos()[0]["commits"] == sorted([c["c3"], c["c4"]])
+    assert Store(env["MGE_MIRROR_HOME"]).repos()[0].commits == sorted([c["c3"], c["c4"]])
 
 
 def _file_repo(root, owner, name, files):
@@ -105,8 +104,8 @@ def nested_repos(upstream, tmp_path_factory):
 
 
 def _file_pack(root, out, **kw):
-    pack(["o/top"], str(out), git_host=root, protocol="file", progress=False, **kw)
-    return bundle.read_manifest(str(out))
+    pack(["o/top"], str(out), PackOptions(git_host=root, protocol="file", progress=False, **kw))
+    return manifest_json(str(out))
 
 
 def test_entries_merge_what_each_nested_load_needs_and_import_time_downloads(

@@ -5,9 +5,11 @@ import os
 
 import pytest
 
+from mirror.discovery import discover
+from mirror.download import download
 from mirror.errors import DownloadError
-from mirror.git import MODE_FILE, TreeFile
-from mirror.weights import discover, download
+from mirror.git import TreeFile
+from mirror.model import MODE_FILE
 
 
 def _src(path, text):

@@ -1,0 +1,198 @@
+"""Every setting mirror takes from its environment, read in this one module.
+
+In the spirit of huggingface_hub's ``constants.py``, with one difference: the
+environment is read when :func:`settings` is called, not at import, so a test
+(or a long-lived process) that sets a variable sees it on the next call.
+
+=============================  ===============================================
+``MGE_MIRROR_HOME``            the store (else ``$MGE_HOME/mirror``, else
+                               ``$XDG_CACHE_HOME/megengine/mirror``, else
+                               ``~/.cache/megengine/mirror``)
+``MGE_HOME``                   MegEngine's own cache (else
+                               ``$XDG_CACHE_HOME/megengine``, else
+                               ``~/.cache/megengine``), as MegEngine reads it
+``MGE_MIRROR_DOWNLOADS``       the packing host's download cache (else
+                               ``$XDG_CACHE_HOME/megengine/mirror-downloads``)
+``MGE_MIRROR_OFFLINE``         every ``mirror.hub`` call local (truthy: ``1``,
+                               ``true``, ``yes``, ``on``; anything else is off)
+``MGE_MIRROR_PARANOID``        re-hash a weight on every use, not once a process
+``MGE_MIRROR_TRUSTED_KEYS``    trusted public keys, ``:``-separated paths
+``MGE_MIRROR_GIT_USERNAME``,   HTTPS credentials for git
+``MGE_MIRROR_GIT_PASSWORD``
+``SOURCE_DATE_EPOCH``          the time recorded in a bundle (reproducible builds)
+=============================  ===============================================
+
+A store's own ``config.toml`` (``trusted_keys = [...]``, ``require_signature =
+true``) and its ``trusted-keys/`` folder are read here too: together with the
+command line they make the :class:`TrustPolicy` that every install and every
+load of that store obeys.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+_TRUE = ("1", "true", "yes", "on")
+STORE_CONFIG = "config.toml"
+STORE_KEYS = "trusted-keys"
+
+
+def is_true(value: str | None) -> bool:
+    """The one truthy parser: ``1``, ``true``, ``yes``, ``on`` (any case) are true;
+    anything else, ``0``, ``false``, ``no`` and the empty string included, is false."""
+    return (value or "").strip().lower() in _TRUE
+
+
+def _cache_root(env: Mapping[str, str]) -> str:
+    return os.path.expanduser(env.get("XDG_CACHE_HOME") or "~/.cache")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment says, resolved once per call of :func:`settings`."""
+
+    store_home: str
+    megengine_home: str
+    downloads_dir: str
+    offline: bool
+    paranoid: bool
+    trusted_keys: Tuple[str, ...]
+    git_username: str | None
+    git_password: str | None
+    source_date_epoch: int | None
+
+    def now(self) -> int:
+        """The time to record in a bundle: ``SOURCE_DATE_EPOCH`` makes packs repeatable."""
+        return self.source_date_epoch if self.source_date_epoch is not None else int(time.time())
+
+
+def settings(env: Mapping[str, str] | None = None) -> Settings:
+    """The settings in ``env`` (default: this process's environment, read now)."""
+    env = os.environ if env is None else env
+    megengine_home = os.path.expanduser(env.get("MGE_HOME") or os.path.join(
+        _cache_root(env), "megengine"))
+    if env.get("MGE_MIRROR_HOME"):
+        store_home = os.path.expanduser(env["MGE_MIRROR_HOME"])
+    elif env.get("MGE_HOME"):
+        store_home = os.path.join(megengine_home, "mirror")
+    else:
+        store_home = os.path.join(_cache_root(env), "megengine", "mirror")
+    downloads = os.path.expanduser(env.get("MGE_MIRROR_DOWNLOADS") or os.path.join(
+        _cache_root(env), "megengine", "mirror-downloads"))
+    epoch = env.get("SOURCE_DATE_EPOCH")
+    try:
+        source_date_epoch = int(epoch) if epoch else None
+    except ValueError:
+        raise ConfigError("SOURCE_DATE_EPOCH", f"{epoch!r} is not a whole number of "
+                                               f"seconds") from None
+    return Settings(
+        store_home=os.path.abspath(store_home),
+        megengine_home=os.path.abspath(megengine_home),
+        downloads_dir=os.path.abspath(downloads),
+        offline=is_true(env.get("MGE_MIRROR_OFFLINE")),
+        paranoid=is_true(env.get("MGE_MIRROR_PARANOID")),
+        trusted_keys=tuple(p for p in env.get("MGE_MIRROR_TRUSTED_KEYS", "").split(os.pathsep)
+                           if p),
+        git_username=env.get("MGE_MIRROR_GIT_USERNAME") or None,
+        git_password=env.get("MGE_MIRROR_GIT_PASSWORD") or None,
+        source_date_epoch=source_date_epoch,
+    )
+
+
+# --- a store's trust policy ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``<store>/config.toml``: a host's policy without flags on each command."""
+
+    trusted_keys: Tuple[str, ...] = ()
+    require_signature: bool = False
+
+    @classmethod
+    def load(cls, store_home: str) -> StoreConfig:
+        path = os.path.join(store_home, STORE_CONFIG)
+        if not os.path.exists(path):
+            return cls()
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(path, str(e)) from None
+        keys = data.get("trusted_keys", [])
+        require = data.get("require_signature", False)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
+                not isinstance(require, bool):
+            raise ConfigError(path, "trusted_keys is a list of paths and require_signature "
+                                    "true or false")
+        return cls(tuple(keys), require)
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which signers a store accepts. ``required`` means a trust policy is in force:
+    installs refuse bundles no trusted key signed, and the loader runs only code
+    such a bundle brought. Without it, signatures are checked only when asked."""
+
+    locations: Tuple[str, ...] = ()  # *.pub files or folders of them
+    required: bool = False
+
+    def keys(self) -> Dict[str, Ed25519PublicKey]:
+        """The trusted public keys, by key id."""
+        from .signing import load_keys
+
+        return load_keys(self.locations)
+
+
+def trust_policy(store_home: str, locations: Sequence[str] = (), require: bool = False,
+                 env: Mapping[str, str] | None = None) -> TrustPolicy:
+    """The policy for the store at ``store_home``: keys from ``locations`` (the command
+    line), else ``$MGE_MIRROR_TRUSTED_KEYS``, else ``config.toml``, else the store's
+    ``trusted-keys/`` folder. A policy is in force when any of these names keys, or
+    when ``require`` or ``require_signature = true`` asks for one."""
+    stored = StoreConfig.load(store_home)
+    found = tuple(locations) or settings(env).trusted_keys or stored.trusted_keys
+    default = os.path.join(store_home, STORE_KEYS)
+    if not found and os.path.isdir(default):
+        found = (default,)
+    return TrustPolicy(found, bool(found) or require or stored.require_signature)
+
+
+# --- environments handed to child processes -------------------------------------
+
+
+def run_environment(run_dir: str, store_home: str | None = None) -> Dict[str, str]:
+    """The environment of a program started by ``mirror run``: ``run_dir`` (whose
+    ``sitecustomize`` patches megengine.hub on import) first on ``PYTHONPATH``, and
+    every mirror.hub call local."""
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(run_dir))
+    paths = [run_dir, package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                         if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["MGE_MIRROR_OFFLINE"] = "1"
+    if store_home:
+        env["MGE_MIRROR_HOME"] = os.path.abspath(store_home)
+    return env
+
+
+def trace_environment() -> Dict[str, str]:
+    """The environment of a tracing child: no bytecode written into its temporary tree."""
+    return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+
+
+def git_credential_environment() -> Dict[str, str]:
+    """The environment of ``git credential fill``: it may answer, never prompt."""
+    return dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="")

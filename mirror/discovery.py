@@ -1,0 +1,337 @@
+"""Static discovery: every weight URL a snapshot's code downloads, found without running it.
+
+It parses each Python file with :mod:`ast` (so a URL split over adjacent literals
+on several lines is one string, as Python sees it) and evaluates the argument of
+``pretrained(...)`` and ``load_serialized_obj_from_url(...)`` over module-level
+string constants. What it cannot evaluate is reported with its file and line
+rather than guessed. Downloading what it finds is :mod:`mirror.download`'s job.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Protocol, Tuple
+
+# Names whose first argument is a URL the code will download (megengine/hub/hub.py).
+_DOWNLOADERS = {"pretrained", "load_serialized_obj_from_url"}
+
+
+class SourceFile(Protocol):
+    """A file of a snapshot as discovery reads it: a git tree entry
+    (:class:`mirror.git.TreeFile`) or a file of an installed snapshot."""
+
+    path: str  # relative POSIX path in the snapshot
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in a snapshot a weight URL is referenced."""
+
+    path: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A weight URL and every code location that references it."""
+
+    url: str
+    locations: Tuple[Location, ...]
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """A download call whose URL could not be evaluated statically."""
+
+    location: Location
+    expr: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.expr}"
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
+    """Evaluate an expression made of string constants, ``+``, ``%``, ``.format``,
+    f-strings, dict literals and subscripts, names looked up in ``env``."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float)):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in env:
+            return env[node.id]
+        raise _NotConstant
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+            isinstance(env.get(node.value.id), _Namespace):
+        namespace = env[node.value.id]
+        if node.attr in namespace:
+            return namespace[node.attr]
+        raise _NotConstant
+    if isinstance(node, ast.JoinedStr):
+        return _fstring(node, env)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
+        left, right = _evaluate(node.left, env), _evaluate(node.right, env)
+        try:
+            return left + right if isinstance(node.op, ast.Add) else left % right
+        except (TypeError, ValueError, KeyError):
+            raise _NotConstant from None
+    if isinstance(node, ast.Tuple):
+        return tuple(_evaluate(e, env) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise _NotConstant
+        return {_evaluate(k, env): _evaluate(v, env) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Subscript):
+        container = _evaluate(node.value, env)
+        key_node = node.slice.value if isinstance(node.slice, ast.Index) else node.slice  # py<3.9
+        try:
+            return container[_evaluate(key_node, env)]
+        except (KeyError, IndexError, TypeError):
+            raise _NotConstant from None
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "format"):
+        return _format(node, env)
+    raise _NotConstant
+
+
+def _fstring(node: ast.JoinedStr, env: Dict[str, Any]) -> str:
+    parts = []
+    for v in node.values:
+        if isinstance(v, ast.FormattedValue):
+            if v.format_spec is not None or v.conversion not in (-1, None):
+                raise _NotConstant
+            parts.append(str(_evaluate(v.value, env)))
+        else:
+            parts.append(str(_evaluate(v, env)))
+    return "".join(parts)
+
+
+def _format(node: ast.Call, env: Dict[str, Any]) -> str:
+    """``"...".format(...)`` of constants."""
+    template = _evaluate(node.func.value, env)
+    args = [_evaluate(a, env) for a in node.args]
+    kwargs = {k.arg: _evaluate(k.value, env) for k in node.keywords if k.arg}
+    if not isinstance(template, str) or len(kwargs) != len(node.keywords):
+        raise _NotConstant
+    try:
+        return template.format(*args, **kwargs)
+    except (IndexError, KeyError, ValueError):
+        raise _NotConstant from None
+
+
+class _Namespace(dict):
+    """The constants of another module of the repo, bound by ``import pkg.mod as m``."""
+
+
+_EVAL_ERRORS = (_NotConstant, ArithmeticError, AttributeError, LookupError, TypeError,
+                ValueError, RecursionError)
+
+
+class _Modules:
+    """The repo's Python files, parsed once, and their module-level constants,
+    following ``from .const import BASE`` and ``import pkg.const as c`` between them."""
+
+    def __init__(self, files: Iterable[SourceFile]):
+        # Parsed only when needed: a repo of thousands of files mentions a downloader
+        # in a few, and parsing is most of the cost.
+        self.sources: Dict[str, bytes] = {f.path: f.data for f in files
+                                          if f.path.endswith(".py")}
+        self._trees: Dict[str, ast.Module | None] = {}
+        self._envs: Dict[str, Dict[str, Any]] = {}
+        self._busy: set = set()
+
+    def tree(self, path: str) -> ast.Module | None:
+        if path not in self._trees:
+            try:
+                self._trees[path] = ast.parse(self.sources[path], filename=path)
+            except (SyntaxError, ValueError, KeyError):
+                self._trees[path] = None  # Python would fail to import it as well
+        return self._trees[path]
+
+    def mentioning(self, names: Iterable[str]) -> List[str]:
+        """The files whose text names one of ``names`` (a call must name its callee)."""
+        wanted = [n.encode() for n in names]
+        return sorted(p for p, data in self.sources.items() if any(w in data for w in wanted))
+
+    def path_of(self, importer: str, module: str | None, level: int) -> str | None:
+        parts = importer.split("/")[:-1] if level else []
+        if level > 1:
+            parts = parts[:len(parts) - (level - 1)] if len(parts) >= level - 1 else None
+        if parts is None:
+            return None
+        base = "/".join(parts + (module.split(".") if module else []))
+        for candidate in (base + ".py", base + "/__init__.py"):
+            if candidate.lstrip("/") in self.sources:
+                return candidate.lstrip("/")
+        return None
+
+    def env(self, path: str) -> Dict[str, Any]:
+        if path in self._envs:
+            return self._envs[path]
+        if path in self._busy:  # an import cycle: what is known so far
+            return {}
+        self._busy.add(path)
+        tree = self.tree(path)
+        try:
+            self._envs[path] = _module_constants(tree, path, self) if tree else {}
+        finally:
+            self._busy.discard(path)
+        return self._envs[path]
+
+
+def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None = None) \
+        -> Dict[str, Any]:
+    """Top-level ``NAME = <constant expression>`` assignments, in order, and constants
+    imported from other modules of the repo."""
+    env: Dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ImportFrom):
+            source = modules.path_of(path, stmt.module, stmt.level) if modules else None
+            other = modules.env(source) if source is not None else {}
+            for alias in stmt.names:
+                if alias.name == "*":
+                    env.update({k: v for k, v in other.items() if not k.startswith("_")})
+                elif alias.name in other:
+                    env[alias.asname or alias.name] = other[alias.name]
+                else:  # bound to something not known statically
+                    env.pop(alias.asname or alias.name, None)
+            continue
+        if isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                source = modules.path_of(path, alias.name, 0) if modules else None
+                name = alias.asname or alias.name.split(".")[0]
+                if source is not None and alias.asname:
+                    env[name] = _Namespace(modules.env(source))
+                else:
+                    env.pop(name, None)
+            continue
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and isinstance(
+                stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target, ast.Name) \
+                and (isinstance(stmt, ast.AnnAssign) or len(stmt.targets) == 1) \
+                and stmt.value is not None:
+            name = (stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target).id
+            try:
+                env[name] = _evaluate(stmt.value, env)
+            except _EVAL_ERRORS:
+                env.pop(name, None)
+            continue
+        # Anything else that binds a name (x += ..., a, b = ..., a name set inside an
+        # if, for, try or with, a def or class) makes it unknown: never a stale value.
+        for name in _bound_names(stmt):
+            env.pop(name, None)
+    return env
+
+
+def _bound_names(node: ast.AST) -> List[str]:
+    """Every name a statement binds at module level (its nested defs' bodies excluded)."""
+    names = []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+            names.append(child.id)
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(child.name)
+        elif isinstance(child, (ast.Import, ast.ImportFrom)):
+            names += [a.asname or a.name.split(".")[0] for a in child.names]
+    return names
+
+
+def _download_calls(node: ast.AST, local: frozenset):
+    """Each call of a downloader below ``node``, with the names bound locally around it.
+
+    A function's decorators and defaults belong to the enclosing scope; its body
+    adds the function's parameters and the names it assigns.
+    """
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = child.args
+            outer = list(getattr(child, "decorator_list", [])) + args.defaults + [
+                d for d in args.kw_defaults if d is not None]
+            for expr in outer:
+                yield from _download_calls(ast.Expression(expr), local)
+            params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+            params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+            body = ast.Module(body=child.body, type_ignores=[]) if isinstance(
+                child.body, list) else ast.Expression(child.body)
+            assigned = {n.id for n in ast.walk(body)
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            yield from _download_calls(body, local | params | assigned)
+            continue
+        if isinstance(child, ast.Call) and _callee_name(child) in _DOWNLOADERS:
+            yield child, local
+        yield from _download_calls(child, local)
+
+
+def _callee_name(call: ast.Call) -> str | None:
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+
+
+def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresolved]]:
+    """Every weight URL that the Python files of a snapshot pass to MegEngine's downloaders."""
+    found: Dict[str, List[Location]] = {}
+    unresolved: List[Unresolved] = []
+    modules = _Modules(files)
+    for path in modules.mentioning(_DOWNLOADERS):
+        tree = modules.tree(path)
+        if tree is None:
+            continue
+        module_env = modules.env(path)
+        for node, local in _download_calls(tree, frozenset()):
+            # A name a function binds itself (a parameter, say) is not the module's.
+            env = {k: v for k, v in module_env.items() if k not in local}
+            arg = node.args[0] if node.args else next(
+                (k.value for k in node.keywords if k.arg == "url"), None)
+            if arg is None:
+                continue
+            loc = Location(path, node.lineno)
+            try:
+                url = _evaluate(arg, env)
+            except _EVAL_ERRORS:
+                url = None  # not a plain constant: reported below, never guessed
+            if isinstance(url, str):
+                found.setdefault(url, []).append(loc)
+            else:
+                unresolved.append(Unresolved(loc, ast.unparse(arg) if hasattr(ast, "unparse")
+                                             else ast.dump(arg)))
+    weights = [WeightRef(u, tuple(sorted(set(locs), key=lambda x: (x.path, x.line))))
+               for u, locs in sorted(found.items())]
+    return weights, unresolved
+
+
+def coverage(files: Iterable[SourceFile]) -> Dict[str, List[str]]:
+    """Each function ``hubconf.py`` defines at top level, with the weight URLs that its
+    own ``@pretrained(...)`` decorators name, found without running it.
+
+    ``megengine.hub.list`` also counts callables hubconf imports (classes, say); these
+    are the entrypoints a reader of the manifest can check without executing code.
+    """
+    modules = _Modules(files)
+    tree = modules.tree("hubconf.py")
+    if tree is None:
+        return {}
+    env = modules.env("hubconf.py")
+    out: Dict[str, List[str]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                not node.name.startswith("_"):
+            urls = []
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and _callee_name(deco) in _DOWNLOADERS \
+                        and deco.args:
+                    try:
+                        url = _evaluate(deco.args[0], env)
+                    except _EVAL_ERRORS:
+                        continue
+                    if isinstance(url, str):
+                        urls.append(url)
+            out[node.name] = urls
+    return dict(sorted(out.items()))

@@ -1,0 +1,295 @@
+"""Downloading weights: resumable, retried, hashed as the bytes arrive, and cached by
+URL on the packing host so that packing again downloads nothing.
+
+Which URLs to download is :mod:`mirror.discovery`'s job; this module only fetches
+them (``http``, ``https``, ``file``, ``s3`` and absolute paths, as MegEngine does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Callable, Dict, Mapping, Sequence, Tuple
+
+from tqdm import tqdm
+
+from .config import settings
+from .errors import DownloadError
+from .hashing import CHUNK, sha256_bytes, sha256_file
+from .model import WeightFile
+
+SCHEMES = ("http", "https", "file")
+
+
+def url_basename(url: str) -> str:
+    """The file name MegEngine gives a URL's download (the last path segment)."""
+    return os.path.basename(urllib.parse.urlparse(url).path) or "weights"
+
+
+def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
+             progress: bool = True) -> WeightFile:
+    """Download ``url`` to ``dest``, resuming after dropped connections, hashing as it goes.
+
+    ``dest`` appears only when the whole file has arrived; a partial download is
+    kept at ``dest + ".part"`` so that a retry asks only for the rest (HTTP Range).
+
+    Args:
+        url: an ``http``, ``https``, ``file`` or ``s3`` URL, or an absolute path.
+        dest: the file to write.
+        retries: attempts after the first, on a dropped connection or a 5xx or 429.
+        timeout: seconds to wait for the server, per attempt.
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`WeightFile` file, with its size and sha256.
+
+    Raises:
+        DownloadError: the URL cannot be fetched (an unsupported scheme, a 4xx, a
+            missing file), or every attempt failed.
+    """
+    scheme = urllib.parse.urlparse(url).scheme
+    part = dest + ".part"
+    if scheme == "" and os.path.isabs(url):
+        _copy_local(url, part)  # a path on this host, as megfile (and MegEngine) allow
+    elif scheme == "s3":
+        _copy_s3(url, part)
+    elif scheme not in SCHEMES:
+        raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; mirror "
+                                 f"downloads {', '.join(SCHEMES)} and s3 URLs and absolute "
+                                 f"paths")
+    hashed = _Hashed()
+    if scheme in SCHEMES:
+        _fetch_with_retries(url, part, retries, timeout, progress, hashed)
+    hashed.catch_up(part)  # a no-op after an HTTP download, which hashed as it wrote
+    os.replace(part, dest)
+    return WeightFile(url, dest, hashed.size, hashed.digest.hexdigest())
+
+
+class _Hashed:
+    """The sha256 of a partial download, kept up to date as blocks arrive."""
+
+    def __init__(self) -> None:
+        self.digest, self.size = hashlib.sha256(), 0
+        self.validator: str | None = None  # ETag or Last-Modified of the bytes so far
+
+    def update(self, block: bytes) -> None:
+        self.digest.update(block)
+        self.size += len(block)
+
+    def catch_up(self, path: str) -> None:
+        """Make the digest cover exactly the file at ``path`` (it already does unless a
+        download started over, or was resumed from an earlier process's part file)."""
+        have = os.path.getsize(path) if os.path.exists(path) else 0
+        if have != self.size:
+            self.__init__()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(CHUNK), b""):
+                    self.update(block)
+
+
+def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
+                        progress: bool, hashed: _Hashed) -> None:
+    last_error = "no attempt made"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.25 * 2 ** attempt, 4.0))
+        try:
+            return _fetch_into(url, part, timeout, progress, hashed)
+        except _Retryable as e:
+            last_error = str(e)
+    raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
+
+
+def _copy_local(path: str, part: str) -> None:
+    try:
+        shutil.copyfile(path, part)
+    except OSError as e:
+        raise DownloadError(path, e.strerror or str(e)) from None
+
+
+def _copy_s3(url: str, part: str) -> None:
+    try:
+        import megfile  # MegEngine's own file layer, which its hub uses for s3://
+    except ImportError:
+        raise DownloadError(url, "s3:// needs megfile (pip install megfile), which "
+                                 "MegEngine installs") from None
+    try:
+        with megfile.smart_open(url, "rb") as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+    except Exception as e:  # noqa: BLE001  (megfile raises its own and botocore's errors)
+        raise DownloadError(url, f"{type(e).__name__}: {e}") from None
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed) -> None:
+    """One attempt: the rest of ``part`` (all of it if the server cannot resume).
+    Raises :class:`_Retryable` for what another attempt may fix."""
+    hashed.catch_up(part)
+    have = hashed.size
+    request = urllib.request.Request(url, headers={"User-Agent": "mge-mirror"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+        if hashed.validator:  # the rest only if it is still the same file, else all of it
+            request.add_header("If-Range", hashed.validator)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # asked past the end: the file is already whole
+            return
+        if e.code >= 500 or e.code == 429:
+            raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(url, f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise _Retryable(str(getattr(e, "reason", e))) from None
+    except (ValueError, http.client.HTTPException) as e:  # e.g. InvalidURL: a bad port
+        raise DownloadError(url, f"invalid URL: {e}") from None
+
+    with response:
+        content_range = response.headers.get("Content-Range", "")
+        if have and (response.status != 206 or not content_range.startswith(
+                f"bytes {have}-")):
+            have = 0  # the server ignored Range, or the file changed: start over
+            hashed.__init__()
+        if not have:
+            hashed.validator = response.headers.get("ETag") or \
+                response.headers.get("Last-Modified")
+        _receive(url, response, part, have, progress, hashed)
+
+
+def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
+             progress: bool, hashed: _Hashed) -> None:
+    """Append the response's body to ``part`` (which holds ``have`` bytes), hashing it."""
+    length = response.headers.get("Content-Length")
+    expected = int(length) if length is not None else None
+    received = 0
+    with open(part, "ab" if have else "wb") as out, tqdm(
+        total=(expected + have) if expected is not None else None, initial=have,
+        unit="B", unit_scale=True, unit_divisor=1024, desc=url_basename(url),
+        disable=not progress, leave=False,
+    ) as bar:
+        buffer = bytearray(CHUNK)  # reused: read() would allocate and copy each block
+        try:
+            while True:
+                n = response.readinto(buffer)
+                if not n:
+                    break
+                block = memoryview(buffer)[:n]
+                out.write(block)
+                hashed.update(block)  # sha256 on the fly: the file is read once
+                received += n
+                bar.update(n)
+        except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead
+            raise _Retryable(f"connection lost after {have + received} bytes: {e}") from None
+    if expected is not None and received != expected:
+        raise _Retryable(f"connection closed after {have + received} of "
+                         f"{have + expected} bytes")
+
+
+# --- the packing host's download cache ----------------------------------------
+
+
+def default_cache_dir() -> str:
+    """The packing host's download cache: ``config.settings().downloads_dir``."""
+    return settings().downloads_dir
+
+
+class DownloadCache:
+    """Weights downloaded before, by URL, so packing again downloads nothing.
+
+    A cached file is never trusted because it exists: it is re-hashed against the
+    sha256 recorded when it was downloaded (and against ``expect``, a lock's pin).
+    """
+
+    def __init__(self, root: str | None = None, refresh: bool = False):
+        self.root = root or default_cache_dir()
+        self.refresh = refresh  # download again, whatever is cached
+
+    def _paths(self, url: str) -> Tuple[str, str]:
+        key = sha256_bytes(url.encode())
+        return os.path.join(self.root, key + ".data"), os.path.join(self.root, key + ".json")
+
+    def fetch(self, url: str, source: str, progress: bool = True,
+              expect: str | None = None) -> WeightFile:
+        """The file for ``url``: from the cache when its bytes still match what was
+        recorded (and ``expect``, a sha256, if given), else downloaded from ``source``
+        (``url`` itself, or where a rewrite points it).
+
+        Raises :class:`DownloadError`, also when the cache cannot be written."""
+        data, record = self._paths(url)
+        cached = None if self.refresh else self._check(url, data, record, expect)
+        if cached:
+            return cached
+        tmp = f"{data}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            for stale in (tmp, tmp + ".part"):  # never resume into bytes of another day
+                if os.path.exists(stale):
+                    os.unlink(stale)
+            got = download(source, tmp, progress=progress)
+            os.replace(tmp, data)
+            with open(f"{tmp}.json", "w") as fh:
+                json.dump({"url": url, "sha256": got.sha256, "size": got.size}, fh)
+            os.replace(f"{tmp}.json", record)
+        except OSError as e:
+            raise DownloadError(url, f"download cache {self.root}: {e.strerror or e}") \
+                from None
+        finally:
+            if os.path.exists(tmp + ".part"):  # a failed download leaves nothing behind
+                os.unlink(tmp + ".part")
+        return WeightFile(url, data, got.size, got.sha256)
+
+    @staticmethod
+    def _check(url: str, data: str, record: str, expect: str | None) -> WeightFile | None:
+        try:
+            with open(record) as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(rec, dict) or rec.get("url") != url or (
+                expect and rec.get("sha256") != expect):
+            return None
+        try:
+            digest, size = sha256_file(data)
+        except OSError:
+            return None
+        if digest != rec.get("sha256"):
+            return None  # changed on disk since: download again
+        return WeightFile(url, data, size, digest)
+
+
+def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
+              jobs: int = 4, progress: bool = True,
+              expect: Mapping[str, str] | None = None) -> Dict[str, WeightFile]:
+    """Download ``urls`` (each from ``source(url)``), ``jobs`` at a time, through ``cache``.
+
+    ``expect`` maps a URL to the sha256 a lock pins: a cached file with other bytes
+    is downloaded again. Returns URL -> :class:`WeightFile`. Raises the first
+    :class:`DownloadError`, after cancelling the downloads not yet started.
+    """
+    expect = expect or {}
+    results: Dict[str, WeightFile] = {}
+    with tqdm(total=len(urls), unit="file", desc="weights", disable=not progress or None) \
+            as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
+                               expect.get(u)): u for u in urls}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:
+            for future in futures:  # the first failure is the answer: stop the queue
+                future.cancel()
+            raise
+    return results

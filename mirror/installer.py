@@ -1,0 +1,379 @@
+"""``mirror install``: one bundle into the store, as a transaction in named steps.
+
+1. **verify and stage** (:meth:`Transaction.verify_and_stage`): stream the bundle
+   once; the signature is checked (under a trust policy) before any member is
+   read; every member is hashed against the manifest while new blobs are written
+   into the transaction's own folder under ``tmp/``; weights are scanned for
+   pickled code. Nothing outside ``tmp/`` has changed yet.
+2. **publish** (:meth:`Transaction.publish`): blobs, then snapshots, then the
+   weight index, then refs, then the bundle's record, so no visible part ever
+   names one that is missing.
+3. **seed** (:meth:`Transaction.seed`): MegEngine Hub's own cache, last, so
+   unmodified ``megengine.hub.load`` works offline; a cache that cannot be
+   written is a warning, never a failed install.
+
+Locks only order decisions: installs share the store's ``.lock`` (gc takes it
+alone), and a repo's ``.refs.lock`` is held while its refs are compared and
+moved, so concurrent installs never move a branch backwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Dict, List, Sequence, Tuple
+
+from . import bundle
+from .atomic import (
+    WritebackFile,
+    exchange,
+    fsync_dir,
+    fsync_path,
+    make_temp_dir,
+    sync_filesystem,
+    write_atomic,
+)
+from .config import TrustPolicy, settings, trust_policy
+from .errors import StoreError, UnsafePickleError
+from .layout import RepoLayout
+from .locking import locked
+from .model import (
+    JsonObject,
+    Manifest,
+    Member,
+    Pin,
+    RefEntry,
+    RefLogEntry,
+    RepoEntry,
+    SnapshotEntry,
+    SnapshotRecord,
+    WeightRecord,
+    canonical_json,
+    short,
+)
+from .safety import unsafe_globals
+from .store import Store, read_text
+from .tree import materialize
+
+
+@dataclass(frozen=True)
+class InstallOptions:
+    """How to install; every field has the meaning of the ``mirror install`` flag of
+    the same name."""
+
+    force: bool = False  # reinstall snapshots; move refs back, and tags
+    megengine_versions: Tuple[str, ...] = ()  # seed MegEngine's cache for these versions
+    megengine_home: str | None = None  # default: the configured MGE_HOME
+    allow_unsafe_pickle: bool = False
+    trusted_keys: Tuple[str, ...] = ()  # key files or folders, on top of the store's policy
+    require_signature: bool = False
+    digest_file: bool = False  # also take the bundle file's sha256 (for a receipt)
+    progress: bool = False
+
+
+@dataclass
+class InstallReport:
+    """What one install verified and changed."""
+
+    bundle: str  # the bundle file's path
+    bundle_id: str = ""
+    verified_files: int = 0
+    verified_bytes: int = 0
+    bytes_written: int = 0
+    snapshots_installed: List[str] = field(default_factory=list)
+    snapshots_present: List[str] = field(default_factory=list)
+    weights: List[str] = field(default_factory=list)
+    refs_set: List[str] = field(default_factory=list)
+    refs_kept: List[str] = field(default_factory=list)
+    megengine_cache: List[str] = field(default_factory=list)
+    signed_by: str | None = None  # the trusted key that signed the bundle, if checked
+    file_sha256: str = ""  # of the bundle file, as it was read and verified
+    members: List[Member] = field(default_factory=list)  # every member verified
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.snapshots_installed or self.refs_set or self.bytes_written)
+
+    def to_json(self) -> JsonObject:
+        """The report as ``mirror install --json`` prints it (its members left out)."""
+        return {"bundle": self.bundle, "bundle_sha256": self.bundle_id,
+                "verified_files": self.verified_files, "verified_bytes": self.verified_bytes,
+                "bytes_written": self.bytes_written,
+                "snapshots_installed": self.snapshots_installed,
+                "snapshots_present": self.snapshots_present, "weights": self.weights,
+                "refs_set": self.refs_set, "refs_kept": self.refs_kept,
+                "megengine_cache": self.megengine_cache, "signed_by": self.signed_by,
+                "bundle_file_sha256": self.file_sha256}
+
+
+def install(bundle_path: str, home: str | None = None,
+            options: InstallOptions = InstallOptions()) -> InstallReport:
+    """Verify every byte of the bundle at ``bundle_path``, then make its snapshots,
+    weights and refs visible in the store at ``home`` (default: the configured one).
+
+    The store's trust policy applies whoever calls this: under one, a bundle no
+    trusted key signed is refused before anything is written. Nothing becomes
+    visible until the whole bundle has verified; on any error the store is as it
+    was (temporary files are removed).
+
+    Raises :class:`BundleError` or :class:`SignatureError` (exit code 3) for a bad
+    bundle, :class:`UnsafePickleError` for a weight that would run code, and
+    :class:`StoreError` when the store cannot be written.
+    """
+    store = Store(home)
+    policy = trust_policy(store.home, options.trusted_keys, options.require_signature)
+    try:
+        os.makedirs(store.layout.tmp, exist_ok=True)
+        with locked(store.layout.lock, shared=True):
+            work = tempfile.mkdtemp(prefix="install-", dir=store.layout.tmp)
+            try:
+                return Transaction(store, bundle_path, work, options, policy).run()
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    except OSError as e:  # setting up: the store's own folders
+        raise StoreError(e.filename or store.home, f"cannot write here: {e.strerror}") \
+            from None
+
+
+class _StagedBlob:
+    """A staged blob, read-only once written. The kernel starts writing it to disk as
+    it grows; a large one is then fsynced on a background thread while the next
+    member is decompressed and hashed; small ones are made durable together at the
+    end (one fsync each took seconds for thousands)."""
+
+    LARGE = 1 << 20
+
+    def __init__(self, path: str, syncer: ThreadPoolExecutor):
+        self.path, self.syncer = path, syncer
+        self.fh: IO[bytes] = open(path, "wb")
+        self.out = WritebackFile(self.fh)
+        self.synced: Future | None = None
+
+    @property
+    def size(self) -> int:
+        return self.out.written
+
+    def write(self, block: bytes) -> None:
+        self.out.write(block)
+
+    def close(self) -> None:
+        os.fchmod(self.fh.fileno(), 0o444)
+        self.fh.close()  # a close reports a full disk that writes did not
+        if self.size >= self.LARGE:
+            self.synced = self.syncer.submit(fsync_path, self.path)
+
+
+class Transaction:
+    """One install in progress: its work folder under ``tmp/``, what it has staged,
+    and the report of what it did."""
+
+    def __init__(self, store: Store, bundle_path: str, work: str, options: InstallOptions,
+                 policy: TrustPolicy):
+        self.store, self.layout, self.work = store, store.layout, work
+        self.bundle_path, self.options, self.policy = bundle_path, options, policy
+        self.report = InstallReport(bundle=bundle_path)
+        self.staged: Dict[str, _StagedBlob] = {}
+        self.manifest: Manifest | None = None
+        self.manifest_bytes = b""  # as signed, and as the bundle holds them
+        self.syncer: ThreadPoolExecutor | None = None
+        self.trusted_ids: set | None = None  # under a policy: the key ids it trusts
+
+    def run(self) -> InstallReport:
+        """The three steps; an OSError on the way (a full disk) is a StoreError naming
+        the path. mirror's own errors pass through with their message and exit code."""
+        try:
+            self.verify_and_stage()
+            self.publish()
+            self.seed()
+        except OSError as e:
+            raise StoreError(e.filename or self.store.home,
+                             f"install of {self.bundle_path} failed: {e.strerror or e}") \
+                from None
+        return self.report
+
+    # --- 1. verify and stage ---------------------------------------------------
+
+    def verify_and_stage(self) -> None:
+        """Read the whole bundle once, verifying every byte and staging new blobs."""
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
+        keys = self.policy.keys() if self.policy.required else None
+        self.trusted_ids = set(keys) if keys is not None else None
+
+        def on_head(head: bundle.Head) -> None:
+            self.report.bundle_id, self.manifest_bytes = head.bundle_id, head.manifest_bytes
+            if keys is not None:  # the signature decides before any member is read
+                from .signing import check
+
+                self.report.signed_by = check(head.signature, head.manifest_bytes, keys,
+                                              self.bundle_path).key_id
+
+        digest = hashlib.sha256() if self.options.digest_file else None
+        try:
+            self.manifest = bundle.read(self.bundle_path, self._sink, on_head=on_head,
+                                        progress=self.options.progress, file_digest=digest)
+            self.report.file_sha256 = digest.hexdigest() if digest else ""
+            self._make_durable()
+        finally:
+            self.syncer.shutdown(wait=True)
+            for f in self.staged.values():
+                f.fh.close()
+        if not self.options.allow_unsafe_pickle:
+            self._check_pickles()
+
+    def _sink(self, member: Member) -> _StagedBlob | None:
+        self.report.verified_files += 1
+        self.report.verified_bytes += member.size
+        self.report.members.append(member)
+        if os.path.exists(self.layout.blob(member.sha256)) or member.sha256 in self.staged:
+            return None  # content-addressed: already stored, only verified
+        self.staged[member.sha256] = _StagedBlob(os.path.join(self.work, member.sha256),
+                                                 self.syncer)
+        return self.staged[member.sha256]
+
+    def _make_durable(self) -> None:
+        for f in self.staged.values():
+            if f.synced is not None:
+                f.synced.result()  # raises what fsync raised
+        small = [f.path for f in self.staged.values() if f.synced is None]
+        if small:
+            sync_filesystem(self.work, small)
+
+    def _check_pickles(self) -> None:
+        """Refuse, before anything is published, weights that would run foreign code."""
+        for w in self.manifest.weights:
+            staged = self.staged.get(w.sha256)
+            unsafe = unsafe_globals(staged.path if staged else self.layout.blob(w.sha256))
+            if unsafe:
+                raise UnsafePickleError(f"weight {w.url} in {self.bundle_path}", unsafe)
+
+    # --- 2. publish ----------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Make the verified bundle visible: blobs, snapshots, weights, refs, record."""
+        os.makedirs(self.layout.blobs, exist_ok=True)
+        for sha, f in self.staged.items():
+            if not os.path.exists(self.layout.blob(sha)):
+                os.replace(f.path, self.layout.blob(sha))
+                self.report.bytes_written += f.size
+        fsync_dir(self.layout.blobs)
+        pins = {w.url: Pin(w.sha256, w.size) for w in self.manifest.weights}
+        for repo in self.manifest.repos:
+            self._publish_repo(repo, pins)
+        for url, pin in pins.items():
+            write_atomic(self.layout.weight_record(url),
+                         canonical_json(WeightRecord(url, pin).to_json()))
+            self.report.weights.append(url)
+        self._set_refs()
+        write_atomic(self.layout.bundle_record(self.report.bundle_id), self.manifest_bytes)
+
+    def _publish_repo(self, repo: RepoEntry, pins: Dict[str, Pin]) -> None:
+        paths = self.layout.repo(repo.id.host, repo.id.owner, repo.id.name)
+        if not os.path.exists(paths.repo_json):
+            write_atomic(paths.repo_json, canonical_json(repo.id.to_json()))
+        os.makedirs(paths.snapshots, exist_ok=True)
+        for snap in repo.snapshots:
+            label = f"{repo.id.label}@{short(snap.commit)}"
+            target = paths.snapshot(snap.commit)
+            if os.path.isdir(target) and not self.options.force:
+                self.report.snapshots_present.append(label)
+                continue
+            # Built inside the install's own folder, so an abandoned build is plainly
+            # garbage (gc), then renamed into place whole.
+            building = make_temp_dir(self.work, f"snapshot-{short(snap.commit)}-")
+            materialize(building, snap.files, self.layout.blob)
+            if self.options.force or not os.path.exists(paths.snapshot_record(snap.commit)):
+                write_atomic(paths.snapshot_record(snap.commit),
+                             canonical_json(self._record(snap, pins).to_json()))
+            _publish_dir(building, target)
+            fsync_dir(paths.snapshots)
+            self.report.snapshots_installed.append(label)
+
+    def _record(self, snap: SnapshotEntry, pins: Dict[str, Pin]) -> SnapshotRecord:
+        # The weights this snapshot's code asks for, pinned to their bytes: a later
+        # bundle with other bytes under the same URL cannot change what it loads.
+        return SnapshotRecord(snap, {u: pins[u] for u in snap.weights if u in pins},
+                              self.report.bundle_id, os.path.basename(self.bundle_path),
+                              self.report.signed_by, int(time.time()))
+
+    def _set_refs(self) -> None:
+        times = {s.commit: s.commit_time for r in self.manifest.repos for s in r.snapshots}
+        for repo in self.manifest.repos:
+            paths = self.layout.repo(repo.id.host, repo.id.owner, repo.id.name)
+            with locked(paths.refs_lock):
+                for ref in repo.refs:
+                    self._set_ref(paths, repo, ref, times)
+
+    def _set_ref(self, paths: RepoLayout, repo: RepoEntry, ref: RefEntry,
+                 times: Dict[str, int]) -> None:
+        path = paths.ref(ref.kind, ref.name)
+        label = f"{repo.id.label}:{ref.name}"
+        current = read_text(path)
+        if current == ref.commit:
+            return
+        if current and not self.options.force:
+            if ref.kind == "tag":
+                self.report.refs_kept.append(f"{label} stays at {short(current)} (tags never "
+                                             f"move without --force)")
+                return
+            old = self.store.snapshot_record(paths, current)
+            if old and old.snapshot.commit_time > times.get(ref.commit, 0):
+                self.report.refs_kept.append(f"{label} stays at newer {short(current)} "
+                                             f"(use --force to move it back)")
+                return
+        write_atomic(path, (ref.commit + "\n").encode())
+        entry = RefLogEntry(ref.name, ref.kind, current, ref.commit, self.report.bundle_id,
+                            os.path.basename(self.bundle_path), int(time.time()))
+        with open(paths.refs_log, "a") as log:  # appended under the refs lock
+            log.write(canonical_json(entry.to_json()).decode())
+        moved = f" (was {short(current)})" if current else ""
+        self.report.refs_set.append(f"{label} -> {short(ref.commit)}{moved}")
+
+    # --- 3. seed ------------------------------------------------------------------
+
+    def seed(self) -> None:
+        """Seed MegEngine Hub's cache for the versions asked for (none: skipped)."""
+        versions = self.options.megengine_versions
+        if not versions:
+            return
+        from .megengine_cache import seed
+
+        home = self.options.megengine_home or settings().megengine_home
+        # The store is complete at this point; a cache that cannot be written is a
+        # warning about stock megengine.hub, not a failed install.
+        try:
+            self.report.megengine_cache = seed(self.store, self.manifest, versions, home,
+                                               self.trusted_ids)
+        except OSError as e:
+            self.report.megengine_cache = [
+                f"warning: not seeded ({e.filename or home}: {e.strerror or e}); stock "
+                f"megengine.hub will not find this bundle offline"]
+
+
+def _publish_dir(building: str, target: str) -> None:
+    """Put the finished folder ``building`` at ``target``: one atomic swap when it is
+    there already (``--force``, no gap for readers), else a rename."""
+    if os.path.isdir(target):
+        exchange(building, target)
+        return
+    try:
+        os.rename(building, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        # Another installer published the same snapshot first: the same bytes.
+
+
+def installed_versions(asked: Sequence[str]) -> Tuple[str, ...]:
+    """The MegEngine versions to seed for: those ``asked``, else the installed one."""
+    if asked:
+        return tuple(asked)
+    from .megengine_cache import installed_megengine_version
+
+    found = installed_megengine_version()
+    return (found,) if found else ()
+

@@ -1,0 +1,205 @@
+"""Pack's options, declared once.
+
+Each field of :class:`PackOptions` carries, in its metadata, how it appears on
+``mirror pack``'s command line (:class:`Flag`) and under which name a recipe's
+``[options]`` table sets it. The command's click options (``mirror.cli``), the
+recipe's keys and type checks (:mod:`mirror.recipe`) and
+:meth:`PackOptions.from_mapping` are all derived from this one declaration:
+adding an option is adding a field here.
+
+This module imports nothing heavy: the command line reads it at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+from .errors import MirrorError
+from .model import JsonObject
+
+PROTOCOLS = ("https", "http", "ssh", "file")
+
+# What a value of each kind must be, as errors say it. The kind of a field is the
+# type of its default (None: an optional string); jobs is the only whole number.
+_WHAT = {tuple: "a list of strings", bool: "true or false",
+         int: "a whole number of at least 1", str: "a string"}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How an option appears on ``mirror pack``'s command line."""
+
+    names: Tuple[str, ...]  # e.g. ("-j", "--jobs")
+    help: str
+    metavar: str | None = None
+    choices: Tuple[str, ...] = ()  # one of these, in any case
+    int_range: Tuple[int, int] | None = None
+    path: bool = False  # a file (not a directory) ...
+    exists: bool = False  # ... that must exist
+
+
+def _option(default: Any, flag: Flag | None = None, recipe: str | None = None) -> Any:
+    return field(default=default, metadata={"flag": flag, "recipe": recipe})
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How to pack (see :func:`mirror.packer.pack`). Lists are kept as tuples; a value
+    of the wrong type is a :class:`~mirror.errors.MirrorError` naming the option."""
+
+    git_host: str | None = _option(None, Flag(
+        ("--git-host",), "Git host for specs without one (default github.com)."),
+        recipe="git_host")
+    protocol: str = _option("https", Flag(
+        ("--protocol",), "How to reach the git host (default https).", choices=PROTOCOLS),
+        recipe="protocol")
+    extra_weights: Tuple[str, ...] = _option((), Flag(
+        ("--weights",), "Also pack this file (repeatable).", metavar="URL"),
+        recipe="weights")
+    entries: Tuple[str, ...] = _option((), Flag(
+        ("--entry",), "Pack only what these entrypoints need (repeatable; implies --trace).",
+        metavar="NAME"), recipe="entries")
+    trace: bool = _option(False, Flag(
+        ("--trace",), "Also run each entrypoint with downloads recorded instead of performed, "
+                      "to find what static discovery cannot (this runs the repo's code)."),
+        recipe="trace")
+    follow_nested: bool = _option(False, Flag(
+        ("--follow-nested",), "Also pack the repos the code loads with megengine.hub.load."),
+        recipe="follow_nested")
+    rewrites: Tuple[str, ...] = _option((), Flag(
+        ("--rewrite",), "Fetch git and weight URLs starting with FROM from TO instead, like "
+                        "git's url.<base>.insteadOf; the bundle records the original URLs "
+                        "(repeatable).", metavar="FROM=TO"), recipe="rewrites")
+    exclude: Tuple[str, ...] = _option((), Flag(
+        ("--exclude",), "Leave out weights whose URL matches this glob (repeatable).",
+        metavar="PATTERN"), recipe="exclude")
+    allow_unresolved: bool = _option(False, Flag(
+        ("--allow-unresolved",), "Pack even if some download calls' URLs cannot be worked "
+                                 "out."), recipe="allow_unresolved")
+    allow_unreachable: bool = _option(False, Flag(
+        ("--allow-unreachable",), "Pack :ref@commit even if the commit is not in the ref's "
+                                  "history."), recipe="allow_unreachable")
+    allow_unsafe_pickle: bool = _option(False, Flag(
+        ("--allow-unsafe-pickle",), "Pack weights that would import more than numpy, tensors "
+                                    "and collections."))
+    # The pin file: written if absent, enforced if present (see mirror.pins). A recipe
+    # names it at its top level, next to the output, not among its options.
+    lock: str | None = _option(None, Flag(
+        ("--lock",), "Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
+                     "enforced if present.", path=True))
+    sign: str | None = _option(None, Flag(
+        ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
+        exists=True))
+    jobs: int = _option(4, Flag(
+        ("-j", "--jobs"), "Weights downloaded at once (default 4).", int_range=(1, 64)),
+        recipe="jobs")
+    refresh: bool = _option(False, Flag(
+        ("--refresh",), "Download every weight again instead of using the download cache."))
+    cache_dir: str | None = _option(None)  # default: config.settings().downloads_dir
+    progress: bool = _option(True)  # the command line's -q turns it off
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                object.__setattr__(self, f.name, convert(f.name, value))
+            except OptionValueError as e:
+                raise MirrorError(f"pack option {f.name} {e}") from None
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, object]) -> PackOptions:
+        """Options from ``mapping`` (field name -> value), the others at their defaults.
+
+        Raises:
+            MirrorError: a key is not an option (the message lists the known ones),
+                or a value is not of the option's type.
+        """
+        return cls().updated(mapping)
+
+    def updated(self, mapping: Mapping[str, object]) -> PackOptions:
+        """These options with ``mapping``'s on top: a list adds to the list, any other
+        value (unless None) replaces. Raises :class:`MirrorError` as :meth:`from_mapping`."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(mapping) - names)
+        if unknown:
+            raise MirrorError(f"unknown pack option(s) {', '.join(unknown)} (known: "
+                              f"{', '.join(sorted(names))})")
+        changes: Dict[str, object] = {}
+        for name, value in mapping.items():
+            try:
+                value = convert(name, value)
+            except OptionValueError as e:
+                raise MirrorError(f"pack option {name} {e}") from None
+            if isinstance(value, tuple):
+                changes[name] = getattr(self, name) + value
+            elif value is not None:
+                changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> JsonObject:
+        """The options that differ from their defaults, lists as lists: what a recipe and
+        the command line asked for. ``from_mapping(o.to_json()) == o``."""
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+class OptionValueError(ValueError):
+    """A value that is not of its option's type; ``str()`` says what it must be."""
+
+    def __init__(self, what: str, value: object):
+        super().__init__(f"must be {what}, not {value!r}")
+        self.what, self.value = what, value
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return str if f.default is None else type(f.default)
+
+
+def kind(name: str) -> type:
+    """The kind of value option ``name`` takes: ``tuple`` (of strings), ``bool``,
+    ``int`` or ``str``. Raises KeyError for a name that is not an option."""
+    return _kind(_FIELDS[name])
+
+
+def convert(name: str, value: object) -> object:
+    """``value`` as option ``name`` holds it: a list of strings as a tuple, a path-like
+    as its string. Raises :class:`OptionValueError` when it is not of the option's kind
+    (None is accepted where the default is None)."""
+    f = _FIELDS[name]
+    expected = _kind(f)
+    if value is None and f.default is None:
+        return None
+    if expected is str and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if expected is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif expected is int:  # a bool is an int to Python, never to a user
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise OptionValueError(_WHAT[expected], value)
+    return value
+
+
+def recipe_keys() -> Dict[str, str]:
+    """Each key a recipe's ``[options]`` table may set -> the field it sets (``weights``
+    sets ``extra_weights``, as ``--weights`` does)."""
+    return {f.metadata["recipe"]: f.name for f in _FIELDS.values() if f.metadata["recipe"]}
+
+
+def flags() -> Dict[str, Flag]:
+    """Field name -> its command-line :class:`Flag`, in declaration order (the order
+    ``mirror pack --help`` lists them), for the fields that have one."""
+    return {name: f.metadata["flag"] for name, f in _FIELDS.items() if f.metadata["flag"]}
+
+
+_FIELDS: Dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(PackOptions)}

@@ -1,0 +1,386 @@
+"""``mirror pack``: snapshot repos at exact commits, fetch their weights, write one bundle.
+
+The flow: each spec is resolved upstream (:mod:`mirror.git`), its snapshot's
+weight URLs are found statically (:mod:`mirror.discovery`) and, when asked, by
+running its entrypoints (:mod:`mirror.trace`); the weights are downloaded
+(:mod:`mirror.download`), checked against the pin file (:mod:`mirror.pins`) and
+for unsafe pickles, and everything is written as one bundle (:mod:`mirror.bundle`)
+whose manifest is a :class:`mirror.model.Manifest`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Sequence, Set, Tuple
+
+from . import __version__, bundle
+from .config import settings
+from .discovery import coverage, discover
+from .download import DownloadCache, fetch_all
+from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickleError
+from .git import Snapshot, Upstream
+from .hashing import sha256_bytes
+from .model import (
+    FileEntry,
+    JsonObject,
+    Manifest,
+    RefEntry,
+    RepoEntry,
+    RepoId,
+    SnapshotEntry,
+    WeightEntry,
+    WeightFile,
+    code_member,
+    short,
+    weight_member,
+)
+from .pack_options import PackOptions
+from .pins import Pins
+from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef
+from .rewrites import Rewrites
+from .safety import unsafe_globals
+from .signing import load_private, sign
+from .trace import IMPORT, NestedCall, Trace, trace
+
+__all__ = ["PackOptions", "PackReport", "pack"]
+
+DEFAULT_OPTIONS = PackOptions()
+Follow = Tuple[str, Tuple[str, ...]]  # a spec still to pack, and the entries it needs
+
+
+@dataclass
+class PackReport:
+    """What ``pack`` wrote: the bundle, its id and size, and what went into it."""
+
+    output: str
+    bundle_id: str = ""  # sha256 of the manifest: what install records and list shows
+    size: int = 0
+    refs: List[str] = field(default_factory=list)  # "owner/name:ref -> commit"
+    files: int = 0
+    weights: List[WeightEntry] = field(default_factory=list)
+    unresolved: List[str] = field(default_factory=list)
+    excluded: List[str] = field(default_factory=list)
+    nested: List[str] = field(default_factory=list)
+    coverage: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)  # label -> entry
+
+    def to_json(self) -> JsonObject:
+        """What ``mirror pack --json`` prints (a weight without its locations)."""
+        return {"output": self.output, "bundle_id": self.bundle_id, "size": self.size,
+                "refs": list(self.refs), "files": self.files,
+                "weights": [{"url": w.url, "size": w.size, "sha256": w.sha256}
+                            for w in self.weights],
+                "unresolved": list(self.unresolved), "excluded": list(self.excluded),
+                "nested": list(self.nested), "coverage": self.coverage}
+
+
+def pack(specs: Sequence[str], output: str, options: PackOptions = DEFAULT_OPTIONS, *,
+         log: Callable[[str], None] = lambda m: None) -> PackReport:
+    """Pack every repo spec, and the weights its code downloads, into the bundle ``output``.
+
+    Args:
+        specs: repo specs, ``[host/]owner/name[:ref][@commit]``.
+        output: the bundle file to write; its directory must exist. It appears only
+            when complete.
+        options: how to pack (:class:`PackOptions`): ``rewrites`` (``FROM=TO``) change
+            where git and weight bytes are fetched from, never the URLs recorded;
+            ``exclude`` drops weights whose URL matches a glob; ``entries`` packs only
+            what those entrypoints need (which implies ``trace``, running them with
+            downloads recorded instead of performed); ``follow_nested`` also packs
+            repos that the code loads with ``megengine.hub.load``; ``lock`` is a pin
+            file to write, or to enforce if it exists. Weights are downloaded ``jobs``
+            at a time through the packing host's download cache (``refresh``
+            downloads again: with a pin file, that checks that upstream still serves
+            the pinned bytes).
+        log: called with each progress message and warning.
+
+    Returns:
+        A :class:`PackReport` of what the bundle holds, with its id.
+
+    Raises:
+        SpecError: a spec cannot be parsed.
+        GitError: a repo cannot be reached, or a ref or commit is not there.
+        UnresolvedError: some download's URL cannot be worked out (unless
+            ``allow_unresolved``).
+        DownloadError: a weight cannot be downloaded.
+        LockMismatchError: the pin file pins other commits or bytes, or not all of them.
+        UnsafePickleError: a weight would import more than numpy, tensors and
+            collections (unless ``allow_unsafe_pickle``).
+        MirrorError: the bundle cannot be written, among others.
+    """
+    packer = _Packer(output, options, log)
+    queue: List[Follow] = [(s, tuple(options.entries)) for s in specs]
+    while queue:
+        queue += packer.add(*queue.pop(0))
+    return packer.finish()
+
+
+@dataclass
+class _Repo:
+    """A repo as it is being packed: its refs and snapshots so far."""
+
+    id: RepoId
+    refs: List[RefEntry] = field(default_factory=list)
+    snapshots: Dict[str, _Snapshot] = field(default_factory=dict)  # by commit, in order
+
+    def entry(self) -> RepoEntry:
+        return RepoEntry(self.id, tuple(self.refs),
+                         tuple(s.entry() for s in self.snapshots.values()))
+
+
+@dataclass
+class _Snapshot:
+    """A snapshot as it is being packed: a later request may need more of its weights."""
+
+    base: SnapshotEntry
+    weights: Set[str] = field(default_factory=set)
+
+    def entry(self) -> SnapshotEntry:
+        return replace(self.base, weights=tuple(sorted(self.weights)))
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What a snapshot's code asks for, for the whole snapshot or for some entries."""
+
+    kept: Dict[str, List[str]]  # URL -> where it is asked for, exclusions left out
+    follow: List[Follow]  # nested loads to pack with --follow-nested
+    coverage: Dict[str, List[str]]  # entrypoint -> its @pretrained URLs
+    excluded: List[str]
+    unresolved: List[str]
+    nested: List[str]  # specs the code loads
+    trace: Trace | None
+
+
+class _Packer:
+    def __init__(self, output: str, opts: PackOptions, log: Callable[[str], None]):
+        out_dir = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(out_dir):  # before any download, not after
+            raise MirrorError(f"cannot write {output}: directory {out_dir} does not exist")
+        self.opts, self.log = opts, log
+        self.report = PackReport(output=output)
+        self.rewrite = Rewrites.parse(opts.rewrites)
+        self.pins = Pins.load(opts.lock) if opts.lock else None
+        self.repos: Dict[Tuple[str, str, str], _Repo] = {}
+        self.weight_refs: Dict[str, List[str]] = {u: [] for u in opts.extra_weights}
+        self.sources: Dict[str, bundle.Source] = {}
+        self.mtimes: Dict[str, int] = {}
+        self.seen: Set[Follow] = set()
+        # commit -> entries whose weights are packed (None: the whole snapshot's)
+        self.covered: Dict[str, Set[str] | None] = {}
+
+    def _locate(self, spec: RepoSpec) -> Tuple[RepoSpec, str, str]:
+        """(spec with its host, identity URL, URL the bytes are fetched from)."""
+        opts = self.opts
+        if opts.protocol.lower() == "file":
+            # --git-host is then a directory of owner/name repositories: where the bytes
+            # are, not who the repo is, so the recorded identity keeps the spec's host.
+            if not opts.git_host:
+                raise MirrorError("--protocol file needs --git-host DIR (a directory "
+                                  "holding owner/name repositories)")
+            fetch = f"file://{os.path.abspath(opts.git_host)}/{spec.repo}"
+            return spec, spec.url("https"), self.rewrite(fetch)
+        if opts.git_host and spec.host == DEFAULT_HOST:
+            spec = replace(spec, host=opts.git_host)
+        url = spec.url(opts.protocol.lower())
+        return spec, url, self.rewrite(url)
+
+    def add(self, text: str, entries: Tuple[str, ...] = ()) -> List[Follow]:
+        """Resolve and snapshot one spec (only what ``entries`` need, if given); return
+        the (spec, entries) of nested loads still to pack."""
+        if (text, entries) in self.seen:
+            return []
+        self.seen.add((text, entries))
+        spec, url, fetch_url = self._locate(RepoSpec.parse(text))
+        with Upstream(fetch_url) as up:
+            resolved = up.resolve(spec, allow_unreachable=self.opts.allow_unreachable)
+            if self.pins:
+                self.pins.check_ref(text, resolved.commit)
+            self.log(f"resolved {spec} -> {resolved.kind} {resolved.name} at "
+                     f"{resolved.commit}")
+            snap = up.snapshot(resolved.commit)
+        repo = self.repos.setdefault((spec.host, spec.owner, spec.name), _Repo(
+            RepoId(spec.host, spec.owner, spec.name, url)))
+        self._add_ref(repo, spec, resolved, text, fetch_url)
+        record = repo.snapshots.get(snap.commit)
+        covered = self.covered.get(snap.commit, set())
+        if record is not None and (covered is None or (entries and set(entries) <= covered)):
+            return []  # already packed with everything this request needs
+        found = self._weights(spec, snap, entries)
+        if record is None:
+            record = repo.snapshots[snap.commit] = _Snapshot(self._snapshot(snap, found))
+        record.weights |= set(found.kept)
+        self.covered[snap.commit] = covered | set(entries) if entries else None
+        return found.follow if self.opts.follow_nested else []
+
+    def _add_ref(self, repo: _Repo, spec: RepoSpec, resolved: ResolvedRef, text: str,
+                 fetch_url: str) -> None:
+        for ref in repo.refs:
+            if (ref.kind, ref.name) == (resolved.kind, resolved.name):
+                if ref.commit == resolved.commit:
+                    return  # asked twice (a nested load of a ref already packed, say)
+                # owner/name@commit only stands in for the default branch when nothing
+                # else names it: the snapshot is still there for commit=.
+                if spec.ref is None:
+                    self.log(f"note: {text} is packed by commit only; {resolved.name} "
+                             f"stays at {short(ref.commit)}")
+                    return
+                if RepoSpec.parse(ref.asked).ref is None:
+                    repo.refs.remove(ref)
+                    break
+                raise MirrorError(
+                    f"{ref.asked!r} and {text!r} would both set {resolved.kind} "
+                    f"{resolved.name} of {spec.repo} ({short(ref.commit)} and "
+                    f"{short(resolved.commit)}); pin other refs with {spec.repo}:REF@COMMIT")
+        repo.refs.append(RefEntry(resolved.name, resolved.kind, resolved.commit, asked=text,
+                                  resolved_at=settings().now(), fetched_from=fetch_url))
+        self.report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
+
+    def _weights(self, spec: RepoSpec, snap: Snapshot, entries: Tuple[str, ...]) -> _Found:
+        """What the whole snapshot, or ``entries``, download and load."""
+        opts, label = self.opts, f"{spec.repo}@{short(snap.commit)}"
+        entry_weights = coverage(snap.files)
+        tracing = opts.trace or opts.follow_nested or bool(entries)
+        traced = trace(snap.files, label) if tracing else None
+        if entries:
+            urls, unresolved = _entry_weights(label, entries, entry_weights, traced)
+        else:
+            found, missed = discover(snap.files)
+            urls = {w.url: [str(loc) for loc in w.locations] for w in found}
+            unresolved = [str(u) for u in missed]
+        calls: List[NestedCall] = []
+        if traced is not None:
+            for u, where in traced.urls(entries or None).items():
+                urls.setdefault(u, []).extend(where)
+            for entry, nested in traced.nested.items():
+                if not entries or entry in entries or entry == IMPORT:
+                    calls += nested
+            for entry, error in traced.errors.items():
+                if entry not in entries:
+                    self.log(f"warning: {label}: tracing {entry} failed: {error}")
+        kept = {u: where for u, where in urls.items() if not self._excluded(u)}
+        return self._note(label, _Found(
+            kept=kept,
+            # A nested repo is packed whole, or, when entries were named, for the entry
+            # called.
+            follow=[(c.spec, (c.entry,) if entries else ()) for c in calls],
+            coverage=entry_weights, excluded=sorted(set(urls) - set(kept)),
+            unresolved=unresolved, nested=sorted({c.spec for c in calls}), trace=traced))
+
+    def _note(self, label: str, found: _Found) -> _Found:
+        """Add what ``found`` says about snapshot ``label`` to the report and to the
+        weights to fetch."""
+        self.report.excluded += found.excluded
+        self.report.unresolved += [f"{label} {u}" for u in found.unresolved]
+        for u, where in found.kept.items():
+            self.weight_refs.setdefault(u, []).extend(f"{label}:{w}" for w in where)
+        self.report.nested += [f"{label} loads {n}" for n in found.nested]
+        if found.nested and not self.opts.follow_nested:
+            self.log(f"warning: {label} loads {', '.join(found.nested)} through "
+                     f"megengine.hub.load; pack them with --follow-nested")
+        self.report.coverage[label] = found.coverage
+        return found
+
+    def _snapshot(self, snap: Snapshot, found: _Found) -> SnapshotEntry:
+        files = []
+        for f in snap.files:
+            files.append(FileEntry(f.path, f.mode, len(f.data), sha256_bytes(f.data)))
+            member = code_member(snap.commit, f.path)
+            self.sources[member], self.mtimes[member] = f.data, snap.commit_time
+        self.report.files += len(files)
+        return SnapshotEntry(
+            snap.commit, snap.tree, snap.commit_time, tuple(files),
+            entrypoints=tuple(sorted(found.coverage)),
+            coverage={e: tuple(urls) for e, urls in found.coverage.items()},
+            excluded=tuple(found.excluded), unresolved=tuple(found.unresolved),
+            nested=tuple(found.nested),
+            trace=found.trace.record() if found.trace is not None else None)
+
+    def _excluded(self, url: str) -> bool:
+        return any(fnmatch.fnmatchcase(url, p) for p in self.opts.exclude)
+
+    def finish(self) -> PackReport:
+        """Check what was found, fetch the weights and write the bundle."""
+        report, pins = self.report, self.pins
+        if pins and pins.exists:
+            new = pins.missing(sorted({r.asked for repo in self.repos.values()
+                                       for r in repo.refs}), sorted(self.weight_refs))
+            if new:
+                raise LockMismatchError(pins.path, f"it does not pin {', '.join(new[:3])}"
+                                                   f"{' ...' if len(new) > 3 else ''}")
+        if report.unresolved and not self.opts.allow_unresolved:
+            raise UnresolvedError(report.unresolved)
+        for u in report.unresolved:
+            self.log(f"warning: packed without the file that {u} downloads")
+        weights = [self._weight(w) for w in self._fetch()]
+        manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
+                            tuple(weights), tool=f"mirror {__version__}",
+                            created=settings().now())
+        report.bundle_id = self._write(manifest)
+        report.size = os.path.getsize(report.output)
+        report.weights = weights
+        if pins and not pins.exists:
+            pins.write({r.asked: r.commit for repo in self.repos.values() for r in repo.refs},
+                       {w.url: w.sha256 for w in weights})
+            self.log(f"wrote lock {pins.path}")
+        return report
+
+    def _fetch(self) -> List[WeightFile]:
+        """Every weight, downloaded or from the cache, in URL order."""
+        opts, urls = self.opts, sorted(self.weight_refs)
+        self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
+        got = fetch_all(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,
+                        jobs=opts.jobs, progress=opts.progress,
+                        expect=self.pins.weights if self.pins else None)
+        return [got[u] for u in urls]
+
+    def _weight(self, got: WeightFile) -> WeightEntry:
+        """The manifest's entry of a downloaded weight, once its pin and its pickle's
+        imports are checked."""
+        if self.pins:
+            self.pins.check_weight(got.url, got.sha256)
+        unsafe = unsafe_globals(got.path)
+        if unsafe and not self.opts.allow_unsafe_pickle:
+            raise UnsafePickleError(f"weight {got.url}", unsafe)
+        self.sources[weight_member(got.sha256)] = got.path
+        return WeightEntry(got.url, got.size, got.sha256,
+                           tuple(sorted(set(self.weight_refs[got.url]))))
+
+    def _write(self, manifest: Manifest) -> str:
+        """Write the bundle; return its id. Every failure is one :class:`MirrorError`
+        naming the bundle (and the file that failed, if another)."""
+        output = self.report.output
+        signer = None
+        if self.opts.sign:
+            key = load_private(self.opts.sign)
+            signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
+        try:
+            # Checked as install will read it: what pack writes, install accepts.
+            manifest = Manifest.from_json(manifest.to_json())
+            return bundle.write(output, manifest, self.sources, self.mtimes, sign=signer)
+        except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
+            raise MirrorError(f"cannot pack into {output}: {e}") from None
+        except bundle.SourceError as e:  # e.g. a cached download removed meanwhile
+            raise MirrorError(f"cannot pack into {output}: {e}") from None
+        except OSError as e:  # the bundle's own file: a full disk, an unwritable folder
+            where = f"{e.filename}: " if e.filename and e.filename != output else ""
+            raise MirrorError(f"cannot pack into {output}: {where}"
+                              f"{e.strerror or e}") from None
+
+
+def _entry_weights(label: str, entries: Tuple[str, ...], entry_weights: Dict[str, List[str]],
+                   traced: Trace) -> Tuple[Dict[str, List[str]], List[str]]:
+    """(URL -> where it is asked for, what could not be traced) for named entries."""
+    unknown = sorted(set(entries) - set(traced.entries))
+    if unknown:
+        raise MirrorError(f"{label}: no entrypoint {', '.join(unknown)} in "
+                          f"hubconf.py (it has: {', '.join(traced.entries)})")
+    urls: Dict[str, List[str]] = {}
+    for entry in entries:
+        for u in entry_weights.get(entry, []):
+            urls.setdefault(u, []).append(f"hubconf.py (@pretrained of {entry})")
+    # Only the entries' own downloads matter, and they were run; one that failed may
+    # have stopped before asking for everything it needs.
+    return urls, [f"tracing {e} failed: {traced.errors[e]}" for e in entries
+                  if e in traced.errors]
