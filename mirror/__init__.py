@@ -35,9 +35,6 @@ _EXPORTS = {
     "InstallReport": ("installer", "InstallReport"),
     "verify_bundle": ("bundle", "verify"),
     "read_manifest": ("bundle", "read_manifest"),
-    "verify_store": ("housekeeping", "verify"),
-    "remove": ("housekeeping", "remove"),
-    "gc": ("housekeeping", "gc"),
     "Store": ("store", "Store"),
     "patch_megengine": ("patch", "patch_megengine"),
     "settings": ("config", "settings"),
@@ -45,7 +42,7 @@ _EXPORTS = {
     "hub": ("hub", None),
 }
 
-__all__ = sorted(_EXPORTS) + ["list_repos", "__version__"]
+__all__ = sorted(_EXPORTS) + ["gc", "list_repos", "remove", "verify_store", "__version__"]
 
 
 def list_repos(home: str | None = None) -> list:
@@ -54,6 +51,39 @@ def list_repos(home: str | None = None) -> list:
     from .store import Store
 
     return Store(home).repos()
+
+
+def verify_store(home: str | None = None, progress: bool = False) -> Any:
+    """Re-hash every blob of the store at ``home`` and check every snapshot, ref and
+    weight record. Returns a :class:`mirror.housekeeping.VerifyReport`, whose ``ok``
+    is False and ``problems`` lists each problem when anything fails; it raises only
+    for a store that cannot be read at all."""
+    from .housekeeping import verify
+    from .store import Store
+
+    return verify(Store(home), progress=progress)
+
+
+def remove(spec: str, home: str | None = None, dry_run: bool = False) -> Any:
+    """Remove a repo (``owner/name``), a ref (``owner/name:ref``) or a commit
+    (``owner/name@commit``) from the store at ``home``, then every blob nothing else
+    uses. Returns a :class:`mirror.housekeeping.Plan` of what went (or, with
+    ``dry_run``, would go). Raises :class:`mirror.errors.NotInstalledError` or
+    :class:`mirror.errors.StoreError`."""
+    from .housekeeping import remove as remove_from
+    from .store import Store
+
+    return remove_from(Store(home), spec, dry_run=dry_run)
+
+
+def gc(home: str | None = None, dry_run: bool = False) -> Any:
+    """Delete what no snapshot, ref or weight of the store at ``home`` references, and
+    abandoned work. Returns a :class:`mirror.housekeeping.Plan`. Raises
+    :class:`mirror.errors.StoreError` while an install is running."""
+    from .housekeeping import gc as collect
+    from .store import Store
+
+    return collect(Store(home), dry_run=dry_run)
 
 
 def __getattr__(name: str) -> Any:

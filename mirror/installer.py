@@ -274,7 +274,7 @@ class Transaction:
     def _publish_repo(self, repo: RepoEntry, pins: Dict[str, Pin]) -> None:
         paths = self.layout.repo(repo.id.host, repo.id.owner, repo.id.name)
         if not os.path.exists(paths.repo_json):
-            write_atomic(paths.repo_json, canonical_json(repo.id.to_json()))
+            write_atomic(paths.repo_json, canonical_json(repo.id.to_record()))
         os.makedirs(paths.snapshots, exist_ok=True)
         for snap in repo.snapshots:
             label = f"{repo.id.label}@{short(snap.commit)}"

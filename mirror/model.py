@@ -295,6 +295,15 @@ class RepoId:
     def to_json(self) -> JsonObject:
         return {"host": self.host, "owner": self.owner, "name": self.name, "url": self.url}
 
+    @classmethod
+    def from_record(cls, obj: Any) -> RepoId:
+        """A store's ``repo.json``: the identity, with the record's schema version."""
+        _schema(obj)
+        return cls.from_json(obj)
+
+    def to_record(self) -> JsonObject:
+        return dict(self.to_json(), schema=RECORD_SCHEMA)
+
     @property
     def label(self) -> str:
         """``owner/name``, as messages show it."""

@@ -105,7 +105,7 @@ class Store:
         return self.layout.repo(host, owner, name)
 
     def repo_id(self, repo: RepoLayout) -> RepoId:
-        return _parse(repo.repo_json, RepoId.from_json)
+        return _parse(repo.repo_json, RepoId.from_record)
 
     def snapshot_record(self, repo: RepoLayout, commit: str) -> SnapshotRecord | None:
         """What install recorded about a snapshot, or None if there is no record."""
