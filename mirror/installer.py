@@ -31,10 +31,10 @@ from typing import IO, Dict, List, Sequence, Tuple
 from . import bundle
 from .atomic import (
     WritebackFile,
-    exchange,
     fsync_dir,
     fsync_path,
     make_temp_dir,
+    publish_dir,
     sync_filesystem,
     write_atomic,
 )
@@ -289,7 +289,7 @@ class Transaction:
             if self.options.force or not os.path.exists(paths.snapshot_record(snap.commit)):
                 write_atomic(paths.snapshot_record(snap.commit),
                              canonical_json(self._record(snap, pins).to_json()))
-            _publish_dir(building, target)
+            publish_dir(building, target, replace=os.path.isdir(target))  # --force: a swap
             fsync_dir(paths.snapshots)
             self.report.snapshots_installed.append(label)
 
@@ -352,20 +352,6 @@ class Transaction:
             self.report.megengine_cache = [
                 f"warning: not seeded ({e.filename or home}: {e.strerror or e}); stock "
                 f"megengine.hub will not find this bundle offline"]
-
-
-def _publish_dir(building: str, target: str) -> None:
-    """Put the finished folder ``building`` at ``target``: one atomic swap when it is
-    there already (``--force``, no gap for readers), else a rename."""
-    if os.path.isdir(target):
-        exchange(building, target)
-        return
-    try:
-        os.rename(building, target)
-    except OSError:
-        if not os.path.isdir(target):
-            raise
-        # Another installer published the same snapshot first: the same bytes.
 
 
 def installed_versions(asked: Sequence[str]) -> Tuple[str, ...]:

@@ -16,12 +16,13 @@ swapped in one step when the ref it stands for has moved.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from typing import Dict, List, Sequence, Set, Tuple
 
-from .atomic import exchange, link_or_copy, make_temp_dir, write_atomic
+from .atomic import link_or_copy, make_temp_dir, publish_dir, write_atomic
 from .layout import MegEngineLayout, RepoLayout
 from .model import Manifest, SnapshotRecord, short
 from .refs import DEFAULT_BRANCH
@@ -110,17 +111,12 @@ def _seed_repo(store: Store, record: SnapshotRecord | None, target: str, label: 
         materialize(building, record.snapshot.files, store.layout.blob)
         write_atomic(os.path.join(building, MARK), json.dumps(
             {"commit": commit, "for": label}).encode())
-        if seeded is not None:  # an older seed of a ref that moved: one swap, no gap
-            exchange(building, target)
-        else:
-            try:
-                os.rename(building, target)
-            except OSError:
-                if _read_mark(target) != commit:
-                    raise
-                # Another install seeded the same entry a moment ago: the same files.
-                shutil.rmtree(building, ignore_errors=True)
-                return f"{label} already seeded"
+        # An older seed of a ref that moved is swapped in one step, with no gap.
+        if not publish_dir(building, target, replace=seeded is not None):
+            if _read_mark(target) != commit:  # MegEngine made it meanwhile: not ours
+                raise FileExistsError(errno.EEXIST, "made meanwhile by another program",
+                                      target)
+            return f"{label} already seeded"  # another install, a moment ago: same files
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ from .atomic import atomic_file
 from .errors import MirrorError, SignatureError
 
 # cryptography is imported where a key is used: the commands that use none (inspect,
-# list, an install without a trust policy) start 20 ms sooner.
+# list, an install without a trust policy) start sooner.
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
