@@ -86,6 +86,10 @@ def gc(home: str | None = None, dry_run: bool = False) -> Any:
     return collect(Store(home), dry_run=dry_run)
 
 
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'mirror' has no attribute {name!r}")

@@ -28,7 +28,7 @@ import zstandard
 
 from .atomic import atomic_file
 from .errors import BundleError, InvalidRecordError
-from .hashing import CHUNK
+from .hashing import CHUNK, sha256_bytes
 from .model import (  # noqa: F401  (the format's names, re-exported for readers of bundles)
     FORMAT,
     FORMAT_VERSION,
@@ -90,6 +90,8 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
     only when it is complete.
     """
     mtimes = mtimes or {}
+    # Checked as a reader will parse it: what is written here, verify and install accept.
+    manifest = Manifest.from_json(manifest.to_json())
     members = manifest.members()
     missing = sorted(set(members) - set(sources))
     if missing:
@@ -145,7 +147,7 @@ class _Source:
 
 def bundle_id(manifest_bytes: bytes) -> str:
     """A bundle's id: the sha256 of its manifest's bytes, which hold every other digest."""
-    return hashlib.sha256(manifest_bytes).hexdigest()
+    return sha256_bytes(manifest_bytes)
 
 
 class _FrameWriter:

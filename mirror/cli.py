@@ -21,7 +21,7 @@ from . import __version__, bundle, housekeeping, signing
 from .atomic import write_atomic
 from .config import settings
 from .errors import MirrorError
-from .model import short
+from .ids import short
 from .store import Store
 
 
@@ -396,6 +396,7 @@ def run(command, home) -> None:
 
 
 @cli.command()
+@_library_errors
 def home() -> None:
     """Print the default store location."""
     click.echo(settings().store_home)

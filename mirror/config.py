@@ -13,8 +13,8 @@ environment is read when :func:`settings` is called, not at import, so a test
                                ``~/.cache/megengine``), as MegEngine reads it
 ``MGE_MIRROR_DOWNLOADS``       the packing host's download cache (else
                                ``$XDG_CACHE_HOME/megengine/mirror-downloads``)
-``MGE_MIRROR_OFFLINE``         every ``mirror.hub`` call local (truthy: ``1``,
-                               ``true``, ``yes``, ``on``; anything else is off)
+``MGE_MIRROR_OFFLINE``         every ``mirror.hub`` call local (off when unset,
+                               empty, ``0``, ``false``, ``no``, ``off``; else on)
 ``MGE_MIRROR_PARANOID``        re-hash a weight on every use, not once a process
 ``MGE_MIRROR_TRUSTED_KEYS``    trusted public keys, ``:``-separated paths
 ``MGE_MIRROR_GIT_USERNAME``,   HTTPS credentials for git
@@ -32,23 +32,23 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
 
 from .errors import ConfigError
+from .layout import StoreLayout
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-_TRUE = ("1", "true", "yes", "on")
-STORE_CONFIG = "config.toml"
-STORE_KEYS = "trusted-keys"
+_FALSE = ("", "0", "false", "no", "off")
 
 
 def is_true(value: str | None) -> bool:
-    """The one truthy parser: ``1``, ``true``, ``yes``, ``on`` (any case) are true;
-    anything else, ``0``, ``false``, ``no`` and the empty string included, is false."""
-    return (value or "").strip().lower() in _TRUE
+    """The one truthy parser: unset, empty, ``0``, ``false``, ``no`` and ``off`` (any
+    case) are false; anything else is true. A switch that is set at all is on unless
+    it says off, so a typo in ``MGE_MIRROR_OFFLINE`` keeps the host offline."""
+    return (value or "").strip().lower() not in _FALSE
 
 
 def _cache_root(env: Mapping[str, str]) -> str:
@@ -66,12 +66,19 @@ class Settings:
     paranoid: bool
     trusted_keys: Tuple[str, ...]
     git_username: str | None
-    git_password: str | None
-    source_date_epoch: int | None
+    git_password: str | None = field(repr=False)
+    source_date_epoch: str | None  # as set: only pack reads it, through now()
 
     def now(self) -> int:
-        """The time to record in a bundle: ``SOURCE_DATE_EPOCH`` makes packs repeatable."""
-        return self.source_date_epoch if self.source_date_epoch is not None else int(time.time())
+        """The time to record in a bundle: ``SOURCE_DATE_EPOCH`` makes packs repeatable.
+        Raises ConfigError when it is not a whole number of seconds."""
+        if not self.source_date_epoch:
+            return int(time.time())
+        try:
+            return int(self.source_date_epoch)
+        except ValueError:
+            raise ConfigError("SOURCE_DATE_EPOCH", f"{self.source_date_epoch!r} is not a "
+                                                   f"whole number of seconds") from None
 
 
 def settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -87,12 +94,6 @@ def settings(env: Mapping[str, str] | None = None) -> Settings:
         store_home = os.path.join(_cache_root(env), "megengine", "mirror")
     downloads = os.path.expanduser(env.get("MGE_MIRROR_DOWNLOADS") or os.path.join(
         _cache_root(env), "megengine", "mirror-downloads"))
-    epoch = env.get("SOURCE_DATE_EPOCH")
-    try:
-        source_date_epoch = int(epoch) if epoch else None
-    except ValueError:
-        raise ConfigError("SOURCE_DATE_EPOCH", f"{epoch!r} is not a whole number of "
-                                               f"seconds") from None
     return Settings(
         store_home=os.path.abspath(store_home),
         megengine_home=os.path.abspath(megengine_home),
@@ -103,7 +104,7 @@ def settings(env: Mapping[str, str] | None = None) -> Settings:
                            if p),
         git_username=env.get("MGE_MIRROR_GIT_USERNAME") or None,
         git_password=env.get("MGE_MIRROR_GIT_PASSWORD") or None,
-        source_date_epoch=source_date_epoch,
+        source_date_epoch=env.get("SOURCE_DATE_EPOCH") or None,
     )
 
 
@@ -119,7 +120,7 @@ class StoreConfig:
 
     @classmethod
     def load(cls, store_home: str) -> StoreConfig:
-        path = os.path.join(store_home, STORE_CONFIG)
+        path = StoreLayout(store_home).config
         if not os.path.exists(path):
             return cls()
         try:
@@ -164,7 +165,7 @@ def trust_policy(store_home: str, locations: Sequence[str] = (), require: bool =
     when ``require`` or ``require_signature = true`` asks for one."""
     stored = StoreConfig.load(store_home)
     found = tuple(locations) or settings(env).trusted_keys or stored.trusted_keys
-    default = os.path.join(store_home, STORE_KEYS)
+    default = StoreLayout(store_home).trusted_keys
     if not found and os.path.isdir(default):
         found = (default,)
     return TrustPolicy(found, bool(found) or require or stored.require_signature)

@@ -15,7 +15,8 @@ import pygit2
 
 from .config import git_credential_environment, settings
 from .errors import AmbiguousCommitError, GitError, RefNotFoundError
-from .model import MODE_EXEC, MODE_FILE, MODE_LINK, short
+from .ids import short
+from .model import MODE_EXEC, MODE_FILE, MODE_LINK
 from .refs import DEFAULT_BRANCH, RepoSpec, ResolvedRef
 
 

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Set, Tuple, TypeVar
+from typing import Dict, Iterator, List, Set, Tuple, TypeVar
 
 from .errors import MirrorError, NotInstalledError, StoreError
-from .hashing import sha256_file
+from .hashing import sha256_bytes, sha256_file
+from .ids import short
 from .layout import TEMP_PREFIX, RepoLayout, listing
 from .locking import locked
-from .model import MODE_LINK, JsonObject, Manifest, SnapshotRecord, WeightRecord, short
+from .model import MODE_LINK, JsonObject, Manifest, SnapshotRecord, WeightRecord
 from .refs import RepoSpec
-from .store import RefHead, Store
+from .store import RefHead, Store, read_record
 from .tree import walk
 
 T = TypeVar("T")
@@ -154,8 +154,8 @@ def _verify_snapshot(store: Store, repo: RepoLayout, commit: str, label: str,
         report.files += 1
         f, full = expected[path], os.path.join(root, path)
         if f.mode == MODE_LINK:
-            same = os.path.islink(full) and hashlib.sha256(
-                os.fsencode(os.readlink(full))).hexdigest() == f.sha256
+            same = os.path.islink(full) and sha256_bytes(
+                os.fsencode(os.readlink(full))) == f.sha256
         elif os.path.islink(full):
             same = False
         elif good.get(f.sha256) == os.stat(full).st_ino:
@@ -316,7 +316,7 @@ def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_urls: S
     """A bundle record stays while any snapshot it brought is installed (or it brought
     only weights), and with it every weight it brought, pack --weights extras included."""
     for path in _record_paths(store.layout.bundles, plan, act):
-        manifest = _read_record(path, lambda data: Manifest.from_bytes(data))
+        manifest = read_record(path, Manifest.from_json, _UNREADABLE)
         commits = {s.commit for r in manifest.repos for s in r.snapshots}
         if not commits or commits & installed:
             live_urls.update(w.url for w in manifest.weights)
@@ -326,7 +326,7 @@ def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_urls: S
 
 def _weight_records(store: Store, plan: Plan, act: bool) -> Iterator[Tuple[str, WeightRecord]]:
     for path in _record_paths(store.layout.weights, plan, act):
-        yield path, _read_record(path, lambda data: WeightRecord.from_json(json.loads(data)))
+        yield path, read_record(path, WeightRecord.from_json, _UNREADABLE)
 
 
 def _record_paths(folder: str, plan: Plan, act: bool) -> Iterator[str]:
@@ -339,15 +339,10 @@ def _record_paths(folder: str, plan: Plan, act: bool) -> Iterator[str]:
             yield path
 
 
-def _read_record(path: str, parse: Callable[[bytes], T]) -> T:
-    """An unreadable record stops gc: what it keeps alive cannot be known, and guessing
-    would delete what it protects."""
-    try:
-        with open(path, "rb") as fh:
-            return parse(fh.read())
-    except (OSError, ValueError, RecursionError):
-        raise StoreError(path, "this record is unreadable, so gc cannot tell what it "
-                               "keeps alive; run 'mirror verify'") from None
+# An unreadable record stops gc: what it keeps alive cannot be known, and guessing
+# would delete what it protects.
+_UNREADABLE = "this record is unreadable, so gc cannot tell what it keeps alive; run " \
+              "'mirror verify'"
 
 
 def _drop(path: str, items: List[str], plan: Plan, act: bool) -> None:

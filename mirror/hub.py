@@ -44,7 +44,7 @@ from .errors import (
 )
 from .hashing import sha256_file
 from .hubconf import HUBCONF, entrypoints, exec_hubconf
-from .model import short
+from .ids import short
 from .refs import DEFAULT_HOST, parse_repo_info
 from .store import SnapshotRef, Store
 from .tree import walk
@@ -160,7 +160,10 @@ class Redirect:
         }
 
     def apply(self) -> Redirect:
-        """Redirect now; returns this object, to undo later."""
+        """Redirect now (once: applying again changes nothing); returns this object,
+        to undo later."""
+        if self.active:
+            return self
         # By name, not attribute: under `mirror run` this runs while megengine itself
         # is still being imported, before megengine.hub is set on the package.
         modules = (importlib.import_module("megengine.hub.hub"),

@@ -39,7 +39,8 @@ from .atomic import (
     write_atomic,
 )
 from .config import TrustPolicy, settings, trust_policy
-from .errors import StoreError, UnsafePickleError
+from .errors import MirrorError, StoreError, UnsafePickleError
+from .ids import short
 from .layout import RepoLayout
 from .locking import locked
 from .model import (
@@ -54,10 +55,9 @@ from .model import (
     SnapshotRecord,
     WeightRecord,
     canonical_json,
-    short,
 )
 from .safety import unsafe_globals
-from .store import Store, read_text
+from .store import Store
 from .tree import materialize
 
 
@@ -70,7 +70,9 @@ class InstallOptions:
     megengine_versions: Tuple[str, ...] = ()  # seed MegEngine's cache for these versions
     megengine_home: str | None = None  # default: the configured MGE_HOME
     allow_unsafe_pickle: bool = False
-    trusted_keys: Tuple[str, ...] = ()  # key files or folders, on top of the store's policy
+    # Key files or folders; like --trusted-keys, they stand in for the store's configured
+    # keys for this install (seeding still follows the store's own policy).
+    trusted_keys: Tuple[str, ...] = ()
     require_signature: bool = False
     digest_file: bool = False  # also take the bundle file's sha256 (for a receipt)
     progress: bool = False
@@ -200,7 +202,6 @@ class Transaction:
 
     def verify_and_stage(self) -> None:
         """Read the whole bundle once, verifying every byte and staging new blobs."""
-        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
         keys = self.policy.keys() if self.policy.required else None
         self.trusted_ids = set(keys) if keys is not None else None
 
@@ -213,6 +214,7 @@ class Transaction:
                                               self.bundle_path).key_id
 
         digest = hashlib.sha256() if self.options.digest_file else None
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
         try:
             self.manifest = bundle.read(self.bundle_path, self._sink, on_head=on_head,
                                         progress=self.options.progress, file_digest=digest)
@@ -312,7 +314,7 @@ class Transaction:
                  times: Dict[str, int]) -> None:
         path = paths.ref(ref.kind, ref.name)
         label = f"{repo.id.label}:{ref.name}"
-        current = read_text(path)
+        current = self.store.ref_commit(paths, ref.kind, ref.name)
         if current == ref.commit:
             return
         if current and not self.options.force:
@@ -343,15 +345,22 @@ class Transaction:
         from .megengine_cache import seed
 
         home = self.options.megengine_home or settings().megengine_home
-        # The store is complete at this point; a cache that cannot be written is a
-        # warning about stock megengine.hub, not a failed install.
+        # Stock megengine.hub runs whatever the cache holds, unchecked: under the store's
+        # own policy only what its keys signed, else under this install's, if any.
+        # The store is complete at this point; a cache that cannot be written (or a
+        # record that cannot be read) is a warning about stock megengine.hub, not a
+        # failed install.
         try:
+            store_policy = self.store.policy
+            trusted = set(store_policy.keys()) if store_policy.required else self.trusted_ids
             self.report.megengine_cache = seed(self.store, self.manifest, versions, home,
-                                               self.trusted_ids)
-        except OSError as e:
+                                               trusted)
+        except (OSError, MirrorError) as e:
+            where = f"{e.filename or home}: {e.strerror or e}" if isinstance(e, OSError) \
+                else str(e)
             self.report.megengine_cache = [
-                f"warning: not seeded ({e.filename or home}: {e.strerror or e}); stock "
-                f"megengine.hub will not find this bundle offline"]
+                f"warning: not seeded ({where}); stock megengine.hub will not find this "
+                f"bundle offline"]
 
 
 def installed_versions(asked: Sequence[str]) -> Tuple[str, ...]:

@@ -33,6 +33,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Iterator, List
 
+from .hashing import sha256_bytes
+
 REF_FOLDERS = (("heads", "branch"), ("tags", "tag"))
 TEMP_PREFIX = ".tmp-"  # atomic_file's temporary names: an interrupted write
 
@@ -94,6 +96,16 @@ class StoreLayout:
         return os.path.join(self.home, ".lock")
 
     @property
+    def config(self) -> str:
+        """The store's own settings (see :class:`mirror.config.StoreConfig`)."""
+        return os.path.join(self.home, "config.toml")
+
+    @property
+    def trusted_keys(self) -> str:
+        """Public keys the store trusts when nothing else names any."""
+        return os.path.join(self.home, "trusted-keys")
+
+    @property
     def blobs(self) -> str:
         return os.path.join(self.home, "blobs")
 
@@ -124,7 +136,7 @@ class StoreLayout:
         return os.path.join(self.bundles, bundle_id + ".json")
 
     def weight_record(self, url: str) -> str:
-        return os.path.join(self.weights, hashlib.sha256(url.encode()).hexdigest() + ".json")
+        return os.path.join(self.weights, sha256_bytes(url.encode()) + ".json")
 
     def repo(self, host: str, owner: str, name: str) -> RepoLayout:
         # GitHub matches owner/name case-insensitively; so does the store.
@@ -164,7 +176,7 @@ def megengine_repo_key(version: str, owner: str, name: str, branch: str,
 def megengine_weight_file(url: str) -> str:
     """The file name MegEngine caches ``url`` under."""
     base = os.path.basename(urllib.parse.urlparse(url).path)
-    return hashlib.sha256(url.encode()).hexdigest()[:6] + "_" + base
+    return sha256_bytes(url.encode())[:6] + "_" + base
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ import shutil
 from typing import Dict, List, Sequence, Set, Tuple
 
 from .atomic import link_or_copy, make_temp_dir, publish_dir, write_atomic
+from .errors import StoreError
+from .ids import short
 from .layout import MegEngineLayout, RepoLayout
-from .model import Manifest, SnapshotRecord, short
+from .model import Manifest, SnapshotRecord
 from .refs import DEFAULT_BRANCH
 from .store import Store
 from .tree import materialize
@@ -61,7 +63,11 @@ def seed(store: Store, manifest: Manifest, versions: Sequence[str], megengine_ho
         owner, name = repo.id.owner, repo.id.name
         for target, (commit, label) in sorted(_wanted(store, paths, repo.snapshots, versions,
                                                       cache, owner, name).items()):
-            record = store.snapshot_record(paths, commit)
+            try:
+                record = store.snapshot_record(paths, commit)
+            except StoreError as e:
+                done.append(f"not seeding {label}: {e}")
+                continue
             if trusted is not None and (record.signed_by if record else None) not in trusted:
                 done.append(f"not seeding {label}: its bundle was not signed by a trusted key")
                 continue

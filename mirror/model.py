@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Tuple, TypeVar
 
 from .errors import InvalidRecordError
-from .ids import is_hex, short  # noqa: F401  (short: re-exported)
+from .ids import is_hex, short
 
 FORMAT = "mge-mirror-bundle"
 FORMAT_VERSION = 1
@@ -67,15 +67,17 @@ def _list_of(entry: Dict[str, Any], key: str, parse: Callable[[Any], T]) -> Tupl
     return tuple(parse(item) for item in need(entry, key, list))
 
 
-def _size(entry: Dict[str, Any], what: str) -> int:
+def _size(entry: Any, what: str) -> int:
+    if not isinstance(entry, dict):
+        raise InvalidRecordError(f"{what}: not an object with a size and a sha256")
     size = entry.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidRecordError(f"{what}: size is not a non-negative integer")
     return size
 
 
-def _sha256(entry: Dict[str, Any], what: str) -> str:
-    if not is_hex(entry.get("sha256"), (64,)):
+def _sha256(entry: Any, what: str) -> str:
+    if not isinstance(entry, dict) or not is_hex(entry.get("sha256"), (64,)):
         raise InvalidRecordError(f"{what}: sha256 is not 64 lowercase hex digits")
     return entry["sha256"]
 
@@ -419,9 +421,6 @@ class Manifest:
         return {code_member(s.commit, f.path): f.path for r in self.repos
                 for s in r.snapshots for f in s.files if f.is_link}
 
-    def weight(self, url: str) -> WeightEntry | None:
-        return next((w for w in self.weights if w.url == url), None)
-
 
 @dataclass(frozen=True)
 class WeightFile:
@@ -471,7 +470,7 @@ class SnapshotRecord:
     bundle: str | None = None  # the bundle id (sha256 of its manifest)
     bundle_file: str | None = None  # the bundle's file name, as installed
     signed_by: str | None = None  # the trusted key that signed it, if one was checked
-    installed_at: int = 0
+    installed_at: int | None = None  # None in records of before it was kept
 
     @classmethod
     def from_json(cls, obj: Any) -> SnapshotRecord:
@@ -481,7 +480,7 @@ class SnapshotRecord:
                    {url: Pin.from_json(pin, url) for url, pin in digests.items()},
                    _optional(obj, "bundle", str, None), _optional(obj, "bundle_file", str, None),
                    _optional(obj, "signed_by", str, None),
-                   _optional(obj, "installed_at", int, 0))
+                   _optional(obj, "installed_at", int, None))
 
     def to_json(self) -> JsonObject:
         return dict(self.snapshot.to_json(), schema=RECORD_SCHEMA,

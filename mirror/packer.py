@@ -22,6 +22,7 @@ from .download import DownloadCache, fetch_all
 from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickleError
 from .git import Snapshot, Upstream
 from .hashing import sha256_bytes
+from .ids import short
 from .model import (
     FileEntry,
     JsonObject,
@@ -33,7 +34,6 @@ from .model import (
     WeightEntry,
     WeightFile,
     code_member,
-    short,
     weight_member,
 )
 from .pack_options import PackOptions
@@ -356,8 +356,6 @@ class _Packer:
             key = load_private(self.opts.sign)
             signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
         try:
-            # Checked as install will read it: what pack writes, install accepts.
-            manifest = Manifest.from_json(manifest.to_json())
             return bundle.write(output, manifest, self.sources, self.mtimes, sign=signer)
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {output}: {e}") from None

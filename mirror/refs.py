@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from .errors import SpecError
-from .model import short
+from .ids import short
 
 DEFAULT_HOST = "github.com"
 # MegEngine Hub's default when repo_info has no ":branch" (megengine/hub/const.py).

@@ -9,7 +9,6 @@ keys a store trusts is its :class:`mirror.config.TrustPolicy`.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, Sequence
 
 from .atomic import atomic_file
 from .errors import MirrorError, SignatureError
+from .hashing import sha256_bytes
 
 # cryptography is imported where a key is used: the commands that use none (inspect,
 # list, an install without a trust policy) start sooner.
@@ -34,7 +34,7 @@ def key_id(public: Ed25519PublicKey) -> str:
     from cryptography.hazmat.primitives import serialization
 
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return sha256_bytes(raw)[:16]
 
 
 def keygen(path: str) -> str:
@@ -83,7 +83,7 @@ def load_public(path: str) -> Ed25519PublicKey:
 
 def sign(private: Ed25519PrivateKey, manifest_bytes: bytes) -> bytes:
     """The signature document for a manifest (what ``manifest.sig`` holds)."""
-    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    digest = sha256_bytes(manifest_bytes)
     return (json.dumps({"algorithm": ALGORITHM, "key_id": key_id(private.public_key()),
                         "manifest_sha256": digest,
                         "signature": base64.b64encode(private.sign(digest.encode())).decode()},
@@ -114,7 +114,7 @@ def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25
         raise SignatureError(bundle, "its signature document is malformed") from None
     if algorithm != ALGORITHM:
         raise SignatureError(bundle, f"it is signed with {algorithm!r}, not {ALGORITHM}")
-    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    digest = sha256_bytes(manifest_bytes)
     if doc.get("manifest_sha256") != digest:
         raise SignatureError(bundle, "its manifest was changed after signing")
     if kid not in trusted:

@@ -14,13 +14,16 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple, TypeVar
 
 from .config import TrustPolicy, settings, trust_policy
-from .errors import AmbiguousCommitError, InvalidRecordError, NotInstalledError, StoreError
+from .errors import AmbiguousCommitError, NotInstalledError, StoreError
+from .ids import short
 from .layout import REF_FOLDERS, TEMP_PREFIX, RepoLayout, StoreLayout, listing
-from .model import JsonObject, Pin, RepoId, SnapshotRecord, WeightFile, WeightRecord, short
+from .model import JsonObject, Pin, RepoId, SnapshotRecord, WeightFile, WeightRecord
 from .refs import DEFAULT_HOST
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,19 +108,31 @@ class Store:
         return self.layout.repo(host, owner, name)
 
     def repo_id(self, repo: RepoLayout) -> RepoId:
-        return _parse(repo.repo_json, RepoId.from_record)
+        return read_record(repo.repo_json, RepoId.from_record, UNREADABLE)
 
     def snapshot_record(self, repo: RepoLayout, commit: str) -> SnapshotRecord | None:
         """What install recorded about a snapshot, or None if there is no record."""
         path = repo.snapshot_record(commit)
-        if not os.path.exists(path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
             return None
-        # Never treated as "no record": gc would then free the snapshot's blobs.
-        return _parse(path, SnapshotRecord.from_json, "this snapshot record is unreadable; "
-                      "run 'mirror verify' and reinstall its bundle with --force")
+        # A record is replaced only by a rename (a new inode): parsed once per version.
+        key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+        record = _RECORDS.get(key)
+        if record is None:
+            # Never treated as "no record": gc would then free the snapshot's blobs.
+            record = read_record(path, SnapshotRecord.from_json, "this snapshot record is "
+                                 "unreadable; run 'mirror verify' and reinstall its bundle "
+                                 "with --force")
+            if len(_RECORDS) >= _RECORDS_KEPT:
+                _RECORDS.pop(next(iter(_RECORDS)))
+            _RECORDS[key] = record
+        return record
 
-    def weight_record(self, path: str) -> WeightRecord:
-        return _parse(path, WeightRecord.from_json)
+    def ref_commit(self, repo: RepoLayout, kind: str, name: str) -> str | None:
+        """The commit a branch or tag names, or None if there is no such ref."""
+        return _read_text(repo.ref(kind, name))
 
     def commits(self, repo: RepoLayout) -> List[str]:
         """Commits with a snapshot directory."""
@@ -134,7 +149,7 @@ class Store:
                     if not n.startswith(TEMP_PREFIX):
                         full = os.path.join(dirpath, n)
                         out.append(RefHead(kind, os.path.relpath(full, base),
-                                           read_text(full) or ""))
+                                           _read_text(full) or ""))
         return sorted(out, key=lambda r: (r.kind, r.name))
 
     def refs(self, repo: RepoLayout) -> Dict[str, RefHead]:
@@ -214,7 +229,7 @@ class Store:
             path = self.layout.weight_record(url)
             if not os.path.exists(path):
                 return None
-            pin = self.weight_record(path).pin
+            pin = read_record(path, WeightRecord.from_json, UNREADABLE).pin
         return WeightFile(url, self.layout.blob(pin.sha256), pin.size, pin.sha256)
 
     # --- listing -------------------------------------------------------------
@@ -227,8 +242,8 @@ class Store:
             for commit in self.commits(repo):
                 record = self.snapshot_record(repo, commit)
                 snapshots.append(self._summary(commit, record))
-            out.append(RepoSummary(self.repo_id(repo), tuple(self.refs(repo)[n] for n in
-                                                             sorted(self.refs(repo))),
+            refs = self.refs(repo)
+            out.append(RepoSummary(self.repo_id(repo), tuple(refs[n] for n in sorted(refs)),
                                    tuple(snapshots)))
         return sorted(out, key=lambda r: (r.id.host, r.id.owner.lower(), r.id.name.lower()))
 
@@ -245,18 +260,22 @@ class Store:
                                record.installed_at)
 
 
-def _parse(path: str, parse: Any, hint: str = "run 'mirror verify'") -> Any:
-    """The record at ``path``, parsed by ``parse``; a missing, unreadable or malformed
-    one is a StoreError naming it."""
+UNREADABLE = "this record is unreadable; run 'mirror verify'"
+_RECORDS: Dict[Tuple[str, int, int, int], SnapshotRecord] = {}  # see snapshot_record
+_RECORDS_KEPT = 1024
+
+
+def read_record(path: str, parse: Callable[[Any], T], message: str = UNREADABLE) -> T:
+    """The JSON record at ``path``, parsed by ``parse`` (a ``from_json``); a missing,
+    unreadable or malformed one is a :class:`StoreError` naming it, with ``message``."""
     try:
         with open(path, "rb") as fh:
             return parse(json.loads(fh.read()))
-    except (OSError, ValueError, RecursionError) as e:
-        why = e.reason if isinstance(e, InvalidRecordError) else type(e).__name__
-        raise StoreError(path, f"{hint} ({why})") from None
+    except (OSError, ValueError, RecursionError):  # InvalidRecordError is a ValueError
+        raise StoreError(path, message) from None
 
 
-def read_text(path: str) -> str | None:
+def _read_text(path: str) -> str | None:
     try:
         with open(path) as fh:
             return fh.read().strip()

@@ -34,3 +34,16 @@ def test_install_verify_and_list_through_the_public_api(master_bundle, home, ups
     assert mirror.verify_store().ok
     plan = mirror.remove("demo/tinynets", dry_run=True)
     assert plan.snapshots == [f"demo/tinynets@{master}"]
+
+
+def test_a_patch_applied_twice_is_undone_once(home):
+    import megengine.hub
+    import megengine.hub.hub
+
+    original = megengine.hub.hub.load
+    patch = mirror.patch_megengine()
+    assert megengine.hub.load is not original
+    patch.apply()
+    patch.undo()
+    assert megengine.hub.hub.load is original
+    assert not patch.active

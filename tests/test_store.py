@@ -391,3 +391,39 @@ def test_verify_reports_unreadable_records_instead_of_crashing(master_bundle, ho
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert (f"problem: weight index entry {os.path.join(weights, first)} cannot be checked: "
             f"JSONDecodeError") in r.stdout
+
+
+def test_a_malformed_record_is_a_problem_or_one_line_never_a_traceback(master_bundle, home):
+    install(master_bundle)
+    store = Store()
+    (repo,) = store.repos()
+    path = store.layout.repo(repo.id.host, "demo", "tinynets").snapshot_record(repo.commits[0])
+    record = json.loads(open(path).read())
+    record["weight_digests"] = {"https://example.invalid/w.pkl": "oops"}
+    os.chmod(path, 0o644)
+    with open(path, "w") as fh:
+        json.dump(record, fh)
+    r = run(MIRROR + ["verify"])
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert "cannot be checked" in r.stdout and path in r.stdout
+    r = run(MIRROR + ["list"])
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"Error: store {path}: this snapshot record is unreadable; run "
+                                f"'mirror verify' and reinstall its bundle with --force")
+
+
+def test_seeding_that_cannot_read_a_record_is_a_warning_not_a_failed_install(
+        master_bundle, home, tmp_path):
+    assert run(MIRROR + ["install", master_bundle, "--no-megengine-cache"]).returncode == 0
+    store = Store()
+    (repo,) = store.repos()
+    path = store.layout.repo(repo.id.host, "demo", "tinynets").snapshot_record(repo.commits[0])
+    os.chmod(path, 0o644)
+    with open(path, "w") as fh:
+        fh.write('{"commit": "zz"}')
+    receipt = tmp_path / "r.json"
+    r = run(MIRROR + ["install", master_bundle, "--megengine-version", "1.13.0",
+                      "--receipt", str(receipt)])
+    assert r.returncode == 0, r.stderr
+    assert "not seeding demo/tinynets:master: store " in r.stdout
+    assert json.loads(receipt.read_text())["result"] == "installed"
