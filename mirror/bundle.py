@@ -20,6 +20,7 @@ import io
 import os
 import queue
 import tarfile
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Mapping, Optional, Tuple, Union
@@ -621,10 +622,13 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
 
     With ``keys`` (key id -> public key, see :func:`mirror.signing.load_keys`), the
     bundle must also carry a signature by one of them, checked before any member
-    after the manifest is read. Raises :class:`BundleError` or
+    after the manifest is read. In format 2, every git id is recomputed from the
+    bytes (:mod:`mirror.proof`), as install does. Raises :class:`BundleError` or
     :class:`SignatureError`. What this accepts, ``install`` accepts: both read the
     bundle with :func:`read`.
     """
+    from .proof import ProofError, prove_manifest
+
     heads: list = []
     signer: list = []
 
@@ -635,7 +639,18 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
 
             signer.append(check(head.signature, head.manifest_bytes, keys, path).key_id)
 
-    manifest = read(path, on_head=on_head, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="mirror-verify-") as work:
+        def keep(member: Member) -> IO[bytes] | None:
+            # Code and git objects, to recompute git's ids; weights are only hashed.
+            if member.name.startswith("weights/"):
+                return None
+            return open(os.path.join(work, member.sha256), "wb")
+
+        manifest = read(path, keep, on_head=on_head, progress=progress)
+        try:
+            prove_manifest(manifest, lambda sha256: os.path.join(work, sha256), work)
+        except ProofError as e:
+            raise BundleError(path, str(e)) from None
     return Verified(manifest, heads[0].manifest_bytes, signer[0] if signer else None)
 
 

@@ -236,8 +236,9 @@ def verify(bundle_path, keys, home, as_json) -> None:
             click.echo(f"problem: {problem}")
         click.echo(f"{report.home}: {'OK' if report.ok else 'FAILED'}, {report.blobs} blobs "
                    f"({report.bytes} bytes) re-hashed, {report.snapshots} snapshots "
-                   f"({report.files} files), {report.refs} refs, {report.weights} weights "
-                   f"checked; {len(report.problems)} problems")
+                   f"({report.files} files; {report.proven} proven from their git ids, "
+                   f"{report.unproven} unproven), {report.refs} refs, {report.weights} "
+                   f"weights checked; {len(report.problems)} problems")
     if not report.ok:
         raise SystemExit(3)
 
@@ -366,8 +367,10 @@ def list_(home, as_json) -> None:
         for head in r.refs:
             click.echo(f"  {head.kind:6} {head.name} -> {short(head.commit)}")
         for s in r.snapshots:
+            proof = "" if s.proven else " (unproven: its bundle, format 1, carried no git " \
+                "objects to recompute its id)"
             click.echo(f"  commit {s.commit}  {s.files} files, {s.size} bytes, "
-                       f"from {s.bundle_file}")
+                       f"from {s.bundle_file}{proof}")
             if s.entrypoints:
                 click.echo(f"    entrypoints: {', '.join(s.entrypoints)}")
             for url, pin in s.weights:

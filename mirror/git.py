@@ -16,8 +16,14 @@ import pygit2
 from .config import git_credential_environment, settings
 from .errors import AmbiguousCommitError, GitError, RefNotFoundError
 from .ids import short
-from .model import MODE_EXEC, MODE_FILE, MODE_LINK
+from .model import MODE_EXEC, MODE_FILE, MODE_GROUP_WRITABLE, MODE_LINK
+from .proof import encode
 from .refs import DEFAULT_BRANCH, RepoSpec, ResolvedRef
+
+# Commits of first-parent history fetched and carried with a branch's tip, so that an
+# install can prove the branch moves forward from what the isolated host has.
+HISTORY = 100
+_TYPES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}  # libgit2's object type numbers
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,14 @@ class Snapshot:
     tree: str
     commit_time: int
     files: Tuple[TreeFile, ...]
+    objects: bytes  # the commit, its trees, its tags and history, as git hashes them
 
 
 class Upstream:
     """One upstream repository, fetched into a private bare repo."""
 
-    def __init__(self, url: str, workdir: str | None = None):
-        self.url = url
+    def __init__(self, url: str, workdir: str | None = None, history: int = HISTORY):
+        self.url, self.history = url, history
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="mirror-git-")
         path = workdir or self._tmp.name
         self.repo = pygit2.init_repository(path, bare=True)
@@ -108,9 +115,9 @@ class Upstream:
 
         if spec.commit is None:
             # Only the tip is needed: a shallow fetch keeps large histories fast.
-            self._fetch([f"+{refname}:{refname}"], depth=1)
-            tip = self._peel(self.repo.references[refname].target)
-            return ResolvedRef(spec.ref or "", name, kind, tip)
+            self._fetch([f"+{refname}:{refname}"], depth=self.history)
+            target = str(self.repo.references[refname].target)
+            return ResolvedRef(spec.ref or "", name, kind, self._peel(target), target)
 
         # A pinned commit may be anywhere in history: fetch the refs that can reach it.
         wanted = [f"+{refname}:{refname}"] if spec.ref else ["+refs/heads/*:refs/heads/*",
@@ -131,7 +138,11 @@ class Upstream:
                 raise GitError(self.url, f"commit {short(commit)} is not reachable from {kind} "
                                          f"{name!r} (its tip is {short(tip)}); pass "
                                          f"--allow-unreachable to pack it as {name} anyway")
-        return ResolvedRef(spec.ref or spec.commit, name, kind, commit)
+        target = commit
+        if spec.ref and kind == "tag" and self._peel(self.repo.references[refname].target) \
+                == commit:
+            target = str(self.repo.references[refname].target)
+        return ResolvedRef(spec.ref or spec.commit, name, kind, commit, target)
 
     def _fetch(self, refspecs: List[str], depth: int) -> None:
         try:
@@ -178,24 +189,63 @@ class Upstream:
 
     # --- trees --------------------------------------------------------------
 
-    def snapshot(self, commit: str) -> Snapshot:
-        """Every file of ``commit``'s tree, sorted by path."""
+    def snapshot(self, commit: str, targets: Tuple[str, ...] = ()) -> Snapshot:
+        """Every file of ``commit``'s tree, sorted by path, and the git objects that
+        prove it (see mirror.proof): the commit, its trees, the annotated tags among
+        ``targets``, and its first-parent history as far as it was fetched."""
         c = self.repo[commit].peel(pygit2.Commit)
         files: List[TreeFile] = []
-        self._walk(c.tree, "", files)
+        trees: List[str] = []
+        self._walk(c.tree, "", files, trees)
         files.sort(key=lambda f: f.path)
-        return Snapshot(str(c.id), str(c.tree_id), c.commit_time, tuple(files))
+        objects = self._encode(self._history(str(c.id)) + trees) + self.tag_objects(targets)
+        return Snapshot(str(c.id), str(c.tree_id), c.commit_time, tuple(files), objects)
 
-    def _walk(self, tree: pygit2.Tree, prefix: str, out: List[TreeFile]) -> None:
+    def tag_objects(self, targets: Tuple[str, ...]) -> bytes:
+        """The annotated tag objects among ``targets`` (and the tags they name), as
+        git hashes them."""
+        return self._encode(self._tags(targets))
+
+    def _encode(self, ids: List[str]) -> bytes:
+        return encode((_TYPES[kind], data) for kind, data in
+                      (self.repo.odb.read(oid) for oid in ids))
+
+    def _walk(self, tree: pygit2.Tree, prefix: str, out: List[TreeFile],
+              trees: List[str]) -> None:
+        trees.append(str(tree.id))
         for entry in tree:
             path = prefix + entry.name
             if entry.type_str == "tree":
-                self._walk(self.repo[entry.id], path + "/", out)
+                self._walk(self.repo[entry.id], path + "/", out, trees)
             elif entry.type_str == "blob":
+                # Modes as the tree has them (an old git's 100664 too): the tree's id
+                # is computed from them at install.
                 mode = entry.filemode
-                mode = mode if mode in (MODE_EXEC, MODE_LINK) else MODE_FILE
+                mode = mode if mode in (MODE_EXEC, MODE_LINK, MODE_GROUP_WRITABLE) \
+                    else MODE_FILE
                 out.append(TreeFile(path, mode, self.repo[entry.id].data))
-            # A submodule ("commit" entry) has no content in this repository: left out.
+            # A submodule ("commit" entry) has no content in this repository: only its
+            # entry in the tree, which travels with the tree.
+
+    def _history(self, commit: str) -> List[str]:
+        """``commit`` and its first parents, as far as fetched (a shallow fetch stops
+        the chain), at most ``history`` commits."""
+        out, at = [], commit
+        while at and len(out) < max(1, self.history) and self.repo.odb.exists(at):
+            out.append(at)
+            parents = self.repo[at].parent_ids
+            at = str(parents[0]) if parents else ""
+        return out
+
+    def _tags(self, targets: Tuple[str, ...]) -> List[str]:
+        """The annotated tag objects among ``targets``, and the tags they name."""
+        out = []
+        for oid in targets:
+            obj = self.repo[oid]
+            while isinstance(obj, pygit2.Tag):
+                out.append(str(obj.id))
+                obj = self.repo[obj.target]
+        return out
 
 
 class Credentials(pygit2.RemoteCallbacks):

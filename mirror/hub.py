@@ -45,7 +45,7 @@ from .errors import (
 from .hashing import sha256_file
 from .hubconf import HUBCONF, entrypoints, exec_hubconf
 from .ids import short
-from .refs import DEFAULT_HOST, parse_repo_info
+from .refs import DEFAULT_HOST, check_host, parse_repo_info
 from .store import SnapshotRef, Store
 from .tree import walk
 
@@ -194,6 +194,7 @@ class Redirect:
 
 def _resolve(repo_info: str, git_host: str, commit: str | None, store: Store) -> SnapshotRef:
     owner, name, branch = parse_repo_info(repo_info)
+    check_host(git_host, "git_host=")  # the store keeps repos under it: never a path
     if commit is not None and (len(commit) < MIN_COMMIT_PREFIX or not all(
             c in "0123456789abcdefABCDEF" for c in commit)):
         raise SpecError(commit, f"commit= takes a full commit id or at least "

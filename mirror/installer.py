@@ -5,10 +5,12 @@
    read; every member is hashed against the manifest while new blobs are written
    into the transaction's own folder under ``tmp/``; weights are scanned for
    pickled code. Nothing outside ``tmp/`` has changed yet.
-2. **publish** (:meth:`Transaction.publish`): blobs, then snapshots, then the
+2. **prove** (:meth:`Transaction.prove`): every git id of a format 2 bundle is
+   recomputed from the verified bytes (:mod:`mirror.proof`).
+3. **publish** (:meth:`Transaction.publish`): blobs, then snapshots, then the
    weight index, then refs, then the bundle's record, so no visible part ever
    names one that is missing.
-3. **seed** (:meth:`Transaction.seed`): MegEngine Hub's own cache, last, so
+4. **seed** (:meth:`Transaction.seed`): MegEngine Hub's own cache, last, so
    unmodified ``megengine.hub.load`` works offline; a cache that cannot be
    written is a warning, never a failed install.
 
@@ -39,7 +41,7 @@ from .atomic import (
     write_atomic,
 )
 from .config import TrustPolicy, settings, trust_policy
-from .errors import MirrorError, StoreError, UnsafePickleError
+from .errors import BundleError, MirrorError, StoreError, UnsafePickleError
 from .ids import short
 from .layout import RepoLayout
 from .locking import locked
@@ -56,6 +58,7 @@ from .model import (
     WeightRecord,
     canonical_json,
 )
+from .proof import Proof, ProofError, history, prove_manifest
 from .safety import unsafe_globals
 from .store import Store
 from .tree import materialize
@@ -184,12 +187,14 @@ class Transaction:
         self.manifest_bytes = b""  # as signed, and as the bundle holds them
         self.syncer: ThreadPoolExecutor | None = None
         self.trusted_ids: set | None = None  # under a policy: the key ids it trusts
+        self.proofs: Dict[str, Proof] = {}  # commit -> what its git objects proved
 
     def run(self) -> InstallReport:
-        """The three steps; an OSError on the way (a full disk) is a StoreError naming
+        """The steps; an OSError on the way (a full disk) is a StoreError naming
         the path. mirror's own errors pass through with their message and exit code."""
         try:
             self.verify_and_stage()
+            self.prove()
             self.publish()
             self.seed()
         except OSError as e:
@@ -253,7 +258,21 @@ class Transaction:
             if unsafe:
                 raise UnsafePickleError(f"weight {w.url} in {self.bundle_path}", unsafe)
 
-    # --- 2. publish ----------------------------------------------------------------
+    # --- 2. prove ------------------------------------------------------------------
+
+    def prove(self) -> None:
+        """Recompute every git id of a format 2 bundle from the bytes just verified; a
+        commit that does not match its content is refused before anything is written."""
+        try:
+            self.proofs = prove_manifest(self.manifest, self._verified_path, self.work)
+        except ProofError as e:
+            raise BundleError(self.bundle_path, str(e)) from None
+
+    def _verified_path(self, sha256: str) -> str:
+        staged = self.staged.get(sha256)
+        return staged.path if staged else self.layout.blob(sha256)
+
+    # --- 3. publish ----------------------------------------------------------------
 
     def publish(self) -> None:
         """Make the verified bundle visible: blobs, snapshots, weights, refs, record."""
@@ -281,19 +300,31 @@ class Transaction:
         for snap in repo.snapshots:
             label = f"{repo.id.label}@{short(snap.commit)}"
             target = paths.snapshot(snap.commit)
-            if os.path.isdir(target) and not self.options.force:
+            replace = self.options.force or self._proves_unproven(paths, snap)
+            if os.path.isdir(target) and not replace:
                 self.report.snapshots_present.append(label)
                 continue
             # Built inside the install's own folder, so an abandoned build is plainly
             # garbage (gc), then renamed into place whole.
             building = make_temp_dir(self.work, f"snapshot-{short(snap.commit)}-")
             materialize(building, snap.files, self.layout.blob)
-            if self.options.force or not os.path.exists(paths.snapshot_record(snap.commit)):
+            if replace or not os.path.exists(paths.snapshot_record(snap.commit)):
                 write_atomic(paths.snapshot_record(snap.commit),
                              canonical_json(self._record(snap, pins).to_json()))
             publish_dir(building, target, replace=os.path.isdir(target))  # --force: a swap
             fsync_dir(paths.snapshots)
             self.report.snapshots_installed.append(label)
+
+    def _proves_unproven(self, paths: RepoLayout, snap: SnapshotEntry) -> bool:
+        """A proven snapshot replaces an unproven one of the same commit (a format 1
+        bundle's, which may even have been a forgery); never the other way round."""
+        if snap.commit not in self.proofs:
+            return False
+        try:
+            old = self.store.snapshot_record(paths, snap.commit)
+        except StoreError:  # unreadable: the proven bytes repair it
+            return True
+        return old is not None and not old.proven
 
     def _record(self, snap: SnapshotEntry, pins: Dict[str, Pin]) -> SnapshotRecord:
         # The weights this snapshot's code asks for, pinned to their bytes: a later
@@ -303,29 +334,22 @@ class Transaction:
                               self.report.signed_by, int(time.time()))
 
     def _set_refs(self) -> None:
-        times = {s.commit: s.commit_time for r in self.manifest.repos for s in r.snapshots}
         for repo in self.manifest.repos:
             paths = self.layout.repo(repo.id.host, repo.id.owner, repo.id.name)
             with locked(paths.refs_lock):
                 for ref in repo.refs:
-                    self._set_ref(paths, repo, ref, times)
+                    self._set_ref(paths, repo, ref)
 
-    def _set_ref(self, paths: RepoLayout, repo: RepoEntry, ref: RefEntry,
-                 times: Dict[str, int]) -> None:
+    def _set_ref(self, paths: RepoLayout, repo: RepoEntry, ref: RefEntry) -> None:
         path = paths.ref(ref.kind, ref.name)
         label = f"{repo.id.label}:{ref.name}"
         current = self.store.ref_commit(paths, ref.kind, ref.name)
         if current == ref.commit:
             return
         if current and not self.options.force:
-            if ref.kind == "tag":
-                self.report.refs_kept.append(f"{label} stays at {short(current)} (tags never "
-                                             f"move without --force)")
-                return
-            old = self.store.snapshot_record(paths, current)
-            if old and old.snapshot.commit_time > times.get(ref.commit, 0):
-                self.report.refs_kept.append(f"{label} stays at newer {short(current)} "
-                                             f"(use --force to move it back)")
+            kept = self._why_kept(paths, ref, current)
+            if kept:
+                self.report.refs_kept.append(f"{label} stays at {kept}")
                 return
         write_atomic(path, (ref.commit + "\n").encode())
         entry = RefLogEntry(ref.name, ref.kind, current, ref.commit, self.report.bundle_id,
@@ -335,7 +359,32 @@ class Transaction:
         moved = f" (was {short(current)})" if current else ""
         self.report.refs_set.append(f"{label} -> {short(ref.commit)}{moved}")
 
-    # --- 3. seed ------------------------------------------------------------------
+    def _why_kept(self, paths: RepoLayout, ref: RefEntry, current: str) -> str | None:
+        """Which rule keeps a ref at ``current`` (None: it moves). A tag never moves;
+        a branch moves only forward, when this bundle's verified history shows that
+        ``current`` is an ancestor of the new commit."""
+        if ref.kind == "tag":
+            return f"{short(current)} (tags never move without --force)"
+        proof = self.proofs.get(ref.commit)
+        if proof is not None and proof.has_ancestor(current):
+            return None
+        old = self.store.snapshot_record(paths, current)
+        if old is not None and old.proven:
+            with open(self.layout.blob(old.snapshot.objects.sha256), "rb") as fh:
+                back = history(fh.read(), current, self.work).has_ancestor(ref.commit)
+        else:  # an unproven snapshot: its time is all there is to tell
+            back = old is not None and old.snapshot.commit_time > self._time(ref.commit)
+        if back:
+            return f"newer {short(current)} (use --force to move it back)"
+        return (f"{short(current)}: this bundle does not prove that {short(current)} is an "
+                f"ancestor of {short(ref.commit)} (branches move only forward; --force "
+                f"moves it)")
+
+    def _time(self, commit: str) -> int:
+        return next((s.commit_time for r in self.manifest.repos for s in r.snapshots
+                     if s.commit == commit), 0)
+
+    # --- 4. seed ------------------------------------------------------------------
 
     def seed(self) -> None:
         """Seed MegEngine Hub's cache for the versions asked for (none: skipped)."""

@@ -21,12 +21,15 @@ from .errors import InvalidRecordError
 from .ids import is_hex, short
 
 FORMAT = "mge-mirror-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: snapshots carry git's objects, so install recomputes every id
+READS = (1, 2)  # every earlier version stays installable
 RECORD_SCHEMA = 1  # of the store's records; records of before the schema field are 0
 
 # git's file modes, the only ones a snapshot holds (a submodule has no content here).
 MODE_FILE, MODE_EXEC, MODE_LINK = 0o100644, 0o100755, 0o120000
-MODES = (MODE_FILE, MODE_EXEC, MODE_LINK)
+MODE_GROUP_WRITABLE = 0o100664  # an old git's regular file: kept, as its tree's id needs it
+MODE_GITLINK = 0o160000  # a submodule: a commit id in a tree, no content in this repo
+MODES = (MODE_FILE, MODE_EXEC, MODE_LINK, MODE_GROUP_WRITABLE)
 PATH_MAX = 4096  # no longer path can be checked out; a symlink target is read whole
 
 
@@ -117,6 +120,11 @@ def weight_member(sha256: str) -> str:
     return f"weights/{sha256}"
 
 
+def objects_member(commit: str) -> str:
+    """The member holding a snapshot's git objects (format 2, see mirror.proof)."""
+    return f"git/{commit}"
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """One file of a snapshot: path, git mode, size and sha256 of its bytes (a symlink's
@@ -160,21 +168,27 @@ class RefEntry:
     asked: str = ""  # the spec as the user wrote it
     resolved_at: int = 0
     fetched_from: str | None = None  # the URL the bytes came from (after rewrites)
+    target: str | None = None  # format 2: the object the ref names (an annotated tag's id)
 
     @classmethod
     def from_json(cls, obj: Any) -> RefEntry:
         kind, name = need(obj, "kind", str), need(obj, "name", str)
         if kind not in ("branch", "tag") or not safe_path(name):
             raise InvalidRecordError(f"ref {name!r} is not a valid {kind} name")
+        target = _optional(obj, "target", str, None)
+        if target is not None and not is_hex(target, (40,)):
+            raise InvalidRecordError(f"ref {name!r} targets {target!r}, not an object id")
         return cls(name, kind, need(obj, "commit", str), _optional(obj, "asked", str, ""),
                    _optional(obj, "resolved_at", int, 0),
-                   _optional(obj, "fetched_from", str, None))
+                   _optional(obj, "fetched_from", str, None), target)
 
     def to_json(self) -> JsonObject:
         out = {"name": self.name, "kind": self.kind, "commit": self.commit,
                "asked": self.asked, "resolved_at": self.resolved_at}
         if self.fetched_from is not None:
             out["fetched_from"] = self.fetched_from
+        if self.target is not None:
+            out["target"] = self.target
         return out
 
 
@@ -219,6 +233,7 @@ class SnapshotEntry:
     unresolved: Tuple[str, ...] = ()
     nested: Tuple[str, ...] = ()
     trace: TraceRecord | None = None
+    objects: Pin | None = None  # format 2: the git objects member (mirror.proof)
 
     @classmethod
     def from_json(cls, obj: Any) -> SnapshotEntry:
@@ -232,12 +247,14 @@ class SnapshotEntry:
         if not all(isinstance(v, list) and all(isinstance(u, str) for u in v)
                    for v in coverage.values()):
             raise InvalidRecordError("'coverage' is not lists of URLs by entrypoint")
-        trace = obj.get("trace")
+        trace, objects = obj.get("trace"), obj.get("objects")
         return cls(commit, _optional(obj, "tree", str, ""), commit_time, files,
                    _strings(obj, "weights"), _strings(obj, "entrypoints"),
                    {k: tuple(v) for k, v in coverage.items()}, _strings(obj, "excluded"),
                    _strings(obj, "unresolved"), _strings(obj, "nested"),
-                   TraceRecord.from_json(trace) if trace is not None else None)
+                   TraceRecord.from_json(trace) if trace is not None else None,
+                   Pin.from_json(objects, f"git objects of {short(commit)}")
+                   if objects is not None else None)
 
     def to_json(self) -> JsonObject:
         out = {"commit": self.commit, "tree": self.tree, "commit_time": self.commit_time,
@@ -248,6 +265,8 @@ class SnapshotEntry:
                "nested": list(self.nested)}
         if self.trace is not None:
             out["trace"] = self.trace.to_json()
+        if self.objects is not None:
+            out["objects"] = self.objects.to_json()
         return out
 
     @property
@@ -373,14 +392,22 @@ class Manifest:
         relies on. Raises :class:`InvalidRecordError`."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise InvalidRecordError("not a mirror bundle manifest")
-        if obj.get("format_version") != FORMAT_VERSION:
+        version = obj.get("format_version")
+        if version not in READS or isinstance(version, bool):
             raise InvalidRecordError(
-                f"format version {obj.get('format_version')!r} is not supported (this mirror "
-                f"reads version {FORMAT_VERSION}; upgrade mirror)")
+                f"format version {version!r} is not supported (this mirror reads versions "
+                f"{READS[0]} to {READS[-1]}; upgrade mirror)")
         need(obj, "repos", list)
         weights = _list_of(obj, "weights", WeightEntry.from_json)
         manifest = cls(_list_of(obj, "repos", RepoEntry.from_json), weights,
-                       _optional(obj, "tool", str, ""), _optional(obj, "created", int, 0))
+                       _optional(obj, "tool", str, ""), _optional(obj, "created", int, 0),
+                       version)
+        for repo in manifest.repos:
+            for snap in repo.snapshots:
+                if (snap.objects is not None) != (version >= 2):
+                    raise InvalidRecordError(
+                        f"snapshot {short(snap.commit)}: format {version} "
+                        f"{'needs' if version >= 2 else 'has no'} git objects")
         manifest.members()  # one name, one content
         return manifest
 
@@ -412,6 +439,9 @@ class Manifest:
             for snap in repo.snapshots:
                 for f in snap.files:
                     add(Member(code_member(snap.commit, f.path), f.size, f.sha256))
+                if snap.objects is not None:
+                    add(Member(objects_member(snap.commit), snap.objects.size,
+                               snap.objects.sha256))
         for w in self.weights:
             add(Member(weight_member(w.sha256), w.size, w.sha256))
         return members
@@ -492,9 +522,15 @@ class SnapshotRecord:
     def commit(self) -> str:
         return self.snapshot.commit
 
+    @property
+    def proven(self) -> bool:
+        """Whether install recomputed this commit's id from its bytes (format 2)."""
+        return self.snapshot.objects is not None
+
     def blobs(self) -> List[str]:
-        """Every blob this snapshot needs: its files and its pinned weights."""
-        return [f.sha256 for f in self.snapshot.files] + \
+        """Every blob this snapshot needs: its files, its git objects, its weights."""
+        objects = [self.snapshot.objects.sha256] if self.snapshot.objects else []
+        return [f.sha256 for f in self.snapshot.files] + objects + \
             [p.sha256 for p in self.weight_digests.values()]
 
 

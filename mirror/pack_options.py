@@ -23,7 +23,7 @@ from .model import JsonObject
 PROTOCOLS = ("https", "http", "ssh", "file")
 
 # What a value of each kind must be, as errors say it. The kind of a field is the
-# type of its default (None: an optional string); jobs is the only whole number.
+# type of its default (None: an optional string); jobs and history are whole numbers.
 _WHAT = {tuple: "a list of strings", bool: "true or false",
          int: "a whole number of at least 1", str: "a string"}
 
@@ -93,6 +93,10 @@ class PackOptions:
     sign: str | None = _option(None, Flag(
         ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
         exists=True))
+    history: int = _option(100, Flag(
+        ("--history",), "Commits of first-parent history to carry with each branch tip, so "
+                        "an install can prove the branch moves forward (default 100).",
+        metavar="N", int_range=(1, 100000)), recipe="history")
     jobs: int = _option(4, Flag(
         ("-j", "--jobs"), "Weights downloaded at once (default 4).", int_range=(1, 64)),
         recipe="jobs")

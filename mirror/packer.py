@@ -27,6 +27,7 @@ from .model import (
     FileEntry,
     JsonObject,
     Manifest,
+    Pin,
     RefEntry,
     RepoEntry,
     RepoId,
@@ -34,11 +35,12 @@ from .model import (
     WeightEntry,
     WeightFile,
     code_member,
+    objects_member,
     weight_member,
 )
 from .pack_options import PackOptions
 from .pins import Pins
-from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef
+from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
 from .safety import unsafe_globals
 from .signing import load_private, sign
@@ -134,10 +136,12 @@ class _Snapshot:
     """A snapshot as it is being packed: a later request may need more of its weights."""
 
     base: SnapshotEntry
+    objects: bytes  # its git objects (mirror.proof), tags of later refs added
     weights: Set[str] = field(default_factory=set)
 
     def entry(self) -> SnapshotEntry:
-        return replace(self.base, weights=tuple(sorted(self.weights)))
+        return replace(self.base, weights=tuple(sorted(self.weights)),
+                       objects=Pin(sha256_bytes(self.objects), len(self.objects)))
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ class _Packer:
                                   "holding owner/name repositories)")
             fetch = f"file://{os.path.abspath(opts.git_host)}/{spec.repo}"
             return spec, spec.url("https"), self.rewrite(fetch)
+        if opts.git_host is not None:  # a host here, never a path (that is --protocol file)
+            check_host(opts.git_host, "--git-host")
         if opts.git_host and spec.host == DEFAULT_HOST:
             spec = replace(spec, host=opts.git_host)
         url = spec.url(opts.protocol.lower())
@@ -193,23 +199,28 @@ class _Packer:
             return []
         self.seen.add((text, entries))
         spec, url, fetch_url = self._locate(RepoSpec.parse(text))
-        with Upstream(fetch_url) as up:
+        with Upstream(fetch_url, history=self.opts.history) as up:
             resolved = up.resolve(spec, allow_unreachable=self.opts.allow_unreachable)
             if self.pins:
                 self.pins.check_ref(text, resolved.commit)
             self.log(f"resolved {spec} -> {resolved.kind} {resolved.name} at "
                      f"{resolved.commit}")
-            snap = up.snapshot(resolved.commit)
+            targets = (resolved.target,) if resolved.target else ()
+            snap = up.snapshot(resolved.commit, targets)
+            tags = up.tag_objects(targets)
         repo = self.repos.setdefault((spec.host, spec.owner, spec.name), _Repo(
             RepoId(spec.host, spec.owner, spec.name, url)))
         self._add_ref(repo, spec, resolved, text, fetch_url)
         record = repo.snapshots.get(snap.commit)
+        if record is not None and tags and tags not in record.objects:
+            record.objects += tags  # another ref, an annotated tag, names this commit
         covered = self.covered.get(snap.commit, set())
         if record is not None and (covered is None or (entries and set(entries) <= covered)):
             return []  # already packed with everything this request needs
         found = self._weights(spec, snap, entries)
         if record is None:
-            record = repo.snapshots[snap.commit] = _Snapshot(self._snapshot(snap, found))
+            record = repo.snapshots[snap.commit] = _Snapshot(self._snapshot(snap, found),
+                                                                  snap.objects)
         record.weights |= set(found.kept)
         self.covered[snap.commit] = covered | set(entries) if entries else None
         return found.follow if self.opts.follow_nested else []
@@ -234,7 +245,9 @@ class _Packer:
                     f"{resolved.name} of {spec.repo} ({short(ref.commit)} and "
                     f"{short(resolved.commit)}); pin other refs with {spec.repo}:REF@COMMIT")
         repo.refs.append(RefEntry(resolved.name, resolved.kind, resolved.commit, asked=text,
-                                  resolved_at=settings().now(), fetched_from=fetch_url))
+                                  resolved_at=settings().now(), fetched_from=fetch_url,
+                                  target=resolved.target if resolved.target != resolved.commit
+                                  else None))  # an annotated tag's own id
         self.report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
 
     def _weights(self, spec: RepoSpec, snap: Snapshot, entries: Tuple[str, ...]) -> _Found:
@@ -314,6 +327,9 @@ class _Packer:
         for u in report.unresolved:
             self.log(f"warning: packed without the file that {u} downloads")
         weights = [self._weight(w) for w in self._fetch()]
+        for repo in self.repos.values():
+            for commit, snap in repo.snapshots.items():
+                self.sources[objects_member(commit)] = snap.objects
         manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
                             tuple(weights), tool=f"mirror {__version__}",
                             created=settings().now())

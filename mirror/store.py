@@ -61,9 +61,11 @@ class SnapshotSummary:
     bundle: str | None
     bundle_file: str | None
     installed_at: int | None
+    proven: bool = False  # its git ids recomputed from its bytes at install
 
     def to_json(self) -> JsonObject:
-        return {"commit": self.commit, "files": self.files, "size": self.size,
+        return {"commit": self.commit, "proven": self.proven, "files": self.files,
+                "size": self.size,
                 "entrypoints": list(self.entrypoints),
                 "weights": [{"url": u, "size": p.size if p else None,
                              "sha256": p.sha256 if p else None} for u, p in self.weights],
@@ -257,7 +259,7 @@ class Store:
         snap = record.snapshot
         return SnapshotSummary(commit, len(snap.files), snap.size, snap.entrypoints,
                                tuple(weights), record.bundle, record.bundle_file,
-                               record.installed_at)
+                               record.installed_at, record.proven)
 
 
 UNREADABLE = "this record is unreadable; run 'mirror verify'"

@@ -185,6 +185,13 @@ def _corpus(good):
                                                 "size": len(target),
                                                 "sha256": __import__("hashlib").sha256(
                                                     target).hexdigest()}))
+    # Every digest consistent, but the files are not those of the commit named.
+    forged = b"print('forged')\n"
+    hubconf = bundle.code_member(snap(manifest)["commit"], "hubconf.py")
+    corpus["forged content, consistent digests"] = _with(
+        manifest, {**members, hubconf: forged}, edit=lambda m: next(
+            f for f in snap(m)["files"] if f["path"] == "hubconf.py").update(
+            size=len(forged), sha256=__import__("hashlib").sha256(forged).hexdigest()))
     for cut in (1, 13, 100, 1000, len(good_bytes) // 3, len(good_bytes) // 2,
                 len(good_bytes) - 200, len(good_bytes) - 1):
         corpus[f"truncated at {cut}"] = good_bytes[:cut]

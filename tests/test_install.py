@@ -126,7 +126,16 @@ def _ref_to_a_missing_snapshot(manifest, sources):
 
 
 def _future_format(manifest, sources):
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
+
+
+def _forged_content(manifest, sources):
+    """Every digest consistent, but the files are not those of the commit named."""
+    snap = manifest["repos"][0]["snapshots"][0]
+    entry = next(f for f in snap["files"] if f["path"] == "hubconf.py")
+    data = b"print('forged')\n"
+    entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    sources[bundle.code_member(snap["commit"], "hubconf.py")] = data
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -141,8 +150,10 @@ def _future_format(manifest, sources):
     (_duplicate_path, "is listed twice in snapshot"),
     (_no_commit_time, "'commit_time' missing or not a int"),
     (_ref_to_a_missing_snapshot, "which is not a snapshot in this bundle"),
-    (_future_format, "format version 2 is not supported (this mirror reads version 1; "
+    (_future_format, "format version 3 is not supported (this mirror reads versions 1 to 2; "
                      "upgrade mirror)"),
+    (_forged_content, "does not match its content: 'hubconf.py' is not the file its tree "
+                      "names"),
 ])
 def test_a_bundle_that_lies_is_refused_and_the_store_is_untouched(
         master_bundle, home, tmp_path, edit, expected):

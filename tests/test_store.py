@@ -23,6 +23,8 @@ def _blobs(manifest):
     out = {f["sha256"]: f["size"] for r in manifest["repos"] for s in r["snapshots"]
            for f in s["files"]}
     out.update({w["sha256"]: w["size"] for w in manifest["weights"]})
+    out.update({s["objects"]["sha256"]: s["objects"]["size"] for r in manifest["repos"]
+                for s in r["snapshots"] if "objects" in s})  # git objects: a blob too
     return out
 
 
@@ -413,11 +415,12 @@ def test_a_malformed_record_is_a_problem_or_one_line_never_a_traceback(master_bu
 
 
 def test_seeding_that_cannot_read_a_record_is_a_warning_not_a_failed_install(
-        master_bundle, home, tmp_path):
-    assert run(MIRROR + ["install", master_bundle, "--no-megengine-cache"]).returncode == 0
+        master_bundle, all_refs_bundle, upstream, home, tmp_path):
+    assert run(MIRROR + ["install", all_refs_bundle, "--no-megengine-cache"]).returncode == 0
     store = Store()
     (repo,) = store.repos()
-    path = store.layout.repo(repo.id.host, "demo", "tinynets").snapshot_record(repo.commits[0])
+    dev = upstream.demo.branches["dev"]
+    path = store.layout.repo(repo.id.host, "demo", "tinynets").snapshot_record(dev)
     os.chmod(path, 0o644)
     with open(path, "w") as fh:
         fh.write('{"commit": "zz"}')
@@ -425,5 +428,5 @@ def test_seeding_that_cannot_read_a_record_is_a_warning_not_a_failed_install(
     r = run(MIRROR + ["install", master_bundle, "--megengine-version", "1.13.0",
                       "--receipt", str(receipt)])
     assert r.returncode == 0, r.stderr
-    assert "not seeding demo/tinynets:master: store " in r.stdout
+    assert "not seeding demo/tinynets:dev: store " in r.stdout
     assert json.loads(receipt.read_text())["result"] == "installed"

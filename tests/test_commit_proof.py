@@ -1,0 +1,108 @@
+"""A commit id is a proof: what an attacker who controls a bundle can no longer do
+(issue "A commit id is a proof"). Each test builds the attack from a genuine bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+import mirror.hub
+from mirror import bundle
+from mirror.errors import BundleError
+from mirror.installer import install
+from mirror.model import Manifest, objects_member
+from mirror.store import Store
+from tests.conftest import MIRROR, run, tree_digest, unpack
+
+FORGED = b"REVISION = 'forged'\ndef mlp(**kwargs):\n    raise SystemExit('forged code ran')\n"
+
+
+def _forge(genuine: str, out, version: int = 2, commit: str | None = None,
+           commit_time: int | None = None) -> str:
+    """The genuine bundle with hubconf.py replaced and every digest made consistent; in
+    format 1 (no git objects), optionally naming another commit and time for master."""
+    manifest, members = unpack(genuine)
+    snap = manifest["repos"][0]["snapshots"][0]
+    old_commit = snap["commit"]
+    entry = next(f for f in snap["files"] if f["path"] == "hubconf.py")
+    entry.update(size=len(FORGED), sha256=hashlib.sha256(FORGED).hexdigest())
+    members[bundle.code_member(old_commit, "hubconf.py")] = FORGED
+    if version == 1:
+        manifest["format_version"] = 1
+        del snap["objects"], members[objects_member(old_commit)]
+        for ref in manifest["repos"][0]["refs"]:
+            ref.pop("target", None)
+    if commit:
+        for name in [m for m in members if m.startswith(f"code/{old_commit}/")]:
+            members[name.replace(old_commit, commit)] = members.pop(name)
+        snap["commit"] = commit
+        manifest["repos"][0]["refs"][0]["commit"] = commit
+    if commit_time is not None:
+        snap["commit_time"] = commit_time
+    bundle.write(str(out), Manifest.from_json(manifest), members)
+    return str(out)
+
+
+def test_a_forged_commit_is_refused_and_the_genuine_one_then_installs(master_bundle, home,
+                                                                      tmp_path, upstream):
+    install(master_bundle)
+    forged = _forge(master_bundle, tmp_path / "forged.hub")
+    before = tree_digest(home)
+    master = upstream.demo.branches["master"]
+    with pytest.raises(BundleError) as e:
+        install(forged)
+    assert f"commit {master[:12]} does not match its content" in str(e.value)
+    assert tree_digest(home) == before
+    r = run(MIRROR + ["verify", forged])
+    assert r.returncode == 3 and f"commit {master[:12]} does not match" in r.stderr
+
+
+def test_an_unproven_squatter_is_replaced_by_the_proven_commit(master_bundle, home, tmp_path,
+                                                                upstream):
+    forged = _forge(master_bundle, tmp_path / "squat.hub", version=1)
+    assert install(forged).snapshots_installed  # format 1: installs, unproven
+    r = run(MIRROR + ["list"])
+    assert "(unproven: its bundle, format 1, carried no git objects" in r.stdout
+    r = run(MIRROR + ["verify"])
+    assert r.returncode == 0 and "0 proven from their git ids, 1 unproven" in r.stdout
+    report = install(master_bundle)  # the genuine commit, proven, takes its place
+    master = upstream.demo.branches["master"]
+    assert report.snapshots_installed == [f"demo/tinynets@{master[:12]}"]
+    (repo,) = Store().repos()
+    assert [s.proven for s in repo.snapshots] == [True]
+    model = mirror.hub.load("demo/tinynets", "mlp", git_host=upstream.git.host)
+    assert model.revision == upstream.demo.revisions[master]
+    r = run(MIRROR + ["verify"])
+    assert r.returncode == 0 and "1 proven from their git ids, 0 unproven" in r.stdout
+    assert install(forged).snapshots_present  # and an unproven copy never replaces it
+
+
+def test_a_future_dated_forgery_cannot_move_a_branch(master_bundle, home, tmp_path, upstream):
+    install(master_bundle)
+    master = upstream.demo.branches["master"]
+    hijack = _forge(master_bundle, tmp_path / "hijack.hub", version=1, commit="f" * 40,
+                    commit_time=4102444800)  # 2100-01-01
+    report = install(hijack)
+    assert report.refs_set == []
+    assert report.refs_kept == [
+        f"demo/tinynets:master stays at {master[:12]}: this bundle does not prove that "
+        f"{master[:12]} is an ancestor of ffffffffffff (branches move only forward; --force "
+        f"moves it)"]
+    ref = os.path.join(home, "repos", upstream.git.host, "demo", "tinynets", "refs", "heads",
+                       "master")
+    assert open(ref).read().strip() == master
+    assert mirror.hub.load("demo/tinynets", "mlp", git_host=upstream.git.host).revision == \
+        upstream.demo.revisions[master]
+
+
+def test_git_sha256_object_ids_are_refused_clearly(tmp_path):
+    from mirror.model import SnapshotEntry
+    from mirror.proof import ObjectDatabase, ProofError
+
+    snap = SnapshotEntry("a" * 64, "b" * 64, 0, ())
+    with pytest.raises(ProofError) as e:
+        ObjectDatabase(str(tmp_path / "objects.git")).prove(snap, b"", lambda f: "")
+    assert str(e.value) == (f"commit {'a' * 12} is not a sha1 id; git's sha256 object format "
+                            f"is not supported yet")
