@@ -31,7 +31,7 @@ from .refs import DEFAULT_BRANCH
 from .store import Store
 from .tree import materialize
 
-MARK = ".mirror-seed"  # inside a seeded directory: which commit mirror put there
+MARK = ".mirror-seed"  # inside a seeded directory: which commit (and bundle) mirror put there
 
 
 def installed_megengine_version() -> str | None:
@@ -104,11 +104,13 @@ def _wanted(store: Store, paths: RepoLayout, snapshots: Sequence, versions: Sequ
 def _seed_repo(store: Store, record: SnapshotRecord | None, target: str, label: str) -> str:
     # The mark lives inside the seeded directory, so it appears and goes with it.
     seeded = _read_mark(target)
-    commit = record.commit if record else None
+    # The bundle too: a snapshot replaced in the store (a proven commit taking an
+    # unproven one's place, or --force) is seeded again, never left stale.
+    wanted = (record.commit, record.bundle) if record else None
     if os.path.exists(target):
         if seeded is None:
             return f"left {label} alone: {target} was not made by mirror"
-        if seeded == commit:
+        if seeded == wanted:
             return f"{label} already seeded"
     if record is None:
         return f"not seeding {label}: its snapshot has no record"
@@ -116,10 +118,10 @@ def _seed_repo(store: Store, record: SnapshotRecord | None, target: str, label: 
     try:
         materialize(building, record.snapshot.files, store.layout.blob)
         write_atomic(os.path.join(building, MARK), json.dumps(
-            {"commit": commit, "for": label}).encode())
+            {"commit": record.commit, "bundle": record.bundle, "for": label}).encode())
         # An older seed of a ref that moved is swapped in one step, with no gap.
         if not publish_dir(building, target, replace=seeded is not None):
-            if _read_mark(target) != commit:  # MegEngine made it meanwhile: not ours
+            if _read_mark(target) != wanted:  # MegEngine made it meanwhile: not ours
                 raise FileExistsError(errno.EEXIST, "made meanwhile by another program",
                                       target)
             return f"{label} already seeded"  # another install, a moment ago: same files
@@ -129,9 +131,12 @@ def _seed_repo(store: Store, record: SnapshotRecord | None, target: str, label: 
     return f"seeded {label} -> {os.path.basename(target)}"
 
 
-def _read_mark(directory: str) -> str | None:
+def _read_mark(directory: str) -> Tuple[str, str | None] | None:
+    """(commit, bundle id) of a directory mirror seeded; None if it did not (or the
+    mark is unreadable). Marks of before the bundle was kept have None for it."""
     try:
         with open(os.path.join(directory, MARK)) as fh:
-            return json.load(fh)["commit"]
-    except (OSError, ValueError, KeyError):
+            mark = json.load(fh)
+        return mark["commit"], mark.get("bundle")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -106,3 +106,18 @@ def test_git_sha256_object_ids_are_refused_clearly(tmp_path):
         ObjectDatabase(str(tmp_path / "objects.git")).prove(snap, b"", lambda f: "")
     assert str(e.value) == (f"commit {'a' * 12} is not a sha1 id; git's sha256 object format "
                             f"is not supported yet")
+
+
+def test_megengine_cache_follows_the_proven_commit(master_bundle, home, tmp_path, upstream):
+    """Stock megengine.hub reads the seeded cache: it must not keep the squatter's code."""
+    from mirror.installer import InstallOptions
+    from mirror.layout import megengine_repo_key
+
+    seed = InstallOptions(megengine_versions=("1.13.0",))
+    install(_forge(master_bundle, tmp_path / "squat.hub", version=1), options=seed)
+    hubconf = os.path.join(os.environ["MGE_HOME"], "hub", megengine_repo_key(
+        "1.13.0", "demo", "tinynets", "master"), "hubconf.py")
+    assert open(hubconf, "rb").read() == FORGED
+    install(master_bundle, options=seed)
+    snap = Store().resolve("demo", "tinynets", "master", host=upstream.git.host)
+    assert open(hubconf, "rb").read() == open(os.path.join(snap.path, "hubconf.py"), "rb").read()
