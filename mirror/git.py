@@ -16,8 +16,8 @@ import pygit2
 from .config import git_credential_environment, settings
 from .errors import AmbiguousCommitError, GitError, RefNotFoundError
 from .ids import short
-from .model import MODE_EXEC, MODE_FILE, MODE_GROUP_WRITABLE, MODE_LINK
-from .proof import encode
+from .model import MODE_GITLINK
+from .proof import MODE_TREE, encode, tree_entries
 from .refs import DEFAULT_BRANCH, RepoSpec, ResolvedRef
 
 # Commits of first-parent history fetched and carried with a branch's tip, so that an
@@ -213,19 +213,16 @@ class Upstream:
     def _walk(self, tree: pygit2.Tree, prefix: str, out: List[TreeFile],
               trees: List[str]) -> None:
         trees.append(str(tree.id))
-        for entry in tree:
-            path = prefix + entry.name
-            if entry.type_str == "tree":
-                self._walk(self.repo[entry.id], path + "/", out, trees)
-            elif entry.type_str == "blob":
-                # Modes as the tree has them (an old git's 100664 too): the tree's id
-                # is computed from them at install.
-                mode = entry.filemode
-                mode = mode if mode in (MODE_EXEC, MODE_LINK, MODE_GROUP_WRITABLE) \
-                    else MODE_FILE
-                out.append(TreeFile(path, mode, self.repo[entry.id].data))
-            # A submodule ("commit" entry) has no content in this repository: only its
-            # entry in the tree, which travels with the tree.
+        # Modes as the raw tree writes them: libgit2 reports an old git's 100664 as
+        # 100644, but the tree's id (recomputed at install) is of what is written.
+        for mode, name, oid in tree_entries(self.repo.odb.read(tree.id)[1]):
+            path = prefix + name
+            if mode == MODE_TREE:
+                self._walk(self.repo[oid], path + "/", out, trees)
+            elif mode != MODE_GITLINK:  # a mode the format cannot carry fails the pack
+                out.append(TreeFile(path, mode, self.repo[oid].data))
+            # A submodule (160000) has no content in this repository: only its entry in
+            # the tree, which travels with the tree.
 
     def _history(self, commit: str) -> List[str]:
         """``commit`` and its first parents, as far as fetched (a shallow fetch stops

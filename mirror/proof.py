@@ -24,6 +24,7 @@ from .ids import is_hex, short
 from .model import MODE_GITLINK, FileEntry, Manifest, RefEntry, SnapshotEntry
 
 TYPES = ("commit", "tree", "blob", "tag")
+MODE_TREE = 0o040000
 MAX_HEADER = 32  # "commit 18446744073709551615\0" fits
 
 
@@ -48,6 +49,23 @@ def decode(data: bytes) -> Iterator[Tuple[str, bytes]]:
             raise ProofError(f"git objects: a malformed object header at byte {at}")
         at = end + 1 + int(size)
         yield kind, data[end + 1:at]
+
+
+def tree_entries(data: bytes) -> Iterator[Tuple[int, str, str]]:
+    """``(mode, name, id)`` of each entry of a raw tree object, modes as written (libgit2
+    reports an old git's ``100664`` as ``100644``; the tree's id is of what is
+    written). Raises ProofError on a malformed tree."""
+    at = 0
+    while at < len(data):
+        space, end = data.find(b" ", at), data.find(b"\0", at)
+        if space < 0 or end < space or end + 21 > len(data):
+            raise ProofError(f"git objects: a malformed tree entry at byte {at}")
+        mode = data[at:space]
+        if not mode.isdigit():
+            raise ProofError(f"git objects: a malformed tree mode at byte {at}")
+        yield (int(mode, 8), data[space + 1:end].decode("utf-8", "surrogateescape"),
+               data[end + 1:end + 21].hex())
+        at = end + 21
 
 
 @dataclass(frozen=True)
@@ -134,18 +152,17 @@ class ObjectDatabase:
     def _walk(self, snap: SnapshotEntry, tree_id: object,
               prefix: str) -> Iterator[Tuple[str, int, str]]:
         try:
-            tree = self.repo[tree_id]
+            kind, data = self.repo.odb.read(str(tree_id))
         except (KeyError, ValueError):
             raise ProofError(f"commit {short(snap.commit)}: tree {short(str(tree_id))} is "
                              f"missing from the bundle") from None
-        if not isinstance(tree, self.pygit2.Tree):
+        if kind != self.kinds["tree"]:
             raise ProofError(f"commit {short(snap.commit)}: {short(str(tree_id))} is not a tree")
-        for entry in tree:
-            path = prefix + entry.name
-            if entry.filemode == 0o040000:
-                yield from self._walk(snap, entry.id, path + "/")
+        for mode, name, oid in tree_entries(data):
+            if mode == MODE_TREE:
+                yield from self._walk(snap, oid, prefix + name + "/")
             else:
-                yield path, entry.filemode, str(entry.id)
+                yield prefix + name, mode, oid
 
     def check_tag(self, ref: RefEntry) -> None:
         """An annotated tag's object must hash to its id and name the ref's commit."""
