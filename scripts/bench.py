@@ -13,6 +13,10 @@ load: `mirror.hub.load(..., pretrained=True)` against stock `megengine.hub.load`
 with its cache warm (seeded by install), same model, same process; the first
 load of each and the median of repeated loads.
 small files: pack and install of a repo of --small-files Python files.
+proof: install of a format 2 bundle (every git id recomputed from its bytes), against
+the same bundle rewritten as format 1 (no git objects, nothing to prove), each into a
+fresh store, for the small-files repo and the demo repo; and `mirror verify` of the
+store each install made.
 scale: pack and install at each --scale size, to show how time and memory grow.
 
 Every timed command starts after a `sync`, so that none pays for the previous
@@ -193,6 +197,57 @@ def bench_read(bundle: str, runs: int) -> dict:
             "baseline_s": median(base)}
 
 
+def as_format_1(bundle: str, out: str) -> None:
+    """Write ``bundle`` (format 2) to ``out`` as format 1: the same members, less each
+    snapshot's git objects, so install has nothing to prove. Members get mtime 0
+    (install does not use it)."""
+    from mirror import bundle as mb
+    from mirror.model import Manifest, objects_member
+
+    members = {}
+
+    class Keep:
+        def __init__(self, member):
+            self.member, self.buf = member, bytearray()
+
+        def write(self, block):
+            self.buf += block
+
+        def close(self):
+            members[self.member.name] = bytes(self.buf)
+
+    mb.read(bundle, Keep)  # verifies every member
+    m = json.loads(mb.read_manifest_bytes(bundle))
+    m["format_version"] = 1
+    for repo in m["repos"]:
+        for snap in repo["snapshots"]:
+            del snap["objects"]
+            del members[objects_member(snap["commit"])]
+        for ref in repo["refs"]:
+            ref.pop("target", None)
+    mb.write(out, Manifest.from_json(m), members)
+
+
+def bench_proof(bundle: str, runs: int, work: str) -> dict:
+    """Install ``bundle`` (format 2, proven) and the same as format 1 (unproven), each
+    into a fresh store, then verify that store; interleaved, ``runs`` times each."""
+    old = os.path.join(work, "format1.hub")
+    as_format_1(bundle, old)
+    store = os.path.join(work, "store")
+    t = {k: [] for k in ("install2", "install1", "verify2", "verify1")}
+    for _ in range(runs):
+        for v, path in (("2", bundle), ("1", old)):
+            t[f"install{v}"].append(timed(f"{MIRROR} install {path} --no-megengine-cache "
+                                          f"--home {store} --json"))
+            t[f"verify{v}"].append(timed(f"{MIRROR} verify --home {store}"))
+            shutil.rmtree(store)
+    out = {"size2": os.path.getsize(bundle), "size1": os.path.getsize(old)}
+    os.unlink(old)
+    out.update({f"{k}_s": median(v) for k, v in t.items()})
+    out.update({f"{k}_rss_mb": peak(v) for k, v in t.items()})
+    return out
+
+
 def make_many_files(git_root: str, content: str, count: int) -> str:
     """A repo of ``count`` small Python files (one commit, by git fast-import), and the
     same files checked out in ``content`` for the baseline."""
@@ -330,6 +385,30 @@ def main() -> None:
                     row(f"install, {k}", f"{mr['mirror_s']:.2f} s",
                         f"{mr['baseline_s']:.2f} s (with sync: {mr['durable_s']:.2f} s)",
                         mr["ratio"], "1.1"),
+                ]
+                print("\n".join(table[-3:]), flush=True)
+
+            # The proof's cost: the same snapshot installed, and its store verified, with
+            # git ids recomputed (format 2) and without (format 1).
+            proofs = ([(f"{args.small_files:,} small files", many_bundle)]
+                      if args.small_files else []) + [("demo repo", small)]
+            for name, b in proofs:
+                pr = bench_proof(b, args.runs, work)
+                table += [
+                    row(f"install, {name}: proof's cost", f"{pr['install2_s']:.2f} s",
+                        f"format 1 (no git objects, no proof): {pr['install1_s']:.2f} s",
+                        pr["install2_s"] / pr["install1_s"], "",
+                        f"{pr['install2_rss_mb']:.0f} MiB (format 1: "
+                        f"{pr['install1_rss_mb']:.0f})"),
+                    row(f"verify the store, {name}: proof's cost", f"{pr['verify2_s']:.2f} s",
+                        f"format 1: {pr['verify1_s']:.2f} s",
+                        pr["verify2_s"] / pr["verify1_s"], "",
+                        f"{pr['verify2_rss_mb']:.0f} MiB (format 1: "
+                        f"{pr['verify1_rss_mb']:.0f})"),
+                    row(f"bundle size, {name}: the git objects' cost",
+                        f"{pr['size2'] / 2**10:.1f} KiB",
+                        f"format 1: {pr['size1'] / 2**10:.1f} KiB",
+                        pr["size2"] / pr["size1"], ""),
                 ]
                 print("\n".join(table[-3:]), flush=True)
 
