@@ -299,32 +299,38 @@ class Transaction:
         os.makedirs(paths.snapshots, exist_ok=True)
         for snap in repo.snapshots:
             label = f"{repo.id.label}@{short(snap.commit)}"
-            target = paths.snapshot(snap.commit)
-            replace = self.options.force or self._proves_unproven(paths, snap)
-            if os.path.isdir(target) and not replace:
-                self.report.snapshots_present.append(label)
-                continue
             # Built inside the install's own folder, so an abandoned build is plainly
             # garbage (gc), then renamed into place whole.
             building = make_temp_dir(self.work, f"snapshot-{short(snap.commit)}-")
             materialize(building, snap.files, self.layout.blob)
-            if replace or not os.path.exists(paths.snapshot_record(snap.commit)):
+            # The decision and the publishing under one lock: another install must not
+            # publish between them (a record and a folder of different contents).
+            with locked(paths.refs_lock):
+                if not self._should_publish(paths, snap):
+                    self.report.snapshots_present.append(label)
+                    continue
+                target = paths.snapshot(snap.commit)
                 write_atomic(paths.snapshot_record(snap.commit),
                              canonical_json(self._record(snap, pins).to_json()))
-            publish_dir(building, target, replace=os.path.isdir(target))  # --force: a swap
-            fsync_dir(paths.snapshots)
+                publish_dir(building, target, replace=os.path.isdir(target))
+                fsync_dir(paths.snapshots)
             self.report.snapshots_installed.append(label)
 
-    def _proves_unproven(self, paths: RepoLayout, snap: SnapshotEntry) -> bool:
-        """A proven snapshot replaces an unproven one of the same commit (a format 1
-        bundle's, which may even have been a forgery); never the other way round."""
-        if snap.commit not in self.proofs:
-            return False
+    def _should_publish(self, paths: RepoLayout, snap: SnapshotEntry) -> bool:
+        """Whether this bundle's snapshot goes in: when the commit is not installed
+        (folder or record missing), with --force, or when it is proven and what is
+        there is not. An unproven snapshot never replaces a proven one, even with
+        --force: a proven commit id has only one content."""
+        proven = snap.commit in self.proofs
         try:
             old = self.store.snapshot_record(paths, snap.commit)
-        except StoreError:  # unreadable: the proven bytes repair it
+        except StoreError:  # unreadable: reinstalling repairs it
             return True
-        return old is not None and not old.proven
+        if old is not None and old.proven and not proven:
+            return False
+        if old is None or not os.path.isdir(paths.snapshot(snap.commit)):
+            return True
+        return self.options.force or (proven and not old.proven)
 
     def _record(self, snap: SnapshotEntry, pins: Dict[str, Pin]) -> SnapshotRecord:
         # The weights this snapshot's code asks for, pinned to their bytes: a later

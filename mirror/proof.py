@@ -16,15 +16,20 @@ Git's sha256 object format is not supported yet: such repos are refused.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Mapping, Tuple
 
 from .errors import InvalidRecordError
 from .ids import is_hex, short
-from .model import MODE_GITLINK, FileEntry, Manifest, RefEntry, SnapshotEntry
+from .model import MODE_GITLINK, PATH_MAX, FileEntry, Manifest, RefEntry, SnapshotEntry
 
-TYPES = ("commit", "tree", "blob", "tag")
+TYPES = ("commit", "tree", "blob", "tag")  # as git names them; a member holds no blobs
+CARRIED = ("commit", "tree", "tag")
 MODE_TREE = 0o040000
+MAX_OBJECTS_BYTES = 256 << 20  # a snapshot's trees and history: a few MiB even for big repos
+MAX_DEPTH = PATH_MAX // 2  # nested trees: a path of single-letter folders
+MAX_GITLINKS = 10_000  # submodule entries, which no file of the snapshot matches
 MAX_HEADER = 32  # "commit 18446744073709551615\0" fits
 
 
@@ -45,8 +50,9 @@ def decode(data: bytes) -> Iterator[Tuple[str, bytes]]:
         end = data.find(b"\0", at, at + MAX_HEADER)
         kind, _, size = data[at:end].decode("ascii", "replace").partition(" ") \
             if end > 0 else ("", "", "")
-        if kind not in TYPES or not size.isdigit() or end + 1 + int(size) > len(data):
-            raise ProofError(f"git objects: a malformed object header at byte {at}")
+        if kind not in CARRIED or not size.isdigit() or end + 1 + int(size) > len(data):
+            raise ProofError(f"git objects: a malformed object header, or an object other "
+                             f"than a commit, tree or tag, at byte {at}")
         at = end + 1 + int(size)
         yield kind, data[end + 1:at]
 
@@ -61,7 +67,7 @@ def tree_entries(data: bytes) -> Iterator[Tuple[int, str, str]]:
         if space < 0 or end < space or end + 21 > len(data):
             raise ProofError(f"git objects: a malformed tree entry at byte {at}")
         mode = data[at:space]
-        if not mode.isdigit():
+        if not re.fullmatch(rb"[0-7]{1,7}", mode):
             raise ProofError(f"git objects: a malformed tree mode at byte {at}")
         yield (int(mode, 8), data[space + 1:end].decode("utf-8", "surrogateescape"),
                data[end + 1:end + 21].hex())
@@ -116,6 +122,16 @@ class ObjectDatabase:
         if not is_hex(snap.commit, (40,)):
             raise ProofError(f"commit {short(snap.commit)} is not a sha1 id; git's sha256 "
                              f"object format is not supported yet")
+        try:
+            return self._prove(snap, objects, blob_path)
+        except (self.pygit2.GitError, ValueError, KeyError) as e:
+            if isinstance(e, ProofError):
+                raise
+            raise ProofError(f"commit {short(snap.commit)}: its git objects cannot be read "
+                             f"({type(e).__name__}: {e})") from None
+
+    def _prove(self, snap: SnapshotEntry, objects: bytes,
+               blob_path: Callable[[FileEntry], str]) -> Proof:
         written = self.add(objects)
         if written.get(snap.commit) != "commit":
             raise ProofError(f"commit {short(snap.commit)} does not match its content: no "
@@ -151,18 +167,38 @@ class ObjectDatabase:
 
     def _walk(self, snap: SnapshotEntry, tree_id: object,
               prefix: str) -> Iterator[Tuple[str, int, str]]:
+        """Every non-tree entry below ``tree_id``, iteratively, within a budget: a bundle
+        could name one subtree many times over and make a tiny tree walk forever."""
+        budget = 3 * len(snap.files) + MAX_GITLINKS  # folders hold files: fewer than 2 each
+        stack = [(str(tree_id), prefix, 0)]
+        while stack:
+            oid, at, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise ProofError(f"commit {short(snap.commit)}: trees nested over "
+                                 f"{MAX_DEPTH} deep")
+            entries = list(tree_entries(self._tree(snap, oid)))
+            if not entries and depth:
+                raise ProofError(f"commit {short(snap.commit)}: an empty subtree "
+                                 f"{at.rstrip('/')[:80]!r}, which git never writes")
+            for mode, name, entry_id in entries:
+                budget -= 1
+                if budget < 0:
+                    raise ProofError(f"commit {short(snap.commit)}: its tree has more "
+                                     f"entries than the snapshot has files")
+                if mode == MODE_TREE:
+                    stack.append((entry_id, at + name + "/", depth + 1))
+                else:
+                    yield at + name, mode, entry_id
+
+    def _tree(self, snap: SnapshotEntry, oid: str) -> bytes:
         try:
-            kind, data = self.repo.odb.read(str(tree_id))
+            kind, data = self.repo.odb.read(oid)
         except (KeyError, ValueError):
-            raise ProofError(f"commit {short(snap.commit)}: tree {short(str(tree_id))} is "
-                             f"missing from the bundle") from None
+            raise ProofError(f"commit {short(snap.commit)}: tree {short(oid)} is missing "
+                             f"from the bundle") from None
         if kind != self.kinds["tree"]:
-            raise ProofError(f"commit {short(snap.commit)}: {short(str(tree_id))} is not a tree")
-        for mode, name, oid in tree_entries(data):
-            if mode == MODE_TREE:
-                yield from self._walk(snap, oid, prefix + name + "/")
-            else:
-                yield prefix + name, mode, oid
+            raise ProofError(f"commit {short(snap.commit)}: {short(oid)} is not a tree")
+        return data
 
     def check_tag(self, ref: RefEntry) -> None:
         """An annotated tag's object must hash to its id and name the ref's commit."""
@@ -170,7 +206,7 @@ class ObjectDatabase:
             return
         try:
             target = self.repo[ref.target].peel(self.pygit2.Commit)
-        except (KeyError, ValueError, self.pygit2.InvalidSpecError):
+        except (KeyError, ValueError, self.pygit2.InvalidSpecError, self.pygit2.GitError):
             raise ProofError(f"tag {ref.name!r}: object {short(ref.target)} is missing from "
                              f"the bundle or names no commit") from None
         if str(target.id) != ref.commit:
@@ -185,18 +221,23 @@ def prove_manifest(manifest: Manifest, blob_path: Callable[[str], str],
     verified bytes of each member are. Returns commit -> :class:`Proof`; raises
     ProofError for the first snapshot or tag whose bytes do not hash to its id."""
     proofs: Dict[str, Proof] = {}
-    db: ObjectDatabase | None = None
     for repo in manifest.repos:
+        dbs: Dict[str, ObjectDatabase] = {}
         for snap in repo.snapshots:
             if snap.objects is None:
                 continue
-            db = db or ObjectDatabase(os.path.join(work, "objects.git"))
+            if snap.objects.size > MAX_OBJECTS_BYTES:
+                raise ProofError(f"commit {short(snap.commit)}: {snap.objects.size} bytes of "
+                                 f"git objects, over the {MAX_OBJECTS_BYTES} byte limit")
+            # One database per snapshot: its proof may use only its own objects.
+            db = dbs[snap.commit] = ObjectDatabase(os.path.join(
+                work, f"objects-{len(proofs)}-{snap.commit}.git"))
             with open(blob_path(snap.objects.sha256), "rb") as fh:
                 objects = fh.read()
             proofs[snap.commit] = db.prove(snap, objects, lambda f: blob_path(f.sha256))
         for ref in repo.refs:
-            if db is not None and ref.commit in proofs:
-                db.check_tag(ref)
+            if ref.commit in dbs:
+                dbs[ref.commit].check_tag(ref)
     return proofs
 
 

@@ -121,3 +121,43 @@ def test_megengine_cache_follows_the_proven_commit(master_bundle, home, tmp_path
     install(master_bundle, options=seed)
     snap = Store().resolve("demo", "tinynets", "master", host=upstream.git.host)
     assert open(hubconf, "rb").read() == open(os.path.join(snap.path, "hubconf.py"), "rb").read()
+
+
+def test_force_never_puts_unproven_content_under_a_proven_commit(master_bundle, home,
+                                                                  tmp_path, upstream):
+    from mirror.installer import InstallOptions
+
+    install(master_bundle)
+    forged = _forge(master_bundle, tmp_path / "forced.hub", version=1)
+    report = install(forged, options=InstallOptions(force=True))
+    master = upstream.demo.branches["master"]
+    assert report.snapshots_present == [f"demo/tinynets@{master[:12]}"]
+    model = mirror.hub.load("demo/tinynets", "mlp", git_host=upstream.git.host)
+    assert model.revision == upstream.demo.revisions[master]
+
+
+def test_a_tree_that_names_one_subtree_over_and_over_is_refused_at_once(tmp_path):
+    """A few KiB of trees, each naming the next twice, would take days to walk."""
+    from mirror.model import MODE_FILE, FileEntry, SnapshotEntry
+    from mirror.proof import ObjectDatabase, ProofError, encode
+
+    def oid(kind: bytes, data: bytes) -> bytes:
+        return hashlib.sha1(kind + b" %d\0" % len(data) + data).digest()
+
+    empty_blob = oid(b"blob", b"")
+    level = b"160000 f\0" + empty_blob  # a submodule entry: no file to match
+    trees = [level]
+    for _ in range(60):
+        below = oid(b"tree", level)
+        level = b"40000 a\0" + below + b"40000 b\0" + below
+        trees.append(level)
+    root = oid(b"tree", level).hex()
+    commit = b"tree " + root.encode() + b"\nauthor a <a> 0 +0000\ncommitter a <a> 0 +0000\n\nm\n"
+    objects = encode(iter([("commit", commit)] + [("tree", t) for t in trees]))
+    snap = SnapshotEntry(oid(b"commit", commit).hex(), root, 0,
+                         (FileEntry("a/f", MODE_FILE, 0, hashlib.sha256(b"").hexdigest()),))
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with pytest.raises(ProofError) as e:
+        ObjectDatabase(str(tmp_path / "objects.git")).prove(snap, objects, lambda f: str(empty))
+    assert "its tree has more entries than the snapshot has files" in str(e.value)
