@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import zstandard
 
@@ -652,6 +652,25 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
         except ProofError as e:
             raise BundleError(path, str(e)) from None
     return Verified(manifest, heads[0].manifest_bytes, signer[0] if signer else None)
+
+
+def read_all(path: str, on_head: Callable[[Head], None] | None = None
+             ) -> Tuple[Manifest, Dict[str, bytes]]:
+    """The manifest and every member's bytes, in memory, of a bundle that verifies
+    (for tools that rebuild a bundle with something changed; never for weights of
+    real size)."""
+    members: Dict[str, bytes] = {}
+
+    class Keep(io.BytesIO):
+        def __init__(self, member: Member):
+            super().__init__()
+            self.name = member.name
+
+        def close(self) -> None:
+            members[self.name] = self.getvalue()
+            super().close()
+
+    return read(path, Keep, on_head=on_head), members
 
 
 def manifest_from_bytes(path: str, data: bytes) -> Manifest:

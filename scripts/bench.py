@@ -204,19 +204,7 @@ def as_format_1(bundle: str, out: str) -> None:
     from mirror import bundle as mb
     from mirror.model import Manifest, objects_member
 
-    members = {}
-
-    class Keep:
-        def __init__(self, member):
-            self.member, self.buf = member, bytearray()
-
-        def write(self, block):
-            self.buf += block
-
-        def close(self):
-            members[self.member.name] = bytes(self.buf)
-
-    mb.read(bundle, Keep)  # verifies every member
+    _, members = mb.read_all(bundle)  # verifies every member
     m = json.loads(mb.read_manifest_bytes(bundle))
     m["format_version"] = 1
     for repo in m["repos"]:

@@ -174,17 +174,5 @@ def unpack(bundle_path: str, on_head=None):
     material for tests that rebuild it with something changed."""
     from mirror import bundle
 
-    members = {}
-
-    class Keep:
-        def __init__(self, member):
-            self.member, self.buf = member, bytearray()
-
-        def write(self, block):
-            self.buf += block
-
-        def close(self):
-            members[self.member.name] = bytes(self.buf)
-
-    manifest = bundle.read(bundle_path, Keep, on_head=on_head)
+    manifest, members = bundle.read_all(bundle_path, on_head=on_head)
     return manifest.to_json(), members
