@@ -299,6 +299,9 @@ class Transaction:
         os.makedirs(paths.snapshots, exist_ok=True)
         for snap in repo.snapshots:
             label = f"{repo.id.label}@{short(snap.commit)}"
+            if not self._should_publish(paths, snap):  # asked again under the lock below
+                self.report.snapshots_present.append(label)
+                continue
             # Built inside the install's own folder, so an abandoned build is plainly
             # garbage (gc), then renamed into place whole.
             building = make_temp_dir(self.work, f"snapshot-{short(snap.commit)}-")
