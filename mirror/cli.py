@@ -140,7 +140,9 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
 
 @cli.command()
 @click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
-@click.option("--force", is_flag=True, help="Reinstall snapshots and move refs back or tags.")
+@click.option("--force", is_flag=True,
+              help="Reinstall snapshots and move refs back or tags (a proven snapshot is "
+                   "never replaced by an unproven one).")
 @click.option("--megengine-version", "mge_versions", multiple=True, metavar="VERSION",
               help="Seed MegEngine Hub's cache for this MegEngine version (repeatable; "
                    "default: the installed one).")

@@ -189,16 +189,16 @@ class Upstream:
 
     # --- trees --------------------------------------------------------------
 
-    def snapshot(self, commit: str, targets: Tuple[str, ...] = ()) -> Snapshot:
+    def snapshot(self, commit: str) -> Snapshot:
         """Every file of ``commit``'s tree, sorted by path, and the git objects that
-        prove it (see mirror.proof): the commit, its trees, the annotated tags among
-        ``targets``, and its first-parent history as far as it was fetched."""
+        prove it (see mirror.proof): the commit, its trees and its first-parent history
+        as far as it was fetched (annotated tags: :meth:`tag_objects`)."""
         c = self.repo[commit].peel(pygit2.Commit)
         files: List[TreeFile] = []
         trees: List[str] = []
         self._walk(c.tree, "", files, trees)
         files.sort(key=lambda f: f.path)
-        objects = self._encode(self._history(str(c.id)) + trees) + self.tag_objects(targets)
+        objects = self._encode(self._history(str(c.id)) + trees)
         return Snapshot(str(c.id), str(c.tree_id), c.commit_time, tuple(files), objects)
 
     def tag_objects(self, targets: Tuple[str, ...]) -> bytes:

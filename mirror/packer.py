@@ -205,14 +205,13 @@ class _Packer:
                 self.pins.check_ref(text, resolved.commit)
             self.log(f"resolved {spec} -> {resolved.kind} {resolved.name} at "
                      f"{resolved.commit}")
-            targets = (resolved.target,) if resolved.target else ()
-            snap = up.snapshot(resolved.commit, targets)
-            tags = up.tag_objects(targets)
+            snap = up.snapshot(resolved.commit)
+            tags = up.tag_objects((resolved.target,)) if resolved.target else b""
         repo = self.repos.setdefault((spec.host, spec.owner, spec.name), _Repo(
             RepoId(spec.host, spec.owner, spec.name, url)))
         self._add_ref(repo, spec, resolved, text, fetch_url)
         record = repo.snapshots.get(snap.commit)
-        if record is not None and tags and tags not in record.objects:
+        if record is not None and tags not in record.objects:
             record.objects += tags  # another ref, an annotated tag, names this commit
         covered = self.covered.get(snap.commit, set())
         if record is not None and (covered is None or (entries and set(entries) <= covered)):
@@ -220,7 +219,7 @@ class _Packer:
         found = self._weights(spec, snap, entries)
         if record is None:
             record = repo.snapshots[snap.commit] = _Snapshot(self._snapshot(snap, found),
-                                                                  snap.objects)
+                                                                  snap.objects + tags)
         record.weights |= set(found.kept)
         self.covered[snap.commit] = covered | set(entries) if entries else None
         return found.follow if self.opts.follow_nested else []

@@ -141,9 +141,12 @@ class ObjectDatabase:
             raise ProofError(f"commit {short(snap.commit)} names tree "
                              f"{short(str(commit.tree_id))}, not {short(snap.tree)}")
         self._check_tree(snap, commit.tree_id, blob_path)
-        parents = {oid: tuple(str(p) for p in self.repo[oid].parent_ids)
-                   for oid, kind in written.items() if kind == "commit"}
-        return Proof(snap.commit, parents)
+        return Proof(snap.commit, self.parents(written))
+
+    def parents(self, written: Mapping[str, str]) -> Dict[str, Tuple[str, ...]]:
+        """The parents of each commit among ``written`` (id -> type), as hashed."""
+        return {oid: tuple(str(p) for p in self.repo[oid].parent_ids)
+                for oid, kind in written.items() if kind == "commit"}
 
     def _check_tree(self, snap: SnapshotEntry, tree_id: object,
                     blob_path: Callable[[FileEntry], str]) -> None:
@@ -245,6 +248,4 @@ def history(objects: bytes, commit: str, work: str) -> Proof:
     """The first-parent history that a stored (already proven) snapshot's objects
     carry, for deciding whether a ref would move back."""
     db = ObjectDatabase(os.path.join(work, "history.git"))
-    written = db.add(objects)
-    return Proof(commit, {oid: tuple(str(p) for p in db.repo[oid].parent_ids)
-                          for oid, kind in written.items() if kind == "commit"})
+    return Proof(commit, db.parents(db.add(objects)))
