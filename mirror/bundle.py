@@ -23,20 +23,22 @@ import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import zstandard
 
 from .atomic import atomic_file
 from .errors import BundleError, InvalidRecordError
 from .hashing import CHUNK, sha256_bytes
+from .links import decode, refused
 from .model import (  # noqa: F401  (the format's names, re-exported for readers of bundles)
     FORMAT,
     FORMAT_VERSION,
+    PATH_MAX,
     Manifest,
     Member,
+    SnapshotEntry,
     code_member,
-    symlink_escapes,
     weight_member,
 )
 
@@ -97,6 +99,13 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
     missing = sorted(set(members) - set(sources))
     if missing:
         raise ValueError(f"no content for members {missing[:5]}")
+    for repo in manifest.repos:  # as read will resolve them: each snapshot's links together
+        for snap in repo.snapshots:
+            bad = refused(snap.commit, snap.files, {
+                f.path: _link_target(sources[code_member(snap.commit, f.path)])
+                for f in snap.files if f.is_link})
+            if bad is not None:
+                raise ValueError(f"{repo.id.label}: {bad.message}")
     manifest_bytes = manifest.to_bytes()
     with atomic_file(path) as raw:
         out = _FrameWriter(raw)
@@ -115,6 +124,13 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
     # The id install records and list shows. Not the file's own sha256: that took a
     # second pass over every byte, a quarter of pack's time on two cores.
     return bundle_id(manifest_bytes)
+
+
+def _link_target(src: Source) -> str:
+    if isinstance(src, bytes):
+        return decode(src)
+    with _Source(src) as fh:
+        return decode(fh.read(PATH_MAX + 1))
 
 
 class SourceError(Exception):
@@ -520,7 +536,7 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
     if on_head:
         on_head(head)
     expected = head.manifest.members()
-    links = head.manifest.links()
+    links = _Links(path, head.manifest)
     seen: set = set()
     previous = ""
     while info is not None:
@@ -540,7 +556,9 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
             raise BundleError(path, f"size {info.size} differs from the manifest's "
                                     f"{expected[name].size}", name)
         seen.add(name)
-        _read_member(path, stream, info, expected[name], sink, links.get(name))
+        target = _read_member(path, stream, info, expected[name], sink, name in links.paths)
+        if target is not None:
+            links.read(name, target)
         info = tar.next()
     missing = sorted(set(expected) - seen)
     if missing:
@@ -568,10 +586,43 @@ def _read_head(path: str, tar: tarfile.TarFile,
     return Head(manifest, manifest_bytes, signature), info
 
 
+class _Links:
+    """The symlinks of a bundle's snapshots: a snapshot's are resolved together
+    (:func:`mirror.links.refused`) as soon as the last of them is read, so a link that
+    leaves its snapshot, alone or through another, is refused before any weight is."""
+
+    def __init__(self, path: str, manifest: Manifest):
+        self.path = path
+        self.paths = manifest.links()  # member -> its path in its snapshot
+        self.targets: Dict[str, str] = {}  # member -> the target read
+        # each snapshot with links, and those of its link members not read yet
+        self.unread: List[Tuple[SnapshotEntry, Set[str]]] = []
+        for repo in manifest.repos:
+            for snap in repo.snapshots:
+                names = {code_member(snap.commit, f.path) for f in snap.files if f.is_link}
+                if names:
+                    self.unread.append((snap, names))
+
+    def read(self, member: str, target: str) -> None:
+        self.targets[member] = target
+        for snap, names in self.unread:
+            if member in names:
+                names.discard(member)
+                if not names:
+                    self._check(snap)
+
+    def _check(self, snap: SnapshotEntry) -> None:
+        bad = refused(snap.commit, snap.files, {
+            f.path: self.targets[code_member(snap.commit, f.path)]
+            for f in snap.files if f.is_link})
+        if bad is not None:
+            raise BundleError(self.path, bad.message, code_member(snap.commit, bad.path))
+
+
 def _read_member(path: str, stream: _Decompressed, info: tarfile.TarInfo, want: Member,
-                 sink: SinkFactory | None, link: str | None) -> None:
+                 sink: SinkFactory | None, link: bool) -> str | None:
     """Hash one member's bytes (copying them to the sink's file, if any) against the
-    manifest; a symlink's target, its content, must stay inside the snapshot."""
+    manifest; return a symlink's target, its content (None for any other member)."""
     out = _sink(sink, want)
     digest = hashlib.sha256()
     content = []  # kept only for a symlink, whose target is its (small) content
@@ -579,17 +630,14 @@ def _read_member(path: str, stream: _Decompressed, info: tarfile.TarInfo, want: 
         digest.update(block)
         if out is not None:
             _sink_call(out.write, block)
-        if link is not None:
+        if link:
             content.append(bytes(block))
     if out is not None:
         _sink_call(out.close)
     if digest.hexdigest() != want.sha256:
         raise BundleError(path, f"sha256 {digest.hexdigest()} differs from the manifest's "
                                 f"{want.sha256}", info.name)
-    target = b"".join(content).decode("utf-8", "surrogateescape")
-    if link is not None and symlink_escapes(link, target):
-        raise BundleError(path, f"symlink {link} -> {target} points outside the snapshot",
-                          info.name)
+    return decode(b"".join(content)) if link else None
 
 
 def _manifest_member(path: str, tar: tarfile.TarFile) -> tarfile.TarInfo:

@@ -21,6 +21,7 @@ from .errors import MirrorError, NotInstalledError, StoreError
 from .hashing import sha256_bytes, sha256_file
 from .ids import short
 from .layout import TEMP_PREFIX, RepoLayout, listing
+from .links import decode, refused
 from .locking import locked
 from .model import MODE_LINK, JsonObject, Manifest, SnapshotRecord, WeightRecord
 from .proof import ObjectDatabase, ProofError
@@ -175,12 +176,15 @@ def _verify_snapshot(store: Store, repo: RepoLayout, commit: str, label: str,
         report.problems.append(f"snapshot {label}: {path} was added by hand ({root}/{path})")
     for path in sorted(set(expected) - actual):
         report.problems.append(f"snapshot {label}: {path} is missing ({root}/{path})")
+    targets: Dict[str, str] = {}  # link -> its target, as installed
     for path in sorted(actual & set(expected)):
         report.files += 1
         f, full = expected[path], os.path.join(root, path)
         if f.mode == MODE_LINK:
-            same = os.path.islink(full) and sha256_bytes(
-                os.fsencode(os.readlink(full))) == f.sha256
+            target = os.readlink(full) if os.path.islink(full) else None
+            same = target is not None and sha256_bytes(os.fsencode(target)) == f.sha256
+            if same:
+                targets[path] = target
         elif os.path.islink(full):
             same = False
         elif good.get(f.sha256) == os.stat(full).st_ino:
@@ -189,6 +193,16 @@ def _verify_snapshot(store: Store, repo: RepoLayout, commit: str, label: str,
             same = sha256_file(full)[0] == f.sha256
         if not same:
             report.problems.append(f"snapshot {label}: {path} was changed ({full})")
+    links = [f for f in record.snapshot.files if f.is_link]
+    for f in links:  # a link changed or missing: its target as installed, from its blob
+        if f.path not in targets and f.sha256 in good:
+            with open(store.layout.blob(f.sha256), "rb") as fh:
+                targets[f.path] = decode(fh.read())
+    # Installed by a mirror that checked each link alone: one may lead another out.
+    bad = refused(commit, record.snapshot.files, targets) \
+        if len(targets) == len(links) else None
+    if bad is not None:
+        report.problems.append(f"snapshot {label}: {bad.message}")
     for url, pin in record.weight_digests.items():
         if pin.sha256 not in good:
             report.problems.append(f"snapshot {label}: weight {url} (blob "

@@ -1,8 +1,10 @@
 """The typed model of a bundle's manifest and of the store's records.
 
 Every manifest and record is parsed here, once, at the edge: ``from_json``
-checks every field's type, range and name before anything else sees it, and
-raises :class:`~mirror.errors.InvalidRecordError` saying what is wrong. Past
+checks every field's type, range and name (by the rules of :mod:`mirror.names`)
+before anything else sees it, and raises :class:`~mirror.errors.InvalidRecordError`
+naming the field and the value that is wrong. Whatever passes can be written to
+the store, shown and used as a file name without an error half-way through. Past
 that point the rest of mirror handles frozen dataclasses, never dicts, and
 ``to_json`` writes them back. ``verify`` and ``install`` parse a manifest with
 the same :meth:`Manifest.from_json`, so a bundle that verifies also installs.
@@ -13,12 +15,27 @@ The JSON shapes are documented in ``docs/bundle-format.md``.
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Tuple, TypeVar
 
 from .errors import InvalidRecordError
 from .ids import is_hex, short
+from .names import (
+    NAME_MAX,
+    REF_KINDS,
+    URL_MAX,
+    check_component,
+    check_host,
+    check_identifier,
+    check_path,
+    check_ref_name,
+    check_refs,
+    check_text,
+    check_url,
+    check_url_text,
+    check_utf8,
+    shown,
+)
 
 FORMAT = "mge-mirror-bundle"
 FORMAT_VERSION = 2  # 2: snapshots carry git's objects, so install recomputes every id
@@ -31,6 +48,11 @@ MODE_GROUP_WRITABLE = 0o100664  # an old git's regular file: kept, as its tree's
 MODE_GITLINK = 0o160000  # a submodule: a commit id in a tree, no content in this repo
 MODES = (MODE_FILE, MODE_EXEC, MODE_LINK, MODE_GROUP_WRITABLE)
 PATH_MAX = 4096  # no longer path can be checked out; a symlink target is read whole
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # what git's times and file sizes hold
+# The dates mirror shows (a bundle's creation, when a ref was resolved, a snapshot
+# installed, a ref moved): time.gmtime fails past the year 9999 on some platforms and
+# near 2**55 seconds on all, so no later date is accepted, and none before 1970.
+TIME_MAX = 253402300799  # 9999-12-31 23:59:59 UTC
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -59,11 +81,28 @@ def _optional(entry: Dict[str, Any], key: str, kind: type, default: Any) -> Any:
     return need(entry, key, kind) if key in entry and entry[key] is not None else default
 
 
-def _strings(entry: Dict[str, Any], key: str) -> Tuple[str, ...]:
+def _strings(entry: Dict[str, Any], key: str, check: Callable[[str, str], str],
+             what: str) -> Tuple[str, ...]:
+    """``entry[key]``, a list of strings (missing: none), each passing ``check``, whose
+    messages call one ``what``."""
     value = _optional(entry, key, list, [])
     if not all(isinstance(v, str) for v in value):
         raise InvalidRecordError(f"{key!r} is not a list of strings")
-    return tuple(value)
+    return tuple(check(v, what) for v in value)
+
+
+def _ranged(value: int, what: str, low: int, high: int) -> int:
+    if not low <= value <= high:
+        digits = str(value)
+        shown_value = digits if len(digits) <= 40 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise InvalidRecordError(f"{what} {shown_value} is out of range ({low} to {high})")
+    return value
+
+
+def _time(entry: Dict[str, Any], key: str, what: str, default: Any = 0) -> Any:
+    """An optional date in seconds since 1970 (``default`` when missing or null)."""
+    value = _optional(entry, key, int, None)
+    return default if value is None else _ranged(value, what, 0, TIME_MAX)
 
 
 def _list_of(entry: Dict[str, Any], key: str, parse: Callable[[Any], T]) -> Tuple[T, ...]:
@@ -76,28 +115,13 @@ def _size(entry: Any, what: str) -> int:
     size = entry.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidRecordError(f"{what}: size is not a non-negative integer")
-    return size
+    return _ranged(size, f"{what}: size", 0, INT64_MAX)
 
 
 def _sha256(entry: Any, what: str) -> str:
     if not isinstance(entry, dict) or not is_hex(entry.get("sha256"), (64,)):
         raise InvalidRecordError(f"{what}: sha256 is not 64 lowercase hex digits")
     return entry["sha256"]
-
-
-def safe_path(p: Any) -> bool:
-    """A relative POSIX path that cannot leave the directory it is joined to."""
-    if not isinstance(p, str) or not p or p.startswith("/") or "\\" in p or "\0" in p:
-        return False
-    return all(part not in ("", ".", "..") for part in p.split("/"))
-
-
-def symlink_escapes(path: str, target: str) -> bool:
-    """Whether a symlink at ``path`` (in a snapshot) to ``target`` leaves the snapshot."""
-    if not target or target.startswith("/") or "\0" in target:
-        return True
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return resolved in (".", "..") or resolved.startswith("../")
 
 
 # --- the manifest ----------------------------------------------------------------
@@ -137,15 +161,11 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, obj: Any) -> FileEntry:
-        path = need(obj, "path", str)
-        if not safe_path(path):
-            raise InvalidRecordError(f"unsafe file path {path!r}")
+        path = check_path(need(obj, "path", str), "file path")
         mode = need(obj, "mode", int)
         if mode not in MODES:
             raise InvalidRecordError(f"file {path!r} has an unsupported mode")
         size, sha256 = _size(obj, path), _sha256(obj, path)
-        if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
-            raise InvalidRecordError(f"file path {path[:60]!r}... is over {PATH_MAX} bytes")
         if mode == MODE_LINK and size > PATH_MAX:
             raise InvalidRecordError(f"symlink {path!r} has a {size} byte target")
         return cls(path, mode, size, sha256)
@@ -173,14 +193,23 @@ class RefEntry:
     @classmethod
     def from_json(cls, obj: Any) -> RefEntry:
         kind, name = need(obj, "kind", str), need(obj, "name", str)
-        if kind not in ("branch", "tag") or not safe_path(name):
-            raise InvalidRecordError(f"ref {name!r} is not a valid {kind} name")
+        if kind not in REF_KINDS:
+            raise InvalidRecordError(f"ref {shown(name)} is of kind {shown(kind)}, neither "
+                                     f"'branch' nor 'tag'")
+        check_ref_name(name, kind)
+        label = f"{kind} {shown(name)}"
+        commit = need(obj, "commit", str)
+        if not is_hex(commit, (40, 64)):
+            raise InvalidRecordError(f"{label} points at {shown(commit)}, not a full commit id")
         target = _optional(obj, "target", str, None)
         if target is not None and not is_hex(target, (40,)):
             raise InvalidRecordError(f"ref {name!r} targets {target!r}, not an object id")
-        return cls(name, kind, need(obj, "commit", str), _optional(obj, "asked", str, ""),
-                   _optional(obj, "resolved_at", int, 0),
-                   _optional(obj, "fetched_from", str, None), target)
+        fetched_from = _optional(obj, "fetched_from", str, None)
+        return cls(name, kind, commit,
+                   check_text(_optional(obj, "asked", str, ""), f"{label} 'asked'"),
+                   _time(obj, "resolved_at", f"{label} 'resolved_at'"),
+                   None if fetched_from is None else
+                   check_text(fetched_from, f"{label} 'fetched_from'", URL_MAX), target)
 
     def to_json(self) -> JsonObject:
         out = {"name": self.name, "kind": self.kind, "commit": self.commit,
@@ -190,6 +219,20 @@ class RefEntry:
         if self.target is not None:
             out["target"] = self.target
         return out
+
+
+def _check_utf8(obj: Any, what: str) -> None:
+    """Every string in JSON ``obj``, keys included, has a UTF-8 form (no lone surrogate),
+    so the record that keeps it can be written. Iterative: the JSON may be deep."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            check_utf8(item, what)  # a traced error may span lines: only UTF-8 is asked
+        elif isinstance(item, dict):
+            stack += list(item.keys()) + list(item.values())
+        elif isinstance(item, list):
+            stack += item
 
 
 @dataclass(frozen=True)
@@ -211,6 +254,7 @@ class TraceRecord:
                 raise InvalidRecordError(f"trace {key!r} is not lists of calls by entry")
         if not all(isinstance(v, str) for v in parts[2].values()):
             raise InvalidRecordError("trace 'errors' is not messages by entry")
+        _check_utf8(parts, "trace")
         return cls(*parts)
 
     def to_json(self) -> JsonObject:
@@ -239,19 +283,27 @@ class SnapshotEntry:
     def from_json(cls, obj: Any) -> SnapshotEntry:
         commit = need(obj, "commit", str)
         if not is_hex(commit, (40, 64)):
-            raise InvalidRecordError(f"snapshot commit {commit!r} is not a full id")
-        commit_time = need(obj, "commit_time", int)
+            raise InvalidRecordError(f"snapshot commit {shown(commit)} is not a full id")
+        label = f"snapshot {short(commit)}"
+        tree = _optional(obj, "tree", str, "")  # "": not recorded (a handmade bundle)
+        if tree and not is_hex(tree, (40, 64)):
+            raise InvalidRecordError(f"{label} tree {shown(tree)} is not a full id")
+        # git keeps a signed 64-bit time; a commit may predate 1970 (imported histories).
+        commit_time = _ranged(need(obj, "commit_time", int), f"{label} commit_time",
+                              INT64_MIN, INT64_MAX)
         files = _list_of(obj, "files", FileEntry.from_json)
         _check_tree(commit, files)
-        coverage = _optional(obj, "coverage", dict, {})
-        if not all(isinstance(v, list) and all(isinstance(u, str) for u in v)
-                   for v in coverage.values()):
-            raise InvalidRecordError("'coverage' is not lists of URLs by entrypoint")
+        # Pack downloads every URL in "weights": they must be URLs it can download.
+        weights = _strings(obj, "weights", check_url, f"{label} weight URL")
+        entrypoints = _strings(obj, "entrypoints", check_identifier, f"{label} entrypoint")
         trace, objects = obj.get("trace"), obj.get("objects")
-        return cls(commit, _optional(obj, "tree", str, ""), commit_time, files,
-                   _strings(obj, "weights"), _strings(obj, "entrypoints"),
-                   {k: tuple(v) for k, v in coverage.items()}, _strings(obj, "excluded"),
-                   _strings(obj, "unresolved"), _strings(obj, "nested"),
+        return cls(commit, tree, commit_time, files, weights, entrypoints,
+                   _coverage(obj, label, entrypoints),
+                   # What pack could not fetch, or resolve, or was told to leave out:
+                   # shown by inspect, never downloaded, so only plain text is asked.
+                   _strings(obj, "excluded", check_text, f"{label} excluded URL"),
+                   _strings(obj, "unresolved", check_text, f"{label} unresolved download"),
+                   _strings(obj, "nested", check_text, f"{label} nested spec"),
                    TraceRecord.from_json(trace) if trace is not None else None,
                    Pin.from_json(objects, f"git objects of {short(commit)}")
                    if objects is not None else None)
@@ -274,6 +326,24 @@ class SnapshotEntry:
         return sum(f.size for f in self.files)
 
 
+def _coverage(obj: Dict[str, Any], label: str,
+              entrypoints: Tuple[str, ...]) -> Dict[str, Tuple[str, ...]]:
+    """Entrypoint -> the URLs its ``@pretrained`` names. Pack lists every entrypoint it
+    covers (``entrypoints`` is their sorted names), so a key outside them is a forgery.
+    The URLs need only be URL text: pack records those of entrypoints it was not asked
+    to pack, and those it was told to exclude, without downloading them."""
+    coverage = _optional(obj, "coverage", dict, {})
+    out = {}
+    for entry, urls in coverage.items():
+        if entry not in entrypoints:
+            raise InvalidRecordError(f"{label} coverage names {shown(entry)}, which is not "
+                                     f"one of its entrypoints")
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise InvalidRecordError(f"{label} coverage of {entry!r} is not a list of URLs")
+        out[entry] = tuple(check_url_text(u, f"{label} coverage URL") for u in urls)
+    return out
+
+
 def _check_tree(commit: str, files: Tuple[FileEntry, ...]) -> None:
     """Paths each once, none below a file or a symlink."""
     kinds: Dict[str, int] = {}
@@ -293,8 +363,12 @@ def _check_tree(commit: str, files: Tuple[FileEntry, ...]) -> None:
 
 
 def _plain_name(value: str, key: str) -> str:
-    if not safe_path(value) or "/" in value:
-        raise InvalidRecordError(f"repo {key} {value!r} is not a plain name")
+    """An owner or a name: one folder of the store, which names it in lower case (whose
+    UTF-8 may be longer: "İ" is 2 bytes, "i̇" 3)."""
+    check_component(value, f"repo {key}")
+    if len(value.lower().encode("utf-8")) > NAME_MAX:
+        raise InvalidRecordError(f"repo {key} {shown(value)} is over {NAME_MAX} bytes in "
+                                 f"lower case, as the store names its folder")
     return value
 
 
@@ -309,8 +383,9 @@ class RepoId:
 
     @classmethod
     def from_json(cls, obj: Any) -> RepoId:
-        url = need(obj, "url", str)
-        host, owner, name = (_plain_name(need(obj, k, str), k) for k in ("host", "owner", "name"))
+        url = check_text(need(obj, "url", str), "repo url", URL_MAX)  # ssh's form too
+        host = check_host(need(obj, "host", str), "repo host")
+        owner, name = (_plain_name(need(obj, k, str), k) for k in ("owner", "name"))
         return cls(host, owner, name, url)
 
     def to_json(self) -> JsonObject:
@@ -344,7 +419,13 @@ class RepoEntry:
         ident = RepoId.from_json(obj)
         snapshots = _list_of(obj, "snapshots", SnapshotEntry.from_json)
         refs = _list_of(obj, "refs", RefEntry.from_json)
-        commits = {s.commit for s in snapshots}
+        commits: set = set()
+        for snap in snapshots:
+            if snap.commit in commits:
+                raise InvalidRecordError(f"snapshot {snap.commit} of {ident.label} is listed "
+                                         f"twice")
+            commits.add(snap.commit)
+        check_refs([(r.kind, r.name) for r in refs])  # one file each, none a folder of another
         for ref in refs:
             if ref.commit not in commits:
                 raise InvalidRecordError(f"ref {ref.name!r} points at {ref.commit!r}, which "
@@ -368,8 +449,9 @@ class WeightEntry:
 
     @classmethod
     def from_json(cls, obj: Any) -> WeightEntry:
-        url = need(obj, "url", str)
-        return cls(url, _size(obj, url), _sha256(obj, url), _strings(obj, "locations"))
+        url = check_url(need(obj, "url", str), "weight URL")
+        return cls(url, _size(obj, url), _sha256(obj, url),
+                   _strings(obj, "locations", check_text, f"weight {shown(url)} location"))
 
     def to_json(self) -> JsonObject:
         return {"url": self.url, "size": self.size, "sha256": self.sha256,
@@ -400,8 +482,9 @@ class Manifest:
         need(obj, "repos", list)
         weights = _list_of(obj, "weights", WeightEntry.from_json)
         manifest = cls(_list_of(obj, "repos", RepoEntry.from_json), weights,
-                       _optional(obj, "tool", str, ""), _optional(obj, "created", int, 0),
-                       version)
+                       check_text(_optional(obj, "tool", str, ""), "manifest 'tool'"),
+                       _time(obj, "created", "manifest 'created'"), version)
+        _check_once(manifest)
         for repo in manifest.repos:
             for snap in repo.snapshots:
                 if (snap.objects is not None) != (version >= 2):
@@ -450,6 +533,24 @@ class Manifest:
         """Member name -> snapshot path of every symlink (whose content is its target)."""
         return {code_member(s.commit, f.path): f.path for r in self.repos
                 for s in r.snapshots for f in s.files if f.is_link}
+
+
+def _check_once(manifest: Manifest) -> None:
+    """A weight URL stands for one content, and a repo is one folder of the store
+    (named in lower case): neither may be listed twice."""
+    urls: set = set()
+    for w in manifest.weights:
+        if w.url in urls:
+            raise InvalidRecordError(f"weight URL {shown(w.url)} is listed twice")
+        urls.add(w.url)
+    folders: Dict[Tuple[str, str, str], str] = {}
+    for repo in manifest.repos:
+        key = (repo.id.host.lower(), repo.id.owner.lower(), repo.id.name.lower())
+        if key in folders:
+            raise InvalidRecordError(f"repo {repo.id.host}/{repo.id.label} is listed twice "
+                                     f"(as {folders[key]} too: the store names repos in "
+                                     f"lower case)")
+        folders[key] = f"{repo.id.host}/{repo.id.label}"
 
 
 @dataclass(frozen=True)
@@ -505,12 +606,15 @@ class SnapshotRecord:
     @classmethod
     def from_json(cls, obj: Any) -> SnapshotRecord:
         _schema(obj)
+        snapshot = SnapshotEntry.from_json(obj)
+        label = f"snapshot {short(snapshot.commit)} weight_digests URL"
         digests = _optional(obj, "weight_digests", dict, {})
-        return cls(SnapshotEntry.from_json(obj),
-                   {url: Pin.from_json(pin, url) for url, pin in digests.items()},
+        return cls(snapshot,
+                   {check_url(url, label): Pin.from_json(pin, url) for url, pin in digests.items()},
                    _optional(obj, "bundle", str, None), _optional(obj, "bundle_file", str, None),
                    _optional(obj, "signed_by", str, None),
-                   _optional(obj, "installed_at", int, None))
+                   _time(obj, "installed_at", f"snapshot {short(snapshot.commit)} installed_at",
+                         None))
 
     def to_json(self) -> JsonObject:
         return dict(self.snapshot.to_json(), schema=RECORD_SCHEMA,
@@ -562,7 +666,17 @@ class RefLogEntry:
     bundle: str
     bundle_file: str
     time: int
+    created: int = 0  # when the bundle was made (its manifest's "created"); 0: not recorded
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RefLogEntry:
+        old = _optional(obj, "old", str, None)
+        time = _ranged(need(obj, "time", int), "ref log time", 0, TIME_MAX)
+        return cls(need(obj, "ref", str), need(obj, "kind", str), old, need(obj, "new", str),
+                   need(obj, "bundle", str), need(obj, "bundle_file", str), time,
+                   _time(obj, "created", "ref log 'created'"))
 
     def to_json(self) -> JsonObject:
         return {"ref": self.ref, "kind": self.kind, "old": self.old, "new": self.new,
-                "bundle": self.bundle, "bundle_file": self.bundle_file, "time": self.time}
+                "bundle": self.bundle, "bundle_file": self.bundle_file, "time": self.time,
+                "created": self.created}

@@ -23,7 +23,9 @@ from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickl
 from .git import Snapshot, Upstream
 from .hashing import sha256_bytes
 from .ids import short
+from .links import decode, refused
 from .model import (
+    MODE_LINK,
     FileEntry,
     JsonObject,
     Manifest,
@@ -38,6 +40,7 @@ from .model import (
     objects_member,
     weight_member,
 )
+from .names import one_line
 from .pack_options import PackOptions
 from .pins import Pins
 from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
@@ -207,6 +210,11 @@ class _Packer:
                      f"{resolved.commit}")
             snap = up.snapshot(resolved.commit)
             tags = up.tag_objects((resolved.target,)) if resolved.target else b""
+        # Before anything runs or is recorded (--trace writes the tree out and imports it).
+        bad = refused(snap.commit, snap.files, {f.path: decode(f.data) for f in snap.files
+                                                if f.mode == MODE_LINK})
+        if bad is not None:
+            raise MirrorError(f"cannot pack {spec.repo}: {bad.message}")
         repo = self.repos.setdefault((spec.host, spec.owner, spec.name), _Repo(
             RepoId(spec.host, spec.owner, spec.name, url)))
         self._add_ref(repo, spec, resolved, text, fetch_url)
@@ -395,5 +403,6 @@ def _entry_weights(label: str, entries: Tuple[str, ...], entry_weights: Dict[str
             urls.setdefault(u, []).append(f"hubconf.py (@pretrained of {entry})")
     # Only the entries' own downloads matter, and they were run; one that failed may
     # have stopped before asking for everything it needs.
-    return urls, [f"tracing {e} failed: {traced.errors[e]}" for e in entries
+    # A traceback's message spans lines; the manifest keeps it on one.
+    return urls, [f"tracing {e} failed: {one_line(traced.errors[e])}" for e in entries
                   if e in traced.errors]

@@ -7,13 +7,13 @@ and nothing is resolved twice.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Tuple
 
 from .errors import SpecError
 from .ids import short
+from .names import is_host
 
 DEFAULT_HOST = "github.com"
 # MegEngine Hub's default when repo_info has no ":branch" (megengine/hub/const.py).
@@ -28,46 +28,12 @@ _SPEC = re.compile(
 )
 
 
-# Matched with fullmatch: "$" would let a trailing newline through.
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_PORT = re.compile(r"[1-9][0-9]{0,4}")
-_IPV6 = re.compile(r"\[([0-9A-Fa-f:.]+)\]")  # no zone id: "%" may be followed by anything
-
-
-def _is_host(host: str) -> bool:
-    name, port = host, None
-    if host.startswith("["):
-        name, sep, port = host.partition("]:")
-        name += "]" if sep else ""
-        port = port if sep else None
-    elif host.count(":") == 1:
-        name, port = host.split(":")
-    if port is not None and not (_PORT.fullmatch(port) and int(port) <= 65535):
-        return False
-    v6 = _IPV6.fullmatch(name)
-    if v6:
-        try:
-            ipaddress.IPv6Address(v6[1])
-        except ValueError:
-            return False
-        return True
-    labels = name.split(".")
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
-        return False
-    if labels[-1].isdigit():  # numeric last label: an IPv4 address, as URLs read it
-        try:
-            ipaddress.IPv4Address(name)
-        except ValueError:
-            return False
-    return True
-
-
 def check_host(host: str, what: str = "git_host") -> str:
     """``host`` if it is a git host: a DNS name, an IPv4 address or a bracketed IPv6
     address, with an optional ``:port`` (1-65535); returned as given. Anything else,
     a path above all (the store keeps repos under their host's name), raises
     :class:`SpecError`. ``what`` names where the host came from in the message."""
-    if not isinstance(host, str) or not host.isascii() or not _is_host(host):
+    if not is_host(host):
         raise SpecError(str(host), f"{what} is not a git host: a DNS name or an IP "
                                    f"address, with an optional :port")
     return host

@@ -1,8 +1,11 @@
 """A corpus of hostile and broken bundles, each made by code so it is reproducible.
 
 For every one, ``mirror install`` and ``mirror verify`` exit non-zero with a one-line
-error, nothing is written outside the store, and the store is byte-for-byte as it
-was. A property-based test then mutates a good bundle at random.
+error, the same one (``verify`` accepts exactly what ``install`` does), nothing is
+written outside the store, and the store is byte-for-byte as it was. Among them,
+manifests whose every member matches but which say what the typed model
+(:mod:`mirror.model`, :mod:`mirror.names`) refuses. A property-based test then
+mutates a good bundle at random.
 """
 
 import errno
@@ -42,12 +45,16 @@ def _info(name, size=0, kind=tarfile.REGTYPE, link="", pax=None):
     return info
 
 
-def _with(manifest, members, extra=(), order=None, edit=None, pax=None, compress=True):
-    """A bundle of ``members`` (name -> bytes); ``pax`` adds PAX records to members."""
+def _with(manifest, members, extra=(), order=None, edit=None, pax=None, compress=True,
+          escaped=False):
+    """A bundle of ``members`` (name -> bytes); ``pax`` adds PAX records to members.
+    ``escaped`` writes the manifest with ``\\u`` escapes, which can carry a lone surrogate
+    (``"\\udcff"``) that no UTF-8 byte can."""
     manifest = json.loads(json.dumps(manifest))
     if edit:
         edit(manifest)
-    data = canonical_json(manifest)
+    data = canonical_json(manifest) if not escaped else (
+        json.dumps(manifest, sort_keys=True, ensure_ascii=True) + "\n").encode()
     pax = pax or {}
     entries = [(_info("manifest.json", len(data), pax=pax.get("manifest.json")), data)]
     names = order or sorted(members)
@@ -93,6 +100,137 @@ def _hidden_in_padding(manifest, members):
         info = next(m for m in tar.getmembers() if m.size % tarfile.BLOCKSIZE)
     raw[info.offset_data + info.size] = ord("X")
     return zstandard.ZstdCompressor().compress(bytes(raw))
+
+
+def _format_1(manifest, members, path=None, escaped=False):
+    """The same bundle in format 1 (no git objects: nothing recomputes the tree id, so
+    only the typed model can refuse a path), with the first file of the first snapshot
+    renamed to ``path``, its member too."""
+    manifest = json.loads(json.dumps(manifest))
+    manifest["format_version"] = 1
+    members = {n: data for n, data in members.items() if not n.startswith("git/")}
+    for repo in manifest["repos"]:
+        for snap in repo["snapshots"]:
+            del snap["objects"]
+    snap = manifest["repos"][0]["snapshots"][0]
+    if path is not None:
+        old, snap["files"][0]["path"] = snap["files"][0]["path"], path
+        members[bundle.code_member(snap["commit"], path)] = members.pop(
+            bundle.code_member(snap["commit"], old))
+    return _with(manifest, members, escaped=escaped)
+
+
+def _manifest_corpus(good):
+    """name -> (bytes of a bundle whose members all match its manifest, but whose
+    manifest says what the typed model refuses; what the refusal says). Edits to refs,
+    weights, entrypoints and repo fields leave format 2's git ids as they were; edits
+    to a snapshot's files would not, so those are format 1 bundles."""
+    manifest, members = unpack(good)
+
+    def snap(m):
+        return m["repos"][0]["snapshots"][0]
+
+    def repo(m):
+        return m["repos"][0]
+
+    def url(new):
+        """Every mention of the first weight's URL changed to ``new``."""
+        def edit(m):
+            old = m["weights"][0]["url"]
+            m["weights"][0]["url"] = new
+            for s in repo(m)["snapshots"]:
+                s["weights"] = [new if u == old else u for u in s["weights"]]
+                s["coverage"] = {e: [new if u == old else u for u in urls]
+                                 for e, urls in s["coverage"].items()}
+        return edit
+
+    def ref(*names, kind="branch"):
+        """More refs, of ``names``, at the commit the first one names."""
+        def edit(m):
+            first = repo(m)["refs"][0]
+            repo(m)["refs"] += [dict(first, name=n, kind=kind) for n in names]
+        return edit
+
+    def bad(edit, expected, escaped=False):
+        return _with(manifest, members, edit=edit, escaped=escaped), expected
+
+    w = manifest["weights"][0]["url"]
+    return {
+        "entrypoints not a list": bad(lambda m: snap(m).update(entrypoints=5),
+                                      "'entrypoints' missing or not a list"),
+        "weights not a list": bad(lambda m: m.update(weights=5),
+                                  "'weights' missing or not a list"),
+        "a snapshot's weights not a list": bad(lambda m: snap(m).update(weights=5),
+                                               "'weights' missing or not a list"),
+        "weight URL with a NUL": bad(url(w + "\0x"), "holds the control character '\\x00'"),
+        "weight URL with a lone surrogate": bad(url(w + "\udcff"), "is not valid UTF-8",
+                                                escaped=True),
+        "weight URL with a newline": bad(url(w + "\nx"), "holds the control character '\\n'"),
+        "weight URL with a space": bad(url(w + " x"), "holds whitespace"),
+        "weight URL of 9,000 bytes": bad(url(w + "x" * 9000), "over the 8192 byte limit"),
+        "weight URL of an unsupported scheme": bad(url("ftp://example.com/w.pkl"),
+                                                   "has the scheme 'ftp'"),
+        "relative weight path": bad(url("weights/w.pkl"), "has the scheme '(none)'"),
+        "http weight URL without a host": bad(url("http:///w.pkl"), "has no host"),
+        "weight URL listed twice": bad(lambda m: m["weights"].append(m["weights"][0]),
+                                       "is listed twice"),
+        "refs x and x/y": bad(ref("x", "x/y"), "branch 'x/y' cannot coexist with branch 'x'"),
+        "refs x/y and x": bad(ref("x/y", "x"), "branch 'x/y' cannot coexist with branch 'x'"),
+        "a ref listed twice": bad(ref("master"), "branch 'master' is listed twice"),
+        "ref name with ..": bad(ref("a..b"), "'a..b' is not a valid git branch name"),
+        "ref name ending in .lock": bad(ref("x.lock", kind="tag"),
+                                        "tag 'x.lock' is not a valid git tag name"),
+        "ref name starting with -": bad(ref("-x"), "'-x' is not a valid git branch name"),
+        "branch named HEAD": bad(ref("HEAD"), "'HEAD' is not a valid git branch name"),
+        "ref name with DEL": bad(ref("x\x7f"), "holds the control character '\\x7f'"),
+        "ref name with a NUL": bad(ref("x\0y"), "holds the control character '\\x00'"),
+        "ref component of 256 bytes": bad(ref("a/" + "r" * 256), "has a 256 byte component"),
+        "ref name with a lone surrogate": bad(ref("x\udcff"), "is not valid UTF-8",
+                                              escaped=True),
+        "file path component of 256 bytes": (_format_1(manifest, members, "d" * 256),
+                                             "has a 256 byte component"),
+        "file path with a newline": (_format_1(manifest, members, "a\nb.py"),
+                                     "holds the control character '\\n'"),
+        "file path with a C1 control": (_format_1(manifest, members, "a\x9bb.py"),
+                                        "holds the control character '\\x9b'"),
+        "file path with a lone surrogate": (_format_1(manifest, members, "a\udcffb.py",
+                                                      escaped=True), "is not valid UTF-8"),
+        "owner with an escape sequence": bad(lambda m: repo(m).update(owner="demo\x1b[2J"),
+                                             "holds the control character '\\x1b'"),
+        "owner of 256 bytes": bad(lambda m: repo(m).update(owner="o" * 256),
+                                  "over the 255 byte limit"),
+        "name growing past 255 bytes in lower case": bad(
+            lambda m: repo(m).update(name="\u0130" * 127), "over 255 bytes in lower case"),
+        "host that is a path": bad(lambda m: repo(m).update(host="../../etc"),
+                                   "is not a git host"),
+        "repo url with a newline": bad(lambda m: repo(m).update(url="http://x/\ny"),
+                                       "holds the control character '\\n'"),
+        "the same repo twice, in other case": bad(
+            lambda m: m["repos"].append(dict(repo(m), owner="DEMO")), "is listed twice"),
+        "the same snapshot twice": bad(
+            lambda m: repo(m)["snapshots"].append(snap(m)), "is listed twice"),
+        "entrypoint not an identifier": bad(
+            lambda m: snap(m)["entrypoints"].append("rm -rf"), "is not a Python identifier"),
+        "coverage of no entrypoint": bad(lambda m: snap(m)["coverage"].update(ghost=[]),
+                                         "coverage names 'ghost'"),
+        "excluded URL with an escape sequence": bad(
+            lambda m: snap(m).update(excluded=["\x1b]0;owned\x07"]),
+            "holds the control character '\\x1b'"),
+        "tool with a carriage return": bad(lambda m: m.update(tool="mirror\rOK"),
+                                           "holds the control character '\\r'"),
+        "trace with a lone surrogate": bad(lambda m: snap(m).update(trace={
+            "weights": {"mlp": [{"url": "\udcff"}]}, "nested": {}, "errors": {}}),
+            "is not valid UTF-8", escaped=True),
+        "size of 2**63": bad(lambda m: m["weights"][0].update(size=2 ** 63), "out of range"),
+        "commit_time of 2**63": bad(lambda m: snap(m).update(commit_time=2 ** 63),
+                                    "out of range"),
+        "created in the year 10000": bad(lambda m: m.update(created=253402300800),
+                                         "'created' 253402300800 is out of range"),
+        "negative resolved_at": bad(lambda m: repo(m)["refs"][0].update(resolved_at=-1),
+                                    "'resolved_at' -1 is out of range"),
+        "tree that is not an id": bad(lambda m: snap(m).update(tree="../x"),
+                                      "tree '../x' is not a full id"),
+    }
 
 
 def _corpus(good):
@@ -192,6 +330,7 @@ def _corpus(good):
         manifest, {**members, hubconf: forged}, edit=lambda m: next(
             f for f in snap(m)["files"] if f["path"] == "hubconf.py").update(
             size=len(forged), sha256=__import__("hashlib").sha256(forged).hexdigest()))
+    corpus.update((name, data) for name, (data, _) in _manifest_corpus(good).items())
     for cut in (1, 13, 100, 1000, len(good_bytes) // 3, len(good_bytes) // 2,
                 len(good_bytes) - 200, len(good_bytes) - 1):
         corpus[f"truncated at {cut}"] = good_bytes[:cut]
@@ -208,8 +347,39 @@ def corpus(master_bundle):
     return _corpus(master_bundle)
 
 
-def test_the_corpus_has_at_least_30_kinds(corpus):
-    assert len(corpus) >= 40
+@pytest.fixture(scope="module")
+def manifest_corpus(master_bundle):
+    return _manifest_corpus(master_bundle)
+
+
+def test_the_corpus_has_at_least_100_kinds(corpus, manifest_corpus):
+    assert len(corpus) >= 100
+    assert len(manifest_corpus) >= 40 and set(manifest_corpus) <= set(corpus)
+
+
+def test_the_bundles_are_good_but_for_the_edit(master_bundle, tmp_path):
+    """The builders alone make bundles that verify: each refusal below is the edit's."""
+    manifest, members = unpack(master_bundle)
+    for name, data in (("format 2", _with(manifest, members)),
+                       ("format 1", _format_1(manifest, members)),
+                       ("format 1, renamed", _format_1(manifest, members, "README.txt")),
+                       ("escaped", _with(manifest, members, escaped=True))):
+        path = tmp_path / "good.hub"
+        path.write_bytes(data)
+        assert bundle.verify(str(path)).manifest.repos, name
+
+
+def test_each_manifest_is_refused_by_the_model_for_its_fault(manifest_corpus, tmp_path):
+    path = str(tmp_path / "bad.hub")
+    for name, (data, expected) in sorted(manifest_corpus.items()):
+        with open(path, "wb") as fh:
+            fh.write(data)
+        with pytest.raises(BundleError) as e:
+            bundle.verify(path)
+        message = str(e.value)
+        assert f"{path} [manifest.json]: invalid manifest: " in message, (name, message)
+        assert expected in message, (name, message)
+        assert "\n" not in message and len(message) < 600, (name, message)
 
 
 def test_every_bad_bundle_is_refused_and_nothing_changes(corpus, master_bundle, tmp_path):
@@ -231,6 +401,26 @@ def test_every_bad_bundle_is_refused_and_nothing_changes(corpus, master_bundle, 
         assert tree_digest(str(home)) == before, name
         assert sorted(os.listdir(outside)) == ["bad.hub"], name
         bad.unlink()
+
+
+def test_verify_and_install_refuse_with_the_same_message(corpus, tmp_path):
+    """``mirror verify BUNDLE`` and ``mirror install BUNDLE`` accept exactly the same
+    bundles: install, into an empty store, refuses each bad one with verify's message
+    and exit code, and leaves no repo, blob or record behind."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bad = outside / "bad.hub"
+    for i, (name, data) in enumerate(sorted(corpus.items())):
+        bad.write_bytes(data)
+        home = tmp_path / f"store-{i}"
+        env = dict(os.environ, MGE_MIRROR_HOME=str(home), MGE_HOME=str(tmp_path / "mge"))
+        said = {}
+        for command in ("verify", "install"):
+            r = run(MIRROR + [command, str(bad)], env=env, cwd_=str(outside))
+            assert r.returncode != 0, (name, command, r.stdout)
+            said[command] = (r.returncode, r.stderr.strip())
+        assert said["install"] == said["verify"], name
+        assert sorted(tree_digest(str(home))) in ([], [".lock", "tmp/"]), name
 
 
 def test_reading_stopped_early_leaves_no_thread(big_bundle):

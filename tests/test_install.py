@@ -145,8 +145,8 @@ def _forged_content(manifest, sources):
     (_lie_about_size, "differs from the manifest's"),
     (_escape_path, "unsafe file path '../../outside.py'"),
     (_file_below_a_symlink, "file 'l/evil.py' is below 'l', which is not a directory"),
-    (_symlink_out_of_the_snapshot, "symlink tinynets/data -> ../../../../etc/passwd points "
-                                   "outside the snapshot"),
+    (_symlink_out_of_the_snapshot, "symlink tinynets/data -> ../../../../etc/passwd in "
+                                   "snapshot "),
     (_duplicate_path, "is listed twice in snapshot"),
     (_no_commit_time, "'commit_time' missing or not a int"),
     (_ref_to_a_missing_snapshot, "which is not a snapshot in this bundle"),

@@ -167,7 +167,8 @@ def make_weights(entry: str, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _git(cwd: str, *args: str, date: str = "2024-01-01T00:00:00Z") -> str:
+def git(cwd: str, *args: str, date: str = "2024-01-01T00:00:00Z") -> str:
+    """Run git in ``cwd`` as a fixed author at a fixed date (so commit ids repeat)."""
     env = dict(os.environ, GIT_AUTHOR_NAME="Demo", GIT_AUTHOR_EMAIL="demo@example.invalid",
                GIT_COMMITTER_NAME="Demo", GIT_COMMITTER_EMAIL="demo@example.invalid",
                GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date, GIT_CONFIG_GLOBAL="/dev/null",
@@ -189,7 +190,7 @@ def build_demo_repo(git_root: str, weights: WeightServer, owner: str = "demo",
     demo = DemoRepo(owner, name, bare)
     files: Dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="demo-repo-") as work:
-        _git(work, "init", "-q", "-b", "master")
+        git(work, "init", "-q", "-b", "master")
 
         def commit(label: str, revision: str, mlp_seed: int, cnn_seed: int, day: int) -> str:
             urls = {}
@@ -215,23 +216,23 @@ def build_demo_repo(git_root: str, weights: WeightServer, owner: str = "demo",
                 os.makedirs(os.path.dirname(os.path.join(work, path)), exist_ok=True)
                 with open(os.path.join(work, path), "w") as fh:
                     fh.write(text)
-            _git(work, "add", "-A")
+            git(work, "add", "-A")
             date = f"2024-01-{day:02d}T00:00:00Z"
-            _git(work, "commit", "-q", "-m", f"{label}: revision {revision}", date=date)
-            sha = _git(work, "rev-parse", "HEAD")
+            git(work, "commit", "-q", "-m", f"{label}: revision {revision}", date=date)
+            sha = git(work, "rev-parse", "HEAD")
             demo.commits[label], demo.urls[sha], demo.revisions[sha] = sha, urls, revision
             return sha
 
         commit("c1", "1", mlp_seed=1, cnn_seed=1, day=1)
         c2 = commit("c2", "2", mlp_seed=2, cnn_seed=1, day=2)
-        _git(work, "tag", "-a", "v1.0", "-m", "release 1.0", date="2024-01-02T12:00:00Z")
+        git(work, "tag", "-a", "v1.0", "-m", "release 1.0", date="2024-01-02T12:00:00Z")
         c3 = commit("c3", "3", mlp_seed=2, cnn_seed=3, day=3)
-        _git(work, "checkout", "-q", "-b", "dev")
+        git(work, "checkout", "-q", "-b", "dev")
         c4 = commit("c4", "4-dev", mlp_seed=4, cnn_seed=3, day=4)
-        _git(work, "checkout", "-q", "master")
+        git(work, "checkout", "-q", "master")
         demo.branches.update(master=c3, dev=c4)
         demo.tags["v1.0"] = c2
 
         os.makedirs(os.path.dirname(bare), exist_ok=True)
-        _git(git_root, "clone", "-q", "--bare", work, bare)
+        git(git_root, "clone", "-q", "--bare", work, bare)
     return demo
