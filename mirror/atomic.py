@@ -88,27 +88,30 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def exchange(new: str, old: str) -> None:
-    """Put directory ``new`` at ``old`` in one step (``renameat2(RENAME_EXCHANGE)``),
-    then delete what was at ``old``; readers never see the name missing.
-
-    Where the kernel or filesystem cannot exchange, fall back to moving ``old``
-    aside first, which leaves a short gap.
-    """
+def swap(a: str, b: str) -> None:
+    """Exchange the names of directories ``a`` and ``b`` in one step
+    (``renameat2(RENAME_EXCHANGE)``): readers never see ``b`` missing. Where the
+    kernel or filesystem cannot exchange, three renames, which leave a short gap."""
     renameat2 = getattr(_libc, "renameat2", None)
     if renameat2 is not None:
         at_fdcwd, rename_exchange = -100, 2
-        if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old),
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
                      rename_exchange) == 0:
-            shutil.rmtree(new, ignore_errors=True)  # now holds the old contents
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), old)
-    aside = os.path.join(os.path.dirname(old), f".{os.path.basename(old)}.old-{os.getpid()}")
-    os.rename(old, aside)
-    os.rename(new, old)
-    shutil.rmtree(aside, ignore_errors=True)
+            raise OSError(err, os.strerror(err), b)
+    aside = os.path.join(os.path.dirname(b), f".{os.path.basename(b)}.swap-{os.getpid()}")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+def exchange(new: str, old: str) -> None:
+    """Put directory ``new`` at ``old`` in one step (:func:`swap`), then delete what
+    was at ``old``."""
+    swap(new, old)
+    shutil.rmtree(new, ignore_errors=True)  # now holds the old contents
 
 
 def publish_dir(building: str, target: str, replace: bool = False) -> bool:

@@ -377,6 +377,8 @@ def list_(home, as_json) -> None:
                 click.echo(f"    entrypoints: {', '.join(s.entrypoints)}")
             for url, pin in s.weights:
                 click.echo(f"    weight {url} ({pin.size if pin else None} bytes)")
+        for problem in r.problems:
+            click.echo(f"warning: {problem}", err=True)
 
 
 cli.add_command(list_, "ls")

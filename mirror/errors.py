@@ -7,7 +7,7 @@ message that names it. The CLI prints ``str(error)`` on one line and exits with
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from .ids import short
 
@@ -259,4 +259,35 @@ class IntegrityError(MirrorError):
         what = f"{url} ({path})" if url else path
         super().__init__(
             f"integrity check failed for {what}: expected sha256 {expected}, got {actual}"
+        )
+
+
+class RefConflictError(MirrorError):
+    """Raised when a bundle's ref cannot sit beside a ref the store has: git keeps refs
+    as files, so ``x`` and ``x/y`` (of one kind) cannot both exist."""
+
+    def __init__(self, repo: str, kind: str, ref: str, installed: str, bundle: str):
+        self.repo, self.kind, self.ref, self.installed = repo, kind, ref, installed
+        super().__init__(
+            f"{bundle}: {kind} {ref!r} of {repo} cannot be installed beside the installed "
+            f"{kind} {installed!r} (git keeps refs as files: one name cannot be both a "
+            f"file and a folder); nothing was installed. Remove it first with 'mirror "
+            f"remove {repo}:{installed}'"
+        )
+
+
+class AmbiguousWeightError(MirrorError):
+    """Raised when a weight URL asked for outside any snapshot's code is pinned to
+    different bytes by the snapshots installed, so no one answer is right."""
+
+    exit_code = 4
+
+    def __init__(self, url: str, pins: Mapping[str, Sequence[str]]):
+        self.url, self.pins = url, dict(pins)
+        which = "; ".join(f"sha256 {sha[:12]} by {', '.join(who)}" for sha, who in
+                          sorted(self.pins.items()))
+        super().__init__(
+            f"weight {url} is pinned to different bytes by the installed snapshots ({which}); "
+            f"load it through the repo whose bytes you want (mirror.hub.load or "
+            f"megengine.hub.load under patch_megengine), which uses that snapshot's own pins"
         )

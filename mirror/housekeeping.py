@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from .ids import short
 from .layout import TEMP_PREFIX, RepoLayout, listing
 from .links import decode, refused
 from .locking import locked
-from .model import MODE_LINK, JsonObject, Manifest, SnapshotRecord, WeightRecord
+from .model import MODE_LINK, JsonObject, Manifest, SnapshotRecord
 from .proof import ObjectDatabase, ProofError
 from .refs import RepoSpec
 from .store import RefHead, Store, read_record
@@ -69,7 +68,7 @@ class VerifyReport:
 
 
 def verify(store: Store, progress: bool = False) -> VerifyReport:
-    """Re-hash every blob; check every snapshot file, ref, record and weight index entry.
+    """Re-hash every blob; check every snapshot file, ref, record and weight pin.
 
     Whatever is unreadable or malformed is a problem in the report, not a crash.
     """
@@ -85,15 +84,6 @@ def verify(store: Store, progress: bool = False) -> VerifyReport:
             if sha256_file(path)[0] != name[:-5]:
                 report.problems.append(f"bundle record {path} was changed: its digest no "
                                        f"longer matches its name")
-    for name in listing(layout.weights):
-        report.weights += 1
-        path = os.path.join(layout.weights, name)
-        with _problem(report, f"weight index entry {path}"):
-            with open(path, "rb") as fh:  # its own error, as a problem in the report
-                rec = WeightRecord.from_json(json.loads(fh.read()))
-            blob = layout.blob(rec.pin.sha256)
-            if rec.pin.sha256 not in good or os.path.getsize(blob) != rec.pin.size:
-                report.problems.append(f"weight {rec.url}: blob {blob} is missing or wrong")
     return report
 
 
@@ -126,6 +116,8 @@ def _verify_repo(store: Store, repo: RepoLayout, good: Dict[str, int],
         report.snapshots += 1
         with _problem(report, f"snapshot {label}@{short(commit)}"):
             _verify_snapshot(store, repo, commit, f"{label}@{short(commit)}", good, report)
+            record = store.snapshot_record(repo, commit)
+            report.weights += len(record.weight_digests) if record else 0
     for head in store.ref_entries(repo):
         report.refs += 1
         if head.commit not in commits:
@@ -282,7 +274,7 @@ def _doomed(store: Store, repo: RepoLayout, parsed: RepoSpec, entries: List[RefH
 
 
 def gc(store: Store, dry_run: bool = False) -> Plan:
-    """Delete blobs, index entries, records and abandoned work that nothing references."""
+    """Delete blobs, records and abandoned work that nothing references."""
     plan = Plan(dry_run=dry_run)
     if dry_run:
         _collect(store, plan, gone=set(), act=False)
@@ -310,21 +302,18 @@ def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) ->
     """Find (and with ``act``, delete) everything unreferenced once ``gone`` (repo
     folder, commit) snapshots are removed."""
     live_blobs: Set[str] = set()
-    live_urls: Set[str] = set()
     installed: Set[str] = set()  # commits with a snapshot directory, that stay
     for repo in store.layout.all_repos():
         for commit, record in _records(store, repo).items():
             if (repo.path, commit) not in gone:
                 installed.add(commit)
                 live_blobs.update(record.blobs())
-                live_urls.update(record.snapshot.weights)
         _collect_leftovers(repo, plan, act)
-    _collect_bundles(store, plan, installed, live_urls, act)
-    for path, rec in _weight_records(store, plan, act):
-        if rec.url in live_urls:
-            live_blobs.add(rec.pin.sha256)
-        else:
-            _drop(path, plan.other, plan, act)
+    _collect_bundles(store, plan, installed, live_blobs, act)
+    # The URL index of earlier mirrors (weights/<sha256(url)>.json): nothing reads it
+    # any more, as an older bundle installed again could roll it back.
+    for path in _record_paths(store.layout.weights, plan, act):
+        _drop(path, plan.other, plan, act)
     blobs = store.layout.blobs
     for name in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
         if name not in live_blobs:
@@ -350,7 +339,7 @@ def _collect_leftovers(repo: RepoLayout, plan: Plan, act: bool) -> None:
                 _drop(os.path.join(dirpath, name), plan.other, plan, act)
 
 
-def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_urls: Set[str],
+def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_blobs: Set[str],
                      act: bool) -> None:
     """A bundle record stays while any snapshot it brought is installed (or it brought
     only weights), and with it every weight it brought, pack --weights extras included."""
@@ -358,14 +347,9 @@ def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_urls: S
         manifest = read_record(path, Manifest.from_json, _UNREADABLE)
         commits = {s.commit for r in manifest.repos for s in r.snapshots}
         if not commits or commits & installed:
-            live_urls.update(w.url for w in manifest.weights)
+            live_blobs.update(w.sha256 for w in manifest.weights)
         else:
             _drop(path, plan.other, plan, act)
-
-
-def _weight_records(store: Store, plan: Plan, act: bool) -> Iterator[Tuple[str, WeightRecord]]:
-    for path in _record_paths(store.layout.weights, plan, act):
-        yield path, read_record(path, WeightRecord.from_json, _UNREADABLE)
 
 
 def _record_paths(folder: str, plan: Plan, act: bool) -> Iterator[str]:

@@ -7,20 +7,23 @@
    pickled code. Nothing outside ``tmp/`` has changed yet.
 2. **prove** (:meth:`Transaction.prove`): every git id of a format 2 bundle is
    recomputed from the verified bytes (:mod:`mirror.proof`).
-3. **publish** (:meth:`Transaction.publish`): blobs, then snapshots, then the
-   weight index, then refs, then the bundle's record, so no visible part ever
-   names one that is missing.
+3. **publish** (:meth:`Transaction.publish`): blobs, then, under the locks of
+   every repo the bundle touches, snapshots, refs and the bundle's record, so no
+   visible part ever names one that is missing; each visible change is journaled
+   (:mod:`mirror.journal`), so an error at any step puts back what was there.
 4. **seed** (:meth:`Transaction.seed`): MegEngine Hub's own cache, last, so
    unmodified ``megengine.hub.load`` works offline; a cache that cannot be
    written is a warning, never a failed install.
 
 Locks only order decisions: installs share the store's ``.lock`` (gc takes it
-alone), and a repo's ``.refs.lock`` is held while its refs are compared and
-moved, so concurrent installs never move a branch backwards.
+alone), and a repo's ``.refs.lock`` is held while its snapshots are published and
+its refs compared and moved, so concurrent installs never move a branch backwards
+and an undo never takes back what another install relies on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -36,13 +39,12 @@ from .atomic import (
     fsync_dir,
     fsync_path,
     make_temp_dir,
-    publish_dir,
     sync_filesystem,
-    write_atomic,
 )
 from .config import TrustPolicy, settings, trust_policy
-from .errors import BundleError, MirrorError, StoreError, UnsafePickleError
+from .errors import BundleError, MirrorError, RefConflictError, StoreError, UnsafePickleError
 from .ids import short
+from .journal import Journal
 from .layout import RepoLayout
 from .locking import locked
 from .model import (
@@ -55,9 +57,9 @@ from .model import (
     RepoEntry,
     SnapshotEntry,
     SnapshotRecord,
-    WeightRecord,
     canonical_json,
 )
+from .names import ref_conflict
 from .proof import Proof, ProofError, history, prove_manifest
 from .safety import unsafe_globals
 from .store import Store
@@ -212,6 +214,8 @@ class Transaction:
 
         def on_head(head: bundle.Head) -> None:
             self.report.bundle_id, self.manifest_bytes = head.bundle_id, head.manifest_bytes
+            self.manifest = head.manifest
+            self._check_ref_names()  # before a long read; again before publishing
             if keys is not None:  # the signature decides before any member is read
                 from .signing import check
 
@@ -275,48 +279,76 @@ class Transaction:
     # --- 3. publish ----------------------------------------------------------------
 
     def publish(self) -> None:
-        """Make the verified bundle visible: blobs, snapshots, weights, refs, record."""
+        """Make the verified bundle visible, all or nothing: blobs, then snapshots,
+        refs and the bundle's record under every repo's lock, journaled, so that an
+        error at any step puts back what readers saw (:mod:`mirror.journal`)."""
+        self._publish_blobs()
+        built = self._build_snapshots()  # outside the locks: the slow part
+        journal = Journal(self.work)
+        with contextlib.ExitStack() as locks:
+            # Sorted, so two installs of overlapping repos cannot deadlock.
+            # A new repo's folder holds its lock, so it stays if the install fails:
+            # without a repo.json, no reader sees it.
+            for paths in sorted(set(self._repo_layouts()), key=lambda p: p.path):
+                locks.enter_context(locked(paths.refs_lock))
+            try:
+                self._check_ref_names()
+                for repo in self.manifest.repos:
+                    self._publish_snapshots(repo, built, journal)
+                self._set_refs(journal)
+                journal.write(self.layout.bundle_record(self.report.bundle_id),
+                              self.manifest_bytes)
+            except BaseException as error:
+                failed = journal.rollback()
+                if failed:
+                    raise StoreError(self.store.home, f"install of {self.bundle_path} failed "
+                                     f"({_reason(error)}), and {len(failed)} change(s) could "
+                                     f"not be undone ({'; '.join(failed[:3])}); run 'mirror "
+                                     f"verify'") from None
+                raise
+
+    def _publish_blobs(self) -> None:
         os.makedirs(self.layout.blobs, exist_ok=True)
         for sha, f in self.staged.items():
             if not os.path.exists(self.layout.blob(sha)):
                 os.replace(f.path, self.layout.blob(sha))
                 self.report.bytes_written += f.size
         fsync_dir(self.layout.blobs)
-        pins = {w.url: Pin(w.sha256, w.size) for w in self.manifest.weights}
-        for repo in self.manifest.repos:
-            self._publish_repo(repo, pins)
-        for url, pin in pins.items():
-            write_atomic(self.layout.weight_record(url),
-                         canonical_json(WeightRecord(url, pin).to_json()))
-            self.report.weights.append(url)
-        self._set_refs()
-        write_atomic(self.layout.bundle_record(self.report.bundle_id), self.manifest_bytes)
 
-    def _publish_repo(self, repo: RepoEntry, pins: Dict[str, Pin]) -> None:
+    def _repo_layouts(self) -> List[RepoLayout]:
+        return [self.layout.repo(r.id.host, r.id.owner, r.id.name) for r in self.manifest.repos]
+
+    def _build_snapshots(self) -> Dict[Tuple[str, str], str]:
+        """(repo folder, commit) -> its tree, built in the install's own folder (an
+        abandoned build is plainly garbage), for every snapshot that may go in (asked
+        again under the lock)."""
+        built = {}
+        for repo, paths in zip(self.manifest.repos, self._repo_layouts()):
+            for snap in repo.snapshots:
+                key = (paths.path, snap.commit)
+                if key not in built and self._should_publish(paths, snap):
+                    built[key] = make_temp_dir(self.work, f"snapshot-{short(snap.commit)}-")
+                    materialize(built[key], snap.files, self.layout.blob)
+        return built
+
+    def _publish_snapshots(self, repo: RepoEntry, built: Dict[Tuple[str, str], str],
+                           journal: Journal) -> None:
         paths = self.layout.repo(repo.id.host, repo.id.owner, repo.id.name)
         if not os.path.exists(paths.repo_json):
-            write_atomic(paths.repo_json, canonical_json(repo.id.to_record()))
-        os.makedirs(paths.snapshots, exist_ok=True)
+            journal.write(paths.repo_json, canonical_json(repo.id.to_record()))
+        journal.makedirs(paths.snapshots)
+        pins = {w.url: Pin(w.sha256, w.size) for w in self.manifest.weights}
         for snap in repo.snapshots:
             label = f"{repo.id.label}@{short(snap.commit)}"
-            if not self._should_publish(paths, snap):  # asked again under the lock below
+            # Decided under the lock: another install must not publish in between (a
+            # record and a folder of different contents).
+            key = (paths.path, snap.commit)
+            if key not in built or not self._should_publish(paths, snap):
                 self.report.snapshots_present.append(label)
                 continue
-            # Built inside the install's own folder, so an abandoned build is plainly
-            # garbage (gc), then renamed into place whole.
-            building = make_temp_dir(self.work, f"snapshot-{short(snap.commit)}-")
-            materialize(building, snap.files, self.layout.blob)
-            # The decision and the publishing under one lock: another install must not
-            # publish between them (a record and a folder of different contents).
-            with locked(paths.refs_lock):
-                if not self._should_publish(paths, snap):
-                    self.report.snapshots_present.append(label)
-                    continue
-                target = paths.snapshot(snap.commit)
-                write_atomic(paths.snapshot_record(snap.commit),
-                             canonical_json(self._record(snap, pins).to_json()))
-                publish_dir(building, target, replace=os.path.isdir(target))
-                fsync_dir(paths.snapshots)
+            journal.write(paths.snapshot_record(snap.commit),
+                          canonical_json(self._record(snap, pins).to_json()))
+            journal.put_dir(built.pop(key), paths.snapshot(snap.commit))
             self.report.snapshots_installed.append(label)
 
     def _should_publish(self, paths: RepoLayout, snap: SnapshotEntry) -> bool:
@@ -342,15 +374,27 @@ class Transaction:
                               self.report.bundle_id, os.path.basename(self.bundle_path),
                               self.report.signed_by, int(time.time()))
 
-    def _set_refs(self) -> None:
-        for repo in self.manifest.repos:
-            paths = self.layout.repo(repo.id.host, repo.id.owner, repo.id.name)
-            with locked(paths.refs_lock):
-                for ref in repo.refs:
-                    self._set_ref(paths, repo, ref)
+    def _check_ref_names(self) -> None:
+        """Refuse a ref that cannot sit beside one the store has (``x`` and ``x/y``):
+        git keeps refs as files, and one name cannot be both a file and a folder.
+        Checked when the manifest is read (to fail before a long read) and again
+        under the repos' locks, before anything is published."""
+        for repo, paths in zip(self.manifest.repos, self._repo_layouts()):
+            installed = self.store.ref_entries(paths)
+            for ref in repo.refs:
+                clash = ref_conflict((h.name for h in installed if h.kind == ref.kind),
+                                     ref.name)
+                if clash is not None:
+                    raise RefConflictError(repo.id.label, ref.kind, ref.name, clash,
+                                           self.bundle_path)
 
-    def _set_ref(self, paths: RepoLayout, repo: RepoEntry, ref: RefEntry) -> None:
-        path = paths.ref(ref.kind, ref.name)
+    def _set_refs(self, journal: Journal) -> None:
+        for repo, paths in zip(self.manifest.repos, self._repo_layouts()):
+            for ref in repo.refs:
+                self._set_ref(paths, repo, ref, journal)
+
+    def _set_ref(self, paths: RepoLayout, repo: RepoEntry, ref: RefEntry,
+                 journal: Journal) -> None:
         label = f"{repo.id.label}:{ref.name}"
         current = self.store.ref_commit(paths, ref.kind, ref.name)
         if current == ref.commit:
@@ -360,23 +404,32 @@ class Transaction:
             if kept:
                 self.report.refs_kept.append(f"{label} stays at {kept}")
                 return
-        write_atomic(path, (ref.commit + "\n").encode())
+        journal.write(paths.ref(ref.kind, ref.name), (ref.commit + "\n").encode())
         entry = RefLogEntry(ref.name, ref.kind, current, ref.commit, self.report.bundle_id,
-                            os.path.basename(self.bundle_path), int(time.time()))
-        with open(paths.refs_log, "a") as log:  # appended under the refs lock
-            log.write(canonical_json(entry.to_json()).decode())
+                            os.path.basename(self.bundle_path), int(time.time()),
+                            self.manifest.created)
+        journal.append(paths.refs_log, canonical_json(entry.to_json()))
         moved = f" (was {short(current)})" if current else ""
         self.report.refs_set.append(f"{label} -> {short(ref.commit)}{moved}")
 
     def _why_kept(self, paths: RepoLayout, ref: RefEntry, current: str) -> str | None:
         """Which rule keeps a ref at ``current`` (None: it moves). A tag never moves;
         a branch moves only forward, when this bundle's verified history shows that
-        ``current`` is an ancestor of the new commit."""
+        ``current`` is an ancestor of the new commit, and only by a bundle made no
+        earlier than the one that moved it last."""
         if ref.kind == "tag":
             return f"{short(current)} (tags never move without --force)"
         proof = self.proofs.get(ref.commit)
         if proof is not None and proof.has_ancestor(current):
-            return None
+            # Forward in history, but an old bundle installed again must not undo what a
+            # newer one did (upstream moved the branch back, say).
+            last = self.store.last_move(paths, ref.kind, ref.name)
+            if last is None or last.new != current or last.created <= self.manifest.created:
+                return None
+            return (f"{short(current)}: bundle {last.bundle_file}, which moved it there, was "
+                    f"made {_date(last.created)}, after this one "
+                    f"({_date(self.manifest.created)}); an older bundle never moves a ref "
+                    f"(--force moves it)")
         old = self.store.snapshot_record(paths, current)
         if old is not None and old.proven:
             with open(self.layout.blob(old.snapshot.objects.sha256), "rb") as fh:
@@ -419,6 +472,16 @@ class Transaction:
             self.report.megengine_cache = [
                 f"warning: not seeded ({where}); stock megengine.hub will not find this "
                 f"bundle offline"]
+
+
+def _date(stamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return f"{error.filename}: {error.strerror}" if error.filename else str(error)
+    return str(error) or type(error).__name__
 
 
 def installed_versions(asked: Sequence[str]) -> Tuple[str, ...]:

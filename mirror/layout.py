@@ -14,7 +14,7 @@ Hugging Face cache::
         refs.log                              every ref change: old, new, which bundle
         snapshots/<commit>/...                the tree, hard links into blobs/
         snapshots/<commit>.json               its record (mirror.model.SnapshotRecord)
-      weights/<sha256(url)>.json              URL -> blob (mirror.model.WeightRecord)
+      weights/                                an earlier mirror's URL index: unread; gc removes it
       bundles/<bundle id>.json                the manifest of every bundle installed, verbatim
       pycache/                                bytecode of snapshot code (never in a snapshot)
       tmp/install-*/, tmp/remove-*/           work in progress, never read; gc clears it
@@ -134,9 +134,6 @@ class StoreLayout:
 
     def bundle_record(self, bundle_id: str) -> str:
         return os.path.join(self.bundles, bundle_id + ".json")
-
-    def weight_record(self, url: str) -> str:
-        return os.path.join(self.weights, sha256_bytes(url.encode()) + ".json")
 
     def repo(self, host: str, owner: str, name: str) -> RepoLayout:
         # GitHub matches owner/name case-insensitively; so does the store.

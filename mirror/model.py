@@ -639,23 +639,6 @@ class SnapshotRecord:
 
 
 @dataclass(frozen=True)
-class WeightRecord:
-    """``weights/<sha256(url)>.json``: the bytes a URL stands for outside any snapshot."""
-
-    url: str
-    pin: Pin
-
-    @classmethod
-    def from_json(cls, obj: Any) -> WeightRecord:
-        _schema(obj)
-        url = need(obj, "url", str)
-        return cls(url, Pin.from_json(obj, url))
-
-    def to_json(self) -> JsonObject:
-        return dict(self.pin.to_json(), url=self.url, schema=RECORD_SCHEMA)
-
-
-@dataclass(frozen=True)
 class RefLogEntry:
     """One line of a repo's ``refs.log``: which bundle moved which ref, from what."""
 

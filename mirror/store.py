@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple, TypeVar
 
 from .config import TrustPolicy, settings, trust_policy
-from .errors import AmbiguousCommitError, NotInstalledError, StoreError
+from .errors import AmbiguousCommitError, AmbiguousWeightError, NotInstalledError, StoreError
 from .ids import short
 from .layout import REF_FOLDERS, TEMP_PREFIX, RepoLayout, StoreLayout, listing
-from .model import JsonObject, Pin, RepoId, SnapshotRecord, WeightFile, WeightRecord
-from .refs import DEFAULT_HOST
+from .model import JsonObject, Manifest, Pin, RefLogEntry, RepoId, SnapshotRecord, WeightFile
+from .refs import DEFAULT_BRANCH, DEFAULT_HOST
 
 T = TypeVar("T")
 
@@ -80,6 +80,7 @@ class RepoSummary:
     id: RepoId
     refs: Tuple[RefHead, ...]  # as ``:name`` resolves: one per name, a branch first
     snapshots: Tuple[SnapshotSummary, ...]
+    problems: Tuple[str, ...] = ()  # records that could not be read ('mirror verify')
 
     @property
     def commits(self) -> List[str]:
@@ -88,7 +89,8 @@ class RepoSummary:
     def to_json(self) -> JsonObject:
         return dict(self.id.to_json(),
                     refs={r.name: {"kind": r.kind, "commit": r.commit} for r in self.refs},
-                    commits=self.commits, snapshots=[s.to_json() for s in self.snapshots])
+                    commits=self.commits, snapshots=[s.to_json() for s in self.snapshots],
+                    problems=list(self.problems))
 
 
 class Store:
@@ -135,6 +137,23 @@ class Store:
     def ref_commit(self, repo: RepoLayout, kind: str, name: str) -> str | None:
         """The commit a branch or tag names, or None if there is no such ref."""
         return _read_text(repo.ref(kind, name))
+
+    def last_move(self, repo: RepoLayout, kind: str, name: str) -> RefLogEntry | None:
+        """The newest ``refs.log`` entry that moved this ref, if the log has one (lines
+        that do not parse, from a crash in the middle of an append, are passed over)."""
+        try:
+            with open(repo.refs_log, "rb") as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in reversed(lines):
+            try:
+                entry = RefLogEntry.from_json(json.loads(line))
+            except (ValueError, RecursionError):  # InvalidRecordError is a ValueError
+                continue
+            if (entry.kind, entry.ref) == (kind, name):
+                return entry
+        return None
 
     def commits(self, repo: RepoLayout) -> List[str]:
         """Commits with a snapshot directory."""
@@ -221,44 +240,109 @@ class Store:
         """The stored file for a weight URL, or None if no installed bundle brought it.
 
         With ``snap``, the bytes that snapshot was installed with for ``url``; else
-        (or for a URL its code was not known to use) the latest bundle's.
+        (or for a URL its code was not known to use) those of :meth:`url_pin`.
         """
         pin = None
         if snap is not None:
             record = self.snapshot_record(snap.repo_layout, snap.commit)
             pin = record.weight_digests.get(url) if record else None
         if pin is None:
-            path = self.layout.weight_record(url)
-            if not os.path.exists(path):
-                return None
-            pin = read_record(path, WeightRecord.from_json, UNREADABLE).pin
+            pin = self.url_pin(url)
+        if pin is None:
+            return None
         return WeightFile(url, self.layout.blob(pin.sha256), pin.size, pin.sha256)
+
+    def url_pin(self, url: str) -> Pin | None:
+        """The bytes ``url`` stands for outside any snapshot's code (a bare
+        ``load_serialized_obj_from_url``), by one rule that installing an older bundle
+        again cannot roll back:
+
+        1. what the default branch (``master``) of the installed repos pins for it;
+        2. else what the installed snapshots that pin it pin, if they agree;
+        3. else, for a weight no snapshot pins (``pack --weights``), what the newest
+           bundle that brought it says, by the time the bundle was made.
+
+        Raises :class:`AmbiguousWeightError` when a step finds different bytes.
+        """
+        heads, others = {}, {}  # pin -> the snapshots pinning it, as messages name them
+        for repo in self.layout.all_repos():
+            master = self.ref_commit(repo, "branch", DEFAULT_BRANCH)
+            for commit in self.commits(repo):
+                try:
+                    record = self.snapshot_record(repo, commit)
+                except StoreError:  # 'mirror verify' reports it; it pins nothing here
+                    continue
+                pin = record.weight_digests.get(url) if record else None
+                if pin is not None:
+                    found = heads if commit == master else others
+                    found.setdefault(pin, []).append(f"{self._label(repo)}@{short(commit)}")
+        for found in (heads, others):
+            if len(found) > 1:
+                raise AmbiguousWeightError(url, {p.sha256: w for p, w in found.items()})
+            if found:
+                return next(iter(found))
+        return self._newest_bundle_pin(url)
+
+    def _newest_bundle_pin(self, url: str) -> Pin | None:
+        newest: Dict[int, set] = {}
+        for name in listing(self.layout.bundles):
+            path = os.path.join(self.layout.bundles, name)
+            try:
+                manifest = read_record(path, Manifest.from_json)
+            except StoreError:
+                continue
+            for w in manifest.weights:
+                if w.url == url:
+                    newest.setdefault(manifest.created, set()).add(Pin(w.sha256, w.size))
+        if not newest:
+            return None
+        pins = newest[max(newest)]
+        if len(pins) > 1:
+            raise AmbiguousWeightError(url, {p.sha256: ["bundles made at the same time"]
+                                             for p in pins})
+        return next(iter(pins))
+
+    def _label(self, repo: RepoLayout) -> str:
+        try:
+            return self.repo_id(repo).label
+        except StoreError:
+            return repo.path
 
     # --- listing -------------------------------------------------------------
 
     def repos(self) -> List[RepoSummary]:
-        """Every installed repo with its refs and snapshots, for ``mirror list``."""
+        """Every installed repo with its refs and snapshots, for ``mirror list``. A
+        record that cannot be read is named in its repo's ``problems``: listing what
+        is installed never fails because of one record."""
         out = []
         for repo in self.layout.all_repos():
+            problems = []
+            try:
+                ident = self.repo_id(repo)
+            except StoreError as e:
+                problems.append(str(e))
+                host, owner, name = repo.path.split(os.sep)[-3:]
+                ident = RepoId(host, owner, name, "")
             snapshots = []
             for commit in self.commits(repo):
-                record = self.snapshot_record(repo, commit)
+                try:
+                    record = self.snapshot_record(repo, commit)
+                except StoreError as e:
+                    problems.append(str(e))
+                    record = None
                 snapshots.append(self._summary(commit, record))
             refs = self.refs(repo)
-            out.append(RepoSummary(self.repo_id(repo), tuple(refs[n] for n in sorted(refs)),
-                                   tuple(snapshots)))
+            out.append(RepoSummary(ident, tuple(refs[n] for n in sorted(refs)),
+                                   tuple(snapshots), tuple(problems)))
         return sorted(out, key=lambda r: (r.id.host, r.id.owner.lower(), r.id.name.lower()))
 
     def _summary(self, commit: str, record: SnapshotRecord | None) -> SnapshotSummary:
         if record is None:
             return SnapshotSummary(commit, 0, 0, (), (), None, None, None)
-        weights = []
-        for url in record.snapshot.weights:
-            w = self.weight(url)
-            weights.append((url, Pin(w.sha256, w.size) if w else None))
         snap = record.snapshot
+        weights = tuple((url, record.weight_digests.get(url)) for url in snap.weights)
         return SnapshotSummary(commit, len(snap.files), snap.size, snap.entrypoints,
-                               tuple(weights), record.bundle, record.bundle_file,
+                               weights, record.bundle, record.bundle_file,
                                record.installed_at, record.proven)
 
 
@@ -279,7 +363,8 @@ def read_record(path: str, parse: Callable[[Any], T], message: str = UNREADABLE)
 
 def _read_text(path: str) -> str | None:
     try:
-        with open(path) as fh:
-            return fh.read().strip()
+        with open(path, "rb") as fh:
+            # A damaged ref shows as what it holds (and names no snapshot), never a crash.
+            return fh.read(4096).decode("utf-8", "replace").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
