@@ -41,6 +41,7 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
     code_member,
     weight_member,
 )
+from .safety import BlockReader, PickleScans
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # optional, right after the manifest (see mirror.signing)
@@ -234,6 +235,8 @@ class _FrameWriter:
 
 # Called once per verified-to-be-expected member; returns a file to copy it into, or None.
 SinkFactory = Callable[[Member], Optional[IO[bytes]]]
+# Called once per member with a forward-only file of its bytes (see mirror.safety).
+Scanner = Callable[[Member, IO[bytes]], None]
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,8 @@ class Head:
 
 def read(path: str, sink: SinkFactory | None = None,
          on_head: Callable[[Head], None] | None = None,
-         progress: bool = False, file_digest: Any = None) -> Manifest:
+         progress: bool = False, file_digest: Any = None,
+         scan: Scanner | None = None) -> Manifest:
     """Stream the bundle at ``path`` once, verifying every member against the manifest.
 
     ``on_head`` sees the manifest and signature before any other member is read
@@ -262,6 +266,9 @@ def read(path: str, sink: SinkFactory | None = None,
     naming it. Callers must treat what a sink received as untrusted until this
     function returns. ``file_digest`` (a hashlib object) is fed the bundle file's own
     bytes as they are read, so its digest needs no second pass over the file.
+    ``scan`` reads each member's bytes as they pass (a forward-only file), to
+    inspect what needs more than a digest (a weight's pickle): it reads as much as
+    it wants, the rest is hashed all the same.
     """
     from tqdm import tqdm  # here: inspect and list, which show no progress, start sooner
 
@@ -285,7 +292,7 @@ def read(path: str, sink: SinkFactory | None = None,
                 # (PAX included) and member data is read straight from the stream,
                 # not copied through tarfile's own buffers.
                 with tarfile.open(fileobj=stream, mode="r:") as tar:
-                    manifest = _read_members(path, tar, stream, sink, on_head)
+                    manifest = _read_members(path, tar, stream, sink, on_head, scan)
                     _check_end(path, tar.offset, stream)
                     return manifest
         except BundleError:
@@ -530,8 +537,8 @@ def _read_whole(path: str, stream: _Decompressed, info: tarfile.TarInfo) -> byte
 
 
 def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
-                  sink: SinkFactory | None,
-                  on_head: Callable[[Head], None] | None) -> Manifest:
+                  sink: SinkFactory | None, on_head: Callable[[Head], None] | None,
+                  scan: Scanner | None) -> Manifest:
     head, info = _read_head(path, tar, stream)
     if on_head:
         on_head(head)
@@ -556,7 +563,8 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
             raise BundleError(path, f"size {info.size} differs from the manifest's "
                                     f"{expected[name].size}", name)
         seen.add(name)
-        target = _read_member(path, stream, info, expected[name], sink, name in links.paths)
+        target = _read_member(path, stream, info, expected[name], sink, name in links.paths,
+                              scan)
         if target is not None:
             links.read(name, target)
         info = tar.next()
@@ -620,18 +628,28 @@ class _Links:
 
 
 def _read_member(path: str, stream: _Decompressed, info: tarfile.TarInfo, want: Member,
-                 sink: SinkFactory | None, link: bool) -> str | None:
-    """Hash one member's bytes (copying them to the sink's file, if any) against the
-    manifest; return a symlink's target, its content (None for any other member)."""
+                 sink: SinkFactory | None, link: bool, scan: Scanner | None) -> str | None:
+    """Hash one member's bytes (copying them to the sink's file, if any, and showing
+    them to ``scan``) against the manifest; return a symlink's target, its content
+    (None for any other member)."""
     out = _sink(sink, want)
     digest = hashlib.sha256()
     content = []  # kept only for a symlink, whose target is its (small) content
-    for block in _member_data(path, stream, info):
-        digest.update(block)
-        if out is not None:
-            _sink_call(out.write, block)
-        if link:
-            content.append(bytes(block))
+
+    def passing() -> Iterator[memoryview]:
+        for block in _member_data(path, stream, info):
+            digest.update(block)
+            if out is not None:
+                _sink_call(out.write, block)
+            if link:
+                content.append(bytes(block))
+            yield block
+
+    blocks = passing()
+    if scan is not None:
+        scan(want, BlockReader(blocks))
+    for _ in blocks:  # what the scan did not read
+        pass
     if out is not None:
         _sink_call(out.close)
     if digest.hexdigest() != want.sha256:
@@ -665,15 +683,17 @@ class Verified:
 
 
 def verify(path: str, keys: Mapping[str, Any] | None = None,
-           progress: bool = False) -> Verified:
+           progress: bool = False, allow_unsafe_pickle: bool = False) -> Verified:
     """Verify every byte of the bundle at ``path`` without installing anything.
 
     With ``keys`` (key id -> public key, see :func:`mirror.signing.load_keys`), the
     bundle must also carry a signature by one of them, checked before any member
-    after the manifest is read. In format 2, every git id is recomputed from the
+    after the manifest is read. Weights that would import more than MegEngine
+    state dicts do are refused (:class:`UnsafePickleError`) unless
+    ``allow_unsafe_pickle``. In format 2, every git id is recomputed from the
     bytes (:mod:`mirror.proof`), as install does. Raises :class:`BundleError` or
     :class:`SignatureError`. What this accepts, ``install`` accepts: both read the
-    bundle with :func:`read`.
+    bundle with :func:`read` and scan it with :class:`mirror.safety.PickleScans`.
     """
     from .proof import ProofError, prove_manifest
 
@@ -694,7 +714,10 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
                 return None
             return open(os.path.join(work, member.sha256), "wb")
 
-        manifest = read(path, keep, on_head=on_head, progress=progress)
+        scans = None if allow_unsafe_pickle else PickleScans(path)
+        manifest = read(path, keep, on_head=on_head, progress=progress, scan=scans)
+        if scans is not None:
+            scans.check(manifest)
         try:
             prove_manifest(manifest, lambda sha256: os.path.join(work, sha256), work)
         except ProofError as e:

@@ -210,10 +210,13 @@ def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_p
 @click.option("--key", "keys", multiple=True, type=click.Path(exists=True),
               help="Require a signature by this public key (a .pub file or a directory of "
                    "them; repeatable).")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="Accept weights that would import more than MegEngine state dicts do, "
+                   "as 'install --allow-unsafe-pickle' does.")
 @_home_option
 @_json_option
 @_library_errors
-def verify(bundle_path, keys, home, as_json) -> None:
+def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
     """Verify every byte of BUNDLE without installing it, or, without BUNDLE, the
     whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
@@ -221,7 +224,7 @@ def verify(bundle_path, keys, home, as_json) -> None:
     """
     if bundle_path:
         verified = bundle.verify(bundle_path, signing.load_keys(keys) if keys else None,
-                                 progress=not as_json)
+                                 progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle)
         n = len(verified.manifest.members())
         signed = f", signed by {verified.signed_by}" if verified.signed_by else ""
         if as_json:

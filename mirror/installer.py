@@ -42,7 +42,7 @@ from .atomic import (
     sync_filesystem,
 )
 from .config import TrustPolicy, settings, trust_policy
-from .errors import BundleError, MirrorError, RefConflictError, StoreError, UnsafePickleError
+from .errors import BundleError, MirrorError, RefConflictError, StoreError
 from .ids import short
 from .journal import Journal
 from .layout import RepoLayout
@@ -61,7 +61,7 @@ from .model import (
 )
 from .names import ref_conflict
 from .proof import Proof, ProofError, history, prove_manifest
-from .safety import unsafe_globals
+from .safety import PickleScans
 from .store import Store
 from .tree import materialize
 
@@ -225,16 +225,19 @@ class Transaction:
         digest = hashlib.sha256() if self.options.digest_file else None
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
         try:
+            # Weights are scanned for pickled code as they stream past, as verify does.
+            scans = None if self.options.allow_unsafe_pickle else PickleScans(self.bundle_path)
             self.manifest = bundle.read(self.bundle_path, self._sink, on_head=on_head,
-                                        progress=self.options.progress, file_digest=digest)
+                                        progress=self.options.progress, file_digest=digest,
+                                        scan=scans)
             self.report.file_sha256 = digest.hexdigest() if digest else ""
             self._make_durable()
         finally:
             self.syncer.shutdown(wait=True)
             for f in self.staged.values():
                 f.fh.close()
-        if not self.options.allow_unsafe_pickle:
-            self._check_pickles()
+        if scans is not None:  # before anything is published
+            scans.check(self.manifest)
 
     def _sink(self, member: Member) -> _StagedBlob | None:
         self.report.verified_files += 1
@@ -253,14 +256,6 @@ class Transaction:
         small = [f.path for f in self.staged.values() if f.synced is None]
         if small:
             sync_filesystem(self.work, small)
-
-    def _check_pickles(self) -> None:
-        """Refuse, before anything is published, weights that would run foreign code."""
-        for w in self.manifest.weights:
-            staged = self.staged.get(w.sha256)
-            unsafe = unsafe_globals(staged.path if staged else self.layout.blob(w.sha256))
-            if unsafe:
-                raise UnsafePickleError(f"weight {w.url} in {self.bundle_path}", unsafe)
 
     # --- 2. prove ------------------------------------------------------------------
 

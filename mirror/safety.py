@@ -12,7 +12,10 @@ from __future__ import annotations
 import io
 import pickletools
 import warnings
-from typing import IO, Any, List, Set, Tuple
+from typing import IO, Any, Dict, Iterator, List, Set, Tuple
+
+from .errors import UnsafePickleError
+from .model import Manifest, Member
 
 # What megengine.save writes for state dicts of numpy arrays and MegEngine tensors
 # (checked on MegEngine 1.13 with numpy 1.x; numpy 2 renamed numpy.core to numpy._core).
@@ -40,6 +43,11 @@ class NotAPickle(ValueError):
     """The stream is not a complete, well-formed pickle."""
 
 
+class TooLong(NotAPickle):
+    """A text argument too long to read: pickle would read it, so what follows it,
+    unseen, may import anything."""
+
+
 def pickle_globals(fh: IO[bytes], found: List[str] | None = None) -> List[str]:
     """Every ``module.name`` the pickle in ``fh`` would import, in order; also
     appended to ``found`` as they are met, so a caller keeps them if the stream
@@ -56,6 +64,8 @@ def pickle_globals(fh: IO[bytes], found: List[str] | None = None) -> List[str]:
             raise NotAPickle(f"unknown pickle opcode {code!r}")
         try:
             arg = _read_arg(op, fh)
+        except TooLong:
+            raise
         except (ValueError, OverflowError, OSError, EOFError) as e:  # random bytes, say
             raise NotAPickle(f"bad argument of {op.name}: {e}") from None
         name = op.name
@@ -115,7 +125,10 @@ def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
         # always (the C unpickler reads "0x1" or "007" as numbers, pickletools does
         # not). An argument read differently must not end the scan early, so its
         # value is then unknown, and the scan goes on as pickle would.
-        lines = [fh.readline() for _ in range(2 if op.name in ("GLOBAL", "INST") else 1)]
+        lines = [fh.readline(MAX_STRING + 1)
+                 for _ in range(2 if op.name in ("GLOBAL", "INST") else 1)]
+        if any(len(line) > MAX_STRING for line in lines):
+            raise TooLong(f"{op.name} with an argument over {MAX_STRING} bytes")
         if not all(line.endswith(b"\n") for line in lines):
             raise NotAPickle(f"{op.name} without its newline")
         if op.name in ("GLOBAL", "INST"):
@@ -156,11 +169,87 @@ def unsafe_globals(path: str) -> List[str]:
     """The globals the weight file at ``path`` would import, when unpickled, that
     MegEngine weights never do. A file that is no pickle at all (a vocabulary, a
     JSON config) imports nothing: unpickling it fails before running any code."""
+    with open(path, "rb") as fh:
+        return unsafe_in(fh)
+
+
+def unsafe_in(fh: IO[bytes]) -> List[str]:
+    """What the pickle read from ``fh`` would import that MegEngine weights never do."""
     names: List[str] = []
     try:
-        with open(path, "rb") as fh:
-            pickle_globals(fh, names)
+        pickle_globals(fh, names)
+    except TooLong as e:
+        names.append(f"{DYNAMIC}.{e}")  # fail closed
     except NotAPickle:
         pass  # what came before the break is in names, and is what would run
     unsafe = {n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED}
     return sorted(n if len(n) <= 200 else n[:100] + "..." + n[-40:] for n in unsafe)
+
+
+class BlockReader:
+    """A forward-only file over an iterator of byte blocks, with what the scan uses:
+    ``read``, ``readline`` and a forward ``seek``. Skipped bytes (array data) are
+    passed over block by block, never held."""
+
+    def __init__(self, blocks: Iterator[Any]):
+        self._blocks = blocks
+        self._block = memoryview(b"")
+
+    def _fill(self) -> bool:
+        if not self._block:
+            block = next(self._blocks, None)
+            if block is None:
+                return False
+            self._block = memoryview(block)
+        return True
+
+    def _take(self, n: int) -> memoryview:
+        part, self._block = self._block[:n], self._block[n:]
+        return part
+
+    def read(self, n: int = -1) -> bytes:
+        parts = []
+        while n != 0 and self._fill():
+            part = self._take(n if n > 0 else len(self._block))
+            parts.append(bytes(part))
+            n -= len(part) if n > 0 else 0
+        return b"".join(parts)
+
+    def readline(self, limit: int = -1) -> bytes:
+        parts, left = [], limit if limit >= 0 else float("inf")
+        while left and self._fill():
+            window = bytes(self._block[:int(min(left, len(self._block)))])
+            at = window.find(b"\n")
+            part = self._take(at + 1 if at >= 0 else len(window))
+            parts.append(bytes(part))
+            left -= len(part)
+            if at >= 0:
+                break
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = io.SEEK_CUR) -> None:
+        if whence != io.SEEK_CUR or offset < 0:
+            raise OSError("a stream of blocks only skips forward")
+        while offset and self._fill():
+            offset -= len(self._take(offset))
+
+
+class PickleScans:
+    """What the weights of a bundle would import, scanned as their bytes stream past
+    (the ``scan`` of :func:`mirror.bundle.read`); ``verify`` and ``install`` both use
+    it, so they refuse the same weights, and only once every digest has matched."""
+
+    def __init__(self, bundle_path: str):
+        self.bundle_path = bundle_path
+        self.unsafe: Dict[str, List[str]] = {}  # weight sha256 -> what it would import
+
+    def __call__(self, member: Member, fh: IO[bytes]) -> None:
+        if member.name.startswith("weights/"):
+            self.unsafe[member.sha256] = unsafe_in(fh)
+
+    def check(self, manifest: Manifest) -> None:
+        """Raise :class:`UnsafePickleError` for the first weight that would run code."""
+        for w in manifest.weights:
+            if self.unsafe.get(w.sha256):
+                raise UnsafePickleError(f"weight {w.url} in {self.bundle_path}",
+                                        self.unsafe[w.sha256])

@@ -12,7 +12,7 @@ import pytest
 
 from mirror.errors import UnsafePickleError
 from mirror.installer import install
-from mirror.safety import pickle_globals, unsafe_globals
+from mirror.safety import MAX_STRING, BlockReader, pickle_globals, unsafe_globals, unsafe_in
 from tests.conftest import MIRROR, handmade_bundle, run, tree_digest
 
 
@@ -132,3 +132,43 @@ def test_what_the_scanner_cannot_follow_fails_closed(tmp_path, name, data):
     found = unsafe_globals(_file(tmp_path, data))
     assert found, name
     assert all("system" in n or "<computed at load time>" in n for n in found), found
+
+
+def _blocks(data, size):
+    return BlockReader(iter([data[i:i + size] for i in range(0, len(data), size)]))
+
+
+def test_the_scan_of_a_stream_finds_what_the_scan_of_a_file_finds(tmp_path):
+    """verify and install scan weights as they stream past, in blocks that split
+    opcodes and arguments anywhere; pack scans files. They must agree."""
+    rng = np.random.RandomState(9)
+    samples = [pickle.dumps({"w": np.zeros(3), "x": Evil()}, protocol=p) for p in (0, 2, 4, 5)]
+    buf = io.BytesIO()
+    megengine.save(M.Conv2d(3, 4, 3).state_dict(), buf)
+    samples += [buf.getvalue(), b"I0x1\n0cos\nsystem\n(S'echo x'\ntR."]
+    samples += [rng.bytes(rng.randint(1, 2048)) for _ in range(100)]
+    for i, data in enumerate(samples):
+        expected = unsafe_globals(_file(tmp_path, data, f"s{i}"))
+        for size in (1, 3, 64, 1 << 20):
+            assert unsafe_in(_blocks(data, size)) == expected, (i, size)
+    assert unsafe_in(_blocks(samples[2], 5)) == ["posix.system"]
+
+
+def test_a_text_argument_too_long_to_read_fails_closed(tmp_path):
+    data = b"S'" + b"x" * (MAX_STRING + 10) + b"'\np0\n0cos\nsystem\n(S'echo x'\ntR."
+    expected = [f"<computed at load time>.STRING with an argument over {MAX_STRING} bytes"]
+    assert unsafe_globals(_file(tmp_path, data)) == expected
+    assert unsafe_in(_blocks(data, 1 << 20)) == expected
+
+
+def test_verify_refuses_an_unsafe_weight_as_install_does(tmp_path, home):
+    url = "https://example.invalid/evil.pkl"
+    bad = handmade_bundle(tmp_path / "evil.hub", {"e" * 40: {"hubconf.py": "x = 1\n"}},
+                          refs=[("master", "branch", "e" * 40)],
+                          weights=[(url, pickle.dumps(Evil(), protocol=2))])
+    verified, installed = run(MIRROR + ["verify", bad]), run(MIRROR + ["install", bad])
+    assert verified.returncode == installed.returncode == 3
+    assert verified.stderr == installed.stderr
+    assert verified.stderr.startswith(f"Error: weight {url} in {bad} would import posix.system")
+    r = run(MIRROR + ["verify", bad, "--allow-unsafe-pickle"])
+    assert r.returncode == 0 and r.stdout.startswith(f"{bad}: OK, "), r.stderr
