@@ -10,6 +10,7 @@ The public API, for programs (the ``mirror`` command is a thin shell over it)::
     mirror.verify_store()                       # every blob, snapshot, ref and weight
     for repo in mirror.list_repos(): ...        # what the store holds
     mirror.remove("megengine/models:dev"); mirror.gc()
+    mirror.seed()                               # MegEngine's own cache, from the store
     model = mirror.hub.load("megengine/models", "resnet18", pretrained=True)
     mirror.patch_megengine()                    # unmodified megengine.hub calls, offline
 
@@ -42,7 +43,8 @@ _EXPORTS = {
     "hub": ("hub", None),
 }
 
-__all__ = sorted(_EXPORTS) + ["gc", "list_repos", "remove", "verify_store", "__version__"]
+__all__ = sorted(_EXPORTS) + ["gc", "list_repos", "remove", "seed", "verify_store",
+                              "__version__"]
 
 
 def list_repos(home: str | None = None) -> list:
@@ -84,6 +86,22 @@ def gc(home: str | None = None, dry_run: bool = False) -> Any:
     from .store import Store
 
     return collect(Store(home), dry_run=dry_run)
+
+
+def seed(home: str | None = None, megengine_home: str | None = None,
+         versions: tuple = ()) -> Any:
+    """Make MegEngine Hub's own cache at ``megengine_home`` (default: the configured
+    ``MGE_HOME``) match the store at ``home``, from the store alone: seed what is
+    missing, move what a ref moved, delete the store's seeds of what is gone, for
+    ``versions`` (default: the installed MegEngine's) and every version seeded before.
+    Returns a :class:`mirror.megengine_cache.SeedReport`."""
+    from .config import settings
+    from .installer import installed_versions
+    from .megengine_cache import reconcile
+    from .store import Store
+
+    return reconcile(Store(home), megengine_home or settings().megengine_home,
+                     installed_versions(versions))
 
 
 def __dir__() -> list:

@@ -243,7 +243,7 @@ def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
                    f"({report.bytes} bytes) re-hashed, {report.snapshots} snapshots "
                    f"({report.files} files; {report.proven} proven from their git ids, "
                    f"{report.unproven} unproven), {report.refs} refs, {report.weights} "
-                   f"weights checked; {len(report.problems)} problems")
+                   f"weights, {report.seeds} seeds checked; {len(report.problems)} problems")
     if not report.ok:
         raise SystemExit(3)
 
@@ -254,11 +254,11 @@ def _print_plan(plan: housekeeping.Plan, as_json: bool) -> None:
         return
     verb = "would remove" if plan.dry_run else "removed"
     for kind, items in (("ref", plan.refs), ("snapshot", plan.snapshots),
-                        ("blob", plan.blobs), ("file", plan.other)):
+                        ("seed", plan.seeds), ("blob", plan.blobs), ("file", plan.other)):
         for item in items:
             click.echo(f"{verb} {kind} {item}")
-    click.echo(f"{'would free' if plan.dry_run else 'freed'} {plan.bytes_freed} bytes "
-               f"in {len(plan.blobs)} blobs")
+    click.echo(f"{'would free at most' if plan.dry_run else 'freed'} {plan.bytes_freed} "
+               f"bytes on disk, in {len(plan.blobs)} blobs")
 
 
 @cli.command()
@@ -281,6 +281,32 @@ def remove(spec, dry_run, home, as_json) -> None:
 def gc(dry_run, home, as_json) -> None:
     """Delete what no snapshot, ref or weight references any more, and abandoned work."""
     _print_plan(housekeeping.gc(Store(home), dry_run=dry_run), as_json)
+
+
+@cli.command()
+@click.option("--megengine-version", "mge_versions", multiple=True, metavar="VERSION",
+              help="Seed for this MegEngine version (repeatable; default: the installed "
+                   "one, and every version seeded before).")
+@click.option("--megengine-home", type=click.Path(file_okay=False),
+              help="MegEngine's home (default: $MGE_HOME, else ~/.cache/megengine).")
+@_home_option
+@_json_option
+@_library_errors
+def seed(mge_versions, megengine_home, home, as_json) -> None:
+    """Make MegEngine Hub's own cache match the store, from the store alone (no bundle):
+    seed what is missing (also what a stock use_cache=False deleted), move what a ref
+    moved, and delete the store's seeds of what is gone."""
+    from . import seed as seed_cache
+
+    report = seed_cache(home, megengine_home, tuple(mge_versions))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"{report.megengine_home}: {len(report.seeded)} seeded, {report.kept} "
+               f"already right, {len(report.removed)} removed, {len(report.unseeded)} left "
+               f"out, {len(report.foreign)} not mirror's")
 
 
 @cli.command()

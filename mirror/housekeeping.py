@@ -56,6 +56,7 @@ class VerifyReport:
     refs: int = 0
     weights: int = 0
     proven: int = 0  # snapshots whose git ids were recomputed from their bytes
+    seeds: int = 0  # paths the store seeded into MegEngine's cache, checked
     unproven: int = 0  # snapshots of format 1 bundles, which carry no git objects
     problems: List[str] = field(default_factory=list)
 
@@ -84,6 +85,11 @@ def verify(store: Store, progress: bool = False) -> VerifyReport:
             if sha256_file(path)[0] != name[:-5]:
                 report.problems.append(f"bundle record {path} was changed: its digest no "
                                        f"longer matches its name")
+    with _problem(report, f"seed ledgers in {layout.seeds}"):
+        from .megengine_cache import check, ledgers
+
+        report.seeds = sum(len(ledger.seeds) for ledger in ledgers(store))
+        report.problems += check(store)
     return report
 
 
@@ -211,7 +217,10 @@ class Plan:
     refs: List[str] = field(default_factory=list)
     snapshots: List[str] = field(default_factory=list)
     blobs: List[str] = field(default_factory=list)
-    other: List[str] = field(default_factory=list)  # records, index entries, abandoned work
+    other: List[str] = field(default_factory=list)  # records, abandoned work
+    seeds: List[str] = field(default_factory=list)  # in MegEngine's cache, the store's own
+    # On disk, as the filesystem counts it: a blob still linked from elsewhere frees
+    # nothing. A dry run counts every blob: what it would free at most.
     bytes_freed: int = 0
     dry_run: bool = False
 
@@ -253,7 +262,19 @@ def _remove(store: Store, parsed: RepoSpec, dry_run: bool) -> Plan:
         _unlink(repo.snapshot_record(commit))
     shutil.rmtree(trash, ignore_errors=True)
     _collect(store, plan, gone=set(), act=True)
+    _drop_seeds(store, plan)
     return plan
+
+
+def _drop_seeds(store: Store, plan: Plan) -> None:
+    """The seeds in MegEngine's cache of what is gone: after the records and blobs
+    that called for them, so a blob's bytes, linked from a seed, are counted freed
+    when the seed, their last link, goes."""
+    from .megengine_cache import reconcile_all
+
+    for report in reconcile_all(store):
+        plan.seeds += report.removed
+        plan.bytes_freed += report.bytes_freed
 
 
 def _doomed(store: Store, repo: RepoLayout, parsed: RepoSpec, entries: List[RefHead],
@@ -281,6 +302,7 @@ def gc(store: Store, dry_run: bool = False) -> Plan:
         return plan
     with _exclusive(store, "gc", wait=False):
         _collect(store, plan, gone=set(), act=True)
+        _drop_seeds(store, plan)
     return plan
 
 
@@ -318,7 +340,9 @@ def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) ->
     for name in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
         if name not in live_blobs:
             path = os.path.join(blobs, name)
-            plan.bytes_freed += os.path.getsize(path) if os.path.isfile(path) else 0
+            st = os.lstat(path)
+            # On disk, as du counts it: the last link of the blob's bytes frees them.
+            plan.bytes_freed += st.st_blocks * 512 if st.st_nlink == 1 or not act else 0
             _drop(path, plan.blobs, plan, act)
     if act:  # under the exclusive lock, so no install is running: all of tmp/ is abandoned
         for name in os.listdir(_tmp(store)):

@@ -291,6 +291,7 @@ class Transaction:
                 for repo in self.manifest.repos:
                     self._publish_snapshots(repo, built, journal)
                 self._set_refs(journal)
+                self.report.weights = [w.url for w in self.manifest.weights]
                 journal.write(self.layout.bundle_record(self.report.bundle_id),
                               self.manifest_bytes)
             except BaseException as error:
@@ -444,11 +445,12 @@ class Transaction:
     # --- 4. seed ------------------------------------------------------------------
 
     def seed(self) -> None:
-        """Seed MegEngine Hub's cache for the versions asked for (none: skipped)."""
+        """Bring MegEngine Hub's cache in line with the store for the versions asked
+        for (and those seeded there before); none asked: skipped."""
         versions = self.options.megengine_versions
         if not versions:
             return
-        from .megengine_cache import seed
+        from .megengine_cache import reconcile
 
         home = self.options.megengine_home or settings().megengine_home
         # Stock megengine.hub runs whatever the cache holds, unchecked: under the store's
@@ -459,8 +461,8 @@ class Transaction:
         try:
             store_policy = self.store.policy
             trusted = set(store_policy.keys()) if store_policy.required else self.trusted_ids
-            self.report.megengine_cache = seed(self.store, self.manifest, versions, home,
-                                               trusted)
+            self.report.megengine_cache = reconcile(self.store, home, versions,
+                                                    trusted).lines()
         except (OSError, MirrorError) as e:
             where = f"{e.filename or home}: {e.strerror or e}" if isinstance(e, OSError) \
                 else str(e)

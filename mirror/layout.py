@@ -16,6 +16,8 @@ Hugging Face cache::
         snapshots/<commit>.json               its record (mirror.model.SnapshotRecord)
       weights/                                an earlier mirror's URL index: unread; gc removes it
       bundles/<bundle id>.json                the manifest of every bundle installed, verbatim
+      seeds/<id>.json, seeds/.lock            what the store seeded into each MegEngine home
+                                              (mirror.model.SeedLedger), and its lock
       pycache/                                bytecode of snapshot code (never in a snapshot)
       tmp/install-*/, tmp/remove-*/           work in progress, never read; gc clears it
 
@@ -128,6 +130,20 @@ class StoreLayout:
     @property
     def pycache(self) -> str:
         return os.path.join(self.home, "pycache")
+
+    @property
+    def seeds(self) -> str:
+        return os.path.join(self.home, "seeds")
+
+    @property
+    def seeds_lock(self) -> str:
+        """Held while seeds are made, moved or removed, and their ledger written."""
+        return os.path.join(self.seeds, ".lock")
+
+    def seed_ledger(self, megengine_home: str) -> str:
+        """The ledger of what the store seeded into MegEngine's cache at ``megengine_home``."""
+        key = sha256_bytes(os.path.abspath(megengine_home).encode())[:16]
+        return os.path.join(self.seeds, key + ".json")
 
     def blob(self, sha256: str) -> str:
         return os.path.join(self.blobs, sha256)

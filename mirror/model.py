@@ -663,3 +663,60 @@ class RefLogEntry:
         return {"ref": self.ref, "kind": self.kind, "old": self.old, "new": self.new,
                 "bundle": self.bundle, "bundle_file": self.bundle_file, "time": self.time,
                 "created": self.created}
+
+
+# --- MegEngine's cache, as the store seeded it ---------------------------------------
+
+SEED_KINDS = ("repo", "weight")
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One path the store wrote into MegEngine's cache: a repo's code directory
+    (``hub/<v>_<h>``, for one MegEngine version) or a weight file
+    (``serialized/<sha256(url)[:6]>_<name>``), what it holds and what it stands for."""
+
+    kind: str  # "repo" or "weight"
+    path: str  # absolute
+    target: str  # repo: the commit whose snapshot it holds; weight: the blob's sha256
+    label: str  # repo: "owner/name:ref" or "owner/name:branch commit=..."; weight: its URL
+    bundle: str | None = None  # repo: the bundle that brought the snapshot (a replaced
+    # snapshot is seeded again)
+    version: str | None = None  # repo: the MegEngine version whose key names the path
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Seed:
+        kind, path = need(obj, "kind", str), need(obj, "path", str)
+        if kind not in SEED_KINDS or not path.startswith("/"):
+            raise InvalidRecordError(f"seed {path!r} of kind {kind!r} is not one mirror makes")
+        target = need(obj, "target", str)
+        if not is_hex(target, (40, 64)):
+            raise InvalidRecordError(f"seed {path!r} targets {target!r}, not an id")
+        return cls(kind, path, target, check_text(need(obj, "label", str), "seed label"),
+                   _optional(obj, "bundle", str, None), _optional(obj, "version", str, None))
+
+    def to_json(self) -> JsonObject:
+        return {"kind": self.kind, "path": self.path, "target": self.target,
+                "label": self.label, "bundle": self.bundle, "version": self.version}
+
+
+@dataclass(frozen=True)
+class SeedLedger:
+    """``seeds/<id>.json``: every path the store seeded into one MegEngine home."""
+
+    megengine_home: str
+    seeds: Tuple[Seed, ...] = ()
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SeedLedger:
+        _schema(obj)
+        return cls(need(obj, "megengine_home", str), _list_of(obj, "seeds", Seed.from_json))
+
+    def to_json(self) -> JsonObject:
+        return {"schema": RECORD_SCHEMA, "megengine_home": self.megengine_home,
+                "seeds": [s.to_json() for s in self.seeds]}
+
+    @property
+    def versions(self) -> Tuple[str, ...]:
+        """The MegEngine versions the store has seeded code for."""
+        return tuple(sorted({s.version for s in self.seeds if s.version}))

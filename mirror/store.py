@@ -14,7 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Set, Tuple, TypeVar
 
 from .config import TrustPolicy, settings, trust_policy
 from .errors import AmbiguousCommitError, AmbiguousWeightError, NotInstalledError, StoreError
@@ -254,8 +254,8 @@ class Store:
 
     def url_pin(self, url: str) -> Pin | None:
         """The bytes ``url`` stands for outside any snapshot's code (a bare
-        ``load_serialized_obj_from_url``), by one rule that installing an older bundle
-        again cannot roll back:
+        ``load_serialized_obj_from_url``, and MegEngine's one cached file for the URL),
+        by one rule that installing an older bundle again cannot roll back:
 
         1. what the default branch (``master``) of the installed repos pins for it;
         2. else what the installed snapshots that pin it pin, if they agree;
@@ -264,7 +264,17 @@ class Store:
 
         Raises :class:`AmbiguousWeightError` when a step finds different bytes.
         """
-        heads, others = {}, {}  # pin -> the snapshots pinning it, as messages name them
+        found = self.url_pins({url}).get(url)
+        if isinstance(found, AmbiguousWeightError):
+            raise found
+        return found
+
+    def url_pins(self, urls: Set[str] | None = None
+                 ) -> Dict[str, Pin | AmbiguousWeightError]:
+        """:meth:`url_pin` for every URL in ``urls`` (default: every URL a snapshot or a
+        bundle record pins), in one pass over the records."""
+        heads: Dict[str, Dict[Pin, List[str]]] = {}  # url -> pin -> snapshots on master
+        others: Dict[str, Dict[Pin, List[str]]] = {}
         for repo in self.layout.all_repos():
             master = self.ref_commit(repo, "branch", DEFAULT_BRANCH)
             for commit in self.commits(repo):
@@ -272,35 +282,42 @@ class Store:
                     record = self.snapshot_record(repo, commit)
                 except StoreError:  # 'mirror verify' reports it; it pins nothing here
                     continue
-                pin = record.weight_digests.get(url) if record else None
-                if pin is not None:
-                    found = heads if commit == master else others
-                    found.setdefault(pin, []).append(f"{self._label(repo)}@{short(commit)}")
-        for found in (heads, others):
-            if len(found) > 1:
-                raise AmbiguousWeightError(url, {p.sha256: w for p, w in found.items()})
-            if found:
-                return next(iter(found))
-        return self._newest_bundle_pin(url)
+                for url, pin in (record.weight_digests.items() if record else ()):
+                    if urls is None or url in urls:
+                        found = heads if commit == master else others
+                        found.setdefault(url, {}).setdefault(pin, []).append(
+                            f"{self._label(repo)}@{short(commit)}")
+        out: Dict[str, Pin | AmbiguousWeightError] = {}
+        for url in set(heads) | set(others):
+            by_pin = heads.get(url) or others[url]
+            out[url] = next(iter(by_pin)) if len(by_pin) == 1 else AmbiguousWeightError(
+                url, {p.sha256: who for p, who in by_pin.items()})
+        if urls is None or set(urls) - set(out):
+            for url, pin in self._newest_bundle_pins(urls).items():
+                out.setdefault(url, pin)
+        return out
 
-    def _newest_bundle_pin(self, url: str) -> Pin | None:
-        newest: Dict[int, set] = {}
+    def _newest_bundle_pins(self, urls: Set[str] | None
+                            ) -> Dict[str, Pin | AmbiguousWeightError]:
+        newest: Dict[str, Tuple[int, Set[Pin]]] = {}  # url -> (created, pins then)
         for name in listing(self.layout.bundles):
-            path = os.path.join(self.layout.bundles, name)
             try:
-                manifest = read_record(path, Manifest.from_json)
+                manifest = read_record(os.path.join(self.layout.bundles, name),
+                                       Manifest.from_json)
             except StoreError:
                 continue
             for w in manifest.weights:
-                if w.url == url:
-                    newest.setdefault(manifest.created, set()).add(Pin(w.sha256, w.size))
-        if not newest:
-            return None
-        pins = newest[max(newest)]
-        if len(pins) > 1:
-            raise AmbiguousWeightError(url, {p.sha256: ["bundles made at the same time"]
-                                             for p in pins})
-        return next(iter(pins))
+                if urls is not None and w.url not in urls:
+                    continue
+                created, pins = newest.get(w.url, (manifest.created, set()))
+                if manifest.created > created:
+                    created, pins = manifest.created, set()
+                if manifest.created == created:
+                    pins.add(Pin(w.sha256, w.size))
+                newest[w.url] = (created, pins)
+        return {url: next(iter(pins)) if len(pins) == 1 else AmbiguousWeightError(
+            url, {p.sha256: ["bundles made at the same time"] for p in pins})
+            for url, (_, pins) in newest.items()}
 
     def _label(self, repo: RepoLayout) -> str:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from mirror.packer import PackOptions, pack
 from tests.upstream import DemoRepo, GitServer, WeightServer, build_demo_repo
+from tests.upstream.demorepo import git, make_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Never the user's caches: the packing host's download cache lives in the session's temp dir.
@@ -176,3 +178,77 @@ def unpack(bundle_path: str, on_head=None):
 
     manifest, members = bundle.read_all(bundle_path, on_head=on_head)
     return manifest.to_json(), members
+
+
+RETRAINED_HUBCONF = '''\
+import megengine.hub as hub
+import megengine.module as M
+
+REVISION = "{revision}"
+
+
+class Net(M.Module):
+    def __init__(self):
+        super().__init__()
+        self.revision = REVISION
+        self.fc1 = M.Linear(8, 16)
+        self.fc2 = M.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+@hub.pretrained("{url}")
+def net(**kwargs):
+    return Net()
+'''
+
+
+@pytest.fixture(scope="session")
+def retrained(upstream, tmp_path_factory):
+    """roll/models at v1 (also tagged v1) then v2, its one weight URL serving other bytes
+    at each, as a retrained model published under the same name: a signed bundle packed
+    at each (made at times 1000 and 2000; v1's holds master and the tag), the bytes
+    served and the commits."""
+    root = tmp_path_factory.mktemp("roll")
+    key = root / "release"
+    assert run(MIRROR + ["keygen", "-o", str(key)]).returncode == 0
+    work, bare = root / "work", os.path.join(upstream.git.root, "roll", "models")
+    work.mkdir()
+    git(work, "init", "-q", "-b", "master")
+    served, commits, bundles = {}, {}, {}
+    url = upstream.weights.base_url + "/roll/net.pkl"
+    for n, seed in ((1, 101), (2, 202)):
+        served[n] = make_weights("mlp", seed)
+        upstream.weights.add("roll/net.pkl", served[n])
+        (work / "hubconf.py").write_text(RETRAINED_HUBCONF.format(revision=n, url=url))
+        git(work, "add", "-A")
+        git(work, "commit", "-q", "-m", f"v{n}")
+        commits[n] = git(work, "rev-parse", "HEAD")
+        if n == 1:
+            git(work, "tag", "v1")
+            git(work, "clone", "-q", "--bare", str(work), bare)
+        else:
+            git(work, "push", "-q", bare, "master")
+        bundles[n] = str(root / f"v{n}.hub")
+        os.environ["SOURCE_DATE_EPOCH"] = str(1000 * n)
+        try:
+            # refresh: the packing host's download cache holds v1's bytes for the URL
+            pack(["roll/models"] + (["roll/models:v1"] if n == 1 else []), bundles[n],
+                 PackOptions(
+                     git_host=upstream.git.host, protocol="http", progress=False,
+                     sign=str(key), refresh=True))
+        finally:
+            del os.environ["SOURCE_DATE_EPOCH"]
+    return url, served, commits, bundles
+
+
+def same_weights(state, data: bytes) -> bool:
+    """Whether a loaded state dict (or its JSON lists) holds exactly the arrays saved in
+    ``data``, the bytes a weight server served."""
+    import megengine
+    import numpy as np
+
+    expected = megengine.load(io.BytesIO(data))
+    return sorted(state) == sorted(expected) and all(
+        np.array_equal(np.asarray(state[k], np.float32), expected[k]) for k in expected)

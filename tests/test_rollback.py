@@ -7,84 +7,11 @@ retrained model published under the same name would.
 
 from __future__ import annotations
 
-import io
-import os
-
-import numpy as np
-import pytest
-
 import mirror
 import mirror.hub
 from mirror.installer import InstallOptions, install
 from mirror.packer import PackOptions, pack
-from tests.conftest import MIRROR, run
-from tests.upstream.demorepo import git, make_weights
-
-HUBCONF = '''\
-import megengine.hub as hub
-import megengine.module as M
-
-REVISION = "{revision}"
-
-
-class Net(M.Module):
-    def __init__(self):
-        super().__init__()
-        self.revision = REVISION
-        self.fc1 = M.Linear(8, 16)
-        self.fc2 = M.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(self.fc1(x))
-
-
-@hub.pretrained("{url}")
-def net(**kwargs):
-    return Net()
-'''
-
-
-@pytest.fixture(scope="module")
-def retrained(upstream, tmp_path_factory):
-    """roll/models at v1 then v2, the weight URL serving other bytes at each; one signed
-    bundle packed at each (made at times 1000 and 2000), and the bytes served."""
-    root = tmp_path_factory.mktemp("roll")
-    key = root / "release"
-    assert run(MIRROR + ["keygen", "-o", str(key)]).returncode == 0
-    work, bare = root / "work", os.path.join(upstream.git.root, "roll", "models")
-    work.mkdir()
-    git(work, "init", "-q", "-b", "master")
-    served, commits, bundles = {}, {}, {}
-    url = upstream.weights.base_url + "/roll/net.pkl"
-    for n, seed in ((1, 101), (2, 202)):
-        served[n] = make_weights("mlp", seed)
-        upstream.weights.add("roll/net.pkl", served[n])
-        (work / "hubconf.py").write_text(HUBCONF.format(revision=n, url=url))
-        git(work, "add", "-A")
-        git(work, "commit", "-q", "-m", f"v{n}")
-        commits[n] = git(work, "rev-parse", "HEAD")
-        if n == 1:
-            git(work, "clone", "-q", "--bare", str(work), bare)
-        else:
-            git(work, "push", "-q", bare, "master")
-        bundles[n] = str(root / f"v{n}.hub")
-        os.environ["SOURCE_DATE_EPOCH"] = str(1000 * n)
-        try:
-            # refresh: the packing host's download cache holds v1's bytes for the URL
-            pack(["roll/models"], bundles[n], PackOptions(
-                git_host=upstream.git.host, protocol="http", progress=False, sign=str(key),
-                refresh=True))
-        finally:
-            del os.environ["SOURCE_DATE_EPOCH"]
-    return url, served, commits, bundles
-
-
-def _same(loaded, data: bytes) -> bool:
-    import megengine
-
-    expected = megengine.load(io.BytesIO(data))
-    return sorted(loaded) == sorted(expected) and all(
-        np.array_equal(np.asarray(loaded[k]), expected[k]) for k in expected)
+from tests.conftest import MIRROR, run, same_weights
 
 
 def test_an_older_bundle_installed_again_rolls_back_neither_ref_nor_weight(
@@ -100,14 +27,14 @@ def test_an_older_bundle_installed_again_rolls_back_neither_ref_nor_weight(
 
     with mirror.patch_megengine(store=mirror.Store()):
         # a bare URL: the bytes the default branch pins, not the last bundle's
-        assert _same(megengine.hub.load_serialized_obj_from_url(url), served[2])
-        assert _same(mirror.hub.load_serialized_obj_from_url(url), served[2])
+        assert same_weights(megengine.hub.load_serialized_obj_from_url(url), served[2])
+        assert same_weights(mirror.hub.load_serialized_obj_from_url(url), served[2])
     net = mirror.hub.load("roll/models", "net", git_host=upstream.git.host, pretrained=True)
-    assert net.revision == "2" and _same(net.state_dict(), served[2])
+    assert net.revision == "2" and same_weights(net.state_dict(), served[2])
     # and each commit keeps its own pins
     old = mirror.hub.load("roll/models", "net", git_host=upstream.git.host, pretrained=True,
                           commit=commits[1])
-    assert old.revision == "1" and _same(old.state_dict(), served[1])
+    assert old.revision == "1" and same_weights(old.state_dict(), served[1])
 
 
 def test_an_older_bundle_never_moves_a_ref_a_newer_one_set(retrained, upstream, home,
@@ -132,6 +59,6 @@ def test_an_older_bundle_never_moves_a_ref_a_newer_one_set(retrained, upstream, 
     assert r.returncode == 0 and "an older bundle never moves a ref" in r.stdout + r.stderr
     net = mirror.hub.load("roll/models", "net", git_host=upstream.git.host, pretrained=True)
     # v1's code, with the bytes its URL served when the withdrawing bundle was packed
-    assert net.revision == "1" and _same(net.state_dict(), served[2])
+    assert net.revision == "1" and same_weights(net.state_dict(), served[2])
     assert install(bundles[2], options=InstallOptions(force=True)).refs_set == [
         f"roll/models:master -> {commits[2][:12]} (was {commits[1][:12]})"]

@@ -149,12 +149,13 @@ def test_under_a_policy_stock_megengine_gets_only_signed_code(master_bundle, key
     assert run(MIRROR + ["install", master_bundle]).returncode == 0  # no policy yet
     monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
     # Later signed installs never seed MegEngine's cache with the unsigned snapshot.
-    from mirror.megengine_cache import seed
+    from mirror.megengine_cache import reconcile
 
-    lines = seed(Store(), bundle.read_manifest(master_bundle), ["1.13.0"],
-                 str(tmp_path / "mge2"), trusted={keys["release"][2]})
-    assert lines and all(line.startswith("not seeding") or "weight" in line for line in lines)
-    assert not any(p.startswith("1_13_0") for p in os.listdir(tmp_path / "mge2" / "hub"))
+    report = reconcile(Store(), str(tmp_path / "mge2"), ["1.13.0"])
+    assert report.unseeded and all("its bundle was not signed by a trusted key" in line
+                                   for line in report.unseeded)
+    assert not os.path.exists(tmp_path / "mge2" / "hub")
+    assert len(os.listdir(tmp_path / "mge2" / "serialized")) == 2  # weights: no code runs
     # And source="auto" does not fall back to the network: only the store answers.
     with pytest.raises(Exception) as e:
         mirror.hub.load("nobody/nothing", "x", source="auto")
