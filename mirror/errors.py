@@ -122,6 +122,18 @@ class UnsafePickleError(MirrorError):
             f"Pass --allow-unsafe-pickle only if you trust where it comes from")
 
 
+class RefusedWeightError(UnsafePickleError):
+    """Raised when loading a weight file meets what MegEngine weights never hold: the
+    restricted unpickler (:mod:`mirror.unpickler`) refuses it, before building it."""
+
+    def __init__(self, url: str, path: str, reason: str):
+        self.url, self.path, self.reason = url, path, reason
+        self.what, self.names = f"weight {url}", [reason]
+        MirrorError.__init__(
+            self, f"weight {url} ({path}) refused when loaded: {reason}. mirror loads only "
+                  f"what MegEngine saves: numpy arrays and scalars, tensors and collections")
+
+
 # --- bundles ---------------------------------------------------------------
 
 

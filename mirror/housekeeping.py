@@ -255,6 +255,7 @@ def _remove(store: Store, parsed: RepoSpec, dry_run: bool) -> Plan:
     # Refs first: from here on no load resolves to what is being deleted.
     for head in doomed_refs:
         _unlink(repo.ref(head.kind, head.name))
+        _prune(os.path.dirname(repo.ref(head.kind, head.name)), repo.ref_folder(head.kind))
     trash = tempfile.mkdtemp(prefix="remove-", dir=_tmp(store))
     for commit in doomed:
         if os.path.isdir(repo.snapshot(commit)):
@@ -347,6 +348,8 @@ def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) ->
     if act:  # under the exclusive lock, so no install is running: all of tmp/ is abandoned
         for name in os.listdir(_tmp(store)):
             _drop(os.path.join(_tmp(store), name), plan.other, plan, act)
+        for folder in _orphan_repo_folders(store):
+            _drop(folder, plan.other, plan, act)
 
 
 def _collect_leftovers(repo: RepoLayout, plan: Plan, act: bool) -> None:
@@ -357,10 +360,15 @@ def _collect_leftovers(repo: RepoLayout, plan: Plan, act: bool) -> None:
         if name.startswith(".") or (name.endswith(".json") and not os.path.isdir(
                 os.path.join(snaps, name[:-5]))):
             _drop(os.path.join(snaps, name), plan.other, plan, act)
-    for dirpath, _, names in os.walk(repo.refs):
+    for dirpath, dirnames, names in os.walk(repo.refs, topdown=False):
         for name in names:
             if name.startswith(TEMP_PREFIX):
                 _drop(os.path.join(dirpath, name), plan.other, plan, act)
+        # An empty folder of refs (release/ once release/1.0 went) would stop a branch
+        # named release from ever being installed.
+        if dirpath not in (repo.refs, repo.ref_folder("branch"), repo.ref_folder("tag")) \
+                and not names and not dirnames and act:
+            _prune(dirpath, repo.refs)
 
 
 def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_blobs: Set[str],
@@ -368,7 +376,7 @@ def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_blobs: 
     """A bundle record stays while any snapshot it brought is installed (or it brought
     only weights), and with it every weight it brought, pack --weights extras included."""
     for path in _record_paths(store.layout.bundles, plan, act):
-        manifest = read_record(path, Manifest.from_json, _UNREADABLE)
+        manifest = read_record(path, Manifest.from_stored, _UNREADABLE)
         commits = {s.commit for r in manifest.repos for s in r.snapshots}
         if not commits or commits & installed:
             live_blobs.update(w.sha256 for w in manifest.weights)
@@ -390,6 +398,28 @@ def _record_paths(folder: str, plan: Plan, act: bool) -> Iterator[str]:
 # would delete what it protects.
 _UNREADABLE = "this record is unreadable, so gc cannot tell what it keeps alive; run " \
               "'mirror verify'"
+
+
+def _prune(folder: str, top: str) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``top`` while empty."""
+    while folder != top and folder.startswith(top + os.sep):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (or gone): stop
+            return
+        folder = os.path.dirname(folder)
+
+
+def _orphan_repo_folders(store: Store) -> Iterator[str]:
+    """Repo folders with no repo.json and nothing but a lock in them: left by an
+    install that failed under the repo's lock (no reader counts them as a repo)."""
+    for host in listing(store.layout.repos):
+        for owner in listing(os.path.join(store.layout.repos, host)):
+            for name in listing(os.path.join(store.layout.repos, host, owner)):
+                folder = os.path.join(store.layout.repos, host, owner, name)
+                if not os.path.exists(os.path.join(folder, "repo.json")) and \
+                        set(os.listdir(folder)) <= {".refs.lock"}:
+                    yield folder
 
 
 def _drop(path: str, items: List[str], plan: Plan, act: bool) -> None:

@@ -93,7 +93,10 @@ def load_serialized_obj_from_url(url: str, model_dir: str | None = None, *,
 
 
 def _load_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
-    from megengine.serialization import load as mge_load
+    # What megengine.load gives, by a restricted unpickler: a weight that passed the
+    # install scan is still never trusted to run code or hand numpy bad pointers.
+    from .errors import RefusedWeightError
+    from .unpickler import Refused, load
 
     weight = store.weight(url, snap)
     if weight is None or not os.path.exists(weight.path):
@@ -104,7 +107,10 @@ def _load_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
         if actual != weight.sha256 or size != weight.size:
             raise IntegrityError(weight.path, weight.sha256, actual, url)
         _verified[weight.path] = (st.st_size, st.st_mtime_ns)
-    return mge_load(weight.path)
+    try:
+        return load(weight.path)
+    except Refused as e:
+        raise RefusedWeightError(url, weight.path, str(e)) from None
 
 
 def _locate(snap: SnapshotRef, url: str) -> str | None:

@@ -215,12 +215,12 @@ class Transaction:
         def on_head(head: bundle.Head) -> None:
             self.report.bundle_id, self.manifest_bytes = head.bundle_id, head.manifest_bytes
             self.manifest = head.manifest
-            self._check_ref_names()  # before a long read; again before publishing
             if keys is not None:  # the signature decides before any member is read
                 from .signing import check
 
                 self.report.signed_by = check(head.signature, head.manifest_bytes, keys,
                                               self.bundle_path).key_id
+            self._check_ref_names()  # before a long read; again before publishing
 
         digest = hashlib.sha256() if self.options.digest_file else None
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")
@@ -395,15 +395,14 @@ class Transaction:
         current = self.store.ref_commit(paths, ref.kind, ref.name)
         if current == ref.commit:
             return
-        if current and not self.options.force:
-            kept = self._why_kept(paths, ref, current)
-            if kept:
-                self.report.refs_kept.append(f"{label} stays at {kept}")
-                return
+        kept = self._why_kept(paths, ref, current) if current else None
+        if kept and not self.options.force:
+            self.report.refs_kept.append(f"{label} stays at {kept}")
+            return
         journal.write(paths.ref(ref.kind, ref.name), (ref.commit + "\n").encode())
         entry = RefLogEntry(ref.name, ref.kind, current, ref.commit, self.report.bundle_id,
                             os.path.basename(self.bundle_path), int(time.time()),
-                            self.manifest.created)
+                            self.manifest.created, forced=kept is not None)
         journal.append(paths.refs_log, canonical_json(entry.to_json()))
         moved = f" (was {short(current)})" if current else ""
         self.report.refs_set.append(f"{label} -> {short(ref.commit)}{moved}")
@@ -417,10 +416,12 @@ class Transaction:
             return f"{short(current)} (tags never move without --force)"
         proof = self.proofs.get(ref.commit)
         if proof is not None and proof.has_ancestor(current):
-            # Forward in history, but an old bundle installed again must not undo what a
-            # newer one did (upstream moved the branch back, say).
+            # Forward in history, but an old bundle installed again must not undo a move
+            # that --force made against these rules (upstream moved the branch back,
+            # say). Only then: a bundle's own clock never holds a branch back otherwise.
             last = self.store.last_move(paths, ref.kind, ref.name)
-            if last is None or last.new != current or last.created <= self.manifest.created:
+            if last is None or not last.forced or last.new != current or \
+                    last.created <= self.manifest.created:
                 return None
             return (f"{short(current)}: bundle {last.bundle_file}, which moved it there, was "
                     f"made {_date(last.created)}, after this one "

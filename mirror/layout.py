@@ -160,7 +160,7 @@ class StoreLayout:
         found = []
         for host in listing(self.repos):
             candidate = self.repo(host, owner, name)
-            if os.path.isdir(candidate.path):
+            if os.path.exists(candidate.repo_json):  # a folder alone: a failed install's lock
                 found.append(candidate)
         return found
 

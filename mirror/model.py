@@ -34,6 +34,7 @@ from .names import (
     check_url,
     check_url_text,
     check_utf8,
+    one_line,
     shown,
 )
 
@@ -48,6 +49,8 @@ MODE_GROUP_WRITABLE = 0o100664  # an old git's regular file: kept, as its tree's
 MODE_GITLINK = 0o160000  # a submodule: a commit id in a tree, no content in this repo
 MODES = (MODE_FILE, MODE_EXEC, MODE_LINK, MODE_GROUP_WRITABLE)
 PATH_MAX = 4096  # no longer path can be checked out; a symlink target is read whole
+# symlink(2) takes a target of at most PATH_MAX - 1 bytes (it counts the ending NUL).
+LINK_TARGET_MAX = PATH_MAX - 1
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # what git's times and file sizes hold
 # The dates mirror shows (a bundle's creation, when a ref was resolved, a snapshot
 # installed, a ref moved): time.gmtime fails past the year 9999 on some platforms and
@@ -89,6 +92,10 @@ def _strings(entry: Dict[str, Any], key: str, check: Callable[[str, str], str],
     if not all(isinstance(v, str) for v in value):
         raise InvalidRecordError(f"{key!r} is not a list of strings")
     return tuple(check(v, what) for v in value)
+
+
+def _stored_text(value: str, what: str) -> str:
+    return check_text(one_line(value), what)
 
 
 def _ranged(value: int, what: str, low: int, high: int) -> int:
@@ -166,8 +173,9 @@ class FileEntry:
         if mode not in MODES:
             raise InvalidRecordError(f"file {path!r} has an unsupported mode")
         size, sha256 = _size(obj, path), _sha256(obj, path)
-        if mode == MODE_LINK and size > PATH_MAX:
-            raise InvalidRecordError(f"symlink {path!r} has a {size} byte target")
+        if mode == MODE_LINK and size > LINK_TARGET_MAX:
+            raise InvalidRecordError(f"symlink {shown(path)} has a {size} byte target, over "
+                                     f"the {LINK_TARGET_MAX} bytes a symlink can hold")
         return cls(path, mode, size, sha256)
 
     def to_json(self) -> JsonObject:
@@ -280,7 +288,10 @@ class SnapshotEntry:
     objects: Pin | None = None  # format 2: the git objects member (mirror.proof)
 
     @classmethod
-    def from_json(cls, obj: Any) -> SnapshotEntry:
+    def from_json(cls, obj: Any, stored: bool = False) -> SnapshotEntry:
+        """``stored``: a record the store already holds, written by this or an earlier
+        mirror (whose pack kept a traceback's lines in ``unresolved``): its free text
+        is made one line, not refused, so the store stays readable."""
         commit = need(obj, "commit", str)
         if not is_hex(commit, (40, 64)):
             raise InvalidRecordError(f"snapshot commit {shown(commit)} is not a full id")
@@ -297,13 +308,14 @@ class SnapshotEntry:
         weights = _strings(obj, "weights", check_url, f"{label} weight URL")
         entrypoints = _strings(obj, "entrypoints", check_identifier, f"{label} entrypoint")
         trace, objects = obj.get("trace"), obj.get("objects")
+        text = _stored_text if stored else check_text
         return cls(commit, tree, commit_time, files, weights, entrypoints,
                    _coverage(obj, label, entrypoints),
                    # What pack could not fetch, or resolve, or was told to leave out:
                    # shown by inspect, never downloaded, so only plain text is asked.
-                   _strings(obj, "excluded", check_text, f"{label} excluded URL"),
-                   _strings(obj, "unresolved", check_text, f"{label} unresolved download"),
-                   _strings(obj, "nested", check_text, f"{label} nested spec"),
+                   _strings(obj, "excluded", text, f"{label} excluded URL"),
+                   _strings(obj, "unresolved", text, f"{label} unresolved download"),
+                   _strings(obj, "nested", text, f"{label} nested spec"),
                    TraceRecord.from_json(trace) if trace is not None else None,
                    Pin.from_json(objects, f"git objects of {short(commit)}")
                    if objects is not None else None)
@@ -415,9 +427,9 @@ class RepoEntry:
     snapshots: Tuple[SnapshotEntry, ...]
 
     @classmethod
-    def from_json(cls, obj: Any) -> RepoEntry:
+    def from_json(cls, obj: Any, stored: bool = False) -> RepoEntry:
         ident = RepoId.from_json(obj)
-        snapshots = _list_of(obj, "snapshots", SnapshotEntry.from_json)
+        snapshots = _list_of(obj, "snapshots", lambda o: SnapshotEntry.from_json(o, stored))
         refs = _list_of(obj, "refs", RefEntry.from_json)
         commits: set = set()
         for snap in snapshots:
@@ -469,7 +481,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_json(cls, obj: Any) -> Manifest:
+    def from_json(cls, obj: Any, stored: bool = False) -> Manifest:
         """Parse and validate a manifest: every field, type and value that ``install``
         relies on. Raises :class:`InvalidRecordError`."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -481,7 +493,8 @@ class Manifest:
                 f"{READS[0]} to {READS[-1]}; upgrade mirror)")
         need(obj, "repos", list)
         weights = _list_of(obj, "weights", WeightEntry.from_json)
-        manifest = cls(_list_of(obj, "repos", RepoEntry.from_json), weights,
+        manifest = cls(_list_of(obj, "repos", lambda r: RepoEntry.from_json(r, stored)),
+                       weights,
                        check_text(_optional(obj, "tool", str, ""), "manifest 'tool'"),
                        _time(obj, "created", "manifest 'created'"), version)
         _check_once(manifest)
@@ -493,6 +506,12 @@ class Manifest:
                         f"{'needs' if version >= 2 else 'has no'} git objects")
         manifest.members()  # one name, one content
         return manifest
+
+    @classmethod
+    def from_stored(cls, obj: Any) -> Manifest:
+        """A bundle's manifest as the store recorded it (``bundles/<id>.json``), maybe
+        by an earlier mirror (see :meth:`SnapshotEntry.from_json`)."""
+        return cls.from_json(obj, stored=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
@@ -606,7 +625,7 @@ class SnapshotRecord:
     @classmethod
     def from_json(cls, obj: Any) -> SnapshotRecord:
         _schema(obj)
-        snapshot = SnapshotEntry.from_json(obj)
+        snapshot = SnapshotEntry.from_json(obj, stored=True)
         label = f"snapshot {short(snapshot.commit)} weight_digests URL"
         digests = _optional(obj, "weight_digests", dict, {})
         return cls(snapshot,
@@ -650,6 +669,7 @@ class RefLogEntry:
     bundle_file: str
     time: int
     created: int = 0  # when the bundle was made (its manifest's "created"); 0: not recorded
+    forced: bool = False  # moved by --force where the rules kept it (back, say)
 
     @classmethod
     def from_json(cls, obj: Any) -> RefLogEntry:
@@ -657,12 +677,13 @@ class RefLogEntry:
         time = _ranged(need(obj, "time", int), "ref log time", 0, TIME_MAX)
         return cls(need(obj, "ref", str), need(obj, "kind", str), old, need(obj, "new", str),
                    need(obj, "bundle", str), need(obj, "bundle_file", str), time,
-                   _time(obj, "created", "ref log 'created'"))
+                   _time(obj, "created", "ref log 'created'"),
+                   _optional(obj, "forced", bool, False))
 
     def to_json(self) -> JsonObject:
         return {"ref": self.ref, "kind": self.kind, "old": self.old, "new": self.new,
                 "bundle": self.bundle, "bundle_file": self.bundle_file, "time": self.time,
-                "created": self.created}
+                "created": self.created, "forced": self.forced}
 
 
 # --- MegEngine's cache, as the store seeded it ---------------------------------------

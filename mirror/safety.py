@@ -1,10 +1,17 @@
-"""Weights are pickles, and unpickling runs code: what a weight file would import is
-checked, without unpickling it, against what MegEngine state dicts use.
+"""Weights are pickles, and unpickling runs code: what a weight file would import,
+and what it would hand to what it imports, is checked, without unpickling it,
+against what MegEngine state dicts use.
 
 The scan simulates the pickle machine's stack and memo over the opcode stream
 (``pickletools``' own opcode table), so a global is named exactly as ``pickle``
-would resolve it, also when its module and name strings come from the memo.
-Large byte payloads (the arrays) are skipped over, not read: memory stays flat.
+would resolve it, also when its module and name strings come from the memo. The
+values it can know (numbers, short strings and bytes, tuples, the lengths of long
+payloads) it keeps, and every call, BUILD and container update goes through the
+rules of the restricted unpickler (:class:`mirror.unpickler.Rules`, dry): a
+``numpy.dtype`` rebuilt with object flags, an array whose shape does not match its
+bytes, a dict key nested deep enough to crash the hash are refused here as at load.
+Large payloads (the arrays) are skipped over, not read, and opcodes, stack and memo
+are capped: time and memory stay flat. What exceeds a cap fails closed.
 """
 
 from __future__ import annotations
@@ -12,31 +19,38 @@ from __future__ import annotations
 import io
 import pickletools
 import warnings
-from typing import IO, Any, Dict, Iterator, List, Set, Tuple
+from typing import IO, Any, Dict, Iterator, List, Tuple
 
 from .errors import UnsafePickleError
 from .model import Manifest, Member
+from .unpickler import (
+    ALLOWED,
+    GLOBALS,
+    MAX_MEMO,
+    MAX_OPCODES,
+    MAX_STACK,
+    UNKNOWN,
+    Box,
+    Refused,
+    Rules,
+    Skipped,
+)
 
-# What megengine.save writes for state dicts of numpy arrays and MegEngine tensors
-# (checked on MegEngine 1.13 with numpy 1.x; numpy 2 renamed numpy.core to numpy._core).
-ALLOWED: Set[Tuple[str, str]] = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-    ("megengine.tensor", "Tensor"), ("megengine.tensor", "Parameter"),
-    ("_codecs", "encode"),  # how protocol 2 spells bytes
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
-    ("builtins", "complex"), ("builtins", "slice"),
-}
+__all__ = ["ALLOWED", "BlockReader", "PickleScans", "pickle_globals", "unsafe_globals",
+           "unsafe_in"]
+
 _MARK = object()
 _STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
             "SHORT_BINUNICODE", "BINUNICODE8"}
-_SKIPPED = {pickletools.bytes1.name, pickletools.bytes4.name, pickletools.bytes8.name,
-            pickletools.bytearray8.name}
+_BYTES = {pickletools.bytes1.name: 1, pickletools.bytes4.name: 4, pickletools.bytes8.name: 8,
+          pickletools.bytearray8.name: 8}
+_LONGS = {pickletools.long1.name: 1, pickletools.long4.name: 4}
 MAX_STRING = 16 << 20  # longer strings are kept as unknown: used as a name, they fail closed
+KEPT = 256  # bytes and integers up to this many bytes are read; longer ones skipped
+KEPT_TEXT = 1 << 16  # text up to this is kept (names, dtype codes); longer: its length
 DYNAMIC = "<computed at load time>"
+REFUSED = "<refused at load time>"
+LIMITS = "<beyond the scan's limits>"
 
 
 class NotAPickle(ValueError):
@@ -48,72 +62,240 @@ class TooLong(NotAPickle):
     unseen, may import anything."""
 
 
-def pickle_globals(fh: IO[bytes], found: List[str] | None = None) -> List[str]:
+class _Limit(Exception):
+    """A cap of the scan was exceeded."""
+
+
+def pickle_globals(fh: IO[bytes], found: List[str] | None = None,
+                   refused: List[str] | None = None) -> List[str]:
     """Every ``module.name`` the pickle in ``fh`` would import, in order; also
     appended to ``found`` as they are met, so a caller keeps them if the stream
-    turns out to be broken further on (unpickling runs what came before)."""
-    stack: List[Any] = []
-    memo: dict = {}
+    turns out to be broken further on (unpickling runs what came before). What the
+    restricted unpickler's rules refuse, and any cap exceeded, is appended to
+    ``refused`` (as ``<refused at load time>.why`` and ``<beyond the scan's
+    limits>.which``); a cap ends the scan."""
     found = [] if found is None else found
+    refused = [] if refused is None else refused
+    try:
+        _scan(fh, found, refused)
+    except _Limit as e:
+        refused.append(f"{LIMITS}.{e}")
+    return found
+
+
+def _scan(fh: IO[bytes], found: List[str], refused: List[str]) -> None:
+    stack: List[Any] = []
+    memo: Dict[Any, Any] = {}
+    rules = Rules(dry=True)
+    count = 0
+    read = fh.read
     while True:
-        code = fh.read(1)
+        code = read(1)
         if not code:
             raise NotAPickle("the pickle ends before its STOP opcode")
-        op = pickletools.code2op.get(code.decode("latin-1"))
+        op = _OPS.get(code)
         if op is None:
             raise NotAPickle(f"unknown pickle opcode {code!r}")
+        name, reader, popped, step = op.name, _READERS.get(op.name), _POPS[op.name], \
+            _STEPS.get(op.name)
         try:
-            arg = _read_arg(op, fh)
+            arg = _read_arg(op, fh) if reader is None else reader(fh)
         except TooLong:
             raise
         except (ValueError, OverflowError, OSError, EOFError) as e:  # random bytes, say
-            raise NotAPickle(f"bad argument of {op.name}: {e}") from None
-        name = op.name
+            raise NotAPickle(f"bad argument of {name}: {e}") from None
+        count += 1
+        if count > MAX_OPCODES:
+            raise _Limit(f"more than {MAX_OPCODES:,} opcodes")
+        if len(stack) > MAX_STACK:
+            raise _Limit(f"a stack of more than {MAX_STACK:,} entries")
         if name == "STOP":
-            return found
-        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else None
+            return
+        if name in _PUTS:
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else UNKNOWN
+            if len(memo) > MAX_MEMO:
+                raise _Limit(f"a memo of more than {MAX_MEMO:,} entries")
             continue
-        popped = _pop(stack, op)
-        if name in ("GLOBAL", "INST"):
-            module, _, attr = str(arg).partition(" ")
-            found.append(f"{module}.{attr}")
-        elif name == "STACK_GLOBAL":
-            module, attr = (popped + [None, None])[:2]
-            # Names computed at run time (a REDUCE's result, say) cannot be checked:
-            # fail closed, as an import of something unknown.
-            found.append(f"{module if isinstance(module, str) else DYNAMIC}."
-                         f"{attr if isinstance(attr, str) else DYNAMIC}")
-        elif name in ("EXT1", "EXT2", "EXT4"):
-            found.append(f"{DYNAMIC}.copyreg-extension-{arg}")  # whatever is registered
-        if name == "MARK":
-            stack.append(_MARK)
-        elif name == "DUP":
-            stack.extend(popped + popped)
-        elif name in _STRINGS:
-            stack.append(arg if isinstance(arg, str) else None)
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(arg))
+        if name in _GETS:
+            stack.append(memo.get(arg, UNKNOWN))
+            continue
+        if popped is None:
+            below, items = _pop_to_mark(stack, op)
+        elif popped:
+            below = stack[-popped:]
+            del stack[-popped:]
+            if len(below) < popped:
+                below = [UNKNOWN] * (popped - len(below)) + below
+            items = []
         else:
-            stack.extend([None] * len(op.stack_after))
+            below = items = []
+        if step is None:  # a value: the argument, or a constant
+            if name in _CONSTANTS:
+                stack.append(_CONSTANTS[name])
+            elif op.stack_after:
+                stack.append(UNKNOWN if arg is None else arg)
+            continue
+        try:
+            after = step(arg, below, items, rules, found)
+        except Refused as e:
+            # A value the scan could not know comes from what it reported already, or
+            # from what pickle raises at: a refusal because of it adds nothing.
+            if not _unknown_in(below) and not _unknown_in(items):
+                reason = str(e)
+                refused.append(f"{REFUSED}."
+                               f"{reason if len(reason) <= 160 else reason[:157] + '...'}")
+            # What stays on the stack (a dict, a list, BUILD's object), else unknown.
+            keep = below[:1] if name in _KEEPS else []
+            after = keep + [UNKNOWN] * (len(op.stack_after) - len(keep))
+        stack.extend(after)
 
 
-def _pop(stack: List[Any], op: pickletools.OpcodeInfo) -> List[Any]:
-    """Pop what ``op`` consumes; return the items above any mark, in push order."""
-    before = op.stack_before
-    if pickletools.markobject in before:
-        # [..., mark, slice] ops: everything down to the newest mark, then what is below.
-        below = before.index(pickletools.markobject)
-        while stack and stack[-1] is not _MARK:
-            stack.pop()
-        if stack:
-            stack.pop()
-        del stack[len(stack) - below:]
-        return []
-    n = len(before)
-    popped = stack[len(stack) - n:] if n else []
-    del stack[len(stack) - n:]
-    return popped
+def _unknown_in(values: List[Any], depth: int = 3) -> bool:
+    """Whether an operand, or a tuple in one (a call's arguments, a BUILD's state), is
+    a value the scan does not know."""
+    for v in values:
+        if v is UNKNOWN or depth and type(v) is tuple and _unknown_in(list(v[:16]), depth - 1):
+            return True
+    return False
+
+
+_OPS = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_KEEPS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+_CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False, "EMPTY_TUPLE": ()}
+# How many operands each opcode pops (None: down to a mark).
+_POPS = {op.name: None if pickletools.markobject in op.stack_before else len(op.stack_before)
+         for op in pickletools.opcodes}
+_FIXED = {pickletools.uint1.name: 1, pickletools.uint2.name: 2, pickletools.uint4.name: 4,
+          pickletools.int4.name: 4, pickletools.uint8.name: 8}
+
+
+def _fixed(width: int, signed: bool) -> Any:
+    def reader(fh: IO[bytes]) -> int:
+        return int.from_bytes(_exact(fh, width), "little", signed=signed)
+    return reader
+
+
+# Fast readers of the arguments real checkpoints are made of (the rest: _read_arg).
+_READERS = {op.name: _fixed(_FIXED[op.arg.name], op.arg.name == pickletools.int4.name)
+            for op in pickletools.opcodes if op.arg is not None and op.arg.name in _FIXED}
+_READERS.update({op.name: lambda fh: None for op in pickletools.opcodes if op.arg is None})
+
+
+def _step_tuple(arg, below, items, rules, found):
+    return [tuple(items)]
+
+
+def _step_small_tuple(arg, below, items, rules, found):
+    return [tuple(below)]
+
+
+def _step_global(arg, below, items, rules, found):
+    module, _, attr = str(arg).partition(" ")
+    return [_global(rules, found, module, attr)]
+
+
+def _step_inst(arg, below, items, rules, found):
+    module, _, attr = str(arg).partition(" ")
+    if rules.tracked(_global(rules, found, module, attr)):
+        raise Refused(f"INST of {module}.{attr}: MegEngine weights never call it so")
+    return [UNKNOWN]
+
+
+def _step_stack_global(arg, below, items, rules, found):
+    module, attr = below
+    # Names computed at run time (a REDUCE's result, say) cannot be checked: fail
+    # closed, as an import of something unknown.
+    return [_global(rules, found, module if isinstance(module, str) else DYNAMIC,
+                    attr if isinstance(attr, str) else DYNAMIC)]
+
+
+def _step_ext(arg, below, items, rules, found):
+    found.append(f"{DYNAMIC}.copyreg-extension-{arg}")  # whatever is registered
+    return [UNKNOWN]
+
+
+def _step_obj(arg, below, items, rules, found):
+    if items and rules.tracked(items[0]):
+        kind = rules.kind(items[0]) or ""
+        raise Refused(f"OBJ of {kind[7:] if kind.startswith('global:') else 'an object'}: "
+                      f"MegEngine weights never call it so")
+    return [UNKNOWN]
+
+
+def _updates(method: str, with_items: bool) -> Any:
+    def step(arg, below, items, rules, found):
+        getattr(rules, method)(below[0], items if with_items else below[1:])
+        return below[:1]
+    return step
+
+
+def _calls(how: str) -> Any:
+    def step(arg, below, items, rules, found):
+        return [rules.call(below[0], below[1], how, below[2] if len(below) > 2 else None)]
+    return step
+
+
+def _step_build(arg, below, items, rules, found):
+    rules.build(below[0], below[1])
+    return below[:1]
+
+
+def _pushes(value: Any) -> Any:
+    def step(arg, below, items, rules, found):
+        return [value() if callable(value) else value]
+    return step
+
+
+# What each opcode that is not a plain value does with what it popped: ``below`` (the
+# operands under any mark, or all of them, in push order) and ``items`` (those above
+# the mark). PROTO, FRAME, POP, POP_MARK push nothing; PERSID, BINPERSID and
+# NEXT_BUFFER push what pickle would raise at (MegEngine's load has no persistent ids
+# or buffers).
+_STEPS = {
+    "MARK": _pushes(_MARK), "DUP": lambda arg, below, *_: below + below,
+    "TUPLE": _step_tuple, "TUPLE1": _step_small_tuple, "TUPLE2": _step_small_tuple,
+    "TUPLE3": _step_small_tuple,
+    "EMPTY_LIST": _pushes(lambda: Box("list")), "LIST": _pushes(lambda: Box("list")),
+    "EMPTY_DICT": _pushes(lambda: Box("dict")),
+    "DICT": lambda arg, below, items, rules, found: [rules.new_dict(items)],
+    "EMPTY_SET": _pushes(lambda: Box("set")),
+    "FROZENSET": lambda arg, below, items, rules, found: [rules.new_frozenset(items)],
+    "APPEND": _updates("append", False), "APPENDS": _updates("append", True),
+    "SETITEM": _updates("setitems", False), "SETITEMS": _updates("setitems", True),
+    "ADDITEMS": _updates("additems", True),
+    "GLOBAL": _step_global, "INST": _step_inst, "STACK_GLOBAL": _step_stack_global,
+    "EXT1": _step_ext, "EXT2": _step_ext, "EXT4": _step_ext, "OBJ": _step_obj,
+    "REDUCE": _calls("REDUCE"), "NEWOBJ": _calls("NEWOBJ"), "NEWOBJ_EX": _calls("NEWOBJ_EX"),
+    "BUILD": _step_build, "READONLY_BUFFER": lambda arg, below, *_: below,
+    "PROTO": lambda *_: [], "FRAME": lambda *_: [], "POP": lambda *_: [],
+    "POP_MARK": lambda *_: [],
+    "PERSID": _pushes(UNKNOWN), "BINPERSID": _pushes(UNKNOWN),
+    "NEXT_BUFFER": _pushes(UNKNOWN),
+}
+
+
+def _global(rules: Rules, found: List[str], module: str, attr: str) -> Any:
+    found.append(f"{module}.{attr}")
+    role = GLOBALS.get((module, attr))
+    return UNKNOWN if role is None else rules.global_(f"{module}.{attr}", role)
+
+
+def _pop_to_mark(stack: List[Any], op: pickletools.OpcodeInfo) -> Tuple[List[Any], List[Any]]:
+    """Pop what a [..., mark, slice] opcode consumes: everything down to the newest
+    mark, then what is below it: (the operands below the mark, in push order; the
+    items above it)."""
+    n_below = op.stack_before.index(pickletools.markobject)
+    at = len(stack) - 1
+    while at >= 0 and stack[at] is not _MARK:
+        at -= 1
+    items = stack[at + 1:]
+    del stack[max(at, 0):]
+    below = stack[len(stack) - n_below:] if n_below else []
+    del stack[len(stack) - n_below:]
+    below = [UNKNOWN] * (n_below - len(below)) + below
+    return below, items if at >= 0 else []  # no mark: pickle raises there
 
 
 def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
@@ -133,23 +315,36 @@ def _read_arg(op: pickletools.OpcodeInfo, fh: IO[bytes]) -> Any:
             raise NotAPickle(f"{op.name} without its newline")
         if op.name in ("GLOBAL", "INST"):
             return " ".join(line[:-1].decode("utf-8", "replace") for line in lines)
+        if len(lines[0]) > KEPT_TEXT:
+            return Skipped("str", None)
         try:
             return arg.reader(io.BytesIO(lines[0]))
         except (ValueError, UnicodeDecodeError):
             return None
-    if arg.name in _SKIPPED:  # array data: skip it, never hold it in memory
-        size = 1 if arg.n == -5 else (arg.n if arg.n > 0 else None)
-        width = {pickletools.bytes1.name: 1, pickletools.bytes4.name: 4}.get(arg.name, 8)
-        length = int.from_bytes(_exact(fh, width), "little")
-        fh.seek(length, 1)
-        return size
+    if arg.name in _BYTES:  # array data: skip it, never hold it in memory
+        length = int.from_bytes(_exact(fh, _BYTES[arg.name]), "little")
+        kind = "bytearray" if arg.name == pickletools.bytearray8.name else "bytes"
+        if length > KEPT:
+            fh.seek(length, 1)
+            return Skipped(kind, length)
+        data = _exact(fh, length)
+        return bytearray(data) if kind == "bytearray" else data
+    if arg.name in _LONGS:  # a number of up to 2**32 bytes: big ones skipped
+        length = int.from_bytes(_exact(fh, _LONGS[arg.name]), "little",
+                                signed=arg.name == pickletools.long4.name)
+        if length < 0:
+            raise NotAPickle("LONG4 with a negative length")
+        if length > KEPT:
+            fh.seek(length, 1)
+            return None
+        return int.from_bytes(_exact(fh, length), "little", signed=True)
     if arg.name in (pickletools.unicodestring4.name, pickletools.unicodestring8.name,
                     pickletools.string4.name):
         width = 8 if arg.name == pickletools.unicodestring8.name else 4
         length = int.from_bytes(_exact(fh, width), "little")
-        if length > MAX_STRING:
+        if length > KEPT_TEXT:
             fh.seek(length, 1)
-            return None
+            return Skipped("str", None)
         data = _exact(fh, length)
         return data.decode("utf-8", "surrogatepass") if "unicode" in arg.name else \
             data.decode("latin-1")
@@ -176,13 +371,14 @@ def unsafe_globals(path: str) -> List[str]:
 def unsafe_in(fh: IO[bytes]) -> List[str]:
     """What the pickle read from ``fh`` would import that MegEngine weights never do."""
     names: List[str] = []
+    refused: List[str] = []
     try:
-        pickle_globals(fh, names)
+        pickle_globals(fh, names, refused)
     except TooLong as e:
         names.append(f"{DYNAMIC}.{e}")  # fail closed
     except NotAPickle:
         pass  # what came before the break is in names, and is what would run
-    unsafe = {n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED}
+    unsafe = {n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED} | set(refused)
     return sorted(n if len(n) <= 200 else n[:100] + "..." + n[-40:] for n in unsafe)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Set, Tuple, TypeVar
 
 from .config import TrustPolicy, settings, trust_policy
 from .errors import AmbiguousCommitError, AmbiguousWeightError, NotInstalledError, StoreError
-from .ids import short
+from .ids import is_hex, short
 from .layout import REF_FOLDERS, TEMP_PREFIX, RepoLayout, StoreLayout, listing
 from .model import JsonObject, Manifest, Pin, RefLogEntry, RepoId, SnapshotRecord, WeightFile
 from .refs import DEFAULT_BRANCH, DEFAULT_HOST
@@ -116,6 +116,8 @@ class Store:
 
     def snapshot_record(self, repo: RepoLayout, commit: str) -> SnapshotRecord | None:
         """What install recorded about a snapshot, or None if there is no record."""
+        if not is_hex(commit, (40, 64)):  # a damaged ref names no snapshot
+            return None
         path = repo.snapshot_record(commit)
         try:
             st = os.stat(path)
@@ -213,7 +215,7 @@ class Store:
         code fetched from any host; the store does the same when only one host has it.
         """
         repo = self.layout.repo(host, owner, name)
-        if os.path.isdir(repo.path) or host != DEFAULT_HOST:
+        if os.path.exists(repo.repo_json) or host != DEFAULT_HOST:
             return repo
         others = self.layout.repo_hosts(owner, name)
         if len(others) > 1:
@@ -303,7 +305,7 @@ class Store:
         for name in listing(self.layout.bundles):
             try:
                 manifest = read_record(os.path.join(self.layout.bundles, name),
-                                       Manifest.from_json)
+                                       Manifest.from_stored)
             except StoreError:
                 continue
             for w in manifest.weights:
@@ -383,5 +385,5 @@ def _read_text(path: str) -> str | None:
         with open(path, "rb") as fh:
             # A damaged ref shows as what it holds (and names no snapshot), never a crash.
             return fh.read(4096).decode("utf-8", "replace").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None  # IsADirectory: refs/heads/master/ holds a branch master/x

@@ -11,7 +11,9 @@ inspect and verify: `mirror inspect` and `mirror verify` of the same bundle, aga
 `zstd -d -c BUNDLE | sha256sum` (decompress and hash every byte once).
 load: `mirror.hub.load(..., pretrained=True)` against stock `megengine.hub.load`
 with its cache warm (seeded by install), same model, same process; the first
-load of each and the median of repeated loads.
+load of each and the median of repeated loads. mirror unpickles weights with its
+restricted unpickler; scripts/bench_load.py also times it on a 100 MiB checkpoint
+and a resnet50-shaped one against `megengine.load` of MegEngine's cached file.
 small files: pack and install of a repo of --small-files Python files.
 proof: install of a format 2 bundle (every git id recomputed from its bytes), against
 the same bundle rewritten as format 1 (no git objects, nothing to prove), each into a
@@ -44,6 +46,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.upstream import GitServer, WeightServer, build_demo_repo  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_load import bench as bench_unpickler  # noqa: E402
 
 MIRROR = f"{sys.executable} -m mirror"
 
@@ -354,7 +359,15 @@ def main() -> None:
                     f"stock: {load['first_stock'] * 1e3:.0f} ms",
                     load["first_mirror"] / load["first_stock"], ""),
             ]
-            print("\n".join(table[-4:]), flush=True)
+            os.makedirs(os.path.join(work, "unpickler"))
+            for name, u in bench_unpickler(os.path.join(work, "unpickler"), 20).items():
+                if name != "small_cnn":
+                    table.append(row(
+                        f"load the `{name}` checkpoint ({u['mib']:.0f} MiB) by URL, "
+                        f"warm (median of 20)", f"{u['mirror'] * 1e3:.1f} ms",
+                        f"stock `megengine.hub.load_serialized_obj_from_url`: "
+                        f"{u['stock'] * 1e3:.1f} ms", u["ratio"], "1.05"))
+            print("\n".join(table[-6:]), flush=True)
 
             if args.small_files:
                 many_content = os.path.join(work, "many-content")

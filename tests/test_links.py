@@ -15,12 +15,13 @@ import pytest
 import zstandard
 
 import mirror.hub
+import mirror.installer
 from mirror import bundle, links, model
-from mirror.errors import NotInstalledError
+from mirror.errors import NotInstalledError, StoreError
 from mirror.installer import install
 from mirror.model import MODE_FILE, MODE_LINK, FileEntry, Manifest
 from mirror.store import Store
-from mirror.tree import write_bytes
+from mirror.tree import OutsideTreeError, materialize, write_bytes
 from tests.conftest import MIRROR, handmade_bundle, run, tree_digest
 from tests.upstream.demorepo import git
 
@@ -127,6 +128,175 @@ def test_thousands_of_files_and_hundreds_of_links_are_resolved_quickly():
     found = _refused(targets, files)
     assert time.monotonic() - started < 5
     assert found is None
+
+
+# --- filesystems that take two names for one -------------------------------------
+
+DEEP = "/".join(f"d{i}" for i in range(1, 21))  # the attack review's d1/.../d20
+# d20/A is d1. d20/a is not held, taken for a folder: 21 ".." from it reach the root,
+# so M is home/victim/.ssh, inside. Where a is A (d1), they leave: /home/victim/.ssh.
+FOLDED = {f"{DEEP}/A": "../" * 19, "M": f"{DEEP}/a/" + "../" * 21 + "home/victim/.ssh"}
+M_SHOWN = f"M -> {FOLDED['M']}"
+
+
+@pytest.mark.parametrize("targets, files, message", [
+    # The review's example: a link's target names a path only a case twin holds.
+    (FOLDED, [f"{DEEP}/f"],
+     f"symlink {M_SHOWN} in snapshot {S} names '{DEEP}/a', which is '{DEEP}/A' on a "
+     f"case-insensitive filesystem"),
+    # ... and a file below M's case twin, which install would write through M.
+    (FOLDED, [f"{DEEP}/f", "m/authorized_keys"],
+     f"symlink {M_SHOWN} in snapshot {S} and the folder 'm' are one path on a "
+     f"case-insensitive filesystem"),
+    ({"M": "sub"}, ["sub/f", "m/authorized_keys"],  # M alone is harmless; m/ is not
+     f"symlink M -> sub in snapshot {S} and the folder 'm' are one path on a "
+     f"case-insensitive filesystem"),
+    ({"M": "f"}, ["m", "f"],  # install would write m through M
+     f"symlink M -> f in snapshot {S} and the file 'm' are one path on a case-insensitive "
+     f"filesystem"),
+    ({"M": "f", "m": "g"}, ["f", "g"],
+     f"symlink M -> f in snapshot {S} and the symlink 'm' -> g are one path on a "
+     f"case-insensitive filesystem"),
+    # Folder twins (allowed) merge there: d/E/L is D/E/L, a link up to D.
+    ({"D/E/L": "..", "x": "d/E/L/../../../y"}, ["D/f", "d/g", "d/E/h", "y"],
+     f"symlink x -> d/E/L/../../../y in snapshot {S} names 'd/E/L', which is 'D/E/L' on a "
+     f"case-insensitive filesystem"),
+    # A file used as a folder stops the kernel, unless the filesystem takes it for one.
+    ({"x": "D/../../etc"}, ["D", "d/f"],
+     f"symlink x -> D/../../etc in snapshot {S} names 'D', which is 'd' on a "
+     f"case-insensitive filesystem"),
+    # Even dangling a link naming a twin is refused: what it reaches depends on where.
+    ({"x": "readme"}, ["README"],
+     f"symlink x -> readme in snapshot {S} names 'readme', which is 'README' on a "
+     f"case-insensitive filesystem"),
+    # NFD and NFC, one name on HFS+ and APFS: shown escaped, as they look alike.
+    ({"d1/d2/\u00e9": "..", "M": "d1/d2/e\u0301/../../../x"}, ["d1/d2/f", "x"],
+     f"symlink M -> d1/d2/e\u0301/../../../x in snapshot {S} names 'd1/d2/e\\u0301', "
+     f"which is 'd1/d2/\\xe9' on a normalization-insensitive filesystem"),
+    ({"\u00e9": "f"}, ["e\u0301/g", "f"],
+     f"symlink \u00e9 -> f in snapshot {S} and the folder 'e\\u0301' are one path on a "
+     f"normalization-insensitive filesystem"),
+    ({"d/L/\u00c9": "..", "x": "d/L/e\u0301/../../../y"}, ["d/L/f", "y"],  # NFD, lower
+     f"symlink x -> d/L/e\u0301/../../../y in snapshot {S} names 'd/L/e\\u0301', which is "
+     f"'d/L/\\xc9' on a case- and normalization-insensitive filesystem"),
+    # HFS+ ignores a ZWNJ in a name.
+    ({"x": "a\u200cb/../../y"}, ["ab/f"],
+     f"symlink x -> a\\u200cb/../../y in snapshot {S} names 'a\\u200cb', which is 'ab' on "
+     f"HFS+ (which ignores some invisible characters)"),
+])
+def test_a_link_that_names_another_path_on_some_filesystems_is_refused(targets, files,
+                                                                       message):
+    assert _refused(targets, files) == message
+
+
+@pytest.mark.parametrize("targets, files", [
+    ({}, ["README", "readme", "Docs/a", "docs/b"]),  # case twins, none a link: as repos have
+    ({"x": "README", "y": "docs/b", "z": "Docs/../readme"}, ["README", "readme", "Docs/a",
+                                                             "docs/b"]),
+    ({"x": "caf\u00e9/f"}, ["caf\u00e9/f", "cafe\u0301/g"]),  # NFC and NFD files, no link
+    # A link named with its own case: d20/A is d1, so d20/A/../x is x.
+    ({f"{DEEP}/A": "../" * 19, "M": f"{DEEP}/A/../x"}, [f"{DEEP}/f", "x"]),
+])
+def test_twins_without_a_link_and_links_naming_held_paths_are_allowed(targets, files):
+    assert _refused(targets, files) is None
+
+
+def _blob_of(tmp_path):
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"ssh-ed25519 AAAA attacker\n")
+    return lambda sha256: str(blob)
+
+
+def test_materialize_writes_nothing_through_a_folder_leading_outside(tmp_path):
+    """As a case-insensitive filesystem makes m/authorized_keys go through a link M:
+    m is a link out, made before materialize writes below it."""
+    root, outside = tmp_path / "snapshot", tmp_path / "victim" / ".ssh"
+    outside.mkdir(parents=True)
+    root.mkdir()
+    os.symlink("../victim/.ssh", root / "m")
+    files = [FileEntry("f", MODE_FILE, 0, "0" * 64),
+             FileEntry("m/authorized_keys", MODE_FILE, 0, "0" * 64)]
+    with pytest.raises(OutsideTreeError) as e:
+        materialize(str(root), files, _blob_of(tmp_path))
+    assert isinstance(e.value, OSError)
+    assert (e.value.filename, e.value.strerror) == (
+        str(root / "m"), f"folder leads outside the tree being written {root}, to {outside}")
+    assert os.listdir(outside) == []
+    # Deeper: below the link's folder, nothing is made either (makedirs would follow it).
+    with pytest.raises(OutsideTreeError) as e:
+        write_bytes(str(root), [("m/new/f", MODE_FILE, b"x")])
+    assert e.value.filename == str(root / "m" / "new")
+    assert os.listdir(outside) == []
+
+
+def test_materialize_writes_nothing_over_a_name_taken_already(tmp_path):
+    """As a case-insensitive filesystem makes readme be a link README out: its target
+    is not written through."""
+    root, target = tmp_path / "snapshot", tmp_path / "victim-file"
+    target.write_text("victim\n")
+    root.mkdir()
+    os.symlink(str(target), root / "readme")
+    with pytest.raises(OutsideTreeError) as e:
+        materialize(str(root), [FileEntry("readme", MODE_FILE, 0, "0" * 64)],
+                    _blob_of(tmp_path))
+    assert (e.value.errno, e.value.filename, e.value.strerror) == (
+        17, str(root / "readme"), "written already, as another path of the tree: the "
+                                  "filesystem takes the two names for one")
+    assert target.read_text() == "victim\n"
+
+
+def test_materialize_follows_links_that_stay_inside(tmp_path):
+    root = tmp_path / "snapshot"
+    write_bytes(str(root), [("sub/f", MODE_FILE, b"f"), ("L", MODE_LINK, b"sub"),
+                            ("sub/g", MODE_FILE, b"g")])
+    # Not below L in the manifest, but a folder reached through a link inside is fine.
+    write_bytes(str(root), [("L/h", MODE_FILE, b"h")])
+    assert (root / "sub" / "h").read_bytes() == b"h"
+
+
+def test_install_publishes_nothing_when_a_folder_leads_outside(home, tmp_path, monkeypatch):
+    """install builds the snapshot in its own folder: the guard's error is the store's,
+    naming the folder, and nothing is published (no snapshot, record or ref; the work
+    folder is removed) or written outside."""
+    outside = tmp_path / "victim" / ".ssh"
+    outside.mkdir(parents=True)
+    good = handmade_bundle(tmp_path / "b.hub", {C: {"hubconf.py": "x = 1\n",
+                                                    "m/authorized_keys": "key\n"}},
+                           refs=[("master", "branch", C)])
+    real = mirror.installer.materialize
+
+    def case_insensitive(root, files, blob):  # m is a link M made first, out
+        os.symlink(str(outside), os.path.join(root, "m"))
+        real(root, files, blob)
+
+    install(handmade_bundle(tmp_path / "other.hub", {"2" * 40: {"hubconf.py": "y = 2\n"}},
+                            name="other", refs=[("master", "branch", "2" * 40)]))
+    monkeypatch.setattr(mirror.installer, "materialize", case_insensitive)
+
+    def published():  # blobs go in first, content-addressed: garbage for gc, not visible
+        return {k: v for k, v in tree_digest(home).items() if not k.startswith("blobs/")}
+
+    before = published()
+    with pytest.raises(StoreError) as e:
+        install(good)
+    folder = e.value.path
+    assert os.path.basename(folder) == "m" and folder.startswith(str(tmp_path))
+    build = os.path.dirname(folder)
+    assert str(e.value) == (f"store {folder}: install of {good} failed: folder leads outside "
+                            f"the tree being written {build}, to {outside}")
+    assert os.listdir(outside) == []
+    assert published() == before
+    with pytest.raises(NotInstalledError):
+        mirror.hub.load("hand/made", "anything")
+
+
+def test_materializing_thousands_of_files_stays_quick(tmp_path):
+    files = [FileEntry(f"pkg{i % 40}/sub{i % 9}/f{i}.py", MODE_FILE, 0, "0" * 64)
+             for i in range(5000)]
+    started = time.monotonic()
+    materialize(str(tmp_path / "snapshot"), files, _blob_of(tmp_path))
+    assert time.monotonic() - started < 10
+    assert len(list(os.scandir(tmp_path / "snapshot" / "pkg0" / "sub0"))) == 14
 
 
 # --- pack -----------------------------------------------------------------------
