@@ -107,31 +107,6 @@ def swap(a: str, b: str) -> None:
     os.rename(aside, a)
 
 
-def exchange(new: str, old: str) -> None:
-    """Put directory ``new`` at ``old`` in one step (:func:`swap`), then delete what
-    was at ``old``."""
-    swap(new, old)
-    shutil.rmtree(new, ignore_errors=True)  # now holds the old contents
-
-
-def publish_dir(building: str, target: str, replace: bool = False) -> bool:
-    """Put the finished folder ``building`` at ``target`` whole: with ``replace``, in one
-    swap with what is there (:func:`exchange`, no gap for readers); else by a rename.
-    Returns False, and removes ``building``, when another writer put a folder at
-    ``target`` first (the same content, for content-addressed names)."""
-    if replace:
-        exchange(building, target)
-        return True
-    try:
-        os.rename(building, target)
-        return True
-    except OSError:
-        if not os.path.isdir(target):
-            raise
-        shutil.rmtree(building, ignore_errors=True)
-        return False
-
-
 def sync_filesystem(path: str, files: list[str]) -> None:
     """Make ``files`` (all on ``path``'s filesystem) durable: one ``syncfs`` where the
     kernel has it, instead of an fsync per file (thousands of small files took
