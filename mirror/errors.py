@@ -274,6 +274,31 @@ class IntegrityError(MirrorError):
         )
 
 
+class CodeIntegrityError(IntegrityError):
+    """Raised when a snapshot's code, about to run, is not what its install recorded
+    (changed, added or not Python source): nothing of it runs."""
+
+    def __init__(self, repo: str, commit: str, path: str, reason: str):
+        self.repo, self.commit, self.path, self.url = repo, commit, path, None
+        self.expected = self.actual = None
+        MirrorError.__init__(
+            self, f"{repo}@{short(commit)}: {path} {reason}; it was not run. Run 'mirror "
+                  f"verify' and reinstall the bundle that brought it with --force")
+
+
+class SnapshotRemovedError(MirrorError):
+    """Raised when a snapshot is removed from the store ('mirror remove', 'mirror gc')
+    while its code or weights are being loaded."""
+
+    exit_code = 4
+
+    def __init__(self, repo: str, commit: str, path: str):
+        self.repo, self.commit, self.path = repo, commit, path
+        super().__init__(
+            f"{repo}@{short(commit)} was removed from the store while it was being loaded "
+            f"({path} is gone); install its bundle again, or load another revision")
+
+
 class RefConflictError(MirrorError):
     """Raised when a bundle's ref cannot sit beside a ref the store has: git keeps refs
     as files, so ``x`` and ``x/y`` (of one kind) cannot both exist."""

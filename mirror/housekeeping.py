@@ -337,6 +337,10 @@ def _collect(store: Store, plan: Plan, gone: Set[Tuple[str, str]], act: bool) ->
     # any more, as an older bundle installed again could roll it back.
     for path in _record_paths(store.layout.weights, plan, act):
         _drop(path, plan.other, plan, act)
+    # Bytecode an earlier mirror cached for snapshot code: snapshot code is now always
+    # compiled from its checked source (mirror.importer), so this is never run.
+    if os.path.isdir(store.layout.pycache):
+        _drop(store.layout.pycache, plan.other, plan, act)
     blobs = store.layout.blobs
     for name in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
         if name not in live_blobs:
@@ -375,12 +379,18 @@ def _collect_bundles(store: Store, plan: Plan, installed: Set[str], live_blobs: 
                      act: bool) -> None:
     """A bundle record stays while any snapshot it brought is installed (or it brought
     only weights), and with it every weight it brought, pack --weights extras included."""
+    kept: Set[str] = set()  # bundle ids whose record stays
     for path in _record_paths(store.layout.bundles, plan, act):
         manifest = read_record(path, Manifest.from_stored, _UNREADABLE)
         commits = {s.commit for r in manifest.repos for s in r.snapshots}
         if not commits or commits & installed:
             live_blobs.update(w.sha256 for w in manifest.weights)
+            kept.add(os.path.basename(path)[:-len(".json")])
         else:
+            _drop(path, plan.other, plan, act)
+    # A signature goes with its bundle's record.
+    for path in _record_paths(store.layout.signatures, plan, act):
+        if os.path.basename(path)[:-len(".sig")] not in kept:
             _drop(path, plan.other, plan, act)
 
 

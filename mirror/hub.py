@@ -38,13 +38,17 @@ from .errors import (
     IntegrityError,
     MirrorError,
     NotInstalledError,
+    RefusedWeightError,
     SignatureError,
+    SnapshotRemovedError,
     SpecError,
+    StoreError,
     WeightNotInstalledError,
 )
 from .hashing import sha256_file
 from .hubconf import HUBCONF, entrypoints, exec_hubconf
 from .ids import short
+from .importer import SnapshotCode
 from .refs import DEFAULT_HOST, check_host, parse_repo_info
 from .store import SnapshotRef, Store
 from .tree import walk
@@ -53,6 +57,7 @@ SOURCES = ("local", "remote", "auto")
 MIN_COMMIT_PREFIX = 7
 # The names mirror answers for while it redirects megengine.hub.
 REDIRECTED = ("load", "list", "help", "import_module", "load_serialized_obj_from_url")
+PATCHED = REDIRECTED + ("pretrained",)  # and the decorator, while a Redirect is applied
 _verified: Dict[str, Tuple[int, int]] = {}  # blob path -> (size, mtime_ns) checked this process
 _originals: Dict[str, Callable[..., Any]] = {}  # megengine.hub's own functions, before any patch
 _hubconf_cache: Dict[Tuple[str, int], types.ModuleType] = {}  # (snapshot dir, inode) -> hubconf
@@ -69,13 +74,92 @@ def _source(source: str, store: Store) -> str:
 
 
 def _megengine_hub() -> Dict[str, Callable[..., Any]]:
-    """megengine.hub's own functions, even while mirror has them redirected."""
+    """megengine.hub's own functions, even while mirror has them redirected.
+
+    The first call also puts a dispatcher under them (see :func:`_bound_caller`), so
+    snapshot code that calls ``megengine.hub`` at any later time is answered from the
+    store it came from.
+    """
     with _patch_lock:
         if not _originals:
-            mge_hub = importlib.import_module("megengine.hub.hub")
-            _originals.update({n: getattr(mge_hub, n) for n in REDIRECTED})
-            _originals["pretrained"] = mge_hub.pretrained
+            modules = (importlib.import_module("megengine.hub.hub"),
+                       importlib.import_module("megengine.hub"))
+            _originals.update({n: getattr(modules[0], n) for n in REDIRECTED})
+            _originals["pretrained"] = modules[0].pretrained
+            for m in modules:
+                for n in REDIRECTED:
+                    if getattr(m, n) is _originals[n]:
+                        setattr(m, n, _dispatcher(n))
         return _originals
+
+
+# --- snapshot code stays bound to its store ----------------------------------
+#
+# A hubconf module outlives the call that imported it (import_module returns it), and
+# its code may call megengine.hub whenever it runs: a constructor that downloads, a
+# factory that loads another repo. Such a call is answered from the snapshot's store
+# when snapshot code is on the call stack, and by megengine.hub itself otherwise.
+
+_bound: Dict[str, Tuple[Store, SnapshotRef]] = {}  # snapshot dir + os.sep -> its store
+
+
+def _bind(root: str, store: Store, snap: SnapshotRef) -> None:
+    _bound[root + os.sep] = (store, snap)
+
+
+def _bound_caller() -> Tuple[Store, SnapshotRef] | None:
+    """The store and snapshot of the innermost snapshot code on the call stack.
+    Snapshot code is compiled with its file's path in the store as its file name."""
+    if not _bound:
+        return None
+    prefixes = tuple(_bound)
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(prefixes):
+            return next(_bound[p] for p in prefixes if filename.startswith(p))
+        frame = frame.f_back
+    return None
+
+
+def _dispatcher(name: str) -> Callable[..., Any]:
+    original = _originals[name]
+
+    @functools.wraps(original)
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        bound = _bound_caller()
+        if bound is None:
+            return original(*args, **kwargs)
+        return Redirect(*bound).functions()[name](*args, **kwargs)
+
+    return dispatch
+
+
+def _store_pretrained(store: Store, snap: SnapshotRef | None) -> type:
+    """``megengine.hub.pretrained`` whose factories load their weights from ``store``.
+
+    Decorators run while hubconf is imported (under a Redirect), so a factory keeps
+    this binding whoever calls it later: MegEngine's own wrapper would look its
+    downloader up at call time, when nothing may redirect it.
+    """
+    base = _megengine_hub()["pretrained"]
+
+    class pretrained(base):  # noqa: N801 - the name MegEngine's users know
+        __doc__ = base.__doc__
+
+        def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:
+            url = self.url
+
+            @functools.wraps(func)  # as MegEngine's: pretrained=False, then the factory
+            def pretrained_model_func(pretrained: bool = False, **kwargs: Any) -> Any:
+                model = func(**kwargs)
+                if pretrained:
+                    model.load_state_dict(_load_weight(url, store, snap))
+                return model
+
+            return pretrained_model_func
+
+    return pretrained
 
 
 # --- weights -----------------------------------------------------------------
@@ -93,13 +177,24 @@ def load_serialized_obj_from_url(url: str, model_dir: str | None = None, *,
 
 
 def _load_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
+    try:
+        return _load_stored_weight(url, store, snap)
+    except FileNotFoundError:
+        # 'mirror remove' or 'gc' took it while it was being loaded.
+        if snap is not None and not os.path.isdir(snap.path):
+            raise SnapshotRemovedError(snap.repo, snap.commit, snap.path) from None
+        raise WeightNotInstalledError(url, store.home) from None
+
+
+def _load_stored_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any:
     # What megengine.load gives, by a restricted unpickler: a weight that passed the
     # install scan is still never trusted to run code or hand numpy bad pointers.
-    from .errors import RefusedWeightError
     from .unpickler import Refused, load
 
     weight = store.weight(url, snap)
-    if weight is None or not os.path.exists(weight.path):
+    if weight is None:
+        if snap is not None and not os.path.isdir(snap.path):
+            raise SnapshotRemovedError(snap.repo, snap.commit, snap.path)
         raise WeightNotInstalledError(url, store.home, _locate(snap, url) if snap else None)
     st = os.stat(weight.path)
     if settings().paranoid or _verified.get(weight.path) != (st.st_size, st.st_mtime_ns):
@@ -152,7 +247,8 @@ class Redirect:
     def __exit__(self, *exc: Any) -> None:
         self.undo()
 
-    def _functions(self) -> Dict[str, Callable[..., Any]]:
+    def functions(self) -> Dict[str, Callable[..., Any]]:
+        """What each patched name of ``megengine.hub`` answers with."""
         store, snap = self.store, self.snap
         return {
             "load": functools.partial(load, source="local", store=store),
@@ -163,6 +259,7 @@ class Redirect:
             # calls megengine.hub.load_serialized_obj_from_url uses the package's name.
             "load_serialized_obj_from_url":
                 lambda url, model_dir=None: _load_weight(url, store, snap),
+            "pretrained": _store_pretrained(store, snap),
         }
 
     def apply(self) -> Redirect:
@@ -175,9 +272,9 @@ class Redirect:
         modules = (importlib.import_module("megengine.hub.hub"),
                    importlib.import_module("megengine.hub"))
         _megengine_hub()
-        functions = self._functions()
+        functions = self.functions()
         with _patch_lock:
-            self._saved = [(m, {n: getattr(m, n) for n in REDIRECTED}) for m in modules]
+            self._saved = [(m, {n: getattr(m, n) for n in PATCHED}) for m in modules]
             for m in modules:
                 for n, fn in functions.items():
                     setattr(m, n, fn)
@@ -250,9 +347,24 @@ def _check_trust(snap: SnapshotRef, store: Store) -> None:
                              f"a trust policy is configured and {why}; hubconf.py is not run")
 
 
+def _snapshot_code(snap: SnapshotRef, store: Store) -> SnapshotCode:
+    """The snapshot's code as its install recorded it, checked as each file is run."""
+    record = store.snapshot_record(snap.repo_layout, snap.commit)
+    if not os.path.isdir(snap.path):
+        raise SnapshotRemovedError(snap.repo, snap.commit, snap.path)
+    if record is None:  # remove takes the folder first: this is no race, but damage
+        raise StoreError(snap.repo_layout.snapshot_record(snap.commit),
+                         f"{snap.repo}@{short(snap.commit)} has no install record to check "
+                         f"its code against, so it is not run. Run 'mirror verify' and "
+                         f"reinstall its bundle with --force")
+    digests = {f.path: f.sha256 for f in record.snapshot.files if not f.is_link}
+    return SnapshotCode(snap.path, snap.repo, snap.commit, digests)
+
+
 def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.ModuleType:
     # As megengine.hub does: the snapshot is importable only while hubconf runs.
     _check_trust(snap, store)
+    code = _snapshot_code(snap, store)
     if not os.path.exists(os.path.join(snap.path, HUBCONF)):
         raise MirrorError(f"{snap.repo}@{short(snap.commit)} has no {HUBCONF}")
     # Modules of the same names from elsewhere (another commit, another repo, the
@@ -263,16 +375,15 @@ def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.M
         stashed = {k: sys.modules.pop(k) for k in builtins.list(sys.modules)
                    if k.partition(".")[0] in own}
     before = set(sys.modules)
-    # Bytecode goes to <store>/pycache, never into a snapshot, which stays exactly the
-    # bytes installed; without a cache every load would compile the repo again.
-    saved_prefix, sys.pycache_prefix = sys.pycache_prefix, store.layout.pycache
+    _bind(code.root, store, snap)
     try:
         with Redirect(store, snap):
-            module = exec_hubconf(snap.path)
+            module = exec_hubconf(code)
     except ImportError as e:
+        if not os.path.isdir(snap.path):
+            raise SnapshotRemovedError(snap.repo, snap.commit, snap.path) from None
         raise DependencyError(snap.repo, snap.commit, e.name or str(e), entry) from None
     finally:
-        sys.pycache_prefix = saved_prefix
         _forget_modules_from(snap.path, before)
         sys.modules.update(stashed)
     module.__mirror_snapshot__ = snap

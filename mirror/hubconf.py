@@ -12,6 +12,8 @@ import sys
 import types
 from typing import List
 
+from .importer import SnapshotCode, install, spec_for
+
 HUBCONF = "hubconf.py"
 
 
@@ -20,22 +22,25 @@ def entrypoints(module: types.ModuleType) -> List[str]:
     return [n for n in dir(module) if not n.startswith("__") and callable(getattr(module, n))]
 
 
-def exec_hubconf(root: str, keep_path: bool = False) -> types.ModuleType:
-    """Execute ``root/hubconf.py`` as MegEngine does: under the module name
-    ``"hubconf.py"``, with ``root`` importable while it runs (and after, with
-    ``keep_path``: a tracing child calls entrypoints that import late).
+def exec_hubconf(code: SnapshotCode, keep_path: bool = False) -> types.ModuleType:
+    """Execute ``hubconf.py`` of a snapshot as MegEngine does: under the module name
+    ``"hubconf.py"``, with the snapshot importable while it runs (and after, with
+    ``keep_path``: a tracing child calls entrypoints that import late). Its modules
+    run only from checked source (:mod:`mirror.importer`).
 
     Raises FileNotFoundError if there is none, and whatever the code raises.
     """
+    root = code.root
     path = os.path.join(root, HUBCONF)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
-    spec = importlib.util.spec_from_file_location(HUBCONF, path)
-    module = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(spec_for(code, HUBCONF, path))
     sys.path.insert(0, root)
+    finder = install(code)
     try:
-        spec.loader.exec_module(module)
+        module.__spec__.loader.exec_module(module)
     finally:
         if not keep_path:
             sys.path.remove(root)
+            sys.meta_path.remove(finder)
     return module

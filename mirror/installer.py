@@ -187,6 +187,7 @@ class Transaction:
         self.staged: Dict[str, _StagedBlob] = {}
         self.manifest: Manifest | None = None
         self.manifest_bytes = b""  # as signed, and as the bundle holds them
+        self.signature: bytes | None = None  # the signature document, if any
         self.syncer: ThreadPoolExecutor | None = None
         self.trusted_ids: set | None = None  # under a policy: the key ids it trusts
         self.proofs: Dict[str, Proof] = {}  # commit -> what its git objects proved
@@ -214,6 +215,7 @@ class Transaction:
 
         def on_head(head: bundle.Head) -> None:
             self.report.bundle_id, self.manifest_bytes = head.bundle_id, head.manifest_bytes
+            self.signature = head.signature
             self.manifest = head.manifest
             if keys is not None:  # the signature decides before any member is read
                 from .signing import check
@@ -294,6 +296,9 @@ class Transaction:
                 self.report.weights = [w.url for w in self.manifest.weights]
                 journal.write(self.layout.bundle_record(self.report.bundle_id),
                               self.manifest_bytes)
+                if self.signature is not None:
+                    journal.write(self.layout.bundle_signature(self.report.bundle_id),
+                                  self.signature)
             except BaseException as error:
                 failed = journal.rollback()
                 if failed:

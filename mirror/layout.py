@@ -16,9 +16,10 @@ Hugging Face cache::
         snapshots/<commit>.json               its record (mirror.model.SnapshotRecord)
       weights/                                an earlier mirror's URL index: unread; gc removes it
       bundles/<bundle id>.json                the manifest of every bundle installed, verbatim
+      signatures/<bundle id>.sig              its signature document, if it had one
       seeds/<id>.json, seeds/.lock            what the store seeded into each MegEngine home
                                               (mirror.model.SeedLedger), and its lock
-      pycache/                                bytecode of snapshot code (never in a snapshot)
+      pycache/                                an earlier mirror's bytecode: unread; gc removes it
       tmp/install-*/, tmp/remove-*/           work in progress, never read; gc clears it
 
 MegEngine Hub 1.13 (``megengine/hub``) looks for repo code in
@@ -150,6 +151,15 @@ class StoreLayout:
 
     def bundle_record(self, bundle_id: str) -> str:
         return os.path.join(self.bundles, bundle_id + ".json")
+
+    def bundle_signature(self, bundle_id: str) -> str:
+        """The signature document the bundle carried (or had beside it), if any: kept
+        so that ``mirror export`` can hand the same signed bundle on."""
+        return os.path.join(self.signatures, bundle_id + ".sig")
+
+    @property
+    def signatures(self) -> str:
+        return os.path.join(self.home, "signatures")
 
     def repo(self, host: str, owner: str, name: str) -> RepoLayout:
         # GitHub matches owner/name case-insensitively; so does the store.

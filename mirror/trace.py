@@ -226,6 +226,7 @@ def _child(root: str, out: str) -> None:
     import megengine.module
 
     from .hubconf import entrypoints, exec_hubconf
+    from .importer import SnapshotCode
 
     recorder = _Recorder(root)
 
@@ -242,7 +243,9 @@ def _child(root: str, out: str) -> None:
         module.load = record_nested
     megengine.module.Module.load_state_dict = lambda self, *a, **k: None
 
-    hubconf = exec_hubconf(root, keep_path=True)  # entrypoints may import late
+    # Nothing is recorded yet for code being packed: compiled as it is, never cached.
+    code = SnapshotCode(root, "the repo being traced", "")
+    hubconf = exec_hubconf(code, keep_path=True)  # entrypoints may import late
     names = entrypoints(hubconf)
     for name in names:
         recorder.call(name, getattr(hubconf, name))

@@ -5,6 +5,8 @@ The store keeps a repo under ``repos/<host>/<owner>/<name>``; a "host" such as
 ``<that path>/<owner>/<name>/snapshots/<commit>/``.
 """
 
+import hashlib
+import json
 import os
 
 import pytest
@@ -75,8 +77,16 @@ def plant(repo_dir: str, marker: str) -> None:
         f.write(COMMIT + "\n")
     snap = os.path.join(repo_dir, "snapshots", COMMIT)
     os.makedirs(snap)
+    code = f"open({marker!r}, 'w').write('ran')\n\ndef mlp(**kw):\n    return 'evil'\n"
     with open(os.path.join(snap, "hubconf.py"), "w") as f:
-        f.write(f"open({marker!r}, 'w').write('ran')\n\ndef mlp(**kw):\n    return 'evil'\n")
+        f.write(code)
+    # and the record the loader checks the code against: whoever can plant a folder
+    # can plant that too, so only the host check stands between the two.
+    files = [{"path": "hubconf.py", "mode": 0o100644, "size": len(code),
+              "sha256": hashlib.sha256(code.encode()).hexdigest()}]
+    with open(snap + ".json", "w") as f:
+        json.dump({"schema": 1, "commit": COMMIT, "tree": "", "commit_time": 0,
+                   "files": files}, f)
 
 
 def attack(tmp_path, home: str, host: str):
