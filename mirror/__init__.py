@@ -43,8 +43,8 @@ _EXPORTS = {
     "hub": ("hub", None),
 }
 
-__all__ = sorted(_EXPORTS) + ["gc", "list_repos", "remove", "seed", "verify_store",
-                              "__version__"]
+__all__ = sorted(_EXPORTS) + ["export_bundle", "gc", "list_repos", "remove", "seed",
+                              "take_inventory", "verify_store", "__version__"]
 
 
 def list_repos(home: str | None = None) -> list:
@@ -76,6 +76,32 @@ def remove(spec: str, home: str | None = None, dry_run: bool = False) -> Any:
     from .store import Store
 
     return remove_from(Store(home), spec, dry_run=dry_run)
+
+
+def take_inventory(home: str | None = None) -> Any:
+    """What the store at ``home`` holds (repos, refs, snapshots, weight pins, blobs), as
+    a :class:`mirror.inventory.Inventory` whose ``to_bytes()`` is the file ``mirror
+    inventory`` writes, for a connected host to pack only what is missing."""
+    from .inventory import take
+    from .store import Store
+
+    return take(Store(home))
+
+
+def export_bundle(specs: Any, output: str, home: str | None = None, sign: str | None = None,
+                  since: str | None = None) -> Any:
+    """Write to ``output`` a bundle of what ``specs`` name in the store at ``home``: repos
+    (``owner/name``), refs (``owner/name:ref``) or commits (``owner/name@commit``), as
+    ``remove`` takes them; from the store alone, no network. What one installed bundle
+    held exactly is that bundle made again (same id, same signature); else a new one,
+    signed with the private key at ``sign`` if given; with ``since`` (an inventory, a
+    bundle or a lock file of the target), a delta. Returns a
+    :class:`mirror.export.ExportReport`. Raises :class:`mirror.errors.NotInstalledError`
+    or :class:`mirror.errors.StoreError`."""
+    from .export import export
+    from .store import Store
+
+    return export(Store(home), specs, output, sign=sign, since=since)
 
 
 def gc(home: str | None = None, dry_run: bool = False) -> Any:

@@ -84,14 +84,17 @@ Source = Union[bytes, str]  # the member's bytes, or the path of a file holding 
 
 def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
           mtimes: Mapping[str, int] | None = None,
-          sign: Callable[[bytes], bytes] | None = None) -> str:
+          sign: Callable[[bytes], bytes] | None = None, manifest_bytes: bytes | None = None,
+          signature: bytes | None = None) -> str:
     """Write a bundle to ``path`` atomically and return its id, the sha256 of its
     manifest (which holds the digest of every other member).
 
     ``sources`` maps every member that ``manifest`` promises to its content, and
     ``mtimes`` gives members a modification time (code: its commit's time; others
     0), so the same inputs give the same bytes. The bundle appears at ``path``
-    only when it is complete.
+    only when it is complete. ``manifest_bytes``, if given, are written verbatim
+    (a bundle made again keeps its id) and must parse to ``manifest``;
+    ``signature``, a signature document of them, is written as ``sign``'s would be.
     """
     mtimes = mtimes or {}
     # Checked as a reader will parse it: what is written here, verify and install accept.
@@ -107,12 +110,18 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
                 for f in snap.files if f.is_link})
             if bad is not None:
                 raise ValueError(f"{repo.id.label}: {bad.message}")
-    manifest_bytes = manifest.to_bytes()
+    if manifest_bytes is None:
+        manifest_bytes = manifest.to_bytes()
+    elif Manifest.from_bytes(manifest_bytes) != manifest:
+        raise ValueError("manifest_bytes do not hold the manifest given")
+    if sign is not None and signature is not None:
+        raise ValueError("give sign or signature, not both")
     with atomic_file(path) as raw:
         out = _FrameWriter(raw)
         out.member(MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes), 0)
         if sign is not None:  # signs the manifest, whose digests cover every other byte
             signature = sign(manifest_bytes)
+        if signature is not None:
             out.member(SIGNATURE, len(signature), io.BytesIO(signature), 0)
         for name in sorted(members):
             src, mtime = sources[name], mtimes.get(name, 0)
@@ -719,7 +728,10 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
         if scans is not None:
             scans.check(manifest)
         try:
-            prove_manifest(manifest, lambda sha256: os.path.join(work, sha256), work)
+            # A delta's prerequisites are not here: only where they sit is checked.
+            assumed = manifest.assumed
+            prove_manifest(manifest, lambda sha256: None if sha256 in assumed else
+                           os.path.join(work, sha256), work)
         except ProofError as e:
             raise BundleError(path, str(e)) from None
     return Verified(manifest, heads[0].manifest_bytes, signer[0] if signer else None)

@@ -136,6 +136,15 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
         click.echo(f"nested {line}")
     click.echo(f"wrote {report.output}: {report.size} bytes, {report.files} files, "
                f"{len(report.weights)} weights, bundle id {report.bundle_id[:16]}")
+    if report.prerequisites is not None:
+        click.echo(_assumes(report.prerequisites))
+
+
+def _assumes(prerequisites: Any) -> str:
+    """One line on what a delta leaves out: what the store it installs into must hold."""
+    commits = ", ".join(p.label for p in prerequisites.commits) or "no snapshot"
+    return (f"delta: assumes {len(prerequisites.blobs)} contents the target store holds, "
+            f"and {commits}")
 
 
 @cli.command()
@@ -227,11 +236,15 @@ def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
                                  progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle)
         n = len(verified.manifest.members())
         signed = f", signed by {verified.signed_by}" if verified.signed_by else ""
+        pre = verified.manifest.prerequisites
         if as_json:
             click.echo(json.dumps({"bundle": bundle_path, "ok": True, "members": n,
-                                   "signed_by": verified.signed_by}))
+                                   "signed_by": verified.signed_by,
+                                   "prerequisites": pre.to_json() if pre else None}))
         else:
             click.echo(f"{bundle_path}: OK, {n} members verified{signed}")
+            if pre is not None:  # a delta: what it could not check alone
+                click.echo(f"{_assumes(pre)}; their bytes are checked when it is installed")
         return
     report = housekeeping.verify(Store(home), progress=not as_json)
     if as_json:
@@ -324,6 +337,17 @@ def inspect(bundle_path, as_json) -> None:
     click.echo(f"{bundle_path}: {manifest.tool or '?'}, format {manifest.format_version}, "
                f"{len(manifest.weights)} weights, {sum(size.values())} bytes of weights")
     click.echo(f"bundle id {bundle.bundle_id(manifest_bytes)}")
+    pre = manifest.prerequisites
+    if pre is not None:
+        click.echo(_assumes(pre))
+        for p in pre.commits:
+            click.echo(f"  needs {p.host}/{p.owner}/{p.name}@{p.commit}"
+                       f"{f'  (bundle {p.bundle_file or p.bundle})' if p.bundle else ''}")
+        carried = {m.sha256 for m in manifest.members().values()}
+        uses = {w.sha256: f"weight {w.url}" for w in manifest.weights}
+        for sha in pre.blobs:
+            if sha not in carried:
+                click.echo(f"  needs {sha[:16]}  {uses.get(sha, 'a code file')}")
     for repo in manifest.repos:
         ident = repo.id
         click.echo(f"{ident.host}/{ident.owner}/{ident.name} ({ident.url})")
@@ -354,6 +378,71 @@ def write_receipt(path: str, bundle_path: str, report: Any, error: str | None) -
               "members": [{"name": m.name, "sha256": m.sha256, "size": m.size}
                           for m in report.members] if report else []}
     write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Inventory file to write (default: print the inventory).")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
+              help="Private key: also write OUTPUT.sig, a signature of its bytes.")
+@_home_option
+@_json_option
+@_library_errors
+def inventory(output, sign_key, home, as_json) -> None:
+    """What the store holds (repos, refs, commits, weights, blobs), as a small JSON file
+    to carry to a connected host, so that a bundle packed there can leave it out.
+
+    Without -o the inventory itself (JSON) is printed, whatever --json says."""
+    from .inventory import take, write
+
+    store = Store(home)
+    taken = take(store)
+    if not output:
+        if sign_key:
+            raise click.UsageError("--sign needs -o/--output: the signature goes to OUTPUT.sig")
+        click.echo(taken.to_bytes().decode(), nl=False)
+        return
+    signer = write(taken, output, sign_key)
+    counts = taken.summary()
+    if as_json:
+        click.echo(json.dumps(dict(counts, home=store.home, output=output, signed_by=signer,
+                                   signature=output + ".sig" if signer else None), indent=1))
+        return
+    click.echo(f"inventory of {store.home}: {counts['repos']} repos, {counts['snapshots']} "
+               f"snapshots, {counts['weights']} weights, {counts['blobs']} blobs -> {output}")
+
+
+@cli.command("export")
+@click.argument("specs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Bundle file to write.")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
+              help="Private key: sign the bundle (else an installed bundle made again keeps "
+                   "its own signature, and a new one is unsigned).")
+@click.option("--since", type=click.Path(exists=True, dir_okay=False),
+              help="A delta against what the target holds: its inventory (mirror "
+                   "inventory), a bundle it installed, or a lock file.")
+@_home_option
+@_json_option
+@_library_errors
+def export_(specs, output, sign_key, since, home, as_json) -> None:
+    """Write a bundle of SPECS ([host/]owner/name[:ref][@commit]: a repo, a ref or a
+    commit, as remove takes them) from the store alone, with no network, that installs
+    on another host as the bundle(s) that brought them did."""
+    from .export import export as export_bundle
+
+    report = export_bundle(Store(home), specs, output, sign=sign_key, since=since)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    for s in report.snapshots:
+        click.echo(f"exported {s}")
+    how = "the installed bundle made again" if report.reemitted else "a new bundle"
+    click.echo(f"wrote {report.output}: {report.bytes} bytes, {len(report.snapshots)} "
+               f"snapshots, {len(report.weights)} weights, {how}"
+               f"{', signed' if report.signed else ''}, bundle id {report.bundle_id[:16]}")
+    if report.prerequisites is not None:
+        click.echo(_assumes(report.prerequisites))
 
 
 @cli.command()

@@ -299,6 +299,24 @@ class SnapshotRemovedError(MirrorError):
             f"({path} is gone); install its bundle again, or load another revision")
 
 
+class PrerequisiteError(MirrorError):
+    """Raised when a delta bundle is installed into a store that lacks what it was made
+    against (``mirror pack --since``): a snapshot, or content it leaves out."""
+
+    exit_code = 4
+
+    def __init__(self, bundle: str, store: str, missing: Sequence[str],
+                 made_against: Sequence[str]):
+        self.bundle, self.store, self.missing = bundle, store, list(missing)
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        against = (f"; it was made against {', '.join(made_against)}: install that first"
+                   if made_against else "; install the bundle it was made against first")
+        super().__init__(
+            f"{bundle} is a delta, and {store} lacks what it assumes: "
+            f"{'; '.join(missing[:3])}{more}{against}, then this delta. Nothing was "
+            f"installed")
+
+
 class RefConflictError(MirrorError):
     """Raised when a bundle's ref cannot sit beside a ref the store has: git keeps refs
     as files, so ``x`` and ``x/y`` (of one kind) cannot both exist."""

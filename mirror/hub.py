@@ -86,10 +86,11 @@ def _megengine_hub() -> Dict[str, Callable[..., Any]]:
                        importlib.import_module("megengine.hub"))
             _originals.update({n: getattr(modules[0], n) for n in REDIRECTED})
             _originals["pretrained"] = modules[0].pretrained
-            for m in modules:
-                for n in REDIRECTED:
+            for n in REDIRECTED:
+                dispatch = _dispatcher(n)  # one object under both names, as MegEngine has
+                for m in modules:
                     if getattr(m, n) is _originals[n]:
-                        setattr(m, n, _dispatcher(n))
+                        setattr(m, n, dispatch)
         return _originals
 
 
@@ -100,24 +101,24 @@ def _megengine_hub() -> Dict[str, Callable[..., Any]]:
 # factory that loads another repo. Such a call is answered from the snapshot's store
 # when snapshot code is on the call stack, and by megengine.hub itself otherwise.
 
-_bound: Dict[str, Tuple[Store, SnapshotRef]] = {}  # snapshot dir + os.sep -> its store
+_stores: Dict[str, Tuple[Store, SnapshotRef]] = {}  # snapshot dir + os.sep -> its store
 
 
 def _bind(root: str, store: Store, snap: SnapshotRef) -> None:
-    _bound[root + os.sep] = (store, snap)
+    _stores[root + os.sep] = (store, snap)
 
 
 def _bound_caller() -> Tuple[Store, SnapshotRef] | None:
     """The store and snapshot of the innermost snapshot code on the call stack.
     Snapshot code is compiled with its file's path in the store as its file name."""
-    if not _bound:
+    if not _stores:
         return None
-    prefixes = tuple(_bound)
+    prefixes = tuple(_stores)
     frame = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
         if filename.startswith(prefixes):
-            return next(_bound[p] for p in prefixes if filename.startswith(p))
+            return next(_stores[p] for p in prefixes if filename.startswith(p))
         frame = frame.f_back
     return None
 
@@ -130,17 +131,28 @@ def _dispatcher(name: str) -> Callable[..., Any]:
         bound = _bound_caller()
         if bound is None:
             return original(*args, **kwargs)
-        return Redirect(*bound).functions()[name](*args, **kwargs)
+        return _answer(name, *bound)(*args, **kwargs)
 
     return dispatch
 
 
-def _store_pretrained(store: Store, snap: SnapshotRef | None) -> type:
-    """``megengine.hub.pretrained`` whose factories load their weights from ``store``.
+def _answer(name: str, store: Store, snap: SnapshotRef | None) -> Callable[..., Any]:
+    """What ``megengine.hub.<name>`` is, pointed at ``store`` (for ``snap``'s code)."""
+    if name == "load_serialized_obj_from_url":
+        return lambda url, model_dir=None: _load_weight(url, store, snap)
+    if name == "pretrained":
+        return _store_pretrained(store, snap)
+    return functools.partial(globals()[name], source="local", store=store)
 
-    Decorators run while hubconf is imported (under a Redirect), so a factory keeps
-    this binding whoever calls it later: MegEngine's own wrapper would look its
-    downloader up at call time, when nothing may redirect it.
+
+def _store_pretrained(store: Store, snap: SnapshotRef | None) -> type:
+    """``megengine.hub.pretrained`` whose factories in ``snap``'s code load their weights
+    from ``store``.
+
+    Decorators run while hubconf is imported (under a Redirect), so such a factory
+    keeps this binding whoever calls it later: MegEngine's own wrapper would look its
+    downloader up at call time, when nothing may redirect it. Any other code
+    decorated meanwhile (a library the repo imports) gets MegEngine's own wrapper.
     """
     base = _megengine_hub()["pretrained"]
 
@@ -148,6 +160,9 @@ def _store_pretrained(store: Store, snap: SnapshotRef | None) -> type:
         __doc__ = base.__doc__
 
         def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:
+            filename = getattr(getattr(func, "__code__", None), "co_filename", "")
+            if snap is None or not filename.startswith(snap.path + os.sep):
+                return base.__call__(self, func)
             url = self.url
 
             @functools.wraps(func)  # as MegEngine's: pretrained=False, then the factory
@@ -249,18 +264,9 @@ class Redirect:
 
     def functions(self) -> Dict[str, Callable[..., Any]]:
         """What each patched name of ``megengine.hub`` answers with."""
-        store, snap = self.store, self.snap
-        return {
-            "load": functools.partial(load, source="local", store=store),
-            "list": functools.partial(list, source="local", store=store),
-            "help": functools.partial(help, source="local", store=store),
-            "import_module": functools.partial(import_module, source="local", store=store),
-            # @hub.pretrained looks this up in megengine.hub.hub at call time; code that
-            # calls megengine.hub.load_serialized_obj_from_url uses the package's name.
-            "load_serialized_obj_from_url":
-                lambda url, model_dir=None: _load_weight(url, store, snap),
-            "pretrained": _store_pretrained(store, snap),
-        }
+        # @hub.pretrained looks load_serialized_obj_from_url up in megengine.hub.hub at
+        # call time; code that calls it directly uses the package's name: both are set.
+        return {name: _answer(name, self.store, self.snap) for name in PATCHED}
 
     def apply(self) -> Redirect:
         """Redirect now (once: applying again changes nothing); returns this object,
@@ -357,8 +363,10 @@ def _snapshot_code(snap: SnapshotRef, store: Store) -> SnapshotCode:
                          f"{snap.repo}@{short(snap.commit)} has no install record to check "
                          f"its code against, so it is not run. Run 'mirror verify' and "
                          f"reinstall its bundle with --force")
-    digests = {f.path: f.sha256 for f in record.snapshot.files if not f.is_link}
-    return SnapshotCode(snap.path, snap.repo, snap.commit, digests)
+    files = record.snapshot.files
+    return SnapshotCode(snap.path, snap.repo, snap.commit,
+                        {f.path: f.sha256 for f in files if not f.is_link},
+                        {f.path: f.sha256 for f in files if f.is_link})
 
 
 def _exec_hubconf(snap: SnapshotRef, store: Store, entry: str | None) -> types.ModuleType:

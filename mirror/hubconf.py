@@ -12,7 +12,7 @@ import sys
 import types
 from typing import List
 
-from .importer import SnapshotCode, install, spec_for
+from .importer import SnapshotCode, bind, spec_for
 
 HUBCONF = "hubconf.py"
 
@@ -35,12 +35,11 @@ def exec_hubconf(code: SnapshotCode, keep_path: bool = False) -> types.ModuleTyp
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     module = importlib.util.module_from_spec(spec_for(code, HUBCONF, path))
+    bind(code)
     sys.path.insert(0, root)
-    finder = install(code)
     try:
         module.__spec__.loader.exec_module(module)
     finally:
-        if not keep_path:
+        if not keep_path and root in sys.path:  # the code may have taken it out itself
             sys.path.remove(root)
-            sys.meta_path.remove(finder)
     return module

@@ -9,24 +9,33 @@ sha256 its install recorded, and compiled in memory: no bytecode is read or
 written for snapshot code, and the interpreter's caching of everything else is
 left as it is.
 
+It works as a path hook: for every ``sys.path`` entry or package folder inside a
+snapshot that was bound (:func:`bind`), the import system asks a
+:class:`SnapshotFinder` instead of its own, for the life of the process, so
+imports that happen late (inside a factory, after ``hubconf.py`` has run, or
+through a folder the repo put on ``sys.path`` itself) are checked too, and
+``sys.path`` order is kept exactly as the interpreter has it.
+
 Only ``.py`` source runs from a snapshot. A native extension or a bytecode-only
-module in a snapshot is refused rather than loaded: it would be run from a path,
-after its check, by a loader that cannot be given the checked bytes.
+module (``x.so``, ``x.pyc``, ``pkg/__init__.pyc``) is refused rather than loaded:
+it would be run from a path, after its check, by a loader that cannot be given
+the checked bytes. Not covered: code the repo loads by file path itself
+(``importlib.util.spec_from_file_location``), which Python's own loader runs.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
 import sys
+import threading
 import types
-from typing import Mapping, Sequence
+from typing import Dict, Mapping
 
-from .errors import CodeIntegrityError, SnapshotRemovedError
+from .errors import CodeIntegrityError, SnapshotRemovedError, StoreError
 
 SOURCE = ".py"
 # What the standard finders would run that is not source.
@@ -36,39 +45,59 @@ NATIVE = tuple(importlib.machinery.EXTENSION_SUFFIXES) + tuple(
 
 class SnapshotCode:
     """One snapshot's code: where it is, what it is called in messages, and (for an
-    installed snapshot) the sha256 of each regular file as installed."""
+    installed snapshot) the sha256 of each file and symlink as installed."""
 
     def __init__(self, root: str, repo: str, commit: str,
-                 digests: Mapping[str, str] | None = None):
+                 files: Mapping[str, str] | None = None, links: Mapping[str, str] = {}):
         self.root, self.repo, self.commit = root, repo, commit
-        self.digests = digests  # None: code being packed, nothing recorded yet
-        self._real_root = os.path.realpath(root)
+        self.files = files  # path -> sha256; None: code being packed, nothing recorded yet
+        self.links = links  # path -> sha256 of the link's target text
 
     def inside(self, path: str) -> bool:
         return path == self.root or path.startswith(self.root + os.sep)
 
+    def refuse(self, path: str, reason: str) -> CodeIntegrityError:
+        return CodeIntegrityError(self.repo, self.commit, path, reason)
+
     def source(self, path: str) -> bytes:
         """The bytes of ``path``, checked against the snapshot's record."""
         try:
+            if self.files is not None:
+                path_ok = self._check_path(path)
             with open(path, "rb") as fh:
                 data = fh.read()
         except (FileNotFoundError, NotADirectoryError):
             if not os.path.isdir(self.root):
                 raise SnapshotRemovedError(self.repo, self.commit, self.root) from None
             raise
-        if self.digests is not None:
-            # Symlinks were checked at install to stay inside the snapshot: the
-            # file that runs is the regular file they lead to.
-            rel = os.path.relpath(os.path.realpath(path), self._real_root)
-            expected = self.digests.get(rel.replace(os.sep, "/"))
-            actual = hashlib.sha256(data).hexdigest()
-            if expected is None:
-                raise CodeIntegrityError(self.repo, self.commit, path,
-                                         "is not a file of the snapshot as installed")
+        except OSError as e:
+            raise StoreError(path, f"cannot read the code of {self.repo}: "
+                                   f"{e.strerror or e}") from None
+        if self.files is not None:
+            expected, actual = self.files[path_ok], hashlib.sha256(data).hexdigest()
             if actual != expected:
-                raise CodeIntegrityError(self.repo, self.commit, path,
-                                         f"has sha256 {actual}, installed as {expected}")
+                raise self.refuse(path, f"has sha256 {actual}, installed as {expected}")
         return data
+
+    def _check_path(self, path: str) -> str:
+        """The recorded file that ``path`` reaches, each symlink on the way being one
+        the snapshot holds, leading where it was installed to lead."""
+        parts = os.path.relpath(path, self.root).split(os.sep)
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            at = os.path.join(self.root, *parts[:i])
+            if os.path.islink(at):
+                target = os.readlink(at)
+                if self.links.get(rel) != hashlib.sha256(target.encode()).hexdigest():
+                    raise self.refuse(path, f"goes through {rel}, a symlink the snapshot "
+                                            f"as installed does not hold")
+            elif rel in self.links:
+                raise self.refuse(path, f"goes through {rel}, installed as a symlink")
+        real = os.path.relpath(os.path.realpath(path), os.path.realpath(self.root))
+        rel = real.replace(os.sep, "/")
+        if rel.startswith("../") or rel not in self.files:
+            raise self.refuse(path, "is not a file of the snapshot as installed")
+        return rel
 
     def compile(self, path: str) -> types.CodeType:
         return compile(self.source(path), path, "exec", dont_inherit=True)
@@ -85,70 +114,60 @@ class VerifiedSourceLoader(importlib.machinery.SourceFileLoader):
         return self.code.compile(self.get_filename(fullname))
 
 
-class SnapshotFinder(importlib.abc.MetaPathFinder):
-    """Finds a snapshot's modules before the standard finders do.
+class SnapshotFinder(importlib.machinery.FileFinder):
+    """The finder of one folder inside a snapshot: it finds ``.py`` source (and
+    namespace folders) as the standard finder would, and refuses native code."""
 
-    Claims the snapshot's top-level modules and packages, and every submodule whose
-    package lies in the snapshot; what it claims is found as the standard path finder
-    would find it, but only ever run from source.
-    """
-
-    def __init__(self, code: SnapshotCode):
+    def __init__(self, path: str, code: SnapshotCode):
+        super().__init__(path, (functools.partial(VerifiedSourceLoader, code=code), [SOURCE]))
         self.code = code
-        self._finders: dict = {}
 
-    def _top_level(self, name: str) -> bool:
-        root = self.code.root
-        return (os.path.isfile(os.path.join(root, name + SOURCE))
-                or os.path.isfile(os.path.join(root, name, "__init__" + SOURCE))
-                or any(os.path.exists(os.path.join(root, name + s)) for s in NATIVE))
-
-    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
-                  target: types.ModuleType | None = None):  # noqa: ANN201
-        if not os.path.isdir(self.code.root):  # removed while loading: say so, not "no module"
-            raise SnapshotRemovedError(self.code.repo, self.code.commit, self.code.root)
-        if path is None:
-            # A folder without __init__.py is a namespace portion, which a regular
-            # module anywhere on sys.path outranks: left to the standard finder, which
-            # asks again here for its submodules.
-            if "." in fullname or not self._top_level(fullname):
-                return None
-            path = [self.code.root]
-        else:
-            path = [p for p in path if self.code.inside(p)]
-            if not path:
-                return None
+    def find_spec(self, fullname: str, target: types.ModuleType | None = None):  # noqa: ANN201
         leaf = fullname.rpartition(".")[2]
-        for entry in path:
-            spec = self._finder(entry).find_spec(fullname, target)
-            if spec is not None and spec.loader is not None:
-                return spec
-            native = [os.path.join(entry, leaf + s) for s in NATIVE
-                      if os.path.exists(os.path.join(entry, leaf + s))]
-            if native:
-                raise CodeIntegrityError(self.code.repo, self.code.commit, native[0],
-                                         "is not Python source; only .py source of a "
-                                         "snapshot is run")
-        return None
+        spec = super().find_spec(fullname, target)
+        if spec is not None and spec.loader is not None:
+            return spec
+        for candidate in (leaf, os.path.join(leaf, "__init__")):
+            for suffix in NATIVE:
+                path = os.path.join(self.path, candidate + suffix)
+                if os.path.exists(path):
+                    raise self.code.refuse(path, "is not Python source; only .py source "
+                                                 "of a snapshot is run")
+        return spec
 
-    def _finder(self, entry: str) -> importlib.machinery.FileFinder:
-        finder = self._finders.get(entry)
-        if finder is None:
-            loader = functools.partial(VerifiedSourceLoader, code=self.code)
-            finder = self._finders[entry] = importlib.machinery.FileFinder(
-                entry, (loader, [SOURCE]))
-        return finder
+
+_bound: Dict[str, SnapshotCode] = {}  # snapshot folder -> its code, for the process
+_lock = threading.Lock()
+
+
+def _hook(path: str) -> SnapshotFinder:
+    code = _bound_code(path)
+    if code is None:
+        raise ImportError("not a snapshot folder")  # the next hook's, as usual
+    return SnapshotFinder(path, code)
+
+
+def _bound_code(path: str) -> SnapshotCode | None:
+    path = os.path.abspath(path) if path else os.getcwd()
+    with _lock:
+        codes = list(_bound.values())
+    return next((code for code in codes if code.inside(path)), None)
+
+
+def bind(code: SnapshotCode) -> None:
+    """From now on, every import from a folder inside ``code.root`` runs checked
+    source only (replacing what an earlier binding of the same folder said)."""
+    with _lock:
+        if _hook not in sys.path_hooks:
+            sys.path_hooks.insert(0, _hook)
+        _bound[code.root] = code
+        # Finders the import system made for these folders before: theirs, or an
+        # earlier binding's (a reinstall with --force has new contents).
+        for cached in [p for p in sys.path_importer_cache if p and code.inside(p)]:
+            del sys.path_importer_cache[cached]
 
 
 def spec_for(code: SnapshotCode, name: str, path: str) -> importlib.machinery.ModuleSpec:
     """A spec that runs the source file ``path`` (hubconf.py) under module ``name``."""
     return importlib.util.spec_from_file_location(
         name, path, loader=VerifiedSourceLoader(name, path, code))
-
-
-def install(code: SnapshotCode) -> SnapshotFinder:
-    """Put a finder for the snapshot in front of the standard ones; remove it from
-    ``sys.meta_path`` to end it."""
-    finder = SnapshotFinder(code)
-    sys.meta_path.insert(0, finder)
-    return finder

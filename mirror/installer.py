@@ -42,6 +42,7 @@ from .atomic import (
     sync_filesystem,
 )
 from .config import TrustPolicy, settings, trust_policy
+from .delta import check_prerequisites
 from .errors import BundleError, MirrorError, RefConflictError, StoreError
 from .ids import short
 from .journal import Journal
@@ -134,6 +135,14 @@ def install(bundle_path: str, home: str | None = None,
     """
     store = Store(home)
     policy = trust_policy(store.home, options.trusted_keys, options.require_signature)
+    # A delta onto a store that lacks its prerequisites: refused before the store (or
+    # anything in it) is created. Checked again under the lock, before any member is read.
+    try:
+        head = bundle.read_manifest(bundle_path)
+    except MirrorError:
+        head = None  # the whole read below says what is wrong, in verify's words
+    if head is not None:
+        check_prerequisites(store, head, bundle_path)
     try:
         os.makedirs(store.layout.tmp, exist_ok=True)
         with locked(store.layout.lock, shared=True):
@@ -223,6 +232,9 @@ class Transaction:
                 self.report.signed_by = check(head.signature, head.manifest_bytes, keys,
                                               self.bundle_path).key_id
             self._check_ref_names()  # before a long read; again before publishing
+            # gc and remove wait for the shared lock held from here: what is there now
+            # stays until this install is done.
+            check_prerequisites(self.store, head.manifest, self.bundle_path)
 
         digest = hashlib.sha256() if self.options.digest_file else None
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-fsync")

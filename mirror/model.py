@@ -40,7 +40,8 @@ from .names import (
 
 FORMAT = "mge-mirror-bundle"
 FORMAT_VERSION = 2  # 2: snapshots carry git's objects, so install recomputes every id
-READS = (1, 2)  # every earlier version stays installable
+DELTA_VERSION = 3  # 3: a delta, which leaves out what its prerequisites bring
+READS = (1, 2, 3)  # every earlier version stays installable
 RECORD_SCHEMA = 1  # of the store's records; records of before the schema field are 0
 
 # git's file modes, the only ones a snapshot holds (a submodule has no content here).
@@ -471,6 +472,75 @@ class WeightEntry:
 
 
 @dataclass(frozen=True)
+class Prerequisite:
+    """A snapshot a delta was made against: the store it installs into must hold it."""
+
+    host: str
+    owner: str
+    name: str
+    commit: str
+    bundle: str | None = None  # the bundle that brought it, where the baseline said
+    bundle_file: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Prerequisite:
+        if not isinstance(obj, dict):
+            raise InvalidRecordError("prerequisite commit: not an object")
+        host = check_host(need(obj, "host", str), "prerequisite host")
+        owner, name = (_plain_name(need(obj, k, str), k) for k in ("owner", "name"))
+        commit = need(obj, "commit", str)
+        if not is_hex(commit, (40, 64)):
+            raise InvalidRecordError(f"prerequisite commit {shown(commit)} is not a full id")
+        bundle = _optional(obj, "bundle", str, None)
+        if bundle is not None and not is_hex(bundle, (64,)):
+            raise InvalidRecordError(f"prerequisite bundle {shown(bundle)} is not a bundle id")
+        bundle_file = _optional(obj, "bundle_file", str, None)
+        if bundle_file is not None:
+            check_text(bundle_file, "prerequisite bundle_file", NAME_MAX)
+        return cls(host, owner, name, commit, bundle, bundle_file)
+
+    def to_json(self) -> JsonObject:
+        return {"host": self.host, "owner": self.owner, "name": self.name,
+                "commit": self.commit, "bundle": self.bundle, "bundle_file": self.bundle_file}
+
+    @property
+    def label(self) -> str:
+        """``owner/name@commit``, and the bundle that brings it, as messages show it."""
+        brought = f" (brought by {self.bundle_file or 'bundle ' + self.bundle[:16]})" \
+            if self.bundle_file or self.bundle else ""
+        return f"{self.owner}/{self.name}@{short(self.commit)}{brought}"
+
+
+@dataclass(frozen=True)
+class Prerequisites:
+    """What a delta assumes its target store holds: snapshots (by commit id) and
+    contents (by sha256) that it leaves out."""
+
+    commits: Tuple[Prerequisite, ...] = ()
+    blobs: Tuple[str, ...] = ()  # sha256 of code files and weights left out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Prerequisites:
+        if not isinstance(obj, dict):
+            raise InvalidRecordError("prerequisites: not an object")
+        commits = _list_of(obj, "commits", Prerequisite.from_json)
+        blobs = tuple(need(obj, "blobs", list))
+        for sha in blobs:
+            if not is_hex(sha, (64,)):
+                raise InvalidRecordError(f"prerequisite blob {shown(sha)} is not 64 lowercase "
+                                         f"hex digits")
+        if list(blobs) != sorted(set(blobs)):
+            raise InvalidRecordError("prerequisite blobs are not sorted and unique")
+        keys = [(c.host.lower(), c.owner.lower(), c.name.lower(), c.commit) for c in commits]
+        if len(set(keys)) != len(keys):
+            raise InvalidRecordError("a prerequisite commit is listed twice")
+        return cls(commits, blobs)
+
+    def to_json(self) -> JsonObject:
+        return {"commits": [c.to_json() for c in self.commits], "blobs": list(self.blobs)}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's manifest: what every member is, and what the bundle installs."""
 
@@ -479,6 +549,7 @@ class Manifest:
     tool: str = ""
     created: int = 0
     format_version: int = FORMAT_VERSION
+    prerequisites: Prerequisites | None = None  # a delta's (format 3), else None
 
     @classmethod
     def from_json(cls, obj: Any, stored: bool = False) -> Manifest:
@@ -493,11 +564,18 @@ class Manifest:
                 f"{READS[0]} to {READS[-1]}; upgrade mirror)")
         need(obj, "repos", list)
         weights = _list_of(obj, "weights", WeightEntry.from_json)
+        if ("prerequisites" in obj) != (version == DELTA_VERSION):
+            raise InvalidRecordError(f"format {version} "
+                                     f"{'needs' if version == DELTA_VERSION else 'has no'} "
+                                     f"prerequisites")
         manifest = cls(_list_of(obj, "repos", lambda r: RepoEntry.from_json(r, stored)),
                        weights,
                        check_text(_optional(obj, "tool", str, ""), "manifest 'tool'"),
-                       _time(obj, "created", "manifest 'created'"), version)
+                       _time(obj, "created", "manifest 'created'"), version,
+                       Prerequisites.from_json(obj["prerequisites"])
+                       if version == DELTA_VERSION else None)
         _check_once(manifest)
+        _check_prerequisites(manifest)
         for repo in manifest.repos:
             for snap in repo.snapshots:
                 if (snap.objects is not None) != (version >= 2):
@@ -521,18 +599,31 @@ class Manifest:
             raise InvalidRecordError(str(e)) from None
 
     def to_json(self) -> JsonObject:
-        return {"format": FORMAT, "format_version": self.format_version, "tool": self.tool,
-                "created": self.created, "repos": [r.to_json() for r in self.repos],
-                "weights": [w.to_json() for w in self.weights]}
+        out = {"format": FORMAT, "format_version": self.format_version, "tool": self.tool,
+               "created": self.created, "repos": [r.to_json() for r in self.repos],
+               "weights": [w.to_json() for w in self.weights]}
+        if self.prerequisites is not None:
+            out["prerequisites"] = self.prerequisites.to_json()
+        return out
+
+    @property
+    def assumed(self) -> frozenset:
+        """The sha256 of every content this bundle leaves out (a delta's prerequisites)."""
+        return frozenset(self.prerequisites.blobs if self.prerequisites else ())
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
 
     def members(self) -> Dict[str, Member]:
-        """Every member the manifest promises, by name (the manifest itself excluded)."""
+        """Every member the manifest promises, by name (the manifest itself excluded):
+        all but the code files and weights whose content is a prerequisite."""
         members: Dict[str, Member] = {}
+        assumed = self.assumed
+        always = set(self.links()) if assumed else set()  # symlinks, and git objects below
 
-        def add(m: Member) -> None:
+        def add(m: Member, carried: bool = False) -> None:
+            if m.sha256 in assumed and not carried and m.name not in always:
+                return
             if members.setdefault(m.name, m) != m:
                 raise InvalidRecordError(f"member {m.name} is listed twice with different "
                                          f"digests")
@@ -543,7 +634,7 @@ class Manifest:
                     add(Member(code_member(snap.commit, f.path), f.size, f.sha256))
                 if snap.objects is not None:
                     add(Member(objects_member(snap.commit), snap.objects.size,
-                               snap.objects.sha256))
+                               snap.objects.sha256), carried=True)
         for w in self.weights:
             add(Member(weight_member(w.sha256), w.size, w.sha256))
         return members
@@ -570,6 +661,36 @@ def _check_once(manifest: Manifest) -> None:
                                      f"(as {folders[key]} too: the store names repos in "
                                      f"lower case)")
         folders[key] = f"{repo.id.host}/{repo.id.label}"
+
+
+def _check_prerequisites(manifest: Manifest) -> None:
+    """A delta's prerequisite contents are each used by a code file or a weight it
+    lists, always with one size; symlinks and git objects are always carried."""
+    assumed = manifest.assumed
+    if not assumed:
+        return
+    sizes: Dict[str, int] = {}
+    for repo in manifest.repos:
+        for snap in repo.snapshots:
+            for f in snap.files:
+                if f.sha256 in assumed and f.is_link:
+                    raise InvalidRecordError(f"snapshot {short(snap.commit)}: symlink "
+                                             f"{shown(f.path)} is a prerequisite; a delta "
+                                             f"carries every symlink")
+                if f.sha256 in assumed and sizes.setdefault(f.sha256, f.size) != f.size:
+                    raise InvalidRecordError(f"prerequisite blob {f.sha256} is listed with "
+                                             f"sizes {sizes[f.sha256]} and {f.size}")
+            if snap.objects is not None and snap.objects.sha256 in assumed:
+                raise InvalidRecordError(f"snapshot {short(snap.commit)}: its git objects "
+                                         f"are a prerequisite; a delta carries them")
+    for w in manifest.weights:
+        if w.sha256 in assumed and sizes.setdefault(w.sha256, w.size) != w.size:
+            raise InvalidRecordError(f"prerequisite blob {w.sha256} is listed with sizes "
+                                     f"{sizes[w.sha256]} and {w.size}")
+    unused = sorted(assumed - set(sizes))
+    if unused:
+        raise InvalidRecordError(f"prerequisite blob {unused[0]} is used by no file or "
+                                 f"weight of the bundle")
 
 
 @dataclass(frozen=True)

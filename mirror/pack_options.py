@@ -90,6 +90,10 @@ class PackOptions:
     lock: str | None = _option(None, Flag(
         ("--lock",), "Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
                      "enforced if present.", path=True))
+    since: str | None = _option(None, Flag(
+        ("--since",), "Pack a delta against what a target store holds: its inventory "
+                      "(mirror inventory), an earlier bundle or a lock file. What it holds "
+                      "is left out, and named as prerequisites.", path=True, exists=True))
     sign: str | None = _option(None, Flag(
         ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
         exists=True))

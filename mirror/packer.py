@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Sequence, Set, Tuple
 
 from . import __version__, bundle
 from .config import settings
+from .delta import Baseline, make_delta
 from .discovery import coverage, discover
 from .download import DownloadCache, fetch_all
 from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickleError
@@ -30,6 +31,7 @@ from .model import (
     JsonObject,
     Manifest,
     Pin,
+    Prerequisites,
     RefEntry,
     RepoEntry,
     RepoId,
@@ -69,6 +71,7 @@ class PackReport:
     excluded: List[str] = field(default_factory=list)
     nested: List[str] = field(default_factory=list)
     coverage: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)  # label -> entry
+    prerequisites: Prerequisites | None = None  # a delta's (--since), else None
 
     def to_json(self) -> JsonObject:
         """What ``mirror pack --json`` prints (a weight without its locations)."""
@@ -77,7 +80,9 @@ class PackReport:
                 "weights": [{"url": w.url, "size": w.size, "sha256": w.sha256}
                             for w in self.weights],
                 "unresolved": list(self.unresolved), "excluded": list(self.excluded),
-                "nested": list(self.nested), "coverage": self.coverage}
+                "nested": list(self.nested), "coverage": self.coverage,
+                "prerequisites": self.prerequisites.to_json() if self.prerequisites
+                else None}
 
 
 def pack(specs: Sequence[str], output: str, options: PackOptions = DEFAULT_OPTIONS, *,
@@ -169,6 +174,7 @@ class _Packer:
         self.report = PackReport(output=output)
         self.rewrite = Rewrites.parse(opts.rewrites)
         self.pins = Pins.load(opts.lock) if opts.lock else None
+        self.baseline = Baseline.load(opts.since) if opts.since else None
         self.repos: Dict[Tuple[str, str, str], _Repo] = {}
         self.weight_refs: Dict[str, List[str]] = {u: [] for u in opts.extra_weights}
         self.sources: Dict[str, bundle.Source] = {}
@@ -333,13 +339,17 @@ class _Packer:
             raise UnresolvedError(report.unresolved)
         for u in report.unresolved:
             self.log(f"warning: packed without the file that {u} downloads")
-        weights = [self._weight(w) for w in self._fetch()]
+        weights = sorted([self._weight(w) for w in self._fetch()] + self._held(),
+                         key=lambda w: w.url)
         for repo in self.repos.values():
             for commit, snap in repo.snapshots.items():
                 self.sources[objects_member(commit)] = snap.objects
         manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
                             tuple(weights), tool=f"mirror {__version__}",
                             created=settings().now())
+        if self.baseline is not None:
+            manifest = make_delta(manifest, self.baseline)
+            report.prerequisites = manifest.prerequisites
         report.bundle_id = self._write(manifest)
         report.size = os.path.getsize(report.output)
         report.weights = weights
@@ -349,9 +359,26 @@ class _Packer:
             self.log(f"wrote lock {pins.path}")
         return report
 
+    def _held(self) -> List[WeightEntry]:
+        """The weights a delta's target already holds for their URLs: not fetched
+        again (unless ``refresh``), as the download cache would not be either."""
+        if self.baseline is None or self.opts.refresh:
+            return []
+        held = []
+        for url in sorted(set(self.weight_refs) & set(self.baseline.urls)):
+            pin = self.baseline.urls[url]
+            if self.pins:
+                self.pins.check_weight(url, pin.sha256)
+            held.append(WeightEntry(url, pin.size, pin.sha256,
+                                    tuple(sorted(set(self.weight_refs[url])))))
+        return held
+
     def _fetch(self) -> List[WeightFile]:
-        """Every weight, downloaded or from the cache, in URL order."""
-        opts, urls = self.opts, sorted(self.weight_refs)
+        """Every weight not held by a delta's target, downloaded or from the cache, in
+        URL order."""
+        opts = self.opts
+        held = {w.url for w in self._held()}
+        urls = sorted(set(self.weight_refs) - held)
         self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
         got = fetch_all(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,
                         jobs=opts.jobs, progress=opts.progress,

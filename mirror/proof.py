@@ -116,7 +116,7 @@ class ObjectDatabase:
         return out
 
     def prove(self, snap: SnapshotEntry, objects: bytes,
-              blob_path: Callable[[FileEntry], str]) -> Proof:
+              blob_path: Callable[[FileEntry], str | None]) -> Proof:
         """Prove ``snap`` from its objects member and its files (``blob_path`` gives the
         verified bytes of each); raises ProofError naming what does not match."""
         if not is_hex(snap.commit, (40,)):
@@ -131,7 +131,7 @@ class ObjectDatabase:
                              f"({type(e).__name__}: {e})") from None
 
     def _prove(self, snap: SnapshotEntry, objects: bytes,
-               blob_path: Callable[[FileEntry], str]) -> Proof:
+               blob_path: Callable[[FileEntry], str | None]) -> Proof:
         written = self.add(objects)
         if written.get(snap.commit) != "commit":
             raise ProofError(f"commit {short(snap.commit)} does not match its content: no "
@@ -149,7 +149,7 @@ class ObjectDatabase:
                 for oid, kind in written.items() if kind == "commit"}
 
     def _check_tree(self, snap: SnapshotEntry, tree_id: object,
-                    blob_path: Callable[[FileEntry], str]) -> None:
+                    blob_path: Callable[[FileEntry], str | None]) -> None:
         files = {f.path: f for f in snap.files}
         seen = set()
         for path, mode, oid in self._walk(snap, tree_id, ""):
@@ -159,7 +159,9 @@ class ObjectDatabase:
             if f is None:
                 raise ProofError(f"commit {short(snap.commit)} does not match its content: "
                                  f"its tree has {path!r}, the snapshot does not")
-            if f.mode != mode or str(self.pygit2.hashfile(blob_path(f))) != oid:
+            content = blob_path(f)  # None: a delta's prerequisite, not here to hash
+            if f.mode != mode or (content is not None and
+                                  str(self.pygit2.hashfile(content)) != oid):
                 raise ProofError(f"commit {short(snap.commit)} does not match its content: "
                                  f"{path!r} is not the file its tree names")
             seen.add(path)
@@ -217,12 +219,14 @@ class ObjectDatabase:
                              f"{short(ref.commit)}")
 
 
-def prove_manifest(manifest: Manifest, blob_path: Callable[[str], str],
+def prove_manifest(manifest: Manifest, blob_path: Callable[[str], str | None],
                    work: str) -> Dict[str, Proof]:
     """Prove every snapshot of a format 2 manifest (none in format 1), with a scratch
     object database in the folder ``work``; ``blob_path(sha256)`` is where the
-    verified bytes of each member are. Returns commit -> :class:`Proof`; raises
-    ProofError for the first snapshot or tag whose bytes do not hash to its id."""
+    verified bytes of each member are, or None for a content a delta assumes (its
+    place in the tree is checked, its bytes are not: install has them). Returns
+    commit -> :class:`Proof`; raises ProofError for the first snapshot or tag whose
+    bytes do not hash to its id."""
     proofs: Dict[str, Proof] = {}
     for repo in manifest.repos:
         dbs: Dict[str, ObjectDatabase] = {}

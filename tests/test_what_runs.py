@@ -388,3 +388,118 @@ def test_gc_drops_the_bytecode_earlier_mirrors_cached(code_store):
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(os.path.join(env["MGE_MIRROR_HOME"], "pycache"))
     assert os.path.exists(os.path.join(snapshot, "helper.py"))
+
+
+# --- imports that happen late, and other ways around the check ---------------------
+
+LAZY = "1a2e" + "0" * 36
+LAZY_HUBCONF = """
+import os
+import sys
+
+import sitelib  # a library from elsewhere, decorated with hub.pretrained meanwhile
+
+sys.path.insert(0, os.path.dirname(__file__))  # as many hub repos do
+
+
+def lazy_entry():
+    import lazy  # imported when the factory runs, long after hubconf.py
+    return lazy.VALUE
+
+
+def ns_entry():
+    import ns.mod  # a folder without __init__.py: a namespace package
+    return ns.mod.VALUE
+
+
+def same_object():
+    import megengine.hub
+    import megengine.hub.hub
+    return megengine.hub.load is megengine.hub.hub.load
+"""
+SITELIB = f"""
+from megengine import hub
+
+
+@hub.pretrained({HAND_URL!r})
+def net(**kwargs):
+    return None
+"""
+
+
+@pytest.fixture
+def lazy_store(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitelib.py").write_text(SITELIB)
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"),
+               MGE_HOME=str(tmp_path / "mge"), NET_LOG=str(tmp_path / "net.log"),
+               MARKER=str(tmp_path / "marker"), PYTHONPATH=str(site))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    bundle = handmade_bundle(tmp_path / "lazy.hub", {LAZY: {
+        "hubconf.py": LAZY_HUBCONF, "lazy.py": "VALUE = 'genuine lazy'\n",
+        "other.py": "VALUE = 'other'\n", "ns/mod.py": "VALUE = 'genuine ns'\n"}},
+        owner="hand", name="lazy", refs=[("master", "branch", LAZY)])
+    _install(env, bundle)
+    return env, Store(env["MGE_MIRROR_HOME"]).resolve("hand", "lazy", "master").path
+
+
+LOAD_LAZY = """
+import json, pickle
+import megengine.hub
+import mirror.hub, sitelib
+out = {e: mirror.hub.load("hand/lazy", e) for e in ("lazy_entry", "ns_entry", "same_object")}
+out["pickles"] = pickle.loads(pickle.dumps(megengine.hub.load)) is megengine.hub.load
+# a library's factory decorated while hubconf ran keeps MegEngine's own wrapper
+out["sitelib"] = sitelib.net.__code__.co_filename.endswith("megengine/hub/hub.py")
+print(json.dumps(out))
+"""
+
+
+def test_late_imports_run_checked_source_and_write_no_bytecode(lazy_store):
+    env, snapshot = lazy_store
+    before = tree_digest(env["MGE_MIRROR_HOME"])
+    out, err = guarded(env, LOAD_LAZY)
+    assert out == {"lazy_entry": "genuine lazy", "ns_entry": "genuine ns", "same_object": True,
+                   "pickles": True, "sitelib": True}, err
+    assert tree_digest(env["MGE_MIRROR_HOME"]) == before
+    with open(os.path.join(snapshot, "lazy.py"), "w") as fh:  # lazy.py is a hard link: the
+        fh.write(EVIL_HELPER + "VALUE = 'evil'\n")  # blob changes too; this loader must see it
+    out, err = guarded(env, LOAD_LAZY)
+    assert out is None and "CodeIntegrityError: hand/lazy@1a2e00000000: " \
+        f"{os.path.join(snapshot, 'lazy.py')} has sha256" in err.strip().splitlines()[-1]
+    assert not os.path.exists(env["MARKER"])
+
+
+@pytest.mark.parametrize("attack", ["bytecode package", "symlink"])
+def test_what_the_record_does_not_hold_never_runs(lazy_store, attack):
+    env, snapshot = lazy_store
+    if attack == "bytecode package":  # makes ns/ a package run from bytecode
+        path = os.path.join(snapshot, "ns", f"__init__{importlib.machinery.BYTECODE_SUFFIXES[0]}")
+        with open(path, "wb") as fh:
+            fh.write(_forged_pyc(os.path.join(snapshot, "ns", "mod.py"), EVIL_HELPER))
+        reason = "is not Python source; only .py source of a snapshot is run"
+    else:  # lazy.py made a link to another file of the snapshot, each file intact
+        path = os.path.join(snapshot, "lazy.py")
+        os.unlink(path)
+        os.symlink("other.py", path)
+        reason = "goes through lazy.py, a symlink the snapshot as installed does not hold"
+    out, err = guarded(env, LOAD_LAZY)
+    assert out is None
+    assert err.strip().splitlines()[-1] == (
+        f"mirror.errors.CodeIntegrityError: hand/lazy@{short(LAZY)}: {path} {reason}; it was "
+        f"not run. Run 'mirror verify' and reinstall the bundle that brought it with --force")
+    assert not os.path.exists(env["MARKER"])
+
+
+def test_a_hubconf_that_takes_its_folder_off_sys_path_loads(tmp_path):
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"), NET_LOG=str(tmp_path / "n"))
+    bundle = handmade_bundle(tmp_path / "drop.hub", {LAZY: {"hubconf.py": (
+        "import os, sys\nsys.path.remove(os.path.dirname(__file__))\n\n"
+        "def entry():\n    return 'loaded'\n")}},
+        owner="hand", name="drop", refs=[("master", "branch", LAZY)])
+    _install(env, bundle)
+    out, err = guarded(env, "import json, sys, mirror.hub\n"
+                            "print(json.dumps([mirror.hub.load('hand/drop', 'entry'), "
+                            "len(sys.meta_path)]))\n")
+    assert out is not None and out[0] == "loaded", err
