@@ -244,7 +244,8 @@ def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
         else:
             click.echo(f"{bundle_path}: OK, {n} members verified{signed}")
             if pre is not None:  # a delta: what it could not check alone
-                click.echo(f"{_assumes(pre)}; their bytes are checked when it is installed")
+                click.echo(f"{_assumes(pre)}; install checks those against the store's "
+                           f"copies (git ids, pickle scan)")
         return
     report = housekeeping.verify(Store(home), progress=not as_json)
     if as_json:

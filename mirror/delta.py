@@ -41,10 +41,15 @@ class Baseline:
     weights: FrozenSet[str]  # sha256 of the contents it holds as weights
     refs: Mapping[Tuple[RepoKey, str, str], Prerequisite]  # (repo, kind, name) -> its commit
     urls: Mapping[str, Pin]  # weight URL -> the bytes it has for it, where known
+    # Signed by a key the packer trusts: its URL pins stand in for downloads. Unsigned,
+    # a baseline only decides what is left out; every weight is fetched and compared.
+    vouched: bool = False
 
     @classmethod
-    def load(cls, path: str) -> Baseline:
-        """Read an inventory, a bundle or a lock file; which one is told by content."""
+    def load(cls, path: str, keys: Mapping[str, object] | None = None) -> Baseline:
+        """Read an inventory, a bundle or a lock file; which one is told by content.
+        With ``keys`` (key id -> public key), an inventory or bundle must be signed by
+        one of them, and is then ``vouched`` for."""
         from . import bundle
 
         try:
@@ -53,7 +58,13 @@ class Baseline:
         except OSError as e:
             raise MirrorError(f"--since {path}: {e.strerror or e}") from None
         if head == b"\x28\xb5\x2f\xfd":  # zstd: a bundle
-            return cls.from_manifest(bundle.read_manifest(path), path)
+            if keys is None:
+                return cls.from_manifest(bundle.read_manifest(path), path)
+            from .signing import check
+
+            head = _head(path)  # the signed manifest is all a baseline uses
+            check(head.signature, head.manifest_bytes, keys, path)
+            return replace(cls.from_manifest(head.manifest, path), vouched=True)
         try:
             with open(path, "rb") as fh:
                 obj = json.load(fh)
@@ -64,8 +75,12 @@ class Baseline:
         from .inventory import load as load_inventory
 
         if is_inventory(obj):
-            return cls.from_inventory(load_inventory(path), path)
+            return replace(cls.from_inventory(load_inventory(path, keys), path),
+                           vouched=keys is not None)
         if isinstance(obj, dict) and "refs" in obj and "weights" in obj:
+            if keys is not None:
+                raise MirrorError(f"--since {path}: a lock file carries no signature; "
+                                  f"--since-key takes a signed inventory or bundle")
             return cls.from_lock(path)
         raise MirrorError(f"--since {path}: not an inventory, a bundle or a lock file")
 
@@ -126,19 +141,46 @@ class Baseline:
         return cls(path, weights, weights, refs, {})  # no sizes: every URL is fetched
 
 
+class _Stop(Exception):
+    pass
+
+
+def _head(path: str):  # noqa: ANN202 - bundle.Head
+    """A bundle's manifest and signature, read as install reads them, and no further."""
+    from . import bundle
+
+    heads = []
+
+    def stop(head) -> None:  # noqa: ANN001
+        heads.append(head)
+        raise _Stop
+
+    try:
+        bundle.read(path, None, on_head=stop)
+    except _Stop:
+        pass
+    return heads[0]
+
+
 def make_delta(manifest: Manifest, baseline: Baseline) -> Manifest:
     """``manifest`` as a delta against ``baseline``: the code files and weights whose
     content the baseline holds become prerequisites, and so do the commits that the
-    baseline's refs of the same names point at. A manifest that would leave out
-    nothing is returned whole."""
-    assumed = set()
+    baseline's refs of the same names point at. A content is left out only where every
+    use of it can be met: as a weight only if the baseline holds it as one (scanned as
+    one when it came), never when a symlink's target is those bytes. A manifest that
+    would leave out nothing, or holds format 1 snapshots (no git ids to prove a delta
+    against), is returned whole."""
+    if any(s.objects is None for r in manifest.repos for s in r.snapshots):
+        return manifest
+    code, links = set(), set()
     for repo in manifest.repos:
         for snap in repo.snapshots:
-            assumed.update(f.sha256 for f in snap.files
-                           if not f.is_link and f.sha256 in baseline.blobs)
-    # A weight only as a weight: install requires the store to hold it as one (it was
-    # scanned as a weight when it came).
-    assumed.update(w.sha256 for w in manifest.weights if w.sha256 in baseline.weights)
+            for f in snap.files:
+                (links if f.is_link else code).add(f.sha256)
+    weights = {w.sha256 for w in manifest.weights}
+    assumed = {sha for sha in (code | weights) - links
+               if (sha not in code or sha in baseline.blobs)
+               and (sha not in weights or sha in baseline.weights)}
     commits: Dict[Tuple[RepoKey, str], Prerequisite] = {}
     for repo in manifest.repos:
         key = repo_key(repo.id.host, repo.id.owner, repo.id.name)
@@ -185,8 +227,9 @@ def check_prerequisites(store, manifest: Manifest, bundle_path: str) -> None:  #
     """Raise :class:`PrerequisiteError` if ``store`` lacks what the delta assumes."""
     lacking = missing(store, manifest)
     if lacking:
+        gone = not any(line.startswith("snapshot ") for line in lacking)
         raise PrerequisiteError(bundle_path, store.home, lacking,
-                                [p.label for p in manifest.prerequisites.commits])
+                                [p.label for p in manifest.prerequisites.commits], gone)
 
 
 def _uses(manifest: Manifest) -> Dict[str, Tuple[str, int, bool]]:

@@ -306,15 +306,21 @@ class PrerequisiteError(MirrorError):
     exit_code = 4
 
     def __init__(self, bundle: str, store: str, missing: Sequence[str],
-                 made_against: Sequence[str]):
+                 made_against: Sequence[str], gone: bool = False):
         self.bundle, self.store, self.missing = bundle, store, list(missing)
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        against = (f"; it was made against {', '.join(made_against)}: install that first"
-                   if made_against else "; install the bundle it was made against first")
+        if gone:  # the snapshots are there: what they shared was removed since
+            then = ("; the store no longer holds them (removed or collected since the "
+                    "baseline was taken): install a whole bundle, or take a new inventory "
+                    "and pack again")
+        elif made_against:
+            then = (f"; it was made against {', '.join(made_against)}: install that "
+                    f"first, then this delta")
+        else:
+            then = "; install the bundle it was made against first, then this delta"
         super().__init__(
             f"{bundle} is a delta, and {store} lacks what it assumes: "
-            f"{'; '.join(missing[:3])}{more}{against}, then this delta. Nothing was "
-            f"installed")
+            f"{'; '.join(missing[:3])}{more}{then}. Nothing was installed")
 
 
 class RefConflictError(MirrorError):

@@ -43,7 +43,7 @@ from .atomic import (
 )
 from .config import TrustPolicy, settings, trust_policy
 from .delta import check_prerequisites
-from .errors import BundleError, MirrorError, RefConflictError, StoreError
+from .errors import BundleError, MirrorError, RefConflictError, StoreError, UnsafePickleError
 from .ids import short
 from .journal import Journal
 from .layout import RepoLayout
@@ -62,7 +62,7 @@ from .model import (
 )
 from .names import ref_conflict
 from .proof import Proof, ProofError, history, prove_manifest
-from .safety import PickleScans
+from .safety import PickleScans, unsafe_globals
 from .store import Store
 from .tree import materialize
 
@@ -141,7 +141,9 @@ def install(bundle_path: str, home: str | None = None,
         head = bundle.read_manifest(bundle_path)
     except MirrorError:
         head = None  # the whole read below says what is wrong, in verify's words
-    if head is not None:
+    # Under a trust policy, not before the signature is checked: an unsigned manifest's
+    # words are not shown as instructions.
+    if head is not None and not policy.required:
         check_prerequisites(store, head, bundle_path)
     try:
         os.makedirs(store.layout.tmp, exist_ok=True)
@@ -252,6 +254,18 @@ class Transaction:
                 f.fh.close()
         if scans is not None:  # before anything is published
             scans.check(self.manifest)
+            self._scan_assumed()
+
+    def _scan_assumed(self) -> None:
+        """A delta's weights that the store holds are scanned from the store, as the
+        whole bundle's would be as they streamed past: they may have come in under
+        --allow-unsafe-pickle."""
+        for w in self.manifest.weights:
+            if w.sha256 in self.manifest.assumed:
+                unsafe = unsafe_globals(self.layout.blob(w.sha256))
+                if unsafe:
+                    raise UnsafePickleError(f"weight {w.url} in {self.bundle_path} (left out "
+                                            f"of it: the store's copy)", unsafe)
 
     def _sink(self, member: Member) -> _StagedBlob | None:
         self.report.verified_files += 1

@@ -94,6 +94,10 @@ class PackOptions:
         ("--since",), "Pack a delta against what a target store holds: its inventory "
                       "(mirror inventory), an earlier bundle or a lock file. What it holds "
                       "is left out, and named as prerequisites.", path=True, exists=True))
+    since_key: str | None = _option(None, Flag(
+        ("--since-key",), "Public key (or a directory of them) that must have signed the "
+                          "--since inventory or bundle; then the weights it holds for their "
+                          "URLs are not downloaded again.", path=True, exists=True))
     sign: str | None = _option(None, Flag(
         ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
         exists=True))

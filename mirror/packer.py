@@ -48,7 +48,7 @@ from .pins import Pins
 from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
 from .safety import unsafe_globals
-from .signing import load_private, sign
+from .signing import load_keys, load_private, sign
 from .trace import IMPORT, NestedCall, Trace, trace
 
 __all__ = ["PackOptions", "PackReport", "pack"]
@@ -174,7 +174,12 @@ class _Packer:
         self.report = PackReport(output=output)
         self.rewrite = Rewrites.parse(opts.rewrites)
         self.pins = Pins.load(opts.lock) if opts.lock else None
-        self.baseline = Baseline.load(opts.since) if opts.since else None
+        self.baseline = None
+        if opts.since:
+            keys = load_keys([opts.since_key]) if opts.since_key else None
+            self.baseline = Baseline.load(opts.since, keys)
+        elif opts.since_key:
+            raise MirrorError("--since-key names the key of a --since file; give --since")
         self.repos: Dict[Tuple[str, str, str], _Repo] = {}
         self.weight_refs: Dict[str, List[str]] = {u: [] for u in opts.extra_weights}
         self.sources: Dict[str, bundle.Source] = {}
@@ -339,7 +344,10 @@ class _Packer:
             raise UnresolvedError(report.unresolved)
         for u in report.unresolved:
             self.log(f"warning: packed without the file that {u} downloads")
-        weights = sorted([self._weight(w) for w in self._fetch()] + self._held(),
+        held = self._held()
+        for w in held:
+            self.log(f"not downloaded: {w.url} (the signed --since baseline holds it)")
+        weights = sorted([self._weight(w) for w in self._fetch({w.url for w in held})] + held,
                          key=lambda w: w.url)
         for repo in self.repos.values():
             for commit, snap in repo.snapshots.items():
@@ -360,9 +368,11 @@ class _Packer:
         return report
 
     def _held(self) -> List[WeightEntry]:
-        """The weights a delta's target already holds for their URLs: not fetched
-        again (unless ``refresh``), as the download cache would not be either."""
-        if self.baseline is None or self.opts.refresh:
+        """The weights a delta's target already holds for their URLs, when a trusted key
+        signed what says so: not fetched again (unless ``refresh``), as the download
+        cache would not be either. Unsigned, a baseline could pin a URL to other bytes
+        the target holds, so every URL is fetched and only matching bytes are left out."""
+        if self.baseline is None or not self.baseline.vouched or self.opts.refresh:
             return []
         held = []
         for url in sorted(set(self.weight_refs) & set(self.baseline.urls)):
@@ -373,11 +383,10 @@ class _Packer:
                                     tuple(sorted(set(self.weight_refs[url])))))
         return held
 
-    def _fetch(self) -> List[WeightFile]:
-        """Every weight not held by a delta's target, downloaded or from the cache, in
-        URL order."""
+    def _fetch(self, held: Set[str]) -> List[WeightFile]:
+        """Every weight but the ``held`` URLs, downloaded or from the cache, in URL
+        order."""
         opts = self.opts
-        held = {w.url for w in self._held()}
         urls = sorted(set(self.weight_refs) - held)
         self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
         got = fetch_all(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,

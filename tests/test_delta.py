@@ -11,8 +11,9 @@ import textwrap
 import pytest
 
 from mirror import bundle
+from mirror.errors import MirrorError
 from mirror.packer import PackOptions, pack
-from tests.conftest import MIRROR, run, same_weights, tree_digest, unpack
+from tests.conftest import MIRROR, handmade_bundle, run, same_weights, tree_digest, unpack
 from tests.test_hostile import _info, _with
 from tests.upstream.demorepo import git, make_weights
 
@@ -203,7 +204,8 @@ def test_verify_and_inspect_say_what_a_delta_assumes(deltas):
     assert r.stdout.splitlines() == [
         f"{path}: OK, 3 members verified",
         f"delta: assumes 7 contents the target store holds, and delta/models@{v1[:12]} "
-        f"(brought by v1.hub); their bytes are checked when it is installed"]
+        f"(brought by v1.hub); install checks those against the store's copies (git ids, "
+        f"pickle scan)"]
     r = run(MIRROR + ["inspect", path])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -314,3 +316,101 @@ def test_export_since_an_inventory_hands_on_only_what_changed(deltas, tmp_path):
     whole = _store(tmp_path / "whole", deltas["v1"], deltas["v2"])
     v2 = deltas["commits"][2]
     assert _records(site, v2) == _records(whole, v2)
+
+
+def test_an_unsigned_baseline_never_decides_what_a_url_holds(deltas, upstream, tmp_path):
+    """An inventory edited on the way out (w0's URL said to hold w1's bytes) makes pack
+    download w0 all the same: the delta pins the bytes upstream serves, and leaves out
+    only what the target holds. Signed by a key pack is told to trust, the inventory's
+    pins stand in for downloads; signed by another key, it is refused."""
+    with open(deltas["inventory"]) as fh:
+        inventory = json.load(fh)
+    sha = {w["url"]: w["sha256"] for w in inventory["weights"]}
+    w0, w1 = deltas["urls"][0], deltas["urls"][1]
+    for w in inventory["weights"]:
+        if w["url"] == w0:
+            w["sha256"] = sha[w1]
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(inventory))
+    opts = dict(git_host=upstream.git.host, protocol="http", progress=False,
+                cache_dir=str(tmp_path / "downloads"))
+    out = str(tmp_path / "d.hub")
+    pack(["delta/models"], out, PackOptions(**opts, since=str(forged)))
+    pinned = {w.url: w.sha256 for w in bundle.read_manifest(out).weights}
+    assert pinned[w0] == sha[w0]
+
+    key, other = tmp_path / "site", tmp_path / "other"
+    for k in (key, other):
+        assert run(MIRROR + ["keygen", "-o", str(k)]).returncode == 0
+    signed = str(tmp_path / "signed.json")
+    r = run(MIRROR + ["inventory", "-o", signed, "--sign", str(key)], env=deltas["target"])
+    assert r.returncode == 0, r.stderr
+    logged = []
+    pack(["delta/models"], out, PackOptions(**opts, since=signed,
+                                            since_key=str(key) + ".pub"),
+         log=logged.append)
+    assert sorted(m for m in logged if m.startswith("not downloaded")) == sorted(
+        f"not downloaded: {deltas['urls'][i]} (the signed --since baseline holds it)"
+        for i in range(7))
+    with pytest.raises(MirrorError) as e:
+        pack(["delta/models"], out, PackOptions(**opts, since=signed,
+                                                since_key=str(other) + ".pub"))
+    assert "which is not trusted" in str(e.value)
+
+
+def test_a_weight_left_out_is_scanned_from_the_store(tmp_path):
+    """A weight the store took in under --allow-unsafe-pickle is refused when a delta
+    leaves it out, as the whole bundle carrying it would be."""
+    import hashlib
+    import pickle
+
+    evil = pickle.dumps(os.system)  # imports os.system when loaded
+    url = "http://127.0.0.1:9/w/evil.pkl"
+    home = tmp_path / "store"
+    env = dict(os.environ, MGE_MIRROR_HOME=str(home))
+    made = handmade_bundle(tmp_path / "evil.hub", {"e" * 40: {
+        "hubconf.py": f"from megengine import hub\n@hub.pretrained({url!r})\n"
+                      f"def f(**kw):\n    return None\n"}},
+        owner="hand", name="evil", refs=[("master", "branch", "e" * 40)],
+        weights=[(url, evil)])
+    r = run(MIRROR + ["install", "--no-megengine-cache", "--allow-unsafe-pickle", made],
+            env=env)
+    assert r.returncode == 0, r.stderr
+    sha = hashlib.sha256(evil).hexdigest()
+    manifest = {"format": "mge-mirror-bundle", "format_version": 3, "tool": "tests",
+                "created": 0, "repos": [],
+                "weights": [{"url": url + "?again", "size": len(evil), "sha256": sha,
+                             "locations": []}],
+                "prerequisites": {"commits": [], "blobs": [sha]}}
+    delta = tmp_path / "delta.hub"
+    delta.write_bytes(_with(manifest, {}))
+    before = tree_digest(str(home))
+    r = run(MIRROR + ["install", "--no-megengine-cache", str(delta)], env=env)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.startswith(f"Error: weight {url}?again in {delta} (left out of it: the "
+                               f"store's copy) would import posix.system")
+    assert tree_digest(str(home)) == before
+
+
+def test_a_content_is_left_out_only_where_every_use_of_it_is_met(deltas):
+    """The same bytes as a code file the target holds, now also a weight, or as a
+    symlink's target: carried, so the delta installs where it was made for."""
+    from dataclasses import replace
+
+    from mirror.delta import Baseline, make_delta
+    from mirror.model import MODE_LINK
+
+    manifest = bundle.read_manifest(deltas["v2"])
+    snap = manifest.repos[0].snapshots[0]
+    code = snap.files[0]
+    w0, w1 = (next(w for w in manifest.weights if w.url == deltas["urls"][i]) for i in (0, 1))
+    link = replace(code, path="link", mode=MODE_LINK, size=w1.size, sha256=w1.sha256)
+    edited = replace(manifest, repos=(replace(manifest.repos[0], snapshots=(
+        replace(snap, files=snap.files + (link,)),)),), weights=tuple(
+        replace(w, sha256=code.sha256, size=code.size) if w is w0 else w
+        for w in manifest.weights))
+    held = frozenset({code.sha256, w1.sha256})
+    delta = make_delta(edited, Baseline("held.json", held, frozenset({w1.sha256}), {}, {}))
+    assert delta.prerequisites is None  # nothing could be left out: the whole bundle
+    delta = make_delta(edited, Baseline("held.json", held, held, {}, {}))
+    assert delta.prerequisites.blobs == (code.sha256,)  # held as code and as a weight

@@ -383,7 +383,8 @@ def test_an_unknown_pack_option_is_a_clear_error_naming_the_known_ones():
     assert str(e.value) == (
         "unknown pack option(s) bogus (known: allow_unreachable, allow_unresolved, "
         "allow_unsafe_pickle, cache_dir, entries, exclude, extra_weights, follow_nested, "
-        "git_host, history, jobs, lock, progress, protocol, refresh, rewrites, sign, since, trace)")
+        "git_host, history, jobs, lock, progress, protocol, refresh, rewrites, sign, since, "
+        "since_key, trace)")
     with pytest.raises(MirrorError) as e:
         PackOptions.from_mapping({"jobs": "8"})
     assert str(e.value) == "pack option jobs must be a whole number of at least 1, not '8'"
