@@ -23,7 +23,6 @@ through the same checks, so what it writes :func:`load` reads back.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from .model import (
     _size,
     canonical_json,
     need,
+    parse_bytes,
 )
 from .names import NAME_MAX, check_host, check_refs, check_text, check_url, shown
 from .store import Store
@@ -225,10 +225,7 @@ class Inventory:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Inventory:
-        try:
-            return cls.from_json(json.loads(data))
-        except (ValueError, RecursionError) as e:  # InvalidRecordError is a ValueError
-            raise InvalidRecordError(str(e)) from None
+        return parse_bytes(data, cls.from_json)
 
     def to_json(self) -> JsonObject:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool": self.tool,

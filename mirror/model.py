@@ -73,6 +73,14 @@ T = TypeVar("T")
 JsonObject = Dict[str, Any]  # a JSON object at the edge: what to_json returns, from_json takes
 
 
+def parse_bytes(data: bytes, parse: Callable[[Any], T]) -> T:
+    """``parse`` of the JSON in ``data``; any fault is an :class:`InvalidRecordError`."""
+    try:
+        return parse(json.loads(data))
+    except (ValueError, RecursionError) as e:  # InvalidRecordError is a ValueError
+        raise InvalidRecordError(str(e)) from None
+
+
 def need(entry: Any, key: str, kind: type) -> Any:
     """``entry[key]``, which must be a ``kind`` (a bool is not an int)."""
     if not isinstance(entry, dict) or not isinstance(entry.get(key), kind) or (
@@ -593,10 +601,7 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
-        try:
-            return cls.from_json(json.loads(data))
-        except (ValueError, RecursionError) as e:  # InvalidRecordError is a ValueError
-            raise InvalidRecordError(str(e)) from None
+        return parse_bytes(data, cls.from_json)
 
     def to_json(self) -> JsonObject:
         out = {"format": FORMAT, "format_version": self.format_version, "tool": self.tool,

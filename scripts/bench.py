@@ -19,6 +19,8 @@ proof: install of a format 2 bundle (every git id recomputed from its bytes), ag
 the same bundle rewritten as format 1 (no git objects, nothing to prove), each into a
 fresh store, for the small-files repo and the demo repo; and `mirror verify` of the
 store each install made.
+moving: a delta after 1 of 8 weights changed, and export from the store
+(scripts/bench_delta.py).
 scale: pack and install at each --scale size, to show how time and memory grow.
 
 Every timed command starts after a `sync`, so that none pays for the previous
@@ -412,6 +414,28 @@ def main() -> None:
                         pr["size2"] / pr["size1"], ""),
                 ]
                 print("\n".join(table[-3:]), flush=True)
+
+            from bench_delta import bench as bench_moving  # it imports this module's timer
+
+            os.makedirs(os.path.join(work, "moving"))
+            mv = bench_moving(os.path.join(work, "moving"), per_file, 5, args.size_mb)
+            d, e = mv["delta"], mv["export"]
+            table += [
+                row("pack a delta, 1 of 8 weights changed, signed inventory (median of 5)",
+                    f"{d['pack_s']:.2f} s", f"packing that weight alone: {d['alone_s']:.2f} s",
+                    d["pack_ratio"], "1.2", f"{d['pack_rss_mb']:.0f} MiB"),
+                row("the same, unsigned inventory (every URL fetched)",
+                    f"{d['unsigned_pack_s']:.2f} s", f"{d['alone_s']:.2f} s",
+                    d["unsigned_ratio"], ""),
+                row("delta size", f"{d['size'] / 2**20:.1f} MiB",
+                    f"that weight, `zstd -T0 -1`: {d['weight_zst_size'] / 2**20:.1f} MiB",
+                    d["size_ratio"], "1.05"),
+                row(f"export {e['mib']} MiB from the store (median of 5)",
+                    f"{e['export_s']:.2f} s",
+                    f"`tar -cf - BLOBS \\| zstd -T0 -1`: {e['tar_zstd_s']:.2f} s", e["ratio"],
+                    "1.1", f"{e['export_rss_mb']:.0f} MiB"),
+            ]
+            print("\n".join(table[-4:]), flush=True)
 
             series = []
             for s in scale:

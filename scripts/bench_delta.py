@@ -3,8 +3,9 @@
 delta: a repo of 8 weights is packed whole and installed; its inventory is taken;
 a new commit retrains one weight (a new file). Then, interleaved, --runs times, each
 into an empty download cache:
-- `mirror pack REPO --since INVENTORY` against `mirror pack` of a repo whose code
-  names only the changed weight ("packing that weight alone");
+- `mirror pack REPO --since INVENTORY --since-key` (a signed inventory: the URLs it
+  holds are not fetched) against `mirror pack` of a repo whose code names only the
+  changed weight ("packing that weight alone"); also unsigned (every URL fetched);
 - the delta's size against that weight compressed alone (`zstd -T0 -1`).
 export: `mirror export REPO` of a store holding --export-mb of weights against
 `tar -cf - BLOBS | zstd -T0 -1` of the same blobs; with peak RSS.
@@ -87,7 +88,8 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
                    MGE_MIRROR_DOWNLOADS=os.path.join(work, "dl"))
         v1 = os.path.join(work, "v1.hub")
         subprocess.run(f"{pack} delta/models -o {v1} && {MIRROR} install "
-                       f"--no-megengine-cache {v1} && {MIRROR} inventory -o {work}/inv.json",
+                       f"--no-megengine-cache {v1} && {MIRROR} keygen -o {work}/site && "
+                       f"{MIRROR} inventory -o {work}/inv.json --sign {work}/site",
                        shell=True, check=True, env=env, stdout=subprocess.DEVNULL)
         new = _weight(weights, "d/w7-retrained.pkl", per_weight_mb, 99)
         _commit(tree, urls[:7] + [new], "v2")
@@ -95,10 +97,12 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
         _repo(root, work, "alone", [new])
         with open(os.path.join(work, "w7.pkl"), "wb") as fh:
             fh.write(weights.files["/d/w7-retrained.pkl"])
-        mine, base = [], []
+        mine, unsigned, base = [], [], []
+        since = f"--since {work}/inv.json"
         for _ in range(runs):
-            for times, cmd in ((mine, f"{pack} delta/models --since {work}/inv.json "
-                                      f"-o {work}/delta.hub"),
+            for times, cmd in ((mine, f"{pack} delta/models {since} --since-key "
+                                      f"{work}/site.pub -o {work}/delta.hub"),
+                               (unsigned, f"{pack} delta/models {since} -o {work}/d2.hub"),
                                (base, f"{pack} alone/models -o {work}/alone.hub")):
                 shutil.rmtree(env["MGE_MIRROR_DOWNLOADS"], ignore_errors=True)
                 times.append(timed(cmd, env=env))
@@ -106,11 +110,14 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
                         f"{work}/w7.pkl.zst"], check=True)
         out["delta"] = {
             "pack_s": statistics.median(t for t, _ in mine),
+            "unsigned_pack_s": statistics.median(t for t, _ in unsigned),
+            "pack_rss_mb": max(r for _, r in mine),
             "alone_s": statistics.median(t for t, _ in base),
             "size": os.path.getsize(f"{work}/delta.hub"),
             "weight_zst_size": os.path.getsize(f"{work}/w7.pkl.zst"),
             "weight_size": os.path.getsize(f"{work}/w7.pkl")}
         out["delta"]["pack_ratio"] = out["delta"]["pack_s"] / out["delta"]["alone_s"]
+        out["delta"]["unsigned_ratio"] = out["delta"]["unsigned_pack_s"] / out["delta"]["alone_s"]
         out["delta"]["size_ratio"] = out["delta"]["size"] / out["delta"]["weight_zst_size"]
 
         if export_mb:
