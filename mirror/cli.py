@@ -148,7 +148,8 @@ def _assumes(prerequisites: Any) -> str:
 
 
 @cli.command()
-@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(dir_okay=False))
+@click.argument("bundle_paths", metavar="BUNDLE...", nargs=-1, required=True,
+                type=click.Path())
 @click.option("--force", is_flag=True,
               help="Reinstall snapshots and move refs back or tags (a proven snapshot is "
                    "never replaced by an unproven one).")
@@ -171,32 +172,55 @@ def _assumes(prerequisites: Any) -> str:
 @_home_option
 @_json_option
 @_library_errors
-def install(bundle_path, force, mge_versions, no_megengine_cache, allow_unsafe_pickle,
+def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_pickle,
             require_signature, trusted_keys, receipt, home, as_json) -> None:
-    """Verify every byte of BUNDLE and install it into the local store.
+    """Verify every byte of each BUNDLE and install it into the local store. A folder
+    stands for the *.hub bundles in it; whole bundles go before deltas.
 
     Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
-    calls work offline too.
+    calls work offline too. With several bundles, each is installed as it would be
+    alone: one that fails is named at the end, and the others stay installed.
     """
-    from .installer import InstallOptions, installed_versions
-    from .installer import install as install_bundle
+    from .installer import InstallOptions, install_all, installed_versions
 
     options = InstallOptions(
         force=force, megengine_versions=() if no_megengine_cache else
         installed_versions(mge_versions), allow_unsafe_pickle=allow_unsafe_pickle,
         trusted_keys=tuple(trusted_keys), require_signature=require_signature,
         digest_file=bool(receipt), progress=not as_json)
-    try:
-        report = install_bundle(bundle_path, home, options)
-    except MirrorError as e:
-        if receipt:
-            write_receipt(receipt, bundle_path, None, str(e))
-        raise
+    if receipt and (len(bundle_paths) > 1 or os.path.isdir(bundle_paths[0])):
+        raise click.UsageError("--receipt takes one bundle")
+    outcomes = install_all(bundle_paths, home, options)
     if receipt:
-        write_receipt(receipt, bundle_path, report, None)
+        done = outcomes[0]
+        write_receipt(receipt, done.bundle, done.report,
+                      str(done.error) if done.error else None)
+    if len(outcomes) == 1 and outcomes[0].error is not None:
+        raise outcomes[0].error  # one bundle: its error, as ever
+    failed = [o for o in outcomes if o.error is not None]
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
-        return
+        reports = [o.report.to_json() if o.report else
+                   {"bundle": o.bundle, "error": str(o.error)} for o in outcomes]
+        click.echo(json.dumps(reports[0] if len(outcomes) == 1 else reports, indent=1))
+    else:
+        for o in outcomes:
+            if len(outcomes) > 1:
+                click.echo(f"== {o.bundle}")
+            if o.report is not None:
+                _print_install(o.report)
+            else:
+                click.echo(f"failed: {o.error}")
+        if len(outcomes) > 1:
+            click.echo(f"installed {len(outcomes) - len(failed)} of {len(outcomes)} bundles"
+                       + (f"; failed: {', '.join(o.bundle for o in failed)}" if failed
+                          else ""))
+    if failed:
+        for o in failed:
+            click.echo(f"Error: {o.bundle}: {o.error}", err=True)
+        raise SystemExit(failed[0].error.exit_code)
+
+
+def _print_install(report: Any) -> None:
     click.echo(f"verified {report.verified_files} files, {report.verified_bytes} bytes "
                f"from {report.bundle}")
     for s in report.snapshots_installed:

@@ -158,6 +158,59 @@ def install(bundle_path: str, home: str | None = None,
             from None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One bundle of :func:`install_all`: its report, or the error that refused it."""
+
+    bundle: str
+    report: InstallReport | None = None
+    error: MirrorError | None = None
+
+
+BUNDLE_SUFFIX = ".hub"
+
+
+def bundle_paths(inputs: Sequence[str]) -> List[str]:
+    """The bundles ``inputs`` name: each file as given, a folder as the ``*.hub`` files
+    in it by name; then whole bundles before deltas, so that a delta finds what it was
+    made against wherever its name sorts."""
+    paths: List[str] = []
+    for given in inputs:
+        if os.path.isdir(given):
+            found = sorted(os.path.join(given, n) for n in os.listdir(given)
+                           if n.endswith(BUNDLE_SUFFIX))
+            if not found:
+                raise MirrorError(f"{given}: a folder with no bundle in it (no *"
+                                  f"{BUNDLE_SUFFIX} file)")
+            paths += found
+        else:
+            paths.append(given)
+
+    def is_delta(path: str) -> bool:
+        try:
+            return bundle.read_manifest(path).prerequisites is not None
+        except MirrorError:
+            return False  # its own install says what is wrong with it
+
+    deltas = {p for p in paths if is_delta(p)}
+    return [p for p in paths if p not in deltas] + [p for p in paths if p in deltas]
+
+
+def install_all(inputs: Sequence[str], home: str | None = None,
+                options: InstallOptions = InstallOptions()) -> List[Outcome]:
+    """Install every bundle ``inputs`` name (:func:`bundle_paths`), each on its own and
+    all of it verified: one that fails leaves the store as the others alone would,
+    and its :class:`Outcome` carries the error. Raises only for inputs that name no
+    bundle at all."""
+    outcomes = []
+    for path in bundle_paths(inputs):
+        try:
+            outcomes.append(Outcome(path, install(path, home, options)))
+        except MirrorError as e:
+            outcomes.append(Outcome(path, error=e))
+    return outcomes
+
+
 class _StagedBlob:
     """A staged blob, read-only once written. The kernel starts writing it to disk as
     it grows; a large one is then fsynced on a background thread while the next

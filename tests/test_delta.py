@@ -5,6 +5,7 @@ then exactly as the whole bundle would."""
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 
@@ -414,3 +415,22 @@ def test_a_content_is_left_out_only_where_every_use_of_it_is_met(deltas):
     assert delta.prerequisites is None  # nothing could be left out: the whole bundle
     delta = make_delta(edited, Baseline("held.json", held, held, {}, {}))
     assert delta.prerequisites.blobs == (code.sha256,)  # held as code and as a weight
+
+
+def test_install_takes_whole_bundles_before_deltas(deltas, tmp_path):
+    """A folder's bundles go by name, but a delta named first still goes after the
+    bundle it was made against."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(deltas["delta from v1"], folder / "a-update.hub")
+    shutil.copy(deltas["v1"], folder / "b-base.hub")
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"),
+               MGE_HOME=str(tmp_path / "mge"))
+    r = run(MIRROR + ["install", str(folder)], env=env, netns=True)
+    assert r.returncode == 0, r.stderr
+    order = [line for line in r.stdout.splitlines() if line.startswith("== ")]
+    assert order == [f"== {folder / 'b-base.hub'}", f"== {folder / 'a-update.hub'}"]
+    assert r.stdout.splitlines()[-1] == "installed 2 of 2 bundles"
+    whole = _store(tmp_path / "whole", deltas["v1"], deltas["v2"])
+    v2 = deltas["commits"][2]
+    assert _records(env, v2) == _records(whole, v2)
