@@ -15,10 +15,13 @@ Members::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import queue
+import stat
+import sys
 import tarfile
 import tempfile
 import threading
@@ -45,6 +48,7 @@ from .safety import BlockReader, PickleScans
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # optional, right after the manifest (see mirror.signing)
+STREAM = "-"  # a bundle path that means stdin (read) or stdout (write)
 MAX_SIGNATURE_BYTES = 64 << 10  # a signature document is a few hundred bytes
 MAX_MANIFEST_BYTES = 64 << 20
 # Measured on float32 weights saved with megengine.save and on Python source
@@ -116,7 +120,9 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
         raise ValueError("manifest_bytes do not hold the manifest given")
     if sign is not None and signature is not None:
         raise ValueError("give sign or signature, not both")
-    with atomic_file(path) as raw:
+    # To stdout ("-"): a stream, written as it is made; a file appears only when whole.
+    with contextlib.nullcontext(sys.stdout.buffer) if path == STREAM else \
+            atomic_file(path) as raw:
         out = _FrameWriter(raw)
         out.member(MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes), 0)
         if sign is not None:  # signs the manifest, whose digests cover every other byte
@@ -131,6 +137,7 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
                 with _Source(src) as fh:
                     out.member(name, members[name].size, fh, mtime)
         out.end()
+        raw.flush()
     # The id install records and list shows. Not the file's own sha256: that took a
     # second pass over every byte, a quarter of pack's time on two cores.
     return bundle_id(manifest_bytes)
@@ -282,20 +289,23 @@ def read(path: str, sink: SinkFactory | None = None,
     from tqdm import tqdm  # here: inspect and list, which show no progress, start sooner
 
     try:
-        fh = open(path, "rb")
+        fh = open(0, "rb", closefd=False) if path == STREAM else open(path, "rb")
     except OSError as e:
         raise BundleError(path, e.strerror or str(e)) from None
-    with fh, tqdm(total=os.fstat(fh.fileno()).st_size, unit="B", unit_scale=True,
+    size = os.fstat(fh.fileno())
+    with fh, tqdm(total=size.st_size if stat.S_ISREG(size.st_mode) else None, unit="B",
+                  unit_scale=True,
                   unit_divisor=1024, desc="verify", disable=not progress or None,
                   leave=False) as bar:
+        frames = _FrameWalker(path)
+
         def seen(data: bytes) -> None:
+            frames.feed(data)  # before the decompressor sees them
             bar.update(len(data))
             if file_digest is not None:
                 file_digest.update(data)
 
         try:
-            _check_frames(path, fh)
-            fh.seek(0)
             with _Decompressed(path, fh, seen) as stream:
                 # Seekable mode on a forward-only stream: tarfile parses the headers
                 # (PAX included) and member data is read straight from the stream,
@@ -446,58 +456,109 @@ class _Decompressed:
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def _check_frames(path: str, fh: IO[bytes]) -> None:
-    """Walk the zstd frames' headers (no decompression): the file must be whole
-    standard frames, each with data, and end where the last one ends.
+class _FrameWalker:
+    """Checks the zstd frames' headers as the file's bytes stream past, before the
+    decompressor sees them: the file must be whole standard frames, each with data,
+    and end where the last one ends. One pass, so a pipe is read as a file is.
 
     zstd's own readers silently skip skippable and empty frames and do not notice a
     last frame cut short, so data could hide in or after a bundle that verifies.
     """
-    size = os.fstat(fh.fileno()).st_size
-    if size == 0:
-        raise BundleError(path, "empty file")
-    offset = frames = 0
-    while offset < size:
-        fh.seek(offset)
-        head = fh.read(18)  # magic + the largest frame header
-        if head[:4] != ZSTD_MAGIC:
-            what = "a skippable zstd frame" if head[:4][1:] == b"\x2a\x4d\x18" else \
-                "not a zstd frame"
-            raise BundleError(path, f"{what} at byte {offset}; a bundle holds only standard "
-                                    f"frames" + (", so this is not a bundle" if not frames
-                                                 else ""))
-        if len(head) < 6:
-            raise BundleError(path, f"truncated: frame header at byte {offset}")
-        descriptor = head[4]
-        single = descriptor >> 5 & 1
-        header = 1 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] \
-            + ((1 if single else 0), 2, 4, 8)[descriptor >> 6]
-        offset += 4 + header
-        content = 0
-        while True:
-            fh.seek(offset)
-            raw = fh.read(3)
-            if len(raw) < 3:
-                raise BundleError(path, f"truncated: zstd block header at byte {offset}")
-            value = int.from_bytes(raw, "little")
-            last, kind, length = value & 1, value >> 1 & 3, value >> 3
-            if kind == 3:
-                raise BundleError(path, f"corrupt zstd block at byte {offset}")
-            offset += 3 + (1 if kind == 1 else length)
-            content += length if kind != 2 else 1  # a compressed block holds data
-            if offset > size:
-                raise BundleError(path, f"truncated: a zstd block runs past the end of the "
-                                        f"file ({size} bytes)")
-            if last:
-                break
-        offset += 4 if descriptor >> 2 & 1 else 0  # the content checksum
-        if content == 0:
-            raise BundleError(path, f"an empty zstd frame ends at byte {offset}; a bundle "
-                                    f"has none")
-        frames += 1
-    if offset != size:
-        raise BundleError(path, f"truncated: the last zstd frame needs {offset - size} more "
-                                f"bytes")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.pending = b""  # bytes of a header not yet whole
+        self.at = 0  # offset of ``pending``'s first byte in the file
+        self.skip = 0  # bytes of block data (or checksum) still to pass
+        self.state = "frame"  # frame, block, checksum
+        self.frames = 0
+        self.content = 0  # of the frame being walked
+        self.checksum = 0  # its checksum's size, 0 or 4
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            self.end()
+            return
+        if self.skip:
+            passed = min(self.skip, len(data))
+            self.skip -= passed
+            self.at += passed
+            data = data[passed:]
+        self.pending += data
+        while self.pending and not self.skip:
+            if not self._step():
+                return
+
+    def _step(self) -> bool:
+        """Parse one header from ``pending``; False when it needs more bytes."""
+        buf, path, offset = self.pending, self.path, self.at
+        if self.state == "frame":
+            if len(buf) >= 4 and buf[:4] != ZSTD_MAGIC:
+                what = "a skippable zstd frame" if buf[1:4] == b"\x2a\x4d\x18" else \
+                    "not a zstd frame"
+                raise BundleError(path, f"{what} at byte {offset}; a bundle holds only "
+                                        f"standard frames" + (", so this is not a bundle"
+                                                              if not self.frames else ""))
+            if len(buf) < 5:
+                return False
+            descriptor = buf[4]
+            single = descriptor >> 5 & 1
+            header = 4 + 1 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] \
+                + ((1 if single else 0), 2, 4, 8)[descriptor >> 6]
+            if len(buf) < header:
+                return False
+            self.checksum = 4 if descriptor >> 2 & 1 else 0
+            self.content, self.state = 0, "block"
+            self._consume(header)
+            return True
+        if len(buf) < 3:
+            return False
+        value = int.from_bytes(buf[:3], "little")
+        last, kind, length = value & 1, value >> 1 & 3, value >> 3
+        if kind == 3:
+            raise BundleError(path, f"corrupt zstd block at byte {offset}")
+        self.content += length if kind != 2 else 1  # a compressed block holds data
+        self._consume(3)
+        self.skip = 1 if kind == 1 else length
+        if last:
+            self.skip += self.checksum
+            if self.content == 0:
+                raise BundleError(path, f"an empty zstd frame ends at byte "
+                                        f"{self.at + self.skip}; a bundle has none")
+            self.frames += 1
+            self.state = "frame"
+        self._pass_pending()
+        return True
+
+    def _consume(self, n: int) -> None:
+        self.pending, self.at = self.pending[n:], self.at + n
+
+    def _pass_pending(self) -> None:
+        """Block data already buffered counts against ``skip``."""
+        passed = min(self.skip, len(self.pending))
+        self.skip -= passed
+        self._consume(passed)
+
+    def end(self) -> None:
+        """At the end of the file: nothing may be left half-read."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.at == 0 and not self.pending:
+            raise BundleError(self.path, "empty file")
+        if self.skip:
+            if self.state == "frame":  # the last block is whole, its checksum is not
+                raise BundleError(self.path, f"truncated: the last zstd frame needs "
+                                             f"{self.skip} more bytes")
+            raise BundleError(self.path, f"truncated: a zstd block runs past the end of the "
+                                         f"file ({self.at} bytes)")
+        if self.pending:
+            if self.state == "frame":
+                raise BundleError(self.path, f"truncated: frame header at byte {self.at}")
+            raise BundleError(self.path, f"truncated: zstd block header at byte {self.at}")
+        if self.state != "frame":
+            raise BundleError(self.path, f"truncated: zstd block header at byte {self.at}")
 
 
 def _check_end(path: str, end_offset: int, stream: _Decompressed) -> None:
@@ -597,7 +658,7 @@ def _read_head(path: str, tar: tarfile.TarFile,
             raise BundleError(path, "signature is not a small regular file", SIGNATURE)
         signature = _read_whole(path, stream, info)
         info = tar.next()
-    elif os.path.exists(path + ".sig"):  # a detached signature, beside the bundle
+    elif path != STREAM and os.path.exists(path + ".sig"):  # detached, beside the bundle
         with open(path + ".sig", "rb") as fh:
             signature = fh.read(MAX_SIGNATURE_BYTES)
     return Head(manifest, manifest_bytes, signature), info

@@ -116,28 +116,31 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
         raise click.UsageError("name at least one repo spec, or a --recipe")
     if not output:
         raise click.UsageError("name the bundle to write with -o/--output")
+    # To stdout (-o -): the bundle is the output, so the report goes to stderr.
+    echo = functools.partial(click.echo, err=output == "-")
     report = pack_repos(specs, output, dataclasses.replace(pack_options, progress=not quiet),
                         log=(lambda m: None) if quiet else _say)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
+        echo(json.dumps(report.to_json(), indent=1))
         return
     for ref in report.refs:
-        click.echo(f"packed {ref}")
+        echo(f"packed {ref}")
     for w in report.weights:
-        click.echo(f"weight {w.url} ({w.size} bytes, sha256 {short(w.sha256)})")
+        echo(f"weight {w.url} ({w.size} bytes, sha256 {short(w.sha256)})")
     packed = {w.url for w in report.weights}
     for label, entries in report.coverage.items():  # what each entrypoint will load
         for entry, urls in entries.items():
             state = ", ".join(u if u in packed else f"{u} (NOT packed)" for u in urls)
-            click.echo(f"coverage {label} {entry}: {state or 'no @pretrained weights'}")
+            echo(f"coverage {label} {entry}: {state or 'no @pretrained weights'}")
     for line in report.unresolved:
-        click.echo(f"unresolved {line}")
+        echo(f"unresolved {line}")
     for line in report.nested:
-        click.echo(f"nested {line}")
-    click.echo(f"wrote {report.output}: {report.size} bytes, {report.files} files, "
-               f"{len(report.weights)} weights, bundle id {report.bundle_id[:16]}")
+        echo(f"nested {line}")
+    where = "stdout" if report.size < 0 else f"{report.output}: {report.size} bytes"
+    echo(f"wrote {where}, {report.files} files, {len(report.weights)} weights, bundle id "
+         f"{report.bundle_id[:16]}")
     if report.prerequisites is not None:
-        click.echo(_assumes(report.prerequisites))
+        echo(_assumes(report.prerequisites))
 
 
 def _assumes(prerequisites: Any) -> str:

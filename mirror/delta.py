@@ -57,14 +57,17 @@ class Baseline:
                 head = fh.read(4)
         except OSError as e:
             raise MirrorError(f"--since {path}: {e.strerror or e}") from None
-        if head == b"\x28\xb5\x2f\xfd":  # zstd: a bundle
+        if head == bundle.ZSTD_MAGIC:  # a bundle
             if keys is None:
-                return cls.from_manifest(bundle.read_manifest(path), path)
+                data = bundle.read_manifest_bytes(path)
+                return cls.from_manifest(bundle.manifest_from_bytes(path, data), path,
+                                         bundle.bundle_id(data))
             from .signing import check
 
-            head = _head(path)  # the signed manifest is all a baseline uses
-            check(head.signature, head.manifest_bytes, keys, path)
-            return replace(cls.from_manifest(head.manifest, path), vouched=True)
+            signed = _head(path)  # the signed manifest is all a baseline uses
+            check(signed.signature, signed.manifest_bytes, keys, path)
+            return replace(cls.from_manifest(signed.manifest, path, signed.bundle_id),
+                           vouched=True)
         try:
             with open(path, "rb") as fh:
                 obj = json.load(fh)
@@ -105,11 +108,9 @@ class Baseline:
                    {u: p for u, p in urls.items() if p is not None})
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, path: str) -> Baseline:
-        """An earlier bundle: what it carried, and what it assumed in turn."""
-        from .bundle import bundle_id
-
-        ident = bundle_id(manifest.to_bytes())
+    def from_manifest(cls, manifest: Manifest, path: str, ident: str) -> Baseline:
+        """An earlier bundle (whose id is ``ident``): what it carried, and what it
+        assumed in turn."""
         refs = {}
         for repo in manifest.repos:
             key = repo_key(repo.id.host, repo.id.owner, repo.id.name)

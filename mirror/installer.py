@@ -135,14 +135,15 @@ def install(bundle_path: str, home: str | None = None,
     """
     store = Store(home)
     policy = trust_policy(store.home, options.trusted_keys, options.require_signature)
-    # A delta onto a store that lacks its prerequisites: refused before the store (or
-    # anything in it) is created. Checked again under the lock, before any member is read.
+    # A delta onto a store that lacks its prerequisites: refused from its manifest
+    # alone, before the store (or anything in it) is created; checked again under the
+    # lock before any member is read, which for stdin (read once) is the only check.
+    # Under a trust policy only then, after the signature: an unsigned manifest's words
+    # are not shown as instructions.
     try:
-        head = bundle.read_manifest(bundle_path)
+        head = bundle.read_manifest(bundle_path) if bundle_path != bundle.STREAM else None
     except MirrorError:
         head = None  # the whole read below says what is wrong, in verify's words
-    # Under a trust policy, not before the signature is checked: an unsigned manifest's
-    # words are not shown as instructions.
     if head is not None and not policy.required:
         check_prerequisites(store, head, bundle_path)
     try:
@@ -186,7 +187,12 @@ def bundle_paths(inputs: Sequence[str]) -> List[str]:
         else:
             paths.append(given)
 
+    if paths.count(bundle.STREAM) > 1:
+        raise MirrorError("stdin ('-') can be read once: name it once")
+
     def is_delta(path: str) -> bool:
+        if path == bundle.STREAM:
+            return False  # read once, in its turn
         try:
             return bundle.read_manifest(path).prerequisites is not None
         except MirrorError:
@@ -200,8 +206,8 @@ def install_all(inputs: Sequence[str], home: str | None = None,
                 options: InstallOptions = InstallOptions()) -> List[Outcome]:
     """Install every bundle ``inputs`` name (:func:`bundle_paths`), each on its own and
     all of it verified: one that fails leaves the store as the others alone would,
-    and its :class:`Outcome` carries the error. Raises only for inputs that name no
-    bundle at all."""
+    and its :class:`Outcome` carries the error. Raises only for inputs that cannot be
+    read as bundles at all (an empty folder, stdin named twice)."""
     outcomes = []
     for path in bundle_paths(inputs):
         try:

@@ -63,7 +63,7 @@ class PackReport:
 
     output: str
     bundle_id: str = ""  # sha256 of the manifest: what install records and list shows
-    size: int = 0
+    size: int = 0  # -1: written to stdout
     refs: List[str] = field(default_factory=list)  # "owner/name:ref -> commit"
     files: int = 0
     weights: List[WeightEntry] = field(default_factory=list)
@@ -359,7 +359,7 @@ class _Packer:
             manifest = make_delta(manifest, self.baseline)
             report.prerequisites = manifest.prerequisites
         report.bundle_id = self._write(manifest)
-        report.size = os.path.getsize(report.output)
+        report.size = os.path.getsize(report.output) if report.output != bundle.STREAM else -1
         report.weights = weights
         if pins and not pins.exists:
             pins.write({r.asked: r.commit for repo in self.repos.values() for r in repo.refs},

@@ -50,26 +50,9 @@ sys.path.insert(0, ROOT)
 from tests.upstream import GitServer, WeightServer, build_demo_repo  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_delta import bench as bench_moving  # noqa: E402
 from bench_load import bench as bench_unpickler  # noqa: E402
-
-MIRROR = f"{sys.executable} -m mirror"
-
-
-def timed(cmd: str, env=None):
-    """Run a shell command after a sync; return (seconds, peak RSS in MiB of its
-    largest process).
-
-    /usr/bin/time measures the RSS: this script's own memory (the weight server holds
-    the weights) would otherwise count for a child forked from it.
-    """
-    os.sync()
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "sh", "-c", cmd], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: {cmd} failed: {proc.stderr[-2000:]}")
-    return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
+from bench_tools import MIRROR, timed  # noqa: E402
 
 
 def median(pairs) -> float:
@@ -414,8 +397,6 @@ def main() -> None:
                         pr["size2"] / pr["size1"], ""),
                 ]
                 print("\n".join(table[-3:]), flush=True)
-
-            from bench_delta import bench as bench_moving  # it imports this module's timer
 
             os.makedirs(os.path.join(work, "moving"))
             mv = bench_moving(os.path.join(work, "moving"), per_file, 5, args.size_mb)

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench import MIRROR, timed  # noqa: E402
+from bench_tools import MIRROR, timed  # noqa: E402
 
 from tests.upstream import GitServer, WeightServer  # noqa: E402
 from tests.upstream.demorepo import git  # noqa: E402

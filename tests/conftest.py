@@ -252,3 +252,14 @@ def same_weights(state, data: bytes) -> bool:
     expected = megengine.load(io.BytesIO(data))
     return sorted(state) == sorted(expected) and all(
         np.array_equal(np.asarray(state[k], np.float32), expected[k]) for k in expected)
+
+
+def keypairs(root, names=("release", "other")) -> dict:
+    """``mirror keygen`` for each name under ``root``: name -> (private key path, public
+    key path, key id)."""
+    out = {}
+    for name in names:
+        r = run(MIRROR + ["keygen", "-o", str(root / name)])
+        assert r.returncode == 0, r.stderr
+        out[name] = (str(root / name), str(root / f"{name}.pub"), r.stdout.split()[1][:-1])
+    return out

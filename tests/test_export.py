@@ -19,7 +19,7 @@ from mirror.model import Manifest
 from mirror.pack_options import PackOptions
 from mirror.packer import pack
 from mirror.store import Store
-from tests.conftest import MIRROR, handmade_bundle, manifest_json, run, same_weights
+from tests.conftest import MIRROR, handmade_bundle, keypairs, manifest_json, run, same_weights
 
 REPO = "demo/tinynets"
 
@@ -64,11 +64,7 @@ def _refs(home):
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-keys")
-    out = {}
-    for name in ("release", "other"):
-        r = run(MIRROR + ["keygen", "-o", str(root / name)])
-        assert r.returncode == 0, r.stderr
-        out[name] = (str(root / name), str(root / f"{name}.pub"), r.stdout.split()[1][:-1])
+    out = keypairs(root)
     return out
 
 

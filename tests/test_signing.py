@@ -17,17 +17,13 @@ from mirror.model import Manifest
 from mirror.pack_options import PackOptions
 from mirror.packer import pack
 from mirror.store import Store
-from tests.conftest import MIRROR, run, tree_digest, unpack
+from tests.conftest import MIRROR, keypairs, run, tree_digest, unpack
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     root = tmp_path_factory.mktemp("keys")
-    out = {}
-    for name in ("release", "other"):
-        r = run(MIRROR + ["keygen", "-o", str(root / name)])
-        assert r.returncode == 0, r.stderr
-        out[name] = (str(root / name), str(root / f"{name}.pub"), r.stdout.split()[1][:-1])
+    out = keypairs(root)
     trusted = root / "trusted"
     trusted.mkdir()
     (trusted / "release.pub").write_bytes((root / "release.pub").read_bytes())

@@ -1,0 +1,53 @@
+"""Bundles through pipes: `mirror pack -o -` writes the bundle to stdout (its report to
+stderr), and `mirror install -` and `mirror verify -` read stdin in one pass."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+from tests.conftest import MIRROR, ROOT, run, tree_digest
+
+
+def _shell(command: str, env: dict) -> subprocess.CompletedProcess:
+    env = dict(env, PYTHONPATH=ROOT)
+    return subprocess.run(["sh", "-c", command], env=env, capture_output=True, timeout=300,
+                          cwd=ROOT)
+
+
+def _content(home: str) -> dict:
+    digest = tree_digest(os.path.join(home, "repos"))
+    return {k: v for k, v in digest.items() if not k.endswith((".json", "refs.log"))}
+
+
+def test_pack_to_stdout_piped_into_install_from_stdin(upstream, master_bundle, tmp_path):
+    mirror = " ".join(shlex.quote(a) for a in MIRROR)
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "piped"),
+               MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl"))
+    pack = (f"{mirror} pack {upstream.spec()} --git-host {upstream.git.host} "
+            f"--protocol http -q -o -")
+    r = _shell(f"{pack} | unshare -n -- {mirror} install --no-megengine-cache -", env)
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode().splitlines()
+    assert out[0].startswith("verified ") and out[0].endswith(" from -")
+    assert r.stderr.decode().splitlines()[-1].startswith("wrote stdout, ")
+    alone = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "file"))
+    assert run(MIRROR + ["install", "--no-megengine-cache", master_bundle],
+               env=alone).returncode == 0
+    assert _content(env["MGE_MIRROR_HOME"]) == _content(alone["MGE_MIRROR_HOME"])
+
+
+def test_verify_and_install_from_stdin_refuse_a_bad_stream(master_bundle, tmp_path):
+    data = open(master_bundle, "rb").read()
+    home = tmp_path / "store"
+    env = dict(os.environ, MGE_MIRROR_HOME=str(home), PYTHONPATH=ROOT)
+    ok = subprocess.run(MIRROR + ["verify", "-"], input=data, env=env, capture_output=True,
+                        cwd=ROOT)
+    assert ok.returncode == 0 and ok.stdout.decode().startswith("-: OK, "), ok.stderr
+    for name, bad in (("cut", data[:len(data) // 2]),
+                      ("appended", data + b"\x50\x2a\x4d\x18\x01\x00\x00\x00x")):
+        r = subprocess.run([sys.executable, "-m", "mirror", "install", "-"], input=bad,
+                           env=env, capture_output=True, cwd=ROOT)
+        assert r.returncode == 3, (name, r.stderr)
+        assert r.stderr.decode().startswith("Error: bad bundle -"), (name, r.stderr)
+        assert not os.path.exists(home / "repos") and not os.listdir(home / "tmp"), name
