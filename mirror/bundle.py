@@ -463,14 +463,17 @@ class _FrameWalker:
 
     zstd's own readers silently skip skippable and empty frames and do not notice a
     last frame cut short, so data could hide in or after a bundle that verifies.
+    Only headers (at most 18 bytes) are ever copied: block data is counted past.
     """
+
+    HEADER_MAX = 18  # a frame's magic and largest header; a block header is 3
 
     def __init__(self, path: str):
         self.path = path
-        self.pending = b""  # bytes of a header not yet whole
-        self.at = 0  # offset of ``pending``'s first byte in the file
-        self.skip = 0  # bytes of block data (or checksum) still to pass
-        self.state = "frame"  # frame, block, checksum
+        self.pending = b""  # the start of a header not yet whole
+        self.at = 0  # file offset of the next byte not yet walked (``pending``'s first)
+        self.skip = 0  # bytes of block data (and checksum) still to pass
+        self.state = "frame"  # the next header: a frame's, or a block's
         self.frames = 0
         self.content = 0  # of the frame being walked
         self.checksum = 0  # its checksum's size, 0 or 4
@@ -480,18 +483,26 @@ class _FrameWalker:
         if not data:
             self.end()
             return
-        if self.skip:
-            passed = min(self.skip, len(data))
-            self.skip -= passed
-            self.at += passed
-            data = data[passed:]
-        self.pending += data
-        while self.pending and not self.skip:
-            if not self._step():
-                return
+        view, i = memoryview(data), 0
+        while i < len(view):
+            if self.skip:
+                passed = min(self.skip, len(view) - i)
+                self.skip -= passed
+                self.at += passed
+                i += passed
+                continue
+            taken = min(self.HEADER_MAX - len(self.pending), len(view) - i)
+            self.pending += bytes(view[i:i + taken])
+            i += taken
+            used = self._header()
+            if used:  # give back what the header did not use
+                i -= len(self.pending) - used
+                self.at += used
+                self.pending = b""
 
-    def _step(self) -> bool:
-        """Parse one header from ``pending``; False when it needs more bytes."""
+    def _header(self) -> int:
+        """Parse the header at the start of ``pending``: its length, or 0 when it needs
+        more bytes."""
         buf, path, offset = self.pending, self.path, self.at
         if self.state == "frame":
             if len(buf) >= 4 and buf[:4] != ZSTD_MAGIC:
@@ -501,44 +512,32 @@ class _FrameWalker:
                                         f"standard frames" + (", so this is not a bundle"
                                                               if not self.frames else ""))
             if len(buf) < 5:
-                return False
+                return 0
             descriptor = buf[4]
             single = descriptor >> 5 & 1
             header = 4 + 1 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] \
                 + ((1 if single else 0), 2, 4, 8)[descriptor >> 6]
             if len(buf) < header:
-                return False
+                return 0
             self.checksum = 4 if descriptor >> 2 & 1 else 0
             self.content, self.state = 0, "block"
-            self._consume(header)
-            return True
+            return header
         if len(buf) < 3:
-            return False
+            return 0
         value = int.from_bytes(buf[:3], "little")
         last, kind, length = value & 1, value >> 1 & 3, value >> 3
         if kind == 3:
             raise BundleError(path, f"corrupt zstd block at byte {offset}")
         self.content += length if kind != 2 else 1  # a compressed block holds data
-        self._consume(3)
         self.skip = 1 if kind == 1 else length
         if last:
             self.skip += self.checksum
             if self.content == 0:
                 raise BundleError(path, f"an empty zstd frame ends at byte "
-                                        f"{self.at + self.skip}; a bundle has none")
+                                        f"{offset + 3 + self.skip}; a bundle has none")
             self.frames += 1
             self.state = "frame"
-        self._pass_pending()
-        return True
-
-    def _consume(self, n: int) -> None:
-        self.pending, self.at = self.pending[n:], self.at + n
-
-    def _pass_pending(self) -> None:
-        """Block data already buffered counts against ``skip``."""
-        passed = min(self.skip, len(self.pending))
-        self.skip -= passed
-        self._consume(passed)
+        return 3
 
     def end(self) -> None:
         """At the end of the file: nothing may be left half-read."""
@@ -548,17 +547,18 @@ class _FrameWalker:
         if self.at == 0 and not self.pending:
             raise BundleError(self.path, "empty file")
         if self.skip:
-            if self.state == "frame":  # the last block is whole, its checksum is not
+            if self.state == "frame":  # the last block or its checksum is cut short
                 raise BundleError(self.path, f"truncated: the last zstd frame needs "
                                              f"{self.skip} more bytes")
             raise BundleError(self.path, f"truncated: a zstd block runs past the end of the "
                                          f"file ({self.at} bytes)")
-        if self.pending:
-            if self.state == "frame":
-                raise BundleError(self.path, f"truncated: frame header at byte {self.at}")
-            raise BundleError(self.path, f"truncated: zstd block header at byte {self.at}")
-        if self.state != "frame":
-            raise BundleError(self.path, f"truncated: zstd block header at byte {self.at}")
+        if self.pending and self.state == "frame" and \
+                not ZSTD_MAGIC.startswith(self.pending[:4]):
+            raise BundleError(self.path, f"not a zstd frame at byte {self.at}; a bundle "
+                                         f"holds only standard frames")
+        if self.pending or self.state != "frame":
+            what = "frame header" if self.state == "frame" else "zstd block header"
+            raise BundleError(self.path, f"truncated: {what} at byte {self.at}")
 
 
 def _check_end(path: str, end_offset: int, stream: _Decompressed) -> None:

@@ -51,3 +51,32 @@ def test_verify_and_install_from_stdin_refuse_a_bad_stream(master_bundle, tmp_pa
         assert r.returncode == 3, (name, r.stderr)
         assert r.stderr.decode().startswith("Error: bad bundle -"), (name, r.stderr)
         assert not os.path.exists(home / "repos") and not os.listdir(home / "tmp"), name
+
+
+def test_the_frame_check_does_not_depend_on_how_the_bytes_arrive(master_bundle):
+    """A pipe hands over bytes in pieces of any size: the same bundle passes, and the
+    same damage is refused with the same message, for every size."""
+    import pytest
+
+    from mirror.bundle import _FrameWalker
+    from mirror.errors import BundleError
+
+    good = open(master_bundle, "rb").read()
+    bad = {"appended skippable frame": good + b"\x50\x2a\x4d\x18\x01\x00\x00\x00x",
+           "cut": good[:-3], "garbage after": good + b"xyz", "cut in a header": good[:5]}
+
+    def walk(data: bytes, size: int) -> None:
+        walker = _FrameWalker("b")
+        for i in range(0, len(data), size):
+            walker.feed(data[i:i + size])
+        walker.feed(b"")
+
+    for size in (1, 2, 3, 17, 4096, len(good)):
+        walk(good, size)
+    for name, data in bad.items():
+        said = set()
+        for size in (1, 3, 17, 4096, len(data)):
+            with pytest.raises(BundleError) as e:
+                walk(data, size)
+            said.add(str(e.value))
+        assert len(said) == 1, (name, said)
