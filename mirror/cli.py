@@ -90,7 +90,7 @@ def _pack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @cli.command()
 @click.argument("specs", nargs=-1)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Bundle file to write (a recipe may name it).")
+              help="Bundle file to write (a recipe may name it; '-': stdout).")
 @click.option("--recipe", type=click.Path(dir_okay=False, exists=True),
               help="A TOML recipe naming repos, refs and options (see bundles/).")
 @_pack_options
@@ -443,7 +443,7 @@ def inventory(output, sign_key, home, as_json) -> None:
 @cli.command("export")
 @click.argument("specs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Bundle file to write.")
+              help="Bundle file to write ('-': stdout).")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
               help="Private key: sign the bundle (else an installed bundle made again keeps "
                    "its own signature, and a new one is unsigned).")
@@ -460,17 +460,19 @@ def export_(specs, output, sign_key, since, home, as_json) -> None:
     from .export import export as export_bundle
 
     report = export_bundle(Store(home), specs, output, sign=sign_key, since=since)
+    echo = functools.partial(click.echo, err=output == "-")  # -o -: the bundle is stdout
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
+        echo(json.dumps(report.to_json(), indent=1))
         return
     for s in report.snapshots:
-        click.echo(f"exported {s}")
+        echo(f"exported {s}")
     how = "the installed bundle made again" if report.reemitted else "a new bundle"
-    click.echo(f"wrote {report.output}: {report.bytes} bytes, {len(report.snapshots)} "
-               f"snapshots, {len(report.weights)} weights, {how}"
-               f"{', signed' if report.signed else ''}, bundle id {report.bundle_id[:16]}")
+    where = "stdout" if report.bytes < 0 else f"{report.output}: {report.bytes} bytes"
+    echo(f"wrote {where}, {len(report.snapshots)} snapshots, {len(report.weights)} "
+         f"weights, {how}{', signed' if report.signed else ''}, bundle id "
+         f"{report.bundle_id[:16]}")
     if report.prerequisites is not None:
-        click.echo(_assumes(report.prerequisites))
+        echo(_assumes(report.prerequisites))
 
 
 @cli.command()

@@ -63,7 +63,7 @@ class ExportReport:
     repos: Tuple[str, ...]  # owner/name (host/owner/name off the default host)
     snapshots: Tuple[str, ...]  # owner/name@commit
     weights: Tuple[str, ...]  # URLs
-    bytes: int  # the bundle file's size
+    bytes: int  # the bundle file's size; -1 when written to stdout
     signed: bool = False
     prerequisites: Prerequisites | None = None  # a delta's (--since), else None
 
@@ -148,7 +148,8 @@ def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str]
         output, bundle_id, manifest_bytes is not None,
         tuple(_label(r.id) for r in manifest.repos),
         tuple(f"{_label(r.id)}@{s.commit}" for r in manifest.repos for s in r.snapshots),
-        tuple(w.url for w in manifest.weights), os.path.getsize(output),
+        tuple(w.url for w in manifest.weights),
+        os.path.getsize(output) if output != bundle.STREAM else -1,
         signed=signer is not None or signature is not None,
         prerequisites=manifest.prerequisites)
 

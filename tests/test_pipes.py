@@ -80,3 +80,16 @@ def test_the_frame_check_does_not_depend_on_how_the_bytes_arrive(master_bundle):
                 walk(data, size)
             said.add(str(e.value))
         assert len(said) == 1, (name, said)
+
+
+def test_export_to_stdout_installs_from_stdin(master_bundle, tmp_path):
+    mirror = " ".join(shlex.quote(a) for a in MIRROR)
+    source = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "source"))
+    assert run(MIRROR + ["install", "--no-megengine-cache", master_bundle],
+               env=source).returncode == 0
+    target = tmp_path / "target"
+    r = _shell(f"{mirror} export demo/tinynets -o - | MGE_MIRROR_HOME={target} "
+               f"unshare -n -- {mirror} install --no-megengine-cache -", source)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "the installed bundle made again" in r.stderr.decode()
+    assert _content(str(target)) == _content(source["MGE_MIRROR_HOME"])
