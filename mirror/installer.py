@@ -39,7 +39,7 @@ from .atomic import (
     fsync_dir,
     fsync_path,
     make_temp_dir,
-    sync_filesystem,
+    sync_files,
 )
 from .config import TrustPolicy, settings, trust_policy
 from .delta import check_prerequisites
@@ -221,7 +221,7 @@ class _StagedBlob:
     """A staged blob, read-only once written. The kernel starts writing it to disk as
     it grows; a large one is then fsynced on a background thread while the next
     member is decompressed and hashed; small ones are made durable together at the
-    end (one fsync each took seconds for thousands)."""
+    end (:func:`mirror.atomic.sync_files`)."""
 
     LARGE = 1 << 20
 
@@ -340,9 +340,9 @@ class Transaction:
         for f in self.staged.values():
             if f.synced is not None:
                 f.synced.result()  # raises what fsync raised
-        small = [f.path for f in self.staged.values() if f.synced is None]
+        small = [f for f in self.staged.values() if f.synced is None]
         if small:
-            sync_filesystem(self.work, small)
+            sync_files(self.work, [f.path for f in small], sum(f.size for f in small))
 
     # --- 2. prove ------------------------------------------------------------------
 
