@@ -416,7 +416,11 @@ def main() -> None:
                     f"`tar -cf - BLOBS \\| zstd -T0 -1`: {e['tar_zstd_s']:.2f} s", e["ratio"],
                     "1.1", f"{e['export_rss_mb']:.0f} MiB"),
             ]
-            print("\n".join(table[-4:]), flush=True)
+            pp = mv["pipe"]
+            table.append(row(f"install {e['mib']} MiB from stdin (median of 5)",
+                             f"{pp['stdin_s']:.2f} s", f"from the file: {pp['file_s']:.2f} s",
+                             pp["ratio"], "1.05", f"{pp['stdin_rss_mb']:.0f} MiB"))
+            print("\n".join(table[-5:]), flush=True)
 
             series = []
             for s in scale:

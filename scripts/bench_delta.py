@@ -9,6 +9,7 @@ into an empty download cache:
 - the delta's size against that weight compressed alone (`zstd -T0 -1`).
 export: `mirror export REPO` of a store holding --export-mb of weights against
 `tar -cf - BLOBS | zstd -T0 -1` of the same blobs; with peak RSS.
+pipe: `cat BUNDLE | mirror install -` against `mirror install BUNDLE` of that bundle.
 
 Times are medians; the VM's speed swings, so runs are interleaved.
 Also called by scripts/bench.py.
@@ -143,6 +144,19 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
                              "tar_zstd_s": statistics.median(t for t, _ in base),
                              "export_rss_mb": max(r for _, r in mine)}
             out["export"]["ratio"] = out["export"]["export_s"] / out["export"]["tar_zstd_s"]
+
+            # The same bundle installed from a file, and from a pipe (one pass, no seek).
+            piped, filed = [], []
+            for i in range(runs):
+                for times, cmd in ((filed, f"{MIRROR} install --no-megengine-cache {b}"),
+                                   (piped, f"cat {b} | {MIRROR} install --no-megengine-cache -")):
+                    target = dict(env, MGE_MIRROR_HOME=os.path.join(work, f"pipe-{i}"))
+                    times.append(timed(cmd, env=target))
+                    shutil.rmtree(target["MGE_MIRROR_HOME"])
+            out["pipe"] = {"file_s": statistics.median(t for t, _ in filed),
+                           "stdin_s": statistics.median(t for t, _ in piped),
+                           "stdin_rss_mb": max(r for _, r in piped)}
+            out["pipe"]["ratio"] = out["pipe"]["stdin_s"] / out["pipe"]["file_s"]
     return out
 
 

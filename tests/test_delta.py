@@ -434,3 +434,18 @@ def test_install_takes_whole_bundles_before_deltas(deltas, tmp_path):
     whole = _store(tmp_path / "whole", deltas["v1"], deltas["v2"])
     v2 = deltas["commits"][2]
     assert _records(env, v2) == _records(whole, v2)
+
+
+def test_under_a_trust_policy_an_unsigned_delta_is_refused_for_its_signature(deltas,
+                                                                              tmp_path):
+    """The prerequisites an unsigned manifest names are not shown as instructions: the
+    signature is checked first, as for a whole bundle."""
+    from tests.conftest import keypairs
+
+    keys = keypairs(tmp_path)
+    env = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "store"))
+    path = deltas["delta from v1"]
+    r = run(MIRROR + ["install", "--trusted-keys", keys["release"][1], path], env=env,
+            netns=True)
+    assert r.returncode == 3
+    assert r.stderr.strip() == f"Error: refusing {path}: it is not signed"
