@@ -178,7 +178,7 @@ def _assumes(prerequisites: Any) -> str:
 def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_pickle,
             require_signature, trusted_keys, receipt, home, as_json) -> None:
     """Verify every byte of each BUNDLE and install it into the local store. A folder
-    stands for the *.hub bundles in it; whole bundles go before deltas.
+    stands for the *.hub bundles in it; whole bundles go before deltas; '-' is stdin.
 
     Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
     calls work offline too. With several bundles, each is installed as it would be
@@ -253,7 +253,7 @@ def _print_install(report: Any) -> None:
 @_json_option
 @_library_errors
 def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
-    """Verify every byte of BUNDLE without installing it, or, without BUNDLE, the
+    """Verify every byte of BUNDLE ('-': stdin) without installing it, or, without BUNDLE, the
     whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
     Exits 3 when anything fails verification.

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Set, Tuple
 
-from . import bundle
+from . import __version__, bundle
 from .config import settings
 from .errors import MirrorError, NotInstalledError, StoreError
 from .ids import short
@@ -328,7 +328,7 @@ def _new_manifest(store: Store, chosen: List[_Selected],
                     locations = entry.locations
                     break
         weights.append(WeightEntry(url, pin.size, pin.sha256, locations))
-    return Manifest(tuple(repos), tuple(weights), tool=f"mirror {_version()}",
+    return Manifest(tuple(repos), tuple(weights), tool=f"mirror {__version__}",
                     created=settings().now(),
                     format_version=_format_version(chosen, records))
 
@@ -470,9 +470,3 @@ def _label(ident: RepoId) -> str:
     from .refs import DEFAULT_HOST
 
     return ident.label if ident.host == DEFAULT_HOST else f"{ident.host}/{ident.label}"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -189,6 +189,8 @@ def bundle_paths(inputs: Sequence[str]) -> List[str]:
 
     if paths.count(bundle.STREAM) > 1:
         raise MirrorError("stdin ('-') can be read once: name it once")
+    if len(paths) < 2:
+        return paths  # nothing to order: no manifest read before install reads it
 
     def is_delta(path: str) -> bool:
         if path == bundle.STREAM:
