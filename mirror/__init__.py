@@ -89,19 +89,20 @@ def take_inventory(home: str | None = None) -> Any:
 
 
 def export_bundle(specs: Any, output: str, home: str | None = None, sign: str | None = None,
-                  since: str | None = None) -> Any:
+                  since: str | None = None, split_size: str | None = None) -> Any:
     """Write to ``output`` a bundle of what ``specs`` name in the store at ``home``: repos
     (``owner/name``), refs (``owner/name:ref``) or commits (``owner/name@commit``), as
     ``remove`` takes them; from the store alone, no network. What one installed bundle
     held exactly is that bundle made again (same id, same signature); else a new one,
     signed with the private key at ``sign`` if given; with ``since`` (an inventory, a
-    bundle or a lock file of the target), a delta. Returns a
+    bundle or a lock file of the target), a delta; with ``split_size`` (``4G``), in
+    parts of at most that size (:mod:`mirror.parts`). Returns a
     :class:`mirror.export.ExportReport`. Raises :class:`mirror.errors.NotInstalledError`
     or :class:`mirror.errors.StoreError`."""
     from .export import export
     from .store import Store
 
-    return export(Store(home), specs, output, sign=sign, since=since)
+    return export(Store(home), specs, output, sign=sign, since=since, split_size=split_size)
 
 
 def gc(home: str | None = None, dry_run: bool = False) -> Any:

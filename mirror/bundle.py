@@ -31,8 +31,9 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, S
 
 import zstandard
 
+from . import parts
 from .atomic import atomic_file
-from .errors import BundleError, InvalidRecordError
+from .errors import BundleError, InvalidRecordError, MirrorError
 from .hashing import CHUNK, sha256_bytes
 from .links import decode, refused
 from .model import (  # noqa: F401  (the format's names, re-exported for readers of bundles)
@@ -45,6 +46,8 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
     code_member,
     weight_member,
 )
+from .parts import BundleInput, Parts, PartWriter, Unparted
+from .parts import reserve_for as parts_reserve
 from .safety import BlockReader, PickleScans
 
 MANIFEST = "manifest.json"
@@ -90,9 +93,23 @@ Source = Union[bytes, str]  # the member's bytes, or the path of a file holding 
 def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
           mtimes: Mapping[str, int] | None = None,
           sign: Callable[[bytes], bytes] | None = None, manifest_bytes: bytes | None = None,
-          signature: bytes | None = None) -> str:
+          signature: bytes | None = None, split_size: int | None = None) -> str:
     """Write a bundle to ``path`` atomically and return its id, the sha256 of its
-    manifest (which holds the digest of every other member).
+    manifest (which holds the digest of every other member). :func:`write_files`
+    says more, and returns the names of the files written too."""
+    return write_files(path, manifest, sources, mtimes, sign, manifest_bytes, signature,
+                       split_size)[0]
+
+
+def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
+                mtimes: Mapping[str, int] | None = None,
+                sign: Callable[[bytes], bytes] | None = None,
+                manifest_bytes: bytes | None = None, signature: bytes | None = None,
+                split_size: int | None = None) -> Tuple[str, List[str]]:
+    """Write a bundle to ``path`` atomically; return its id, the sha256 of its
+    manifest (which holds the digest of every other member), and the files written:
+    ``path``, or with ``split_size`` its parts ``path.001``, ... of at most that many
+    bytes each (:mod:`mirror.parts`).
 
     ``sources`` maps every member that ``manifest`` promises to its content, and
     ``mtimes`` gives members a modification time (code: its commit's time; others
@@ -121,10 +138,18 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
         raise ValueError("manifest_bytes do not hold the manifest given")
     if sign is not None and signature is not None:
         raise ValueError("give sign or signature, not both")
+    if split_size is not None and path == STREAM:
+        raise MirrorError("--split-size writes part files: name them with -o FILE, not -o -")
     # To stdout ("-"): a stream, written as it is made; a file appears only when whole.
-    with contextlib.nullcontext(sys.stdout.buffer) if path == STREAM else \
-            atomic_file(path) as raw:
-        out = _FrameWriter(raw)
+    if split_size is not None:
+        tar_bytes = sum(m.size + 4 * tarfile.BLOCKSIZE for m in members.values())
+        opened: Any = _parts(path, split_size, parts_reserve(
+            manifest_bytes, sign is not None or signature is not None, tar_bytes, split_size))
+    else:
+        opened = contextlib.nullcontext(sys.stdout.buffer) if path == STREAM else \
+            atomic_file(path)
+    with opened as raw:
+        out = _FrameWriter(raw, raw if split_size is not None else None)
         out.member(MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes), 0)
         if sign is not None:  # signs the manifest, whose digests cover every other byte
             signature = sign(manifest_bytes)
@@ -139,9 +164,20 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
                     out.member(name, members[name].size, fh, mtime)
         out.end()
         raw.flush()
+        files = raw.finish(manifest_bytes, signature, sign) if split_size is not None \
+            else [path]
     # The id install records and list shows. Not the file's own sha256: that took a
     # second pass over every byte, a quarter of pack's time on two cores.
-    return bundle_id(manifest_bytes)
+    return bundle_id(manifest_bytes), files
+
+
+@contextlib.contextmanager
+def _parts(path: str, split_size: int, reserve: int) -> Iterator[PartWriter]:
+    writer = PartWriter(path, split_size, reserve)
+    try:
+        yield writer
+    finally:
+        writer.abort()  # what finish did not name: nothing, or every part on an error
 
 
 def _link_target(src: Source) -> str:
@@ -196,8 +232,9 @@ class _FrameWriter:
     times larger and slower); weights, which barely compress, go fast and alone.
     """
 
-    def __init__(self, out: IO[bytes]):
-        self.out, self.offset = out, 0
+    def __init__(self, out: IO[bytes], parts: PartWriter | None = None):
+        self.out, self.offset, self.parts = out, 0, parts
+        self.pending = 0  # bytes the open frame took since zstd last wrote all it had
         # Every frame carries zstd's checksum, so accidental damage anywhere (the
         # manifest included, which no digest of its own covers) fails to decompress.
         self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1,
@@ -211,7 +248,36 @@ class _FrameWriter:
             self._close_frame()
             cctx = self.weights if kind == "weights" else self.code
             self.frame, self.frame_kind = cctx.stream_writer(self.out, closefd=False), kind
+            self.pending = 0
         return self.frame
+
+    def _put(self, data: Any) -> None:
+        """Into the open frame. In a split bundle, a frame that would cross the end of
+        the part is ended there, and its data goes on in a new frame of the next part:
+        zstd writes at most ``_bound(n)`` bytes for ``n`` taken since it last wrote all
+        it had, and flushing (which costs some ratio) is done only near the line."""
+        if self.parts is None:
+            self.frame.write(data)
+            return
+        view = memoryview(data).cast("B")
+        while len(view):
+            fits = self.parts.room() - _bound(self.pending) - FRAME_END
+            if _bound(len(view)) > fits and self.pending:
+                self.frame.flush(zstandard.FLUSH_BLOCK)
+                self.pending = 0
+                continue
+            n = len(view) if _bound(len(view)) <= fits else max(0, _fit(fits))
+            if n < len(view) and n < MIN_PIECE:  # the part is full
+                if self.frame_kind == "head":
+                    raise ValueError("the manifest does not fit in the first part")
+                kind = self.frame_kind
+                self._close_frame()
+                self.parts.next_part()
+                self._frame_for(kind)
+                continue
+            self.frame.write(view[:n])
+            self.pending += n
+            view = view[n:]
 
     def _close_frame(self) -> None:
         if self.frame is not None:
@@ -227,16 +293,16 @@ class _FrameWriter:
         padding = -size % tarfile.BLOCKSIZE
         kind = "weights" if name.startswith("weights/") else \
             "head" if name in (MANIFEST, SIGNATURE) else "code"
-        z = self._frame_for(kind)
-        z.write(header)
+        self._frame_for(kind)
+        self._put(header)
         copied = 0
         for block in iter(lambda: fh.read(CHUNK), b""):
-            z.write(block)
+            self._put(block)
             copied += len(block)
         if copied != size:
             raise ValueError(f"member {name} changed while packing: {copied} bytes, "
                              f"expected {size}")
-        z.write(b"\0" * padding)
+        self._put(b"\0" * padding)
         self.offset += len(header) + size + padding
 
     def end(self) -> None:
@@ -244,8 +310,24 @@ class _FrameWriter:
         self._close_frame()
         end = 2 * tarfile.BLOCKSIZE
         end += -(self.offset + end) % tarfile.RECORDSIZE
-        with self.code.stream_writer(self.out, closefd=False) as z:
-            z.write(b"\0" * end)
+        self._frame_for("end")
+        self._put(b"\0" * end)
+        self._close_frame()
+
+
+FRAME_END = 64  # a frame's header, its last block's header and its checksum, and more
+MIN_PIECE = 4 << 10  # less than this of a member is not worth a frame at a part's end
+
+
+def _bound(n: int) -> int:
+    """At most what zstd writes for ``n`` bytes: no block is larger than its data and a
+    3-byte header, and blocks hold up to 128 KiB (fewer where a job or flush ends)."""
+    return n + 3 * (n // (64 << 10) + 2)
+
+
+def _fit(room: int) -> int:
+    """About the most bytes whose :func:`_bound` fits in ``room``."""
+    return room - 3 * (room // (64 << 10) + 3)
 
 
 # --- reading -----------------------------------------------------------------
@@ -264,13 +346,14 @@ class Head:
     manifest: Manifest
     manifest_bytes: bytes
     signature: bytes | None
+    detached: bool = False  # the signature is BUNDLE.sig, beside the bundle
 
     @property
     def bundle_id(self) -> str:
         return bundle_id(self.manifest_bytes)
 
 
-def read(path: str, sink: SinkFactory | None = None,
+def read(path: BundleInput, sink: SinkFactory | None = None,
          on_head: Callable[[Head], None] | None = None,
          progress: bool = False, file_digest: Any = None,
          scan: Scanner | None = None) -> Manifest:
@@ -286,42 +369,83 @@ def read(path: str, sink: SinkFactory | None = None,
     ``scan`` reads each member's bytes as they pass (a forward-only file), to
     inspect what needs more than a digest (a weight's pickle): it reads as much as
     it wants, the rest is hashed all the same.
+
+    ``path`` may be a bundle's parts (:class:`mirror.parts.Parts`), or a file or
+    stdin holding them all: their headers are checked and stripped as they pass
+    (:class:`mirror.parts.Unparted`), and the payloads read as the bundle they are.
     """
     from tqdm import tqdm  # here: inspect and list, which show no progress, start sooner
 
-    try:
-        fh = _stdin() if path == STREAM else open(path, "rb")
-    except OSError as e:
-        raise BundleError(path, e.strerror or str(e)) from None
-    size = os.fstat(fh.fileno())
-    with fh, tqdm(total=size.st_size if stat.S_ISREG(size.st_mode) else None, unit="B",
-                  unit_scale=True,
-                  unit_divisor=1024, desc="verify", disable=not progress or None,
-                  leave=False) as bar:
-        frames = _FrameWalker(path)
+    with contextlib.ExitStack() as files:
+        fh, total = _open(path, files)
+        unparted = fh if isinstance(fh, Unparted) else None
 
-        def seen(data: bytes) -> None:
-            frames.feed(data)  # before the decompressor sees them
-            bar.update(len(data))
-            if file_digest is not None:
-                file_digest.update(data)
+        def head_seen(head: Head) -> None:
+            if unparted is not None:
+                unparted.check_head(head.manifest_bytes,
+                                    None if head.detached else head.signature)
+            if on_head is not None:
+                on_head(head)
 
+        bar = files.enter_context(tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
+            disable=not progress or None, leave=False))
+        return _read(str(path), fh, bar, sink, head_seen, file_digest, scan, unparted)
+
+
+def _open(path: BundleInput, files: contextlib.ExitStack) -> Tuple[Any, int | None]:
+    """The bundle's bytes, as a file to read forward, and their size if known: its
+    parts' payloads, checked, where it is in parts."""
+    def opener(name: str) -> IO[bytes]:
         try:
-            with _Decompressed(path, fh, seen) as stream:
-                # Seekable mode on a forward-only stream: tarfile parses the headers
-                # (PAX included) and member data is read straight from the stream,
-                # not copied through tarfile's own buffers.
-                with tarfile.open(fileobj=stream, mode="r:") as tar:
-                    manifest = _read_members(path, tar, stream, sink, on_head, scan)
-                    _check_end(path, tar.offset, stream)
-                    return manifest
-        except BundleError:
-            raise
-        except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
-            raise e.error from None
-        except (zstandard.ZstdError, EOFError, OSError) + TAR_HEADER_ERRORS as e:
-            raise BundleError(path, f"unreadable ({type(e).__name__}: {e}); "
-                                    f"the file is truncated, corrupt or not a bundle") from None
+            return files.enter_context(open(name, "rb", buffering=CHUNK))
+        except OSError as e:
+            raise BundleError(name, e.strerror or str(e)) from None
+
+    if isinstance(path, Parts):
+        fhs = [opener(p) for p in path.paths]
+        total = sum(os.fstat(f.fileno()).st_size for f in fhs)
+        problem = path.problem()
+        if problem:
+            raise BundleError(str(path), problem)
+        return Unparted(list(zip(path.paths, fhs)), str(path)), total
+    fh = files.enter_context(_stdin()) if path == STREAM else opener(path)
+    st = os.fstat(fh.fileno())
+    total = st.st_size if stat.S_ISREG(st.st_mode) else None
+    if fh.peek(4)[:4] == parts.MAGIC:  # parts concatenated, in a file or a pipe
+        return Unparted([("stdin" if path == STREAM else path, fh)], str(path)), total
+    return fh, total
+
+
+def _read(path: str, fh: IO[bytes], bar: Any, sink: SinkFactory | None,
+          on_head: Callable[[Head], None], file_digest: Any, scan: Scanner | None,
+          unparted: Unparted | None) -> Manifest:
+    """:func:`read`'s work, on an opened bundle."""
+    frames = _FrameWalker(path)
+
+    def seen(data: bytes) -> None:
+        frames.feed(data)  # before the decompressor sees them
+        bar.update(len(data))
+        if file_digest is not None:
+            file_digest.update(data)
+
+    try:
+        with _Decompressed(path, fh, seen) as stream:
+            # Seekable mode on a forward-only stream: tarfile parses the headers
+            # (PAX included) and member data is read straight from the stream,
+            # not copied through tarfile's own buffers.
+            with tarfile.open(fileobj=stream, mode="r:") as tar:
+                manifest = _read_members(path, tar, stream, sink, on_head, scan)
+                _check_end(path, tar.offset, stream)
+                return manifest
+    except BundleError:
+        raise
+    except _SinkFailed as e:  # the disk being written, not the bundle, is at fault
+        raise e.error from None
+    except (zstandard.ZstdError, EOFError, OSError) + TAR_HEADER_ERRORS as e:
+        where = f" in {unparted.where}" if unparted is not None else ""
+        raise BundleError(path, f"unreadable{where} ({type(e).__name__}: {e}); "
+                                f"the file is truncated, corrupt or not a bundle") from None
 
 
 def _stdin() -> IO[bytes]:
@@ -671,7 +795,7 @@ def _read_head(path: str, tar: tarfile.TarFile,
         info = tar.next()
     elif path != STREAM and os.path.exists(path + ".sig"):  # detached, beside the bundle
         with open(path + ".sig", "rb") as fh:
-            signature = fh.read(MAX_SIGNATURE_BYTES)
+            return Head(manifest, manifest_bytes, fh.read(MAX_SIGNATURE_BYTES), True), info
     return Head(manifest, manifest_bytes, signature), info
 
 
@@ -757,15 +881,20 @@ class Verified:
     manifest: Manifest
     manifest_bytes: bytes  # as the bundle holds them: what a signature signs
     signed_by: str | None
+    part: parts.Header | None = None  # one part, verified alone (see verify)
 
     @property
     def bundle_id(self) -> str:
         return bundle_id(self.manifest_bytes)
 
 
-def verify(path: str, keys: Mapping[str, Any] | None = None,
+def verify(path: BundleInput, keys: Mapping[str, Any] | None = None,
            progress: bool = False, allow_unsafe_pickle: bool = False) -> Verified:
     """Verify every byte of the bundle at ``path`` without installing anything.
+
+    ``path`` may be a bundle's parts, all of them (:class:`mirror.parts.Parts`), or a
+    file holding them all. A file that is one part of several is verified alone
+    (:func:`verify_part`).
 
     With ``keys`` (key id -> public key, see :func:`mirror.signing.load_keys`), the
     bundle must also carry a signature by one of them, checked before any member
@@ -778,6 +907,9 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
     """
     from .proof import ProofError, prove_manifest
 
+    if isinstance(path, str) and path != STREAM and parts.is_part(path) and \
+            parts.group([path]) != [path]:
+        return verify_part(path, keys)
     heads: list = []
     signer: list = []
 
@@ -809,6 +941,22 @@ def verify(path: str, keys: Mapping[str, Any] | None = None,
     return Verified(manifest, heads[0].manifest_bytes, signer[0] if signer else None)
 
 
+def verify_part(path: str, keys: Mapping[str, Any] | None = None) -> Verified:
+    """Verify one part of a bundle on its own, as it arrives: its header, and its
+    payload's size and sha256 against the table of parts. With ``keys``, the manifest
+    and the table must both be signed by one of them, so the part is the one its
+    signer made. The members in it are checked when every part is read (install)."""
+    header = parts.verify_alone(path)
+    signer = None
+    if keys is not None:
+        from .signing import check
+
+        signer = check(header.signature, header.manifest_bytes, keys, path).key_id
+        check(header.table_signature, header.table_bytes, keys, path, what="table of parts")
+    manifest = manifest_from_bytes(path, header.manifest_bytes)
+    return Verified(manifest, header.manifest_bytes, signer, header)
+
+
 def read_all(path: str, on_head: Callable[[Head], None] | None = None
              ) -> Tuple[Manifest, Dict[str, bytes]]:
     """The manifest and every member's bytes, in memory, of a bundle that verifies
@@ -837,15 +985,20 @@ def manifest_from_bytes(path: str, data: bytes) -> Manifest:
         raise BundleError(path, f"invalid manifest: {e}", MANIFEST) from None
 
 
-def read_manifest(path: str) -> Manifest:
+def read_manifest(path: BundleInput) -> Manifest:
     """Only the manifest, from the bundle's first zstd frame: the rest is never read,
     so this is as fast for a 100 GB bundle as for a small one. Not a verification:
     the manifest's digests are checked by :func:`read`."""
     return manifest_from_bytes(path, read_manifest_bytes(path))
 
 
-def read_manifest_bytes(path: str) -> bytes:
-    """The manifest's bytes as the bundle holds them (its id is their sha256)."""
+def read_manifest_bytes(path: BundleInput) -> bytes:
+    """The manifest's bytes as the bundle holds them (its id is their sha256); of a
+    bundle in parts, as any of its parts' headers carries them."""
+    if isinstance(path, Parts):
+        return path.first.manifest_bytes
+    if parts.is_part(path):
+        return parts.header_of(path).manifest_bytes
     try:
         with open(path, "rb") as fh:
             frame = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=False)

@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -22,6 +22,7 @@ from .atomic import write_atomic
 from .config import settings
 from .errors import MirrorError
 from .ids import short
+from .parts import Parts
 from .store import Store
 
 
@@ -136,11 +137,19 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
         echo(f"unresolved {line}")
     for line in report.nested:
         echo(f"nested {line}")
-    where = "stdout" if report.size < 0 else f"{report.output}: {report.size} bytes"
+    where = "stdout" if report.size < 0 else _written(report.output, report.parts,
+                                                      report.size)
     echo(f"wrote {where}, {report.files} files, {len(report.weights)} weights, bundle id "
          f"{report.bundle_id[:16]}")
     if report.prerequisites is not None:
         echo(_assumes(report.prerequisites))
+
+
+def _written(output: str, parts: Sequence[str], size: int) -> str:
+    """Where a bundle went: its file, or its parts."""
+    if not parts:
+        return f"{output}: {size} bytes"
+    return f"{len(parts)} parts {parts[0]} .. {parts[-1]}: {size} bytes"
 
 
 def _assumes(prerequisites: Any) -> str:
@@ -241,7 +250,7 @@ def _print_install(report: Any) -> None:
 
 
 @cli.command()
-@click.argument("bundle_path", metavar="[BUNDLE]", required=False,
+@click.argument("bundle_paths", metavar="[BUNDLE...]", nargs=-1,
                 type=click.Path(dir_okay=False))
 @click.option("--key", "keys", multiple=True, type=click.Path(exists=True),
               help="Require a signature by this public key (a .pub file or a directory of "
@@ -252,27 +261,27 @@ def _print_install(report: Any) -> None:
 @_home_option
 @_json_option
 @_library_errors
-def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
-    """Verify every byte of BUNDLE ('-': stdin) without installing it, or, without BUNDLE, the
-    whole store: every blob re-hashed, every snapshot, ref and weight checked.
+def verify(bundle_paths, keys, allow_unsafe_pickle, home, as_json) -> None:
+    """Verify every byte of each BUNDLE ('-': stdin) without installing it, or, without
+    BUNDLE, the whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
+    Every part of a split bundle (OUT.*), in any order, is verified as the bundle; a
+    part given without the others is verified alone, against its signed table.
     Exits 3 when anything fails verification.
     """
-    if bundle_path:
-        verified = bundle.verify(bundle_path, signing.load_keys(keys) if keys else None,
-                                 progress=not as_json, allow_unsafe_pickle=allow_unsafe_pickle)
-        n = len(verified.manifest.members())
-        signed = f", signed by {verified.signed_by}" if verified.signed_by else ""
-        pre = verified.manifest.prerequisites
+    if bundle_paths:
+        from .installer import bundle_paths as inputs_of
+
+        trusted = signing.load_keys(keys) if keys else None
+        reports = []
+        for given in inputs_of(bundle_paths):
+            for path in (given.paths if isinstance(given, Parts) and given.problem()
+                         else [given]):  # some parts only: each alone
+                verified = bundle.verify(path, trusted, progress=not as_json,
+                                         allow_unsafe_pickle=allow_unsafe_pickle)
+                reports.append(_verified(str(path), verified, as_json))
         if as_json:
-            click.echo(json.dumps({"bundle": bundle_path, "ok": True, "members": n,
-                                   "signed_by": verified.signed_by,
-                                   "prerequisites": pre.to_json() if pre else None}))
-        else:
-            click.echo(f"{bundle_path}: OK, {n} members verified{signed}")
-            if pre is not None:  # a delta: what it could not check alone
-                click.echo(f"{_assumes(pre)}; install checks those against the store's "
-                           f"copies (git ids, pickle scan)")
+            click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
         return
     report = housekeeping.verify(Store(home), progress=not as_json)
     if as_json:
@@ -287,6 +296,30 @@ def verify(bundle_path, keys, allow_unsafe_pickle, home, as_json) -> None:
                    f"weights, {report.seeds} seeds checked; {len(report.problems)} problems")
     if not report.ok:
         raise SystemExit(3)
+
+
+def _verified(path: str, verified: bundle.Verified, as_json: bool) -> Any:
+    """What verify says of one bundle, or one part: the JSON, or printed lines."""
+    n = len(verified.manifest.members())
+    pre, part = verified.manifest.prerequisites, verified.part
+    if as_json:
+        return {"bundle": path, "ok": True, "members": None if part else n,
+                "bundle_id": verified.bundle_id,
+                "part": {"index": part.index, "count": part.count, "payload_bytes":
+                         part.payload[0], "payload_sha256": part.payload[1]} if part else None,
+                "signed_by": verified.signed_by,
+                "prerequisites": pre.to_json() if pre else None}
+    signed = f", signed by {verified.signed_by}" if verified.signed_by else ""
+    if part is not None:
+        click.echo(f"{path}: OK, part {part.index} of {part.count} of bundle "
+                   f"{verified.bundle_id[:16]}, {part.payload[0]} bytes as its table says"
+                   f"{signed}; its members are verified with every part (install)")
+        return None
+    click.echo(f"{path}: OK, {n} members verified{signed}")
+    if pre is not None:  # a delta: what it could not check alone
+        click.echo(f"{_assumes(pre)}; install checks those against the store's "
+                   f"copies (git ids, pickle scan)")
+    return None
 
 
 def _print_plan(plan: housekeeping.Plan, as_json: bool) -> None:
@@ -450,16 +483,20 @@ def inventory(output, sign_key, home, as_json) -> None:
 @click.option("--since", type=click.Path(exists=True, dir_okay=False),
               help="A delta against what the target holds: its inventory (mirror "
                    "inventory), a bundle it installed, or a lock file.")
+@click.option("--split-size", metavar="SIZE",
+              help="Write parts OUTPUT.001, ... of at most SIZE bytes each (4G = 4 GiB, "
+                   "4700MB = 4.7e9 bytes), each verifiable alone.")
 @_home_option
 @_json_option
 @_library_errors
-def export_(specs, output, sign_key, since, home, as_json) -> None:
+def export_(specs, output, sign_key, since, split_size, home, as_json) -> None:
     """Write a bundle of SPECS ([host/]owner/name[:ref][@commit]: a repo, a ref or a
     commit, as remove takes them) from the store alone, with no network, that installs
     on another host as the bundle(s) that brought them did."""
     from .export import export as export_bundle
 
-    report = export_bundle(Store(home), specs, output, sign=sign_key, since=since)
+    report = export_bundle(Store(home), specs, output, sign=sign_key, since=since,
+                           split_size=split_size)
     echo = functools.partial(click.echo, err=output == "-")  # -o -: the bundle is stdout
     if as_json:
         echo(json.dumps(report.to_json(), indent=1))
@@ -467,7 +504,8 @@ def export_(specs, output, sign_key, since, home, as_json) -> None:
     for s in report.snapshots:
         echo(f"exported {s}")
     how = "the installed bundle made again" if report.reemitted else "a new bundle"
-    where = "stdout" if report.bytes < 0 else f"{report.output}: {report.bytes} bytes"
+    where = "stdout" if report.bytes < 0 else _written(report.output, report.parts,
+                                                       report.bytes)
     echo(f"wrote {where}, {len(report.snapshots)} snapshots, {len(report.weights)} "
          f"weights, {how}{', signed' if report.signed else ''}, bundle id "
          f"{report.bundle_id[:16]}")
@@ -494,6 +532,10 @@ def keygen(output) -> None:
 def sign(bundle_path, key) -> None:
     """Sign BUNDLE's manifest (which covers every byte) into BUNDLE.sig, beside it."""
     verified = bundle.verify(bundle_path)  # sign only what verifies
+    if verified.part is not None:
+        raise click.ClickException(f"{bundle_path} is one part of a split bundle: sign it "
+                                   f"as it is packed (pack or export --sign), which signs "
+                                   f"its table of parts too")
     document = signing.sign(signing.load_private(key), verified.manifest_bytes)
     write_atomic(bundle_path + ".sig", document)
     click.echo(f"signed {bundle_path} -> {bundle_path}.sig")

@@ -46,6 +46,7 @@ from .model import (
     objects_member,
     weight_member,
 )
+from .parts import split_size as split_size_of
 from .proof import ProofError, decode
 from .refs import RepoSpec
 from .store import Store, read_record
@@ -66,6 +67,7 @@ class ExportReport:
     bytes: int  # the bundle file's size; -1 when written to stdout
     signed: bool = False
     prerequisites: Prerequisites | None = None  # a delta's (--since), else None
+    parts: Tuple[str, ...] = ()  # the part files written (split_size), else ()
 
     def to_json(self) -> JsonObject:
         return dataclasses.asdict(self)
@@ -91,12 +93,17 @@ def _repo_key(ident: RepoId) -> Tuple[str, str, str]:
 
 
 def export(store: Store, specs: Sequence[str], output: str,
-           sign: str | None = None, since: str | None = None) -> ExportReport:
+           sign: str | None = None, since: str | None = None,
+           split_size: str | None = None) -> ExportReport:
     """Write to ``output`` a bundle of what ``specs`` (``[host/]owner/name[:ref][@commit]``)
     name in ``store``; signed with the private key at ``sign``, if given (else an
     installed bundle made again keeps its own signature, and a new one is unsigned).
     With ``since`` (the target's inventory, a bundle it installed, or a lock file), a
-    delta that leaves out what the target holds (:mod:`mirror.delta`).
+    delta that leaves out what the target holds (:mod:`mirror.delta`). With
+    ``split_size`` (``4G``, ``4700MB``), in parts of at most that size
+    (:mod:`mirror.parts`); sign them (``sign``) for each part to be verifiable alone
+    under a trust policy: a bundle made again keeps its signature, but its table of
+    parts is new and unsigned.
 
     Raises :class:`NotInstalledError` for a spec that names nothing installed,
     :class:`StoreError` for a record or blob the store lacks, and :class:`MirrorError`
@@ -104,6 +111,7 @@ def export(store: Store, specs: Sequence[str], output: str,
     """
     if isinstance(specs, str):  # one spec, not its characters
         specs = [specs]
+    size = split_size_of(split_size, output)
     baseline = None
     if since is not None:
         from .delta import Baseline
@@ -121,13 +129,15 @@ def export(store: Store, specs: Sequence[str], output: str,
             if delta is not manifest:  # a new manifest: neither the bytes nor the signature
                 manifest, manifest_bytes, signature = delta, None, None
         return write_selection(store, manifest, sources, output, manifest_bytes, signature,
-                               sign)
+                               sign, size)
 
 
 def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str],
                     output: str, manifest_bytes: bytes | None = None,
-                    signature: bytes | None = None, sign: str | None = None) -> ExportReport:
-    """Write what :func:`select` chose (maybe shrunk since) to ``output``."""
+                    signature: bytes | None = None, sign: str | None = None,
+                    split_size: int | None = None) -> ExportReport:
+    """Write what :func:`select` chose (maybe shrunk since) to ``output`` (in parts of
+    ``split_size`` bytes, if given)."""
     signer = None
     if sign is not None:
         from . import signing
@@ -137,8 +147,9 @@ def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str]
     mtimes = {code_member(s.commit, f.path): s.commit_time
               for r in manifest.repos for s in r.snapshots for f in s.files}
     try:
-        bundle_id = bundle.write(output, manifest, sources, mtimes, sign=signer,
-                                 manifest_bytes=manifest_bytes, signature=signature)
+        bundle_id, files = bundle.write_files(output, manifest, sources, mtimes, sign=signer,
+                                              manifest_bytes=manifest_bytes,
+                                              signature=signature, split_size=split_size)
     except bundle.SourceError as e:  # a blob gone or unreadable since it was checked
         raise StoreError(e.path, f"{e}; nothing was exported (run 'mirror verify')") \
             from None
@@ -149,9 +160,10 @@ def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str]
         tuple(_label(r.id) for r in manifest.repos),
         tuple(f"{_label(r.id)}@{s.commit}" for r in manifest.repos for s in r.snapshots),
         tuple(w.url for w in manifest.weights),
-        os.path.getsize(output) if output != bundle.STREAM else -1,
+        sum(os.path.getsize(f) for f in files) if output != bundle.STREAM else -1,
         signed=signer is not None or signature is not None,
-        prerequisites=manifest.prerequisites)
+        prerequisites=manifest.prerequisites,
+        parts=tuple(files) if split_size is not None else ())
 
 
 def select(store: Store, specs: Sequence[str]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -61,6 +62,7 @@ from .model import (
     canonical_json,
 )
 from .names import ref_conflict
+from .parts import BundleInput, group
 from .proof import Proof, ProofError, history, prove_manifest
 from .safety import PickleScans, unsafe_globals
 from .store import Store
@@ -119,10 +121,12 @@ class InstallReport:
                 "bundle_file_sha256": self.file_sha256}
 
 
-def install(bundle_path: str, home: str | None = None,
+def install(bundle_path: BundleInput, home: str | None = None,
             options: InstallOptions = InstallOptions()) -> InstallReport:
     """Verify every byte of the bundle at ``bundle_path``, then make its snapshots,
     weights and refs visible in the store at ``home`` (default: the configured one).
+    ``bundle_path`` may be every part of a bundle (:class:`mirror.parts.Parts`, from
+    :func:`bundle_paths`), read in order without being put together anywhere.
 
     The store's trust policy applies whoever calls this: under one, a bundle no
     trusted key signed is refused before anything is written. Nothing becomes
@@ -145,7 +149,7 @@ def install(bundle_path: str, home: str | None = None,
     except MirrorError:
         head = None  # the whole read below says what is wrong, in verify's words
     if head is not None and not policy.required:
-        check_prerequisites(store, head, bundle_path)
+        check_prerequisites(store, head, str(bundle_path))
     try:
         os.makedirs(store.layout.tmp, exist_ok=True)
         with locked(store.layout.lock, shared=True):
@@ -163,23 +167,26 @@ def install(bundle_path: str, home: str | None = None,
 class Outcome:
     """One bundle of :func:`install_all`: its report, or the error that refused it."""
 
-    bundle: str
+    bundle: str  # its path, or its parts'
     report: InstallReport | None = None
     error: MirrorError | None = None
 
 
 BUNDLE_SUFFIX = ".hub"
+PART_NAME = re.compile(r"\.hub\.\d{3,}$")  # OUT.hub.001: a part (mirror.parts)
 
 
-def bundle_paths(inputs: Sequence[str]) -> List[str]:
+def bundle_paths(inputs: Sequence[str]) -> List[BundleInput]:
     """The bundles ``inputs`` name: each file as given, a folder as the ``*.hub`` files
-    in it by name; then whole bundles before deltas, so that a delta finds what it was
-    made against wherever its name sorts."""
+    (and ``*.hub.001``, ... parts) in it by name; the part files of one bundle, in
+    whatever order given, as one :class:`mirror.parts.Parts`; then whole bundles
+    before deltas, so that a delta finds what it was made against wherever its name
+    sorts."""
     paths: List[str] = []
     for given in inputs:
         if os.path.isdir(given):
             found = sorted(os.path.join(given, n) for n in os.listdir(given)
-                           if n.endswith(BUNDLE_SUFFIX))
+                           if n.endswith(BUNDLE_SUFFIX) or PART_NAME.search(n))
             if not found:
                 raise MirrorError(f"{given}: a folder with no bundle in it (no *"
                                   f"{BUNDLE_SUFFIX} file)")
@@ -190,9 +197,10 @@ def bundle_paths(inputs: Sequence[str]) -> List[str]:
     if paths.count(bundle.STREAM) > 1:
         raise MirrorError("stdin ('-') can be read once: name it once")
     if len(paths) < 2:
-        return paths  # nothing to order: no manifest read before install reads it
+        return list(paths)  # nothing to order: no manifest read before install reads it
+    grouped = group(paths)
 
-    def is_delta(path: str) -> bool:
+    def is_delta(path: BundleInput) -> bool:
         if path == bundle.STREAM:
             return False  # read once, in its turn
         try:
@@ -200,8 +208,9 @@ def bundle_paths(inputs: Sequence[str]) -> List[str]:
         except MirrorError:
             return False  # its own install says what is wrong with it
 
-    deltas = {p for p in paths if is_delta(p)}
-    return [p for p in paths if p not in deltas] + [p for p in paths if p in deltas]
+    deltas = [is_delta(p) for p in grouped]
+    return [p for p, d in zip(grouped, deltas) if not d] + \
+        [p for p, d in zip(grouped, deltas) if d]
 
 
 def install_all(inputs: Sequence[str], home: str | None = None,
@@ -213,9 +222,9 @@ def install_all(inputs: Sequence[str], home: str | None = None,
     outcomes = []
     for path in bundle_paths(inputs):
         try:
-            outcomes.append(Outcome(path, install(path, home, options)))
+            outcomes.append(Outcome(str(path), install(path, home, options)))
         except MirrorError as e:
-            outcomes.append(Outcome(path, error=e))
+            outcomes.append(Outcome(str(path), error=e))
     return outcomes
 
 
@@ -251,11 +260,15 @@ class Transaction:
     """One install in progress: its work folder under ``tmp/``, what it has staged,
     and the report of what it did."""
 
-    def __init__(self, store: Store, bundle_path: str, work: str, options: InstallOptions,
+    def __init__(self, store: Store, source: BundleInput, work: str, options: InstallOptions,
                  policy: TrustPolicy):
         self.store, self.layout, self.work = store, store.layout, work
-        self.bundle_path, self.options, self.policy = bundle_path, options, policy
-        self.report = InstallReport(bundle=bundle_path)
+        self.source, self.options, self.policy = source, options, policy
+        self.bundle_path = str(source)  # for messages: its path, or its parts'
+        # The name records keep: the file's, or what its parts are the parts of
+        self.file_name = os.path.basename(source if isinstance(source, str) else
+                                          source.paths[0].rsplit(".", 1)[0])
+        self.report = InstallReport(bundle=self.bundle_path)
         self.staged: Dict[str, _StagedBlob] = {}
         self.manifest: Manifest | None = None
         self.manifest_bytes = b""  # as signed, and as the bundle holds them
@@ -304,7 +317,7 @@ class Transaction:
         try:
             # Weights are scanned for pickled code as they stream past, as verify does.
             scans = None if self.options.allow_unsafe_pickle else PickleScans(self.bundle_path)
-            self.manifest = bundle.read(self.bundle_path, self._sink, on_head=on_head,
+            self.manifest = bundle.read(self.source, self._sink, on_head=on_head,
                                         progress=self.options.progress, file_digest=digest,
                                         scan=scans)
             self.report.file_sha256 = digest.hexdigest() if digest else ""
@@ -459,7 +472,7 @@ class Transaction:
         # The weights this snapshot's code asks for, pinned to their bytes: a later
         # bundle with other bytes under the same URL cannot change what it loads.
         return SnapshotRecord(snap, {u: pins[u] for u in snap.weights if u in pins},
-                              self.report.bundle_id, os.path.basename(self.bundle_path),
+                              self.report.bundle_id, self.file_name,
                               self.report.signed_by, int(time.time()))
 
     def _check_ref_names(self) -> None:
@@ -493,7 +506,7 @@ class Transaction:
             return
         journal.write(paths.ref(ref.kind, ref.name), (ref.commit + "\n").encode())
         entry = RefLogEntry(ref.name, ref.kind, current, ref.commit, self.report.bundle_id,
-                            os.path.basename(self.bundle_path), int(time.time()),
+                            self.file_name, int(time.time()),
                             self.manifest.created, forced=kept is not None)
         journal.append(paths.refs_log, canonical_json(entry.to_json()))
         moved = f" (was {short(current)})" if current else ""

@@ -101,6 +101,10 @@ class PackOptions:
     sign: str | None = _option(None, Flag(
         ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
         exists=True))
+    split_size: str | None = _option(None, Flag(
+        ("--split-size",), "Write the bundle in parts OUT.001, OUT.002, ... of at most SIZE "
+                           "bytes each (4G = 4 GiB, 4700MB = 4.7e9 bytes), each verifiable "
+                           "alone.", metavar="SIZE"), recipe="split_size")
     history: int = _option(100, Flag(
         ("--history",), "Commits of first-parent history to carry with each branch tip, so "
                         "an install can prove the branch moves forward (default 100).",

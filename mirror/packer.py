@@ -44,6 +44,7 @@ from .model import (
 )
 from .names import one_line
 from .pack_options import PackOptions
+from .parts import split_size
 from .pins import Pins
 from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
@@ -63,7 +64,8 @@ class PackReport:
 
     output: str
     bundle_id: str = ""  # sha256 of the manifest: what install records and list shows
-    size: int = 0  # -1: written to stdout
+    size: int = 0  # -1: written to stdout; in parts, their sizes' sum
+    parts: List[str] = field(default_factory=list)  # the part files (--split-size)
     refs: List[str] = field(default_factory=list)  # "owner/name:ref -> commit"
     files: int = 0
     weights: List[WeightEntry] = field(default_factory=list)
@@ -76,6 +78,7 @@ class PackReport:
     def to_json(self) -> JsonObject:
         """What ``mirror pack --json`` prints (a weight without its locations)."""
         return {"output": self.output, "bundle_id": self.bundle_id, "size": self.size,
+                "parts": list(self.parts),
                 "refs": list(self.refs), "files": self.files,
                 "weights": [{"url": w.url, "size": w.size, "sha256": w.sha256}
                             for w in self.weights],
@@ -119,6 +122,7 @@ def pack(specs: Sequence[str], output: str, options: PackOptions = DEFAULT_OPTIO
             collections (unless ``allow_unsafe_pickle``).
         MirrorError: the bundle cannot be written, among others.
     """
+    split_size(options.split_size, output)  # a bad size fails before any download
     packer = _Packer(output, options, log)
     queue: List[Follow] = [(s, tuple(options.entries)) for s in specs]
     while queue:
@@ -358,8 +362,10 @@ class _Packer:
         if self.baseline is not None:
             manifest = make_delta(manifest, self.baseline)
             report.prerequisites = manifest.prerequisites
-        report.bundle_id = self._write(manifest)
-        report.size = os.path.getsize(report.output) if report.output != bundle.STREAM else -1
+        report.bundle_id, files = self._write(manifest)
+        report.size = sum(os.path.getsize(f) for f in files) \
+            if report.output != bundle.STREAM else -1
+        report.parts = files if self.opts.split_size else []
         report.weights = weights
         if pins and not pins.exists:
             pins.write({r.asked: r.commit for repo in self.repos.values() for r in repo.refs},
@@ -406,16 +412,18 @@ class _Packer:
         return WeightEntry(got.url, got.size, got.sha256,
                            tuple(sorted(set(self.weight_refs[got.url]))))
 
-    def _write(self, manifest: Manifest) -> str:
-        """Write the bundle; return its id. Every failure is one :class:`MirrorError`
-        naming the bundle (and the file that failed, if another)."""
+    def _write(self, manifest: Manifest) -> Tuple[str, List[str]]:
+        """Write the bundle; return its id and the files written (its parts, with
+        ``split_size``). Every failure is one :class:`MirrorError` naming the bundle
+        (and the file that failed, if another)."""
         output = self.report.output
         signer = None
         if self.opts.sign:
             key = load_private(self.opts.sign)
             signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
         try:
-            return bundle.write(output, manifest, self.sources, self.mtimes, sign=signer)
+            return bundle.write_files(output, manifest, self.sources, self.mtimes, sign=signer,
+                                      split_size=split_size(self.opts.split_size, output))
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {output}: {e}") from None
         except bundle.SourceError as e:  # e.g. a cached download removed meanwhile

@@ -99,13 +99,15 @@ class Signer:
 
 
 def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25519PublicKey],
-          bundle: str) -> Signer:
+          bundle: str, what: str = "manifest") -> Signer:
     """The signer of ``manifest_bytes``, if ``document`` is a valid signature of it by a
-    ``trusted`` key; else :class:`SignatureError` saying what is wrong."""
+    ``trusted`` key; else :class:`SignatureError` saying what is wrong. ``what`` names
+    the signed document in messages (a split bundle's table of parts is signed too)."""
     from cryptography.exceptions import InvalidSignature
 
     if document is None:
-        raise SignatureError(bundle, "it is not signed")
+        raise SignatureError(bundle, "it is not signed" if what == "manifest" else
+                             f"its {what} is not signed")
     try:
         doc = json.loads(document)
         signature = base64.b64decode(doc["signature"], validate=True)
@@ -116,7 +118,7 @@ def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25
         raise SignatureError(bundle, f"it is signed with {algorithm!r}, not {ALGORITHM}")
     digest = sha256_bytes(manifest_bytes)
     if doc.get("manifest_sha256") != digest:
-        raise SignatureError(bundle, "its manifest was changed after signing")
+        raise SignatureError(bundle, f"its {what} was changed after signing")
     if kid not in trusted:
         known = ", ".join(sorted(trusted)) or "none"
         raise SignatureError(bundle, f"it is signed by key {kid}, which is not trusted "

@@ -1,0 +1,569 @@
+"""Bundles in parts (``--split-size``): files that fit a medium, each verifiable alone.
+
+A bundle cut into parts is the bundle's zstd frames, cut where a part is full
+(a frame that would cross the line is ended there and the member goes on in a
+new frame of the next part), each part opened by a **part header**: a zstd
+skippable frame, which ``zstd``, ``tar --zstd`` and ``cat`` pass over. So the
+parts concatenated in order are one bundle that standard tools read, and
+``mirror install`` reads the parts as they are, in any order, without
+reassembling them anywhere.
+
+A part header carries the bundle's manifest (and its signature) and the
+**table** of every part's payload (the bytes after its header): its size and
+sha256, signed by the same key as the manifest. So one part, alone, can be
+checked against a table its signer vouched for (``mirror verify OUT.003``), and
+an install from all of them checks every part's payload as it streams past, as
+well as every member against the manifest as for any bundle.
+
+This module is the layer under :mod:`mirror.bundle`: writing, it is where the
+frames go (:class:`PartWriter`); reading, it strips and checks the headers
+(:class:`Unparted`), so the bundle reader sees a plain bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Dict, List, Sequence, Tuple, Union
+
+from .errors import BundleError, MirrorError
+from .hashing import CHUNK, sha256_bytes
+
+MAGIC = (0x184D2A5E).to_bytes(4, "little")  # a zstd skippable frame (0x184D2A5?)
+TAG = b"mge-mirror-part\n"
+FORMAT = "mge-mirror-parts"
+FORMAT_VERSION = 1
+MAX_SIGNATURE = 4 << 10  # a signature document is a few hundred bytes
+MAX_HEADER = (64 << 20) + (8 << 20)  # the manifest's limit, and the rest of a header
+MAX_PARTS = 99_999
+MIN_SPLIT = 1 << 20
+HEADER_FIELDS = {"format_version", "index", "table_size", "table_signature_size",
+                 "manifest_size", "signature_size"}
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+
+
+def parse_size(text: str) -> int:
+    """A size as ``split -b`` takes it: ``4G`` and ``4GiB`` are 2^32 bytes, ``4700MB``
+    is 4.7 * 10^9; a bare number is bytes."""
+    found = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    unit = found.group(2).lower() if found else ""
+    if not found or unit not in _UNITS:
+        raise MirrorError(f"size {text!r}: a number with an optional unit (K, M, G, T "
+                          f"for powers of 1024, KB, MB, GB, TB for powers of 1000), "
+                          f"e.g. 4G or 4700MB")
+    return int(found.group(1)) * _UNITS[unit]
+
+
+def split_size(text: str | None, output: str) -> int | None:
+    """``--split-size`` as bytes (None: not split), for writing to ``output``."""
+    if text is None:
+        return None
+    if output == "-":
+        raise MirrorError("--split-size writes part files: name them with -o FILE, not -o -")
+    return parse_size(text)
+
+
+def part_name(output: str, index: int, count: int) -> str:
+    """``OUT.001``, ... (wider when there are over 999 parts, so names sort in order)."""
+    return f"{output}.{index:0{max(3, len(str(count)))}d}"
+
+
+# --- the header ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Table:
+    """Every part's payload, in order: its size and sha256; and whose parts they are."""
+
+    bundle: str  # the bundle's id, the sha256 of its manifest
+    parts: Tuple[Tuple[int, str], ...]  # (size, sha256) of each payload
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"bundle": self.bundle, "format": FORMAT,
+                           "parts": [{"sha256": s, "size": n} for n, s in self.parts]},
+                          sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Table:
+        try:
+            doc = json.loads(data)
+            if set(doc) != {"bundle", "format", "parts"} or doc["format"] != FORMAT:
+                raise ValueError("not a table of parts")
+            table = cls(_hex(doc["bundle"]), tuple(
+                (_size(p["size"]), _hex(p["sha256"])) for p in doc["parts"]
+                if set(p) == {"sha256", "size"} or _fail("a part with other fields")))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise BundleError(where, f"its table of parts is malformed ({e})") from None
+        if not 1 <= len(table.parts) <= MAX_PARTS:
+            raise BundleError(where, f"its table lists {len(table.parts)} parts")
+        if table.to_bytes() != data:  # one spelling: what is signed is what is read
+            raise BundleError(where, "its table of parts is not written as mirror writes it")
+        return table
+
+
+def _fail(why: str) -> bool:
+    raise ValueError(why)
+
+
+def _hex(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"{str(value)[:80]!r} is not a sha256")
+    return value
+
+
+def _size(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 63:
+        raise ValueError(f"{str(value)[:40]!r} is not a size")
+    return value
+
+
+@dataclass(frozen=True)
+class Header:
+    """A part's header, as read from its skippable frame."""
+
+    index: int  # from 1
+    table: Table
+    table_bytes: bytes
+    table_signature: bytes | None
+    manifest_bytes: bytes
+    signature: bytes | None
+    size: int  # of the whole frame: where the payload starts
+
+    @property
+    def count(self) -> int:
+        return len(self.table.parts)
+
+    @property
+    def bundle_id(self) -> str:
+        return self.table.bundle
+
+    @property
+    def payload(self) -> Tuple[int, str]:
+        """This part's payload: its size and sha256, as the table says."""
+        return self.table.parts[self.index - 1]
+
+    def same_bundle(self, other: Header) -> bool:
+        """Everything but the index is the same: one bundle, one table, one signature."""
+        return (self.table_bytes, self.table_signature, self.manifest_bytes,
+                self.signature) == (other.table_bytes, other.table_signature,
+                                    other.manifest_bytes, other.signature)
+
+
+def header_frame(index: int, size: int, table: bytes, table_signature: bytes | None,
+                 manifest: bytes, signature: bytes | None) -> bytes:
+    """The skippable frame of part ``index``, exactly ``size`` bytes (zeros fill it)."""
+    fields = {"format_version": FORMAT_VERSION, "index": index, "table_size": len(table),
+              "table_signature_size": len(table_signature or b""),
+              "manifest_size": len(manifest), "signature_size": len(signature or b"")}
+    body = TAG + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"\n" \
+        + table + (table_signature or b"") + manifest + (signature or b"")
+    if len(body) + 8 > size:
+        raise ValueError(f"part header of {len(body) + 8} bytes, over the {size} reserved")
+    return MAGIC + (size - 8).to_bytes(4, "little") + body + bytes(size - 8 - len(body))
+
+
+def parse_header(frame: bytes, where: str) -> Header:
+    """The header in ``frame`` (the whole skippable frame), every field checked: what
+    a header may hold is exactly what :func:`header_frame` writes."""
+    if frame[:4] != MAGIC or int.from_bytes(frame[4:8], "little") != len(frame) - 8:
+        raise BundleError(where, "not a part header")
+    body = memoryview(frame)[8:]
+    if bytes(body[:len(TAG)]) != TAG:
+        raise BundleError(where, "a skippable zstd frame that is not mirror's part header")
+    end = bytes(body[len(TAG):len(TAG) + 1024]).find(b"\n")
+    try:
+        fields = json.loads(bytes(body[len(TAG):len(TAG) + end])) if end >= 0 else None
+        if not isinstance(fields, dict) or set(fields) != HEADER_FIELDS:
+            raise ValueError
+        sizes = [_size(fields[k]) for k in ("table_size", "table_signature_size",
+                                             "manifest_size", "signature_size")]
+        index = _size(fields["index"])
+    except (ValueError, TypeError):
+        raise BundleError(where, "its part header is malformed") from None
+    if fields["format_version"] != FORMAT_VERSION:
+        raise BundleError(where, f"parts of format version {fields['format_version']!r}; "
+                                 f"this mirror reads version {FORMAT_VERSION}: upgrade mirror")
+    at = len(TAG) + end + 1
+    pieces = []
+    for n in sizes:
+        pieces.append(bytes(body[at:at + n]))
+        at += n
+    if at > len(body) or any(body[at:]):
+        raise BundleError(where, "its part header holds more, or less, than it says")
+    table_bytes, table_sig, manifest, signature = pieces
+    table = Table.from_bytes(table_bytes, where)
+    if not 1 <= index <= len(table.parts):
+        raise BundleError(where, f"part index {index} of a table of {len(table.parts)} parts")
+    if sha256_bytes(manifest) != table.bundle:
+        raise BundleError(where, "its manifest is not the bundle its table names")
+    if sizes[1] > MAX_SIGNATURE or sizes[3] > MAX_SIGNATURE:
+        raise BundleError(where, "a signature in its part header is not small")
+    return Header(index, table, table_bytes, table_sig or None, manifest, signature or None,
+                  len(frame))
+
+
+def read_header(fh: IO[bytes], where: str) -> Header | None:
+    """The part header at ``fh``'s position, or None (nothing read) if there is none."""
+    start = fh.peek(8)[:8] if hasattr(fh, "peek") else None
+    if start is not None and start[:4] != MAGIC:
+        return None
+    head = fh.read(8)
+    if head[:4] != MAGIC:
+        if start is None and head:
+            raise BundleError(where, "not a part header")  # no peek: it was one or nothing
+        return None
+    size = int.from_bytes(head[4:8], "little") if len(head) == 8 else -1
+    if not 0 <= size <= MAX_HEADER:
+        raise BundleError(where, "a part header cut short, or of more than "
+                                 f"{MAX_HEADER} bytes")
+    rest = fh.read(size)
+    if len(rest) != size:
+        raise BundleError(where, "truncated: the file ends inside its part header")
+    return parse_header(head + rest, where)
+
+
+def is_part(path: str) -> bool:
+    """Whether the file at ``path`` starts with a part header."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def header_of(path: str) -> Header:
+    """The header of the part file at ``path`` (raises :class:`BundleError`)."""
+    try:
+        with open(path, "rb") as fh:
+            header = read_header(fh, path)
+    except OSError as e:
+        raise BundleError(path, e.strerror or str(e)) from None
+    if header is None:
+        raise BundleError(path, "not a part of a bundle (no part header)")
+    return header
+
+
+# --- a set of parts, as given ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Parts:
+    """The part files of one bundle that were given, by index (any may be missing)."""
+
+    headers: Tuple[Tuple[str, Header], ...]  # (path, header), sorted by index
+
+    @property
+    def first(self) -> Header:
+        return self.headers[0][1]
+
+    @property
+    def count(self) -> int:
+        return self.first.count
+
+    @property
+    def paths(self) -> List[str]:
+        return [p for p, _ in self.headers]
+
+    @property
+    def complete(self) -> bool:
+        return [h.index for _, h in self.headers] == list(range(1, self.count + 1))
+
+    def __str__(self) -> str:
+        paths = self.paths
+        stem = paths[0].rsplit(".", 1)[0]
+        if len(paths) > 1 and all(p.rsplit(".", 1)[0] == stem for p in paths):
+            return f"{stem}.{{{paths[0].rsplit('.', 1)[1]}..{paths[-1].rsplit('.', 1)[1]}}}"
+        return ", ".join(paths)
+
+    def problem(self) -> str | None:
+        """What keeps these parts from being read as their bundle, in a sentence."""
+        have = {h.index: p for p, h in self.headers}
+        missing = [i for i in range(1, self.count + 1) if i not in have]
+        if not missing:
+            return None
+        stem = self.paths[0].rsplit(".", 1)[0]
+        names = ", ".join(f"{i} ({part_name(stem, i, self.count)}?)" for i in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        return (f"part{'s' if len(missing) > 1 else ''} {names}{more} of the {self.count} "
+                f"of bundle {self.first.bundle_id[:16]} {'are' if len(missing) > 1 else 'is'}"
+                f" not among the files given")
+
+
+BundleInput = Union[str, Parts]  # a bundle's path (or '-'), or its parts
+
+
+def group(paths: Sequence[str]) -> List[BundleInput]:
+    """``paths`` with each bundle's part files gathered into one :class:`Parts`, where
+    its first part was given (or the first of them, if that is missing); other
+    paths as they are. Two files that are the same part of one bundle are refused."""
+    out: List[Any] = []
+    found: Dict[str, List[Tuple[str, Header]]] = {}
+    for path in paths:
+        if path != "-" and os.path.isfile(path) and is_part(path):
+            header = header_of(path)
+            if header.count == 1 or _holds_all(path, header):
+                out.append(path)  # one file holding every part: read as a bundle
+                continue
+            same = found.setdefault(header.bundle_id, [])
+            twin = [p for p, h in same if h.index == header.index]
+            if twin:
+                raise MirrorError(f"{twin[0]} and {path} are both part {header.index} of "
+                                  f"bundle {header.bundle_id[:16]}: name each part once")
+            if not same:
+                out.append(header.bundle_id)  # its place among the inputs
+            same.append((path, header))
+        else:
+            out.append(path)
+    return [Parts(tuple(sorted(found[x], key=lambda ph: ph[1].index)))
+            if x in found else x for x in out]
+
+
+def _holds_all(path: str, header: Header) -> bool:
+    """Whether the file is every part concatenated (``cat OUT.0* > OUT``)."""
+    return header.index == 1 and os.path.getsize(path) > header.size + header.payload[0]
+
+
+# --- reading ------------------------------------------------------------------------
+
+class Unparted:
+    """The payloads of a bundle's parts, read in order as one stream, every header and
+    payload checked on the way: a part of another bundle, out of its place, with a
+    header unlike the first's, or whose payload is not what its table says, is
+    refused, naming the part's file. ``streams`` are the part files in index order,
+    or one stream holding them all (a concatenation, or stdin)."""
+
+    def __init__(self, streams: Sequence[Tuple[str, IO[bytes]]], label: str):
+        self.streams, self.label = list(streams), label
+        self.file = 0  # in self.streams
+        self.first: Header | None = None
+        self.part = 0  # index of the part being read (0: none yet)
+        self.left = 0  # bytes of its payload still to read
+        self.digest = hashlib.sha256()
+        self._next_header()
+
+    @property
+    def where(self) -> str:
+        """The part being read, for messages."""
+        name = self.streams[min(self.file, len(self.streams) - 1)][0]
+        count = self.first.count if self.first else "?"
+        return f"part {self.part} of {count} ({name})"
+
+    def check_head(self, manifest_bytes: bytes, signature: bytes | None) -> None:
+        """The bundle's own manifest (and signature inside it) must be what every part's
+        header carries: a header is a copy, never a say of its own."""
+        if (manifest_bytes, signature) != (self.first.manifest_bytes, self.first.signature):
+            raise BundleError(self.streams[0][0], "its part header carries another manifest "
+                                                  "or signature than the bundle it opens")
+
+    def _next_header(self) -> None:
+        name, fh = self.streams[self.file]
+        header = read_header(fh, name)
+        if header is None and len(self.streams) > 1 and self.part:
+            raise BundleError(name, f"bytes after part {self.part}'s payload that are not a "
+                                    f"part header")
+        if header is None:
+            raise BundleError(name, "not a part of a bundle (no part header where one "
+                                    "should be)")
+        if self.first is None:
+            if header.index != 1:
+                raise BundleError(name, f"it is part {header.index} of {header.count} of "
+                                        f"bundle {header.bundle_id[:16]}; name every part "
+                                        f"(e.g. mirror install {name.rsplit('.', 1)[0]}.*)")
+            self.first = header
+        elif not header.same_bundle(self.first):
+            raise BundleError(name, f"it is part {header.index} of bundle "
+                                    f"{header.bundle_id[:16]}, not of bundle "
+                                    f"{self.first.bundle_id[:16]} ({self.streams[0][0]}): "
+                                    f"a part of another bundle, or one whose header was "
+                                    f"changed")
+        if header.index != self.part + 1:
+            raise BundleError(name, f"it is part {header.index}, where part {self.part + 1} "
+                                    f"of {self.first.count} should be")
+        self.part, self.left = header.index, header.payload[0]
+        self.digest = hashlib.sha256()
+
+    def _end_of_payload(self) -> None:
+        size, sha256 = self.first.table.parts[self.part - 1]
+        name = self.streams[self.file][0]
+        if self.digest.hexdigest() != sha256:
+            raise BundleError(name, f"part {self.part} of {self.first.count} is corrupt: its "
+                                    f"sha256 {self.digest.hexdigest()} is not the table's "
+                                    f"{sha256}")
+        if self.part == self.first.count:
+            return
+        if len(self.streams) > 1:  # each file is one part, and ends with it
+            if self.streams[self.file][1].read(1):
+                raise BundleError(name, f"data after part {self.part}'s payload")
+            self.file += 1
+            if self.file == len(self.streams):
+                raise BundleError(self.label, f"part {self.part + 1} of {self.first.count} "
+                                              f"is missing")
+        self._next_header()
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = CHUNK
+        while self.left == 0:
+            if self.first is not None and self.part == self.first.count:
+                name, fh = self.streams[self.file]
+                if fh.read(1):
+                    raise BundleError(name, f"data after the last part's payload "
+                                            f"(part {self.part})")
+                if self.file != len(self.streams) - 1:
+                    raise BundleError(self.streams[self.file + 1][0],
+                                      "more files than the table has parts")
+                return b""
+            self._end_of_payload()
+        name, fh = self.streams[self.file]
+        data = fh.read(min(n, self.left))
+        if not data:
+            raise BundleError(name, f"truncated: part {self.part} of {self.first.count} "
+                                    f"ends {self.left} bytes before its payload does")
+        self.left -= len(data)
+        self.digest.update(data)
+        if self.left == 0:
+            self._end_of_payload()
+        return data
+
+
+def open_parts(parts: Parts, opener: Callable[[str], IO[bytes]]) -> Unparted:
+    """The payloads of every part in ``parts``, which must be complete."""
+    problem = parts.problem()
+    if problem:
+        raise BundleError(str(parts), problem)
+    return Unparted([(p, opener(p)) for p in parts.paths], str(parts))
+
+
+def verify_alone(path: str) -> Header:
+    """Check one part file on its own: its header, and its payload against its table
+    (the signature is the caller's to check, with :func:`header_of`'s fields)."""
+    header = header_of(path)
+    size, sha256 = header.payload
+    digest, got = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(header.size)
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                digest.update(block)
+                got += len(block)
+    except OSError as e:
+        raise BundleError(path, e.strerror or str(e)) from None
+    if got != size:
+        raise BundleError(path, f"part {header.index} of {header.count} holds {got} bytes "
+                                f"of payload, not the table's {size}: truncated or appended")
+    if digest.hexdigest() != sha256:
+        raise BundleError(path, f"part {header.index} of {header.count} is corrupt: its "
+                                f"sha256 {digest.hexdigest()} is not the table's {sha256}")
+    return header
+
+
+# --- writing -----------------------------------------------------------------------
+
+class PartWriter:
+    """Where a split bundle's frames go: part files, each ``split_size`` bytes at most,
+    its first ``reserve`` bytes kept for the header, written when every payload is
+    known (:meth:`finish`). The parts appear under their names only when all are
+    whole; on an error none does."""
+
+    def __init__(self, output: str, split_size: int, reserve: int):
+        self.output, self.split_size, self.reserve = output, split_size, reserve
+        self.folder = os.path.dirname(os.path.abspath(output))
+        os.makedirs(self.folder, exist_ok=True)
+        self.files: List[Tuple[str, IO[bytes]]] = []  # (temporary path, file)
+        self.payloads: List[Tuple[int, str]] = []
+        self.written = 0
+        self.digest = hashlib.sha256()
+        self.next_part()
+
+    def room(self) -> int:
+        """Payload bytes the current part can still take."""
+        return self.split_size - self.reserve - self.written
+
+    def next_part(self) -> None:
+        if self.files:
+            self.payloads.append((self.written, self.digest.hexdigest()))
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-" +
+                                   os.path.basename(self.output) + ".part.")
+        fh = os.fdopen(fd, "wb")
+        self.files.append((tmp, fh))
+        fh.seek(self.reserve)
+        self.written, self.digest = 0, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        n = self.files[-1][1].write(data)
+        self.digest.update(data)
+        self.written += n
+        return n
+
+    def flush(self) -> None:
+        self.files[-1][1].flush()
+
+    def finish(self, manifest_bytes: bytes, signature: bytes | None,
+               sign: Callable[[bytes], bytes] | None) -> List[str]:
+        """Write every header, make the parts durable, and give them their names."""
+        self.payloads.append((self.written, self.digest.hexdigest()))
+        if len(self.payloads) > MAX_PARTS:
+            raise MirrorError(f"{len(self.payloads)} parts: over {MAX_PARTS}; choose a "
+                              f"larger --split-size")
+        table = Table(sha256_bytes(manifest_bytes), tuple(self.payloads)).to_bytes()
+        table_signature = sign(table) if sign is not None else None
+        names = [part_name(self.output, i, len(self.files))
+                 for i in range(1, len(self.files) + 1)]
+        for i, (_tmp, fh) in enumerate(self.files, 1):
+            fh.seek(0)
+            fh.write(header_frame(i, self.reserve, table, table_signature, manifest_bytes,
+                                  signature))
+            fh.flush()
+            os.fchmod(fh.fileno(), 0o644)
+            os.fsync(fh.fileno())
+            fh.close()
+        for (tmp, _), name in zip(self.files, names):
+            os.replace(tmp, name)
+        self.files = []
+        return names
+
+    def abort(self) -> None:
+        for tmp, fh in self.files:
+            fh.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.files = []
+
+
+SLACK = 64 << 10  # at most left unused at a part's end, where a frame is cut
+TABLE_ENTRY = 100  # bytes of one part's entry in the table, at most
+
+
+def reserve_for(manifest_bytes: bytes, signed: bool, members_size: int,
+                split_size: int) -> int:
+    """Bytes to keep for each part's header: the manifest, two signatures, and a table
+    with room for as many parts as ``members_size`` bytes of tar stream could need at
+    ``split_size``. Raises :class:`MirrorError` if ``split_size`` leaves no room."""
+    fixed = 8 + len(TAG) + 256 + len(manifest_bytes) + (2 * MAX_SIGNATURE if signed else 0)
+    # zstd never makes a block larger than its data and a 3-byte header
+    payload = members_size + 3 * (members_size // (64 << 10) + 64) + (1 << 20)
+    table = TABLE_ENTRY * 2
+    for _ in range(3):  # the table's room and the parts' count depend on each other
+        usable = split_size - fixed - table - SLACK
+        if usable <= 0:
+            break
+        table = TABLE_ENTRY * (-(-payload // usable) + 2)
+    reserve = fixed + table
+    least = max(MIN_SPLIT, 2 * reserve + SLACK + manifest_tar(len(manifest_bytes)))
+    if split_size < least:
+        raise MirrorError(f"--split-size {split_size} is too small for this bundle: each "
+                          f"part carries its manifest ({len(manifest_bytes)} bytes); use at "
+                          f"least {-(-least // (1 << 20))}M")
+    return reserve
+
+
+def manifest_tar(size: int) -> int:
+    """At most the bytes of the first frame (the manifest and a signature), which a
+    split never cuts: ``inspect`` reads it alone."""
+    return size + 3 * (size // (64 << 10) + 8) + 8 * 512 + MAX_SIGNATURE + 64
