@@ -947,6 +947,12 @@ def verify_part(path: str, keys: Mapping[str, Any] | None = None) -> Verified:
     and the table must both be signed by one of them, so the part is the one its
     signer made. The members in it are checked when every part is read (install)."""
     header = parts.verify_alone(path)
+    if header.index == 1:  # the bundle's own manifest follows: the header is its copy
+        with open(path, "rb") as fh:
+            fh.seek(header.size)
+            if _first_manifest(path, fh) != header.manifest_bytes:
+                raise BundleError(path, "its part header carries another manifest than "
+                                        "the bundle it opens")
     signer = None
     if keys is not None:
         from .signing import check
@@ -1001,8 +1007,16 @@ def read_manifest_bytes(path: BundleInput) -> bytes:
         return parts.header_of(path).manifest_bytes
     try:
         with open(path, "rb") as fh:
-            frame = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=False)
-            head = frame.read(MAX_MANIFEST_BYTES + 64 * tarfile.BLOCKSIZE)
+            return _first_manifest(path, fh)
+    except OSError as e:
+        raise BundleError(path, e.strerror or str(e)) from None
+
+
+def _first_manifest(path: str, fh: IO[bytes]) -> bytes:
+    """The manifest in the zstd frame at ``fh``'s position."""
+    try:
+        frame = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=False)
+        head = frame.read(MAX_MANIFEST_BYTES + 64 * tarfile.BLOCKSIZE)
     except OSError as e:
         raise BundleError(path, e.strerror or str(e)) from None
     except zstandard.ZstdError as e:

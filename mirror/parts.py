@@ -28,7 +28,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .errors import BundleError, MirrorError
@@ -130,11 +130,11 @@ class Header:
 
     index: int  # from 1
     table: Table
-    table_bytes: bytes
-    table_signature: bytes | None
-    manifest_bytes: bytes
-    signature: bytes | None
-    size: int  # of the whole frame: where the payload starts
+    table_bytes: bytes = field(repr=False)
+    table_signature: bytes | None = field(repr=False)
+    manifest_bytes: bytes = field(repr=False)
+    signature: bytes | None = field(repr=False)
+    size: int = 0  # of the whole frame: where the payload starts
 
     @property
     def count(self) -> int:
@@ -257,6 +257,8 @@ class Parts:
     """The part files of one bundle that were given, by index (any may be missing)."""
 
     headers: Tuple[Tuple[str, Header], ...]  # (path, header), sorted by index
+    # the part files given that are of other bundles, to name a stray among them
+    strays: Tuple[Tuple[str, Header], ...] = ()
 
     @property
     def first(self) -> Header:
@@ -290,9 +292,14 @@ class Parts:
         stem = self.paths[0].rsplit(".", 1)[0]
         names = ", ".join(f"{i} ({part_name(stem, i, self.count)}?)" for i in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        strays = {os.path.basename(p): (p, h) for p, h in self.strays}
+        foreign = [strays[n] for n in (os.path.basename(part_name(stem, i, self.count))
+                                       for i in missing) if n in strays]
+        said = "".join(f"; {p} is part {h.index} of another bundle, {h.bundle_id[:16]}"
+                       for p, h in foreign[:3])
         return (f"part{'s' if len(missing) > 1 else ''} {names}{more} of the {self.count} "
                 f"of bundle {self.first.bundle_id[:16]} {'are' if len(missing) > 1 else 'is'}"
-                f" not among the files given")
+                f" not among the files given{said}")
 
 
 BundleInput = Union[str, Parts]  # a bundle's path (or '-'), or its parts
@@ -307,8 +314,8 @@ def group(paths: Sequence[str]) -> List[BundleInput]:
     for path in paths:
         if path != "-" and os.path.isfile(path) and is_part(path):
             header = header_of(path)
-            if header.count == 1 or _holds_all(path, header):
-                out.append(path)  # one file holding every part: read as a bundle
+            if header.count == 1 or not _one_part(path, header):
+                out.append(path)  # parts concatenated: read (and checked) as a stream
                 continue
             same = found.setdefault(header.bundle_id, [])
             twin = [p for p, h in same if h.index == header.index]
@@ -320,13 +327,16 @@ def group(paths: Sequence[str]) -> List[BundleInput]:
             same.append((path, header))
         else:
             out.append(path)
-    return [Parts(tuple(sorted(found[x], key=lambda ph: ph[1].index)))
+    everything = [ph for group in found.values() for ph in group]
+    return [Parts(tuple(sorted(found[x], key=lambda ph: ph[1].index)),
+                  tuple(ph for ph in everything if ph[1].bundle_id != x))
             if x in found else x for x in out]
 
 
-def _holds_all(path: str, header: Header) -> bool:
-    """Whether the file is every part concatenated (``cat OUT.0* > OUT``)."""
-    return header.index == 1 and os.path.getsize(path) > header.size + header.payload[0]
+def _one_part(path: str, header: Header) -> bool:
+    """Whether the file is one part, as written (else parts concatenated, or damaged:
+    read as a stream, whose checks say which)."""
+    return os.path.getsize(path) == header.size + header.payload[0]
 
 
 # --- reading ------------------------------------------------------------------------
@@ -372,9 +382,11 @@ class Unparted:
                                     "should be)")
         if self.first is None:
             if header.index != 1:
-                raise BundleError(name, f"it is part {header.index} of {header.count} of "
-                                        f"bundle {header.bundle_id[:16]}; name every part "
-                                        f"(e.g. mirror install {name.rsplit('.', 1)[0]}.*)")
+                raise BundleError(name, f"it starts with part {header.index} of "
+                                        f"{header.count} of bundle {header.bundle_id[:16]}, "
+                                        f"not part 1: one part alone, or parts concatenated "
+                                        f"out of order; name every part (e.g. mirror install "
+                                        f"{name.rsplit('.', 1)[0]}.*)")
             self.first = header
         elif not header.same_bundle(self.first):
             raise BundleError(name, f"it is part {header.index} of bundle "
