@@ -40,6 +40,7 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
     FORMAT,
     FORMAT_VERSION,
     PATH_MAX,
+    STREAMED_VERSION,
     Manifest,
     Member,
     SnapshotEntry,
@@ -117,27 +118,18 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
     only when it is complete. ``manifest_bytes``, if given, are written verbatim
     (a bundle made again keeps its id) and must parse to ``manifest``;
     ``signature``, a signature document of them, is written as ``sign``'s would be.
+    A format 4 manifest is written in its layout (:class:`StreamedWriter`).
     """
     mtimes = mtimes or {}
-    # Checked as a reader will parse it: what is written here, verify and install accept.
-    manifest = Manifest.from_json(manifest.to_json())
+    manifest, manifest_bytes = _checked(manifest, sources, manifest_bytes, sign, signature)
     members = manifest.members()
-    missing = sorted(set(members) - set(sources))
-    if missing:
-        raise ValueError(f"no content for members {missing[:5]}")
-    for repo in manifest.repos:  # as read will resolve them: each snapshot's links together
-        for snap in repo.snapshots:
-            bad = refused(snap.commit, snap.files, {
-                f.path: _link_target(sources[code_member(snap.commit, f.path)])
-                for f in snap.files if f.is_link})
-            if bad is not None:
-                raise ValueError(f"{repo.id.label}: {bad.message}")
-    if manifest_bytes is None:
-        manifest_bytes = manifest.to_bytes()
-    elif Manifest.from_bytes(manifest_bytes) != manifest:
-        raise ValueError("manifest_bytes do not hold the manifest given")
-    if sign is not None and signature is not None:
-        raise ValueError("give sign or signature, not both")
+    if manifest.format_version == STREAMED_VERSION:
+        if split_size is not None or path == STREAM:
+            raise ValueError("format 4 is written to a file, whole (its manifest last)")
+        with StreamedWriter(path) as streamed:
+            for name in manifest.member_order():
+                streamed.add(name, sources[name], members[name].size, mtimes.get(name, 0))
+            return streamed.finish(manifest, sign, manifest_bytes, signature), [path]
     if split_size is not None and path == STREAM:
         raise MirrorError("--split-size writes part files: name them with -o FILE, not -o -")
     # To stdout ("-"): a stream, written as it is made; a file appears only when whole.
@@ -156,12 +148,7 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
         if signature is not None:
             out.member(SIGNATURE, len(signature), io.BytesIO(signature), 0)
         for name in sorted(members):
-            src, mtime = sources[name], mtimes.get(name, 0)
-            if isinstance(src, bytes):
-                out.member(name, len(src), io.BytesIO(src), mtime)
-            else:
-                with _Source(src) as fh:
-                    out.member(name, members[name].size, fh, mtime)
+            _write_member(out, name, sources[name], members[name].size, mtimes.get(name, 0))
         out.end()
         raw.flush()
         files = raw.finish(manifest_bytes, signature, sign) if split_size is not None \
@@ -169,6 +156,117 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
     # The id install records and list shows. Not the file's own sha256: that took a
     # second pass over every byte, a quarter of pack's time on two cores.
     return bundle_id(manifest_bytes), files
+
+
+def _checked(manifest: Manifest, sources: Mapping[str, Source], manifest_bytes: bytes | None,
+             sign: Callable[[bytes], bytes] | None, signature: bytes | None
+             ) -> Tuple[Manifest, bytes]:
+    """The manifest as a reader will parse it, and its bytes: what a writer writes,
+    verify and install accept. Every member needs a source, and each snapshot's links,
+    resolved together, stay inside it."""
+    manifest = Manifest.from_json(manifest.to_json())
+    missing = sorted(set(manifest.members()) - set(sources))
+    if missing:
+        raise ValueError(f"no content for members {missing[:5]}")
+    for repo in manifest.repos:  # as read will resolve them: each snapshot's links together
+        for snap in repo.snapshots:
+            bad = refused(snap.commit, snap.files, {
+                f.path: _link_target(sources[code_member(snap.commit, f.path)])
+                for f in snap.files if f.is_link})
+            if bad is not None:
+                raise ValueError(f"{repo.id.label}: {bad.message}")
+    if manifest_bytes is None:
+        manifest_bytes = manifest.to_bytes()
+    elif Manifest.from_bytes(manifest_bytes) != manifest:
+        raise ValueError("manifest_bytes do not hold the manifest given")
+    if sign is not None and signature is not None:
+        raise ValueError("give sign or signature, not both")
+    return manifest, manifest_bytes
+
+
+# Format 4 opens with this skippable frame (which tar and zstd pass over): where the
+# frame holding the manifest (and signature) is, and how long it is.
+POINTER_MAGIC = (0x184D2A5D).to_bytes(4, "little")
+POINTER_TAG = b"mge-mirror-head\n"
+POINTER_SIZE = 8 + len(POINTER_TAG) + 16
+# A bundle's first four bytes: the manifest's frame, format 4's pointer, a part header
+OPENINGS = (b"\x28\xb5\x2f\xfd", POINTER_MAGIC, parts.MAGIC)
+
+
+def _pointer(offset: int, length: int) -> bytes:
+    return POINTER_MAGIC + (POINTER_SIZE - 8).to_bytes(4, "little") + POINTER_TAG + \
+        offset.to_bytes(8, "little") + length.to_bytes(8, "little")
+
+
+class StreamedWriter:
+    """A bundle written as its members become ready, its manifest last (format 4).
+
+    pack compresses each weight into the bundle as soon as it has arrived, while the
+    others still download; the manifest, which holds their digests, can only come
+    after them. The file opens with a small skippable frame, filled in last, that
+    says where the manifest's frame is: a reader still reads (and checks, and under
+    a trust policy verifies the signature of) the manifest before any other member,
+    by seeking, and ``tar`` and ``zstd`` pass over it. So it is only for a file; a
+    pipe, or a bundle in parts, gets the manifest first (format 2).
+
+    Members are added in :meth:`Manifest.member_order`: code and git objects by name,
+    then weights in the manifest's order; :meth:`finish` checks that they were.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._files = contextlib.ExitStack()
+        self.raw = self._files.enter_context(atomic_file(path))
+        self.raw.write(_pointer(0, 0))
+        self.out = _FrameWriter(self.raw)
+        self.sources: Dict[str, Source] = {}
+        self.names: List[str] = []
+
+    def __enter__(self) -> StreamedWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._files.__exit__(*exc)  # on an error, the temporary file is removed
+
+    def add(self, name: str, source: Source, size: int, mtime: int = 0) -> None:
+        """Compress one member into the bundle now."""
+        self.sources[name] = source
+        self.names.append(name)
+        _write_member(self.out, name, source, size, mtime)
+
+    def finish(self, manifest: Manifest, sign: Callable[[bytes], bytes] | None = None,
+               manifest_bytes: bytes | None = None, signature: bytes | None = None) -> str:
+        """Write the manifest (and signature), end the archive, point the first frame at
+        the manifest, and put the bundle in place; return its id."""
+        manifest, manifest_bytes = _checked(manifest, self.sources, manifest_bytes, sign,
+                                            signature)
+        if manifest.format_version != STREAMED_VERSION:
+            raise ValueError(f"a manifest written last is format {STREAMED_VERSION}")
+        if self.names != manifest.member_order():
+            raise ValueError("the members were not added as the manifest orders them")
+        if sign is not None:
+            signature = sign(manifest_bytes)
+        self.out.close_frame()
+        start = self.raw.written
+        self.out.member(MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes), 0)
+        if signature is not None:
+            self.out.member(SIGNATURE, len(signature), io.BytesIO(signature), 0)
+        self.out.close_frame()
+        length = self.raw.written - start
+        self.out.end()
+        self.raw.flush()
+        os.pwrite(self.raw.fileno(), _pointer(start, length), 0)
+        self._files.close()  # fsync, then the name
+        return bundle_id(manifest_bytes)
+
+
+def _write_member(out: _FrameWriter, name: str, source: Source, size: int,
+                  mtime: int) -> None:
+    if isinstance(source, bytes):
+        out.member(name, len(source), io.BytesIO(source), mtime)
+    else:
+        with _Source(source) as fh:
+            out.member(name, size, fh, mtime)
 
 
 @contextlib.contextmanager
@@ -245,7 +343,7 @@ class _FrameWriter:
 
     def _frame_for(self, kind: str) -> Any:
         if self.frame is None or kind != self.frame_kind or kind == "weights":
-            self._close_frame()
+            self.close_frame()
             cctx = self.weights if kind == "weights" else self.code
             self.frame, self.frame_kind = cctx.stream_writer(self.out, closefd=False), kind
             self.pending = 0
@@ -271,7 +369,7 @@ class _FrameWriter:
                 if self.frame_kind == "head":
                     raise ValueError("the manifest does not fit in the first part")
                 kind = self.frame_kind
-                self._close_frame()
+                self.close_frame()
                 self.parts.next_part()
                 self._frame_for(kind)
                 continue
@@ -279,7 +377,8 @@ class _FrameWriter:
             self.pending += n
             view = view[n:]
 
-    def _close_frame(self) -> None:
+    def close_frame(self) -> None:
+        """End the open frame, if any: what follows starts a frame of its own."""
         if self.frame is not None:
             self.frame.close()  # ends the frame (with closefd=False, not the file)
             self.frame = None
@@ -307,12 +406,12 @@ class _FrameWriter:
 
     def end(self) -> None:
         """The end-of-archive blocks, padded to a whole record as tar writes it."""
-        self._close_frame()
+        self.close_frame()
         end = 2 * tarfile.BLOCKSIZE
         end += -(self.offset + end) % tarfile.RECORDSIZE
         self._frame_for("end")
         self._put(b"\0" * end)
-        self._close_frame()
+        self.close_frame()
 
 
 FRAME_END = 64  # a frame's header, its last block's header and its checksum, and more
@@ -377,7 +476,7 @@ def read(path: BundleInput, sink: SinkFactory | None = None,
     from tqdm import tqdm  # here: inspect and list, which show no progress, start sooner
 
     with contextlib.ExitStack() as files:
-        fh, total = _open(path, files)
+        fh, total, head = _open(path, files)
         unparted = fh if isinstance(fh, Unparted) else None
 
         def head_seen(head: Head) -> None:
@@ -390,12 +489,19 @@ def read(path: BundleInput, sink: SinkFactory | None = None,
         bar = files.enter_context(tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
             disable=not progress or None, leave=False))
-        return _read(str(path), fh, bar, sink, head_seen, file_digest, scan, unparted)
+        if head is not None:  # format 4: the pointer frame, read before the stream
+            bar.update(POINTER_SIZE)
+            if file_digest is not None:
+                file_digest.update(head[1])
+        return _read(str(path), fh, bar, sink, head_seen, file_digest, scan, unparted,
+                     head[0] if head else None)
 
 
-def _open(path: BundleInput, files: contextlib.ExitStack) -> Tuple[Any, int | None]:
+def _open(path: BundleInput, files: contextlib.ExitStack
+          ) -> Tuple[Any, int | None, Tuple[Head, bytes] | None]:
     """The bundle's bytes, as a file to read forward, and their size if known: its
-    parts' payloads, checked, where it is in parts."""
+    parts' payloads, checked, where it is in parts. In format 4, the head read first
+    from the end (and the pointer frame's bytes), the file then at the first member."""
     def opener(name: str) -> IO[bytes]:
         try:
             return files.enter_context(open(name, "rb", buffering=CHUNK))
@@ -408,20 +514,78 @@ def _open(path: BundleInput, files: contextlib.ExitStack) -> Tuple[Any, int | No
         problem = path.problem()
         if problem:
             raise BundleError(str(path), problem)
-        return Unparted(list(zip(path.paths, fhs)), str(path)), total
+        return Unparted(list(zip(path.paths, fhs)), str(path)), total, None
     fh = files.enter_context(_stdin()) if path == STREAM else opener(path)
     st = os.fstat(fh.fileno())
     total = st.st_size if stat.S_ISREG(st.st_mode) else None
-    if fh.peek(4)[:4] == parts.MAGIC:  # parts concatenated, in a file or a pipe
-        return Unparted([("stdin" if path == STREAM else path, fh)], str(path)), total
-    return fh, total
+    start = fh.peek(4)[:4]
+    if start == parts.MAGIC:  # parts concatenated, in a file or a pipe
+        return Unparted([("stdin" if path == STREAM else path, fh)], str(path)), total, None
+    if start == POINTER_MAGIC:
+        if total is None:
+            raise BundleError(str(path), "its manifest is at its end (format 4, as pack "
+                                         "writes to a file): it cannot be read in one pass "
+                                         "from a pipe; install the file, or pack with "
+                                         "--manifest-first")
+        return fh, total, _streamed_head(str(path), fh)
+    return fh, total, None
+
+
+def _streamed_head(path: str, fh: IO[bytes]) -> Tuple[Head, bytes]:
+    """Format 4's head: the manifest (and signature) in the frame the first frame points
+    to, checked as the stream's are; and the pointer frame's bytes. ``fh`` is left at
+    the first member's frame."""
+    pointer = fh.read(POINTER_SIZE)
+    size = os.fstat(fh.fileno()).st_size
+    offset = int.from_bytes(pointer[-16:-8], "little")
+    length = int.from_bytes(pointer[-8:], "little")
+    if len(pointer) != POINTER_SIZE or pointer != _pointer(offset, length) or \
+            not POINTER_SIZE <= offset <= size - length or \
+            not 0 < length <= MAX_MANIFEST_BYTES + MAX_HEADER_BYTES:
+        raise BundleError(path, "its first frame does not point to a manifest in the file")
+    fh.seek(offset)
+    frame = fh.read(length)
+    walker = _FrameWalker(path, offset)  # whole standard frames, and only one
+    walker.feed(frame)
+    walker.end()
+    if walker.frames != 1:
+        raise BundleError(path, f"the manifest's place (byte {offset}) holds "
+                                f"{walker.frames} zstd frames, not one")
+    try:
+        data = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(frame), read_across_frames=False).read(length * 64 + (1 << 20))
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            manifest_bytes = tar.extractfile(_manifest_member(path, tar)).read()
+            info = tar.next()
+            signature = None
+            if info is not None:
+                if info.name != SIGNATURE or not _plain_file(info) or \
+                        info.size > MAX_SIGNATURE_BYTES:
+                    raise BundleError(path, "only the signature may follow the manifest "
+                                            "in its frame", info.name)
+                signature = tar.extractfile(info).read()
+                if tar.next() is not None:
+                    raise BundleError(path, "more than the manifest and its signature in "
+                                            "the manifest's frame")
+            if tar.offset != len(data):
+                raise BundleError(path, "more than the manifest in the manifest's frame")
+    except (zstandard.ZstdError, EOFError) + TAR_HEADER_ERRORS as e:
+        raise BundleError(path, f"the manifest's frame (byte {offset}) is unreadable "
+                                f"({type(e).__name__}: {e})") from None
+    manifest = manifest_from_bytes(path, manifest_bytes)
+    detached = signature is None and os.path.exists(path + ".sig")
+    if detached:
+        with open(path + ".sig", "rb") as sig:
+            signature = sig.read(MAX_SIGNATURE_BYTES)
+    fh.seek(POINTER_SIZE)
+    return Head(manifest, manifest_bytes, signature, detached), pointer
 
 
 def _read(path: str, fh: IO[bytes], bar: Any, sink: SinkFactory | None,
           on_head: Callable[[Head], None], file_digest: Any, scan: Scanner | None,
-          unparted: Unparted | None) -> Manifest:
-    """:func:`read`'s work, on an opened bundle."""
-    frames = _FrameWalker(path)
+          unparted: Unparted | None, head: Head | None) -> Manifest:
+    """:func:`read`'s work, on an opened bundle (format 4's ``head`` read already)."""
+    frames = _FrameWalker(path, POINTER_SIZE if head is not None else 0)
 
     def seen(data: bytes) -> None:
         frames.feed(data)  # before the decompressor sees them
@@ -435,7 +599,7 @@ def _read(path: str, fh: IO[bytes], bar: Any, sink: SinkFactory | None,
             # (PAX included) and member data is read straight from the stream,
             # not copied through tarfile's own buffers.
             with tarfile.open(fileobj=stream, mode="r:") as tar:
-                manifest = _read_members(path, tar, stream, sink, on_head, scan)
+                manifest = _read_members(path, tar, stream, sink, on_head, scan, head)
                 _check_end(path, tar.offset, stream)
                 return manifest
     except BundleError:
@@ -603,10 +767,10 @@ class _FrameWalker:
 
     HEADER_MAX = 18  # a frame's magic and largest header; a block header is 3
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, at: int = 0):
         self.path = path
         self.pending = b""  # the start of a header not yet whole
-        self.at = 0  # file offset of the next byte not yet walked (``pending``'s first)
+        self.at = at  # file offset of the next byte not yet walked (``pending``'s first)
         self.skip = 0  # bytes of block data (and checksum) still to pass
         self.state = "frame"  # the next header: a frame's, or a block's
         self.frames = 0
@@ -679,7 +843,7 @@ class _FrameWalker:
         if self.ended:
             return
         self.ended = True
-        if self.at == 0 and not self.pending:
+        if self.frames == 0 and self.at == 0 and not self.pending:
             raise BundleError(self.path, "empty file")
         if self.skip:
             if self.state == "frame":  # the last block or its checksum is cut short
@@ -743,11 +907,27 @@ def _read_whole(path: str, stream: _Decompressed, info: tarfile.TarInfo) -> byte
 
 def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
                   sink: SinkFactory | None, on_head: Callable[[Head], None] | None,
-                  scan: Scanner | None) -> Manifest:
-    head, info = _read_head(path, tar, stream)
+                  scan: Scanner | None, head: Head | None = None) -> Manifest:
+    """Every member, checked against the manifest: read first from the stream, or, in
+    format 4, already read from the end (``head``) and met again there."""
+    streamed = head is not None
+    if head is None:
+        head, info = _read_head(path, tar, stream)
+    else:
+        info = tar.next()
+    if (head.manifest.format_version == STREAMED_VERSION) != streamed:
+        raise BundleError(path, "format 4, and only it, keeps the manifest last, behind a "
+                                "first frame that points to it; this bundle's layout and "
+                                "version disagree", MANIFEST)
     if on_head:
         on_head(head)
     expected = head.manifest.members()
+    # Format 4 holds weights in the manifest's order, then the manifest itself
+    rank = None
+    if streamed:
+        tail = [MANIFEST] + ([SIGNATURE] if head.signature and not head.detached else [])
+        rank = {n: i for i, n in enumerate(head.manifest.member_order() + tail)}
+        expected = dict(expected, **{n: None for n in tail})
     links = _Links(path, head.manifest)
     seen: set = set()
     previous = ""
@@ -756,7 +936,8 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
         name = info.name
         if name in seen:
             raise BundleError(path, "member appears twice", name)
-        if seen and name < previous:  # the format writes members sorted; so must they be
+        if seen and (name < previous if rank is None else
+                     name in rank and rank[name] < rank[previous]):
             raise BundleError(path, f"member is out of order (after {previous})", name)
         previous = name
         if name not in expected:
@@ -764,10 +945,14 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
         problem = _not_plain(info)
         if problem:
             raise BundleError(path, problem, name)
+        seen.add(name)
+        if expected[name] is None:  # format 4's manifest, met again: the one read first
+            _check_tail(path, stream, info, head)
+            info = tar.next()
+            continue
         if info.size != expected[name].size:
             raise BundleError(path, f"size {info.size} differs from the manifest's "
                                     f"{expected[name].size}", name)
-        seen.add(name)
         target = _read_member(path, stream, info, expected[name], sink, name in links.paths,
                               scan)
         if target is not None:
@@ -778,6 +963,15 @@ def _read_members(path: str, tar: tarfile.TarFile, stream: _Decompressed,
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BundleError(path, f"missing from the bundle{more}", missing[0])
     return head.manifest
+
+
+def _check_tail(path: str, stream: _Decompressed, info: tarfile.TarInfo, head: Head) -> None:
+    """Format 4's manifest (or signature) at the end must be the bytes read first."""
+    want = head.manifest_bytes if info.name == MANIFEST else head.signature
+    limit = MAX_MANIFEST_BYTES if info.name == MANIFEST else MAX_SIGNATURE_BYTES
+    if info.size != len(want) or info.size > limit or \
+            _read_whole(path, stream, info) != want:
+        raise BundleError(path, "differs from the one its first frame points to", info.name)
 
 
 def _read_head(path: str, tar: tarfile.TarFile,
@@ -1007,6 +1201,8 @@ def read_manifest_bytes(path: BundleInput) -> bytes:
         return parts.header_of(path).manifest_bytes
     try:
         with open(path, "rb") as fh:
+            if fh.peek(4)[:4] == POINTER_MAGIC:  # format 4: where the first frame points
+                return _streamed_head(path, fh)[0].manifest_bytes
             return _first_manifest(path, fh)
     except OSError as e:
         raise BundleError(path, e.strerror or str(e)) from None

@@ -57,7 +57,7 @@ class Baseline:
                 head = fh.read(4)
         except OSError as e:
             raise MirrorError(f"--since {path}: {e.strerror or e}") from None
-        if head == bundle.ZSTD_MAGIC:  # a bundle
+        if head in bundle.OPENINGS:  # a bundle (or its first part)
             if keys is None:
                 data = bundle.read_manifest_bytes(path)
                 return cls.from_manifest(bundle.manifest_from_bytes(path, data), path,

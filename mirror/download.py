@@ -17,8 +17,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -278,18 +278,26 @@ def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str],
     is downloaded again. Returns URL -> :class:`WeightFile`. Raises the first
     :class:`DownloadError`, after cancelling the downloads not yet started.
     """
+    return {got.url: got for got in fetch_each(urls, cache, source, jobs, progress, expect)}
+
+
+def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
+               jobs: int = 4, progress: bool = True,
+               expect: Mapping[str, str] | None = None) -> Iterator[WeightFile]:
+    """As :func:`fetch_all`, but each :class:`WeightFile` is given, in the order of
+    ``urls``, as soon as it and those before it have arrived, while the later ones
+    go on downloading: pack compresses one while the next arrive."""
     expect = expect or {}
-    results: Dict[str, WeightFile] = {}
     with tqdm(total=len(urls), unit="file", desc="weights", disable=not progress or None) \
             as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
-                               expect.get(u)): u for u in urls}
+        futures = [pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
+                               expect.get(u)) for u in urls]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update(1))
         try:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update(1)
-        except BaseException:
-            for future in futures:  # the first failure is the answer: stop the queue
+            for future in futures:
+                yield future.result()
+        except BaseException:  # GeneratorExit too: a caller that stops stops the queue
+            for future in futures:  # the first failure is the answer
                 future.cancel()
             raise
-    return results

@@ -32,6 +32,8 @@ from .ids import short
 from .layout import RepoLayout
 from .locking import locked
 from .model import (
+    FORMAT_VERSION,
+    STREAMED_VERSION,
     JsonObject,
     Manifest,
     Pin,
@@ -138,6 +140,11 @@ def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str]
                     split_size: int | None = None) -> ExportReport:
     """Write what :func:`select` chose (maybe shrunk since) to ``output`` (in parts of
     ``split_size`` bytes, if given)."""
+    if manifest.format_version == STREAMED_VERSION and (output == bundle.STREAM or split_size):
+        # The manifest last needs a whole file: to a pipe or in parts, a new bundle
+        # (format 2), which keeps neither the id nor the signature of the one made again
+        manifest = dataclasses.replace(manifest, format_version=FORMAT_VERSION)
+        manifest_bytes = signature = None
     signer = None
     if sign is not None:
         from . import signing

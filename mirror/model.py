@@ -41,7 +41,10 @@ from .names import (
 FORMAT = "mge-mirror-bundle"
 FORMAT_VERSION = 2  # 2: snapshots carry git's objects, so install recomputes every id
 DELTA_VERSION = 3  # 3: a delta, which leaves out what its prerequisites bring
-READS = (1, 2, 3)  # every earlier version stays installable
+# 4: version 2's content, its weights written as they arrived and its manifest last
+# (see mirror.bundle.StreamedWriter)
+STREAMED_VERSION = 4
+READS = (1, 2, 3, 4)  # every earlier version stays installable
 RECORD_SCHEMA = 1  # of the store's records; records of before the schema field are 0
 
 # git's file modes, the only ones a snapshot holds (a submodule has no content here).
@@ -643,6 +646,17 @@ class Manifest:
         for w in self.weights:
             add(Member(weight_member(w.sha256), w.size, w.sha256))
         return members
+
+    def member_order(self) -> List[str]:
+        """The members in the order a bundle holds them: by name; in format 4, code and
+        git objects by name, then the weights in the manifest's order, which is the
+        order pack wrote them as they arrived."""
+        members = self.members()
+        if self.format_version != STREAMED_VERSION:
+            return sorted(members)
+        weights = dict.fromkeys(weight_member(w.sha256) for w in self.weights)
+        return sorted(n for n in members if n not in weights) + \
+            [n for n in weights if n in members]
 
     def links(self) -> Dict[str, str]:
         """Member name -> snapshot path of every symlink (whose content is its target)."""

@@ -10,23 +10,26 @@ whose manifest is a :class:`mirror.model.Manifest`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
 from . import __version__, bundle
 from .config import settings
 from .delta import Baseline, make_delta
 from .discovery import coverage, discover
-from .download import DownloadCache, fetch_all
+from .download import DownloadCache, fetch_each
 from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickleError
 from .git import Snapshot, Upstream
 from .hashing import sha256_bytes
 from .ids import short
 from .links import decode, refused
 from .model import (
+    FORMAT_VERSION,
     MODE_LINK,
+    STREAMED_VERSION,
     FileEntry,
     JsonObject,
     Manifest,
@@ -351,18 +354,31 @@ class _Packer:
         held = self._held()
         for w in held:
             self.log(f"not downloaded: {w.url} (the signed --since baseline holds it)")
-        weights = sorted([self._weight(w) for w in self._fetch({w.url for w in held})] + held,
-                         key=lambda w: w.url)
         for repo in self.repos.values():
             for commit, snap in repo.snapshots.items():
                 self.sources[objects_member(commit)] = snap.objects
-        manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
-                            tuple(weights), tool=f"mirror {__version__}",
-                            created=settings().now())
-        if self.baseline is not None:
-            manifest = make_delta(manifest, self.baseline)
-            report.prerequisites = manifest.prerequisites
-        report.bundle_id, files = self._write(manifest)
+        with self._writing(), self._streamed() as streamed:
+            fetched = []
+            for got in self._fetch({w.url for w in held}):
+                fetched.append(self._weight(got))
+                if streamed is not None and weight_member(got.sha256) not in streamed.sources:
+                    streamed.add(weight_member(got.sha256), got.path, got.size)
+            weights = sorted(fetched + held, key=lambda w: w.url)
+            manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
+                                tuple(weights), tool=f"mirror {__version__}",
+                                created=settings().now(),
+                                format_version=FORMAT_VERSION if streamed is None
+                                else STREAMED_VERSION)
+            if self.baseline is not None:
+                manifest = make_delta(manifest, self.baseline)
+                report.prerequisites = manifest.prerequisites
+            if streamed is not None:
+                report.bundle_id, files = streamed.finish(manifest, self._signer()), \
+                    [report.output]
+            else:
+                report.bundle_id, files = bundle.write_files(
+                    report.output, manifest, self.sources, self.mtimes, sign=self._signer(),
+                    split_size=split_size(self.opts.split_size, report.output))
         report.size = sum(os.path.getsize(f) for f in files) \
             if report.output != bundle.STREAM else -1
         report.parts = files if self.opts.split_size else []
@@ -389,16 +405,37 @@ class _Packer:
                                     tuple(sorted(set(self.weight_refs[url])))))
         return held
 
-    def _fetch(self, held: Set[str]) -> List[WeightFile]:
+    def _fetch(self, held: Set[str]) -> Iterator[WeightFile]:
         """Every weight but the ``held`` URLs, downloaded or from the cache, in URL
-        order."""
+        order, each as soon as it (and those before it) arrived."""
         opts = self.opts
         urls = sorted(set(self.weight_refs) - held)
         self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
-        got = fetch_all(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,
-                        jobs=opts.jobs, progress=opts.progress,
-                        expect=self.pins.weights if self.pins else None)
-        return [got[u] for u in urls]
+        return fetch_each(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,
+                          jobs=opts.jobs, progress=opts.progress,
+                          expect=self.pins.weights if self.pins else None)
+
+    @contextlib.contextmanager
+    def _streamed(self) -> Iterator[bundle.StreamedWriter | None]:
+        """The bundle, written as the weights arrive, its manifest last (format 4):
+        to a file, whole, not a delta, unless asked for the manifest first. Code and git
+        objects go in now. Else None: the bundle is written when every weight is here."""
+        opts, output = self.opts, self.report.output
+        if output == bundle.STREAM or opts.split_size or opts.manifest_first or \
+                self.baseline is not None:
+            yield None
+            return
+        with bundle.StreamedWriter(output) as streamed:
+            for name in sorted(n for n in self.sources if not n.startswith("weights/")):
+                streamed.add(name, self.sources[name], len(self.sources[name]),
+                             self.mtimes.get(name, 0))
+            yield streamed
+
+    def _signer(self) -> Callable[[bytes], bytes] | None:
+        if not self.opts.sign:
+            return None
+        key = load_private(self.opts.sign)
+        return lambda manifest_bytes: sign(key, manifest_bytes)
 
     def _weight(self, got: WeightFile) -> WeightEntry:
         """The manifest's entry of a downloaded weight, once its pin and its pickle's
@@ -412,18 +449,13 @@ class _Packer:
         return WeightEntry(got.url, got.size, got.sha256,
                            tuple(sorted(set(self.weight_refs[got.url]))))
 
-    def _write(self, manifest: Manifest) -> Tuple[str, List[str]]:
-        """Write the bundle; return its id and the files written (its parts, with
-        ``split_size``). Every failure is one :class:`MirrorError` naming the bundle
-        (and the file that failed, if another)."""
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Every failure to write the bundle is one :class:`MirrorError` naming it (and
+        the file that failed, if another)."""
         output = self.report.output
-        signer = None
-        if self.opts.sign:
-            key = load_private(self.opts.sign)
-            signer = lambda manifest_bytes: sign(key, manifest_bytes)  # noqa: E731
         try:
-            return bundle.write_files(output, manifest, self.sources, self.mtimes, sign=signer,
-                                      split_size=split_size(self.opts.split_size, output))
+            yield
         except ValueError as e:  # e.g. a file name the bundle format cannot carry safely
             raise MirrorError(f"cannot pack into {output}: {e}") from None
         except bundle.SourceError as e:  # e.g. a cached download removed meanwhile

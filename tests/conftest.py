@@ -57,12 +57,19 @@ def upstream(tmp_path_factory) -> Upstream:
     weights.stop()
 
 
+# The session's bundles keep the manifest first (format 2), the layout the corpus of
+# hostile bundles is built from and pipes read; pack's default for a file, the
+# manifest last (format 4), has its own tests (test_streamed.py).
+MANIFEST_FIRST = {"manifest_first": True}
+
+
 @pytest.fixture(scope="session")
 def master_bundle(upstream, tmp_path_factory) -> str:
     """The demo repo's master tip, packed once for the session (pinned by commit)."""
     out = str(tmp_path_factory.mktemp("bundles") / "master.hub")
     pack([upstream.spec("@" + upstream.demo.branches["master"][:10])], out,
-         PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
+         PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                     **MANIFEST_FIRST))
     return out
 
 
@@ -72,7 +79,8 @@ def all_refs_bundle(upstream, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("bundles") / "all.hub")
     specs = [upstream.spec(s) for s in ("", ":dev", ":v1.0")]
     specs.append(upstream.spec("@" + upstream.demo.commits["c1"]))
-    pack(specs, out, PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
+    pack(specs, out, PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                                 **MANIFEST_FIRST))
     return out
 
 
@@ -115,7 +123,8 @@ def big_bundle(upstream, tmp_path_factory) -> str:
     urls = [upstream.weights.add(f"big/w{i}.pkl", rng.randbytes(5 << 20)) for i in range(6)]
     out = str(tmp_path_factory.mktemp("bundles") / "big.hub")
     pack([upstream.spec()], out, PackOptions(git_host=upstream.git.host, protocol="http",
-                                             extra_weights=urls, progress=False))
+                                             extra_weights=urls, progress=False,
+                                             **MANIFEST_FIRST))
     return out
 
 

@@ -126,7 +126,7 @@ def _ref_to_a_missing_snapshot(manifest, sources):
 
 
 def _future_format(manifest, sources):
-    manifest["format_version"] = 4
+    manifest["format_version"] = 5
 
 
 def _forged_content(manifest, sources):
@@ -150,7 +150,7 @@ def _forged_content(manifest, sources):
     (_duplicate_path, "is listed twice in snapshot"),
     (_no_commit_time, "'commit_time' missing or not a int"),
     (_ref_to_a_missing_snapshot, "which is not a snapshot in this bundle"),
-    (_future_format, "format version 4 is not supported (this mirror reads versions 1 to 3; "
+    (_future_format, "format version 5 is not supported (this mirror reads versions 1 to 4; "
                      "upgrade mirror)"),
     (_forged_content, "does not match its content: 'hubconf.py' is not the file its tree "
                       "names"),
