@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -33,7 +34,7 @@ import zstandard
 
 from . import parts
 from .atomic import atomic_file
-from .errors import BundleError, InvalidRecordError, MirrorError
+from .errors import BundleError, InvalidRecordError, MirrorError, SignatureError
 from .hashing import CHUNK, sha256_bytes
 from .links import decode, refused
 from .model import (  # noqa: F401  (the format's names, re-exported for readers of bundles)
@@ -50,6 +51,7 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
 from .parts import BundleInput, Parts, PartWriter, Unparted
 from .parts import reserve_for as parts_reserve
 from .safety import BlockReader, PickleScans
+from .signing import PARTS_TABLE
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # optional, right after the manifest (see mirror.signing)
@@ -93,7 +95,7 @@ Source = Union[bytes, str]  # the member's bytes, or the path of a file holding 
 
 def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
           mtimes: Mapping[str, int] | None = None,
-          sign: Callable[[bytes], bytes] | None = None, manifest_bytes: bytes | None = None,
+          sign: Callable[..., bytes] | None = None, manifest_bytes: bytes | None = None,
           signature: bytes | None = None, split_size: int | None = None) -> str:
     """Write a bundle to ``path`` atomically and return its id, the sha256 of its
     manifest (which holds the digest of every other member). :func:`write_files`
@@ -104,7 +106,7 @@ def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
 
 def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
                 mtimes: Mapping[str, int] | None = None,
-                sign: Callable[[bytes], bytes] | None = None,
+                sign: Callable[..., bytes] | None = None,
                 manifest_bytes: bytes | None = None, signature: bytes | None = None,
                 split_size: int | None = None) -> Tuple[str, List[str]]:
     """Write a bundle to ``path`` atomically; return its id, the sha256 of its
@@ -159,7 +161,7 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
 
 
 def _checked(manifest: Manifest, sources: Mapping[str, Source], manifest_bytes: bytes | None,
-             sign: Callable[[bytes], bytes] | None, signature: bytes | None
+             sign: Callable[..., bytes] | None, signature: bytes | None
              ) -> Tuple[Manifest, bytes]:
     """The manifest as a reader will parse it, and its bytes: what a writer writes,
     verify and install accept. Every member needs a source, and each snapshot's links,
@@ -234,7 +236,7 @@ class StreamedWriter:
         self.names.append(name)
         _write_member(self.out, name, source, size, mtime)
 
-    def finish(self, manifest: Manifest, sign: Callable[[bytes], bytes] | None = None,
+    def finish(self, manifest: Manifest, sign: Callable[..., bytes] | None = None,
                manifest_bytes: bytes | None = None, signature: bytes | None = None) -> str:
         """Write the manifest (and signature), end the archive, point the first frame at
         the manifest, and put the bundle in place; return its id."""
@@ -333,6 +335,7 @@ class _FrameWriter:
     def __init__(self, out: IO[bytes], parts: PartWriter | None = None):
         self.out, self.offset, self.parts = out, 0, parts
         self.pending = 0  # bytes the open frame took since zstd last wrote all it had
+        self.taken = 0  # bytes the open frame took
         # Every frame carries zstd's checksum, so accidental damage anywhere (the
         # manifest included, which no digest of its own covers) fails to decompress.
         self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1,
@@ -346,7 +349,7 @@ class _FrameWriter:
             self.close_frame()
             cctx = self.weights if kind == "weights" else self.code
             self.frame, self.frame_kind = cctx.stream_writer(self.out, closefd=False), kind
-            self.pending = 0
+            self.pending = self.taken = 0
         return self.frame
 
     def _put(self, data: Any) -> None:
@@ -356,6 +359,7 @@ class _FrameWriter:
         it had, and flushing (which costs some ratio) is done only near the line."""
         if self.parts is None:
             self.frame.write(data)
+            self.taken += len(data)
             return
         view = memoryview(data).cast("B")
         while len(view):
@@ -375,12 +379,14 @@ class _FrameWriter:
                 continue
             self.frame.write(view[:n])
             self.pending += n
+            self.taken += n
             view = view[n:]
 
     def close_frame(self) -> None:
         """End the open frame, if any: what follows starts a frame of its own."""
         if self.frame is not None:
-            self.frame.close()  # ends the frame (with closefd=False, not the file)
+            if self.taken:  # zstd writes nothing until data comes: an empty frame is none
+                self.frame.close()  # ends the frame (with closefd=False, not the file)
             self.frame = None
 
     def member(self, name: str, size: int, fh: IO[bytes], mtime: int) -> None:
@@ -509,18 +515,25 @@ def _open(path: BundleInput, files: contextlib.ExitStack
             raise BundleError(name, e.strerror or str(e)) from None
 
     if isinstance(path, Parts):
-        fhs = [opener(p) for p in path.paths]
-        total = sum(os.fstat(f.fileno()).st_size for f in fhs)
         problem = path.problem()
         if problem:
             raise BundleError(str(path), problem)
-        return Unparted(list(zip(path.paths, fhs)), str(path)), total, None
+        try:
+            total = sum(os.stat(p).st_size for p in path.paths)
+        except OSError as e:
+            raise BundleError(e.filename or str(path), e.strerror or str(e)) from None
+        # one part open at a time: a bundle of a thousand parts needs no thousand files
+        unparted = Unparted([(p, functools.partial(open, p, "rb", buffering=CHUNK))
+                             for p in path.paths], str(path))
+        files.callback(unparted.close)
+        return unparted, total, None
     fh = files.enter_context(_stdin()) if path == STREAM else opener(path)
     st = os.fstat(fh.fileno())
     total = st.st_size if stat.S_ISREG(st.st_mode) else None
     start = fh.peek(4)[:4]
     if start == parts.MAGIC:  # parts concatenated, in a file or a pipe
-        return Unparted([("stdin" if path == STREAM else path, fh)], str(path)), total, None
+        return Unparted([("stdin" if path == STREAM else path, lambda: fh)], str(path)), \
+            total, None
     if start == POINTER_MAGIC:
         if total is None:
             raise BundleError(str(path), "its manifest is at its end (format 4, as pack "
@@ -589,6 +602,8 @@ def _read(path: str, fh: IO[bytes], bar: Any, sink: SinkFactory | None,
 
     def seen(data: bytes) -> None:
         frames.feed(data)  # before the decompressor sees them
+        if unparted is not None and unparted.payload_ended:
+            frames.at_frame_end(unparted.ended)
         bar.update(len(data))
         if file_digest is not None:
             file_digest.update(data)
@@ -837,6 +852,14 @@ class _FrameWalker:
             self.frames += 1
             self.state = "frame"
         return 3
+
+    def at_frame_end(self, where: str) -> None:
+        """A part's payload ends here: so must a frame, so that ``cat`` of the parts
+        is a file that zstd reads as mirror does (the next part's header between
+        frames, never inside one)."""
+        if self.skip or self.pending or self.state != "frame":
+            raise BundleError(self.path, f"{where} ends inside a zstd frame: its parts "
+                                         f"were not cut where frames end")
 
     def end(self) -> None:
         """At the end of the file: nothing may be left half-read."""
@@ -1152,7 +1175,11 @@ def verify_part(path: str, keys: Mapping[str, Any] | None = None) -> Verified:
         from .signing import check
 
         signer = check(header.signature, header.manifest_bytes, keys, path).key_id
-        check(header.table_signature, header.table_bytes, keys, path, what="table of parts")
+        table = check(header.table_signature, header.table_bytes, keys, path,
+                      what="table of parts", purpose=PARTS_TABLE).key_id
+        if table != signer:
+            raise SignatureError(path, f"its manifest is signed by key {signer}, its table "
+                                       f"of parts by key {table}: not one signer")
     manifest = manifest_from_bytes(path, header.manifest_bytes)
     return Verified(manifest, header.manifest_bytes, signer, header)
 

@@ -22,7 +22,6 @@ from .atomic import write_atomic
 from .config import settings
 from .errors import MirrorError
 from .ids import short
-from .parts import Parts
 from .store import Store
 
 
@@ -200,7 +199,9 @@ def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_
         installed_versions(mge_versions), allow_unsafe_pickle=allow_unsafe_pickle,
         trusted_keys=tuple(trusted_keys), require_signature=require_signature,
         digest_file=bool(receipt), progress=not as_json)
-    if receipt and (len(bundle_paths) > 1 or os.path.isdir(bundle_paths[0])):
+    from .installer import bundle_paths as inputs_of
+
+    if receipt and len(inputs_of(bundle_paths)) > 1:
         raise click.UsageError("--receipt takes one bundle")
     outcomes = install_all(bundle_paths, home, options)
     if receipt:
@@ -274,12 +275,12 @@ def verify(bundle_paths, keys, allow_unsafe_pickle, home, as_json) -> None:
 
         trusted = signing.load_keys(keys) if keys else None
         reports = []
+        # One part file given alone is checked alone (bundle.verify_part); several
+        # files must make whole bundles, as install takes them
         for given in inputs_of(bundle_paths):
-            for path in (given.paths if isinstance(given, Parts) and given.problem()
-                         else [given]):  # some parts only: each alone
-                verified = bundle.verify(path, trusted, progress=not as_json,
-                                         allow_unsafe_pickle=allow_unsafe_pickle)
-                reports.append(_verified(str(path), verified, as_json))
+            verified = bundle.verify(given, trusted, progress=not as_json,
+                                     allow_unsafe_pickle=allow_unsafe_pickle)
+            reports.append(_verified(str(given), verified, as_json, bool(keys)))
         if as_json:
             click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
         return
@@ -298,7 +299,7 @@ def verify(bundle_paths, keys, allow_unsafe_pickle, home, as_json) -> None:
         raise SystemExit(3)
 
 
-def _verified(path: str, verified: bundle.Verified, as_json: bool) -> Any:
+def _verified(path: str, verified: bundle.Verified, as_json: bool, keyed: bool) -> Any:
     """What verify says of one bundle, or one part: the JSON, or printed lines."""
     n = len(verified.manifest.members())
     pre, part = verified.manifest.prerequisites, verified.part
@@ -314,6 +315,9 @@ def _verified(path: str, verified: bundle.Verified, as_json: bool) -> Any:
         click.echo(f"{path}: OK, part {part.index} of {part.count} of bundle "
                    f"{verified.bundle_id[:16]}, {part.payload[0]} bytes as its table says"
                    f"{signed}; its members are verified with every part (install)")
+        if not keyed:
+            click.echo("  (no --key: this shows the part was not damaged in transit, not who "
+                       "made it)")
         return None
     click.echo(f"{path}: OK, {n} members verified{signed}")
     if pre is not None:  # a delta: what it could not check alone

@@ -150,7 +150,7 @@ def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str]
         from . import signing
 
         key = signing.load_private(sign)
-        signer, signature = (lambda data: signing.sign(key, data)), None
+        signer, signature = (lambda data, purpose=None: signing.sign(key, data, purpose)), None
     mtimes = {code_member(s.commit, f.path): s.commit_time
               for r in manifest.repos for s in r.snapshots for f in s.files}
     try:

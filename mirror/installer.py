@@ -62,7 +62,7 @@ from .model import (
     canonical_json,
 )
 from .names import ref_conflict
-from .parts import BundleInput, group
+from .parts import BundleInput, Parts, group
 from .proof import Proof, ProofError, history, prove_manifest
 from .safety import PickleScans, unsafe_globals
 from .store import Store
@@ -145,7 +145,9 @@ def install(bundle_path: BundleInput, home: str | None = None,
     # Under a trust policy only then, after the signature: an unsigned manifest's words
     # are not shown as instructions.
     try:
-        head = bundle.read_manifest(bundle_path) if bundle_path != bundle.STREAM else None
+        # (a pipe, named or not, is read once: by the install itself)
+        head = bundle.read_manifest(bundle_path) if isinstance(bundle_path, Parts) or \
+            os.path.isfile(bundle_path) else None
     except MirrorError:
         head = None  # the whole read below says what is wrong, in verify's words
     if head is not None and not policy.required:
@@ -201,8 +203,8 @@ def bundle_paths(inputs: Sequence[str]) -> List[BundleInput]:
     grouped = group(paths)
 
     def is_delta(path: BundleInput) -> bool:
-        if path == bundle.STREAM:
-            return False  # read once, in its turn
+        if isinstance(path, str) and not os.path.isfile(path):
+            return False  # stdin or a pipe: read once, in its turn
         try:
             return bundle.read_manifest(path).prerequisites is not None
         except MirrorError:

@@ -435,7 +435,8 @@ class _Packer:
         if not self.opts.sign:
             return None
         key = load_private(self.opts.sign)
-        return lambda manifest_bytes: sign(key, manifest_bytes)
+        # (a split bundle's table of parts is signed too, for its purpose)
+        return lambda data, purpose=None: sign(key, data, purpose)
 
     def _weight(self, got: WeightFile) -> WeightEntry:
         """The manifest's entry of a downloaded weight, once its pin and its pickle's

@@ -33,6 +33,7 @@ from typing import IO, Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .errors import BundleError, MirrorError
 from .hashing import CHUNK, sha256_bytes
+from .signing import PARTS_TABLE
 
 MAGIC = (0x184D2A5E).to_bytes(4, "little")  # a zstd skippable frame (0x184D2A5?)
 TAG = b"mge-mirror-part\n"
@@ -99,8 +100,11 @@ class Table:
             table = cls(_hex(doc["bundle"]), tuple(
                 (_size(p["size"]), _hex(p["sha256"])) for p in doc["parts"]
                 if set(p) == {"sha256", "size"} or _fail("a part with other fields")))
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise BundleError(where, f"its table of parts is malformed ({e})") from None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise BundleError(where, f"its table of parts is malformed "
+                                     f"({str(e)[:200]})") from None
+        if any(n == 0 for n, _ in table.parts):
+            raise BundleError(where, "its table lists a part with no payload")
         if not 1 <= len(table.parts) <= MAX_PARTS:
             raise BundleError(where, f"its table lists {len(table.parts)} parts")
         if table.to_bytes() != data:  # one spelling: what is signed is what is read
@@ -185,7 +189,7 @@ def parse_header(frame: bytes, where: str) -> Header:
         sizes = [_size(fields[k]) for k in ("table_size", "table_signature_size",
                                              "manifest_size", "signature_size")]
         index = _size(fields["index"])
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise BundleError(where, "its part header is malformed") from None
     if fields["format_version"] != FORMAT_VERSION:
         raise BundleError(where, f"parts of format version {fields['format_version']!r}; "
@@ -230,7 +234,10 @@ def read_header(fh: IO[bytes], where: str) -> Header | None:
 
 
 def is_part(path: str) -> bool:
-    """Whether the file at ``path`` starts with a part header."""
+    """Whether ``path`` is a regular file that starts with a part header (a pipe is not
+    read here: its bytes are the reader's)."""
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as fh:
             return fh.read(4) == MAGIC
@@ -259,6 +266,7 @@ class Parts:
     headers: Tuple[Tuple[str, Header], ...]  # (path, header), sorted by index
     # the part files given that are of other bundles, to name a stray among them
     strays: Tuple[Tuple[str, Header], ...] = ()
+    others: Tuple[str, ...] = ()  # the other files given, which are not parts
 
     @property
     def first(self) -> Header:
@@ -297,6 +305,9 @@ class Parts:
                                        for i in missing) if n in strays]
         said = "".join(f"; {p} is part {h.index} of another bundle, {h.bundle_id[:16]}"
                        for p, h in foreign[:3])
+        expected = {os.path.basename(part_name(stem, i, self.count)) for i in missing}
+        said += "".join(f"; {p} is no part at all (empty, or its header damaged)"
+                        for p in self.others if os.path.basename(p) in expected)
         return (f"part{'s' if len(missing) > 1 else ''} {names}{more} of the {self.count} "
                 f"of bundle {self.first.bundle_id[:16]} {'are' if len(missing) > 1 else 'is'}"
                 f" not among the files given{said}")
@@ -328,15 +339,17 @@ def group(paths: Sequence[str]) -> List[BundleInput]:
         else:
             out.append(path)
     everything = [ph for group in found.values() for ph in group]
+    others = tuple(x for x in out if x not in found)
     return [Parts(tuple(sorted(found[x], key=lambda ph: ph[1].index)),
-                  tuple(ph for ph in everything if ph[1].bundle_id != x))
+                  tuple(ph for ph in everything if ph[1].bundle_id != x), others)
             if x in found else x for x in out]
 
 
 def _one_part(path: str, header: Header) -> bool:
-    """Whether the file is one part, as written (else parts concatenated, or damaged:
-    read as a stream, whose checks say which)."""
-    return os.path.getsize(path) == header.size + header.payload[0]
+    """Whether the file is one part (else parts concatenated). Only a first part can
+    open a concatenation; one that holds more or less than its payload is read as a
+    stream, whose checks say what is wrong."""
+    return header.index > 1 or os.path.getsize(path) == header.size + header.payload[0]
 
 
 # --- reading ------------------------------------------------------------------------
@@ -345,24 +358,34 @@ class Unparted:
     """The payloads of a bundle's parts, read in order as one stream, every header and
     payload checked on the way: a part of another bundle, out of its place, with a
     header unlike the first's, or whose payload is not what its table says, is
-    refused, naming the part's file. ``streams`` are the part files in index order,
-    or one stream holding them all (a concatenation, or stdin)."""
+    refused, naming the part's file. ``streams`` are the part files in index order
+    (each opened when its turn comes, and closed after), or one stream holding them
+    all (a concatenation, or stdin): (name, a function that opens it)."""
 
-    def __init__(self, streams: Sequence[Tuple[str, IO[bytes]]], label: str):
+    def __init__(self, streams: Sequence[Tuple[str, Callable[[], IO[bytes]]]], label: str):
         self.streams, self.label = list(streams), label
         self.file = 0  # in self.streams
+        self.fh: IO[bytes] = self.streams[0][1]()
         self.first: Header | None = None
         self.part = 0  # index of the part being read (0: none yet)
         self.left = 0  # bytes of its payload still to read
         self.digest = hashlib.sha256()
+        self.payload_ended = False  # the last read ended a part's payload ...
+        self.ended = ""  # ... this part's, for messages
         self._next_header()
+
+    @property
+    def name(self) -> str:
+        return self.streams[self.file][0]
 
     @property
     def where(self) -> str:
         """The part being read, for messages."""
-        name = self.streams[min(self.file, len(self.streams) - 1)][0]
         count = self.first.count if self.first else "?"
-        return f"part {self.part} of {count} ({name})"
+        return f"part {self.part} of {count} ({self.name})"
+
+    def close(self) -> None:
+        self.fh.close()
 
     def check_head(self, manifest_bytes: bytes, signature: bytes | None) -> None:
         """The bundle's own manifest (and signature inside it) must be what every part's
@@ -372,8 +395,11 @@ class Unparted:
                                                   "or signature than the bundle it opens")
 
     def _next_header(self) -> None:
-        name, fh = self.streams[self.file]
-        header = read_header(fh, name)
+        name = self.name
+        header = read_header(self.fh, name)
+        if header is None and self.part and not self.fh.read(1):
+            raise BundleError(name, f"it ends after part {self.part} of {self.first.count}: "
+                                    f"{_which(self.part + 1, self.first.count)} missing")
         if header is None and len(self.streams) > 1 and self.part:
             raise BundleError(name, f"bytes after part {self.part}'s payload that are not a "
                                     f"part header")
@@ -402,7 +428,8 @@ class Unparted:
 
     def _end_of_payload(self) -> None:
         size, sha256 = self.first.table.parts[self.part - 1]
-        name = self.streams[self.file][0]
+        name = self.name
+        self.payload_ended, self.ended = True, self.where
         if self.digest.hexdigest() != sha256:
             raise BundleError(name, f"part {self.part} of {self.first.count} is corrupt: its "
                                     f"sha256 {self.digest.hexdigest()} is not the table's "
@@ -410,33 +437,32 @@ class Unparted:
         if self.part == self.first.count:
             return
         if len(self.streams) > 1:  # each file is one part, and ends with it
-            if self.streams[self.file][1].read(1):
+            if self.fh.read(1):
                 raise BundleError(name, f"data after part {self.part}'s payload")
+            self.fh.close()
             self.file += 1
             if self.file == len(self.streams):
-                raise BundleError(self.label, f"part {self.part + 1} of {self.first.count} "
-                                              f"is missing")
+                raise BundleError(self.label, f"{_which(self.part + 1, self.first.count)} "
+                                              f"missing")
+            self.fh = self.streams[self.file][1]()
         self._next_header()
 
     def read(self, n: int = -1) -> bytes:
+        self.payload_ended = False
         if n < 0:
             n = CHUNK
-        while self.left == 0:
-            if self.first is not None and self.part == self.first.count:
-                name, fh = self.streams[self.file]
-                if fh.read(1):
-                    raise BundleError(name, f"data after the last part's payload "
-                                            f"(part {self.part})")
-                if self.file != len(self.streams) - 1:
-                    raise BundleError(self.streams[self.file + 1][0],
-                                      "more files than the table has parts")
-                return b""
-            self._end_of_payload()
-        name, fh = self.streams[self.file]
-        data = fh.read(min(n, self.left))
+        if self.left == 0 and self.part == self.first.count:
+            if self.fh.read(1):
+                raise BundleError(self.name, f"data after the last part's payload "
+                                             f"(part {self.part})")
+            if self.file != len(self.streams) - 1:
+                raise BundleError(self.streams[self.file + 1][0],
+                                  "more files than the table has parts")
+            return b""
+        data = self.fh.read(min(n, self.left))
         if not data:
-            raise BundleError(name, f"truncated: part {self.part} of {self.first.count} "
-                                    f"ends {self.left} bytes before its payload does")
+            raise BundleError(self.name, f"truncated: part {self.part} of {self.first.count} "
+                                         f"ends {self.left} bytes before its payload does")
         self.left -= len(data)
         self.digest.update(data)
         if self.left == 0:
@@ -444,12 +470,9 @@ class Unparted:
         return data
 
 
-def open_parts(parts: Parts, opener: Callable[[str], IO[bytes]]) -> Unparted:
-    """The payloads of every part in ``parts``, which must be complete."""
-    problem = parts.problem()
-    if problem:
-        raise BundleError(str(parts), problem)
-    return Unparted([(p, opener(p)) for p in parts.paths], str(parts))
+def _which(first: int, count: int) -> str:
+    return f"part {first} of {count} is" if first == count else \
+        f"parts {first} to {count} of {count} are"
 
 
 def verify_alone(path: str) -> Header:
@@ -480,14 +503,15 @@ def verify_alone(path: str) -> Header:
 class PartWriter:
     """Where a split bundle's frames go: part files, each ``split_size`` bytes at most,
     its first ``reserve`` bytes kept for the header, written when every payload is
-    known (:meth:`finish`). The parts appear under their names only when all are
-    whole; on an error none does."""
+    known (:meth:`finish`). One part is open at a time. The parts appear under their
+    names only when all are whole; on an error none does."""
 
     def __init__(self, output: str, split_size: int, reserve: int):
         self.output, self.split_size, self.reserve = output, split_size, reserve
         self.folder = os.path.dirname(os.path.abspath(output))
         os.makedirs(self.folder, exist_ok=True)
-        self.files: List[Tuple[str, IO[bytes]]] = []  # (temporary path, file)
+        self.tmps: List[str] = []  # every part's temporary file
+        self.fh: IO[bytes] | None = None  # the part being written
         self.payloads: List[Tuple[int, str]] = []
         self.written = 0
         self.digest = hashlib.sha256()
@@ -497,55 +521,70 @@ class PartWriter:
         """Payload bytes the current part can still take."""
         return self.split_size - self.reserve - self.written
 
-    def next_part(self) -> None:
-        if self.files:
+    def _close_part(self) -> None:
+        if self.fh is not None:
+            self.fh.close()  # a close reports a full disk that writes did not
+            self.fh = None
             self.payloads.append((self.written, self.digest.hexdigest()))
+
+    def next_part(self) -> None:
+        self._close_part()
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-" +
                                    os.path.basename(self.output) + ".part.")
-        fh = os.fdopen(fd, "wb")
-        self.files.append((tmp, fh))
-        fh.seek(self.reserve)
+        self.tmps.append(tmp)
+        self.fh = os.fdopen(fd, "wb")
+        self.fh.seek(self.reserve)
         self.written, self.digest = 0, hashlib.sha256()
 
     def write(self, data: Any) -> int:
-        n = self.files[-1][1].write(data)
+        n = self.fh.write(data)
         self.digest.update(data)
         self.written += n
         return n
 
     def flush(self) -> None:
-        self.files[-1][1].flush()
+        self.fh.flush()
 
     def finish(self, manifest_bytes: bytes, signature: bytes | None,
-               sign: Callable[[bytes], bytes] | None) -> List[str]:
+               sign: Callable[..., bytes] | None) -> List[str]:
         """Write every header, make the parts durable, and give them their names."""
-        self.payloads.append((self.written, self.digest.hexdigest()))
+        self._close_part()
         if len(self.payloads) > MAX_PARTS:
             raise MirrorError(f"{len(self.payloads)} parts: over {MAX_PARTS}; choose a "
                               f"larger --split-size")
         table = Table(sha256_bytes(manifest_bytes), tuple(self.payloads)).to_bytes()
-        table_signature = sign(table) if sign is not None else None
-        names = [part_name(self.output, i, len(self.files))
-                 for i in range(1, len(self.files) + 1)]
-        for i, (_tmp, fh) in enumerate(self.files, 1):
-            fh.seek(0)
-            fh.write(header_frame(i, self.reserve, table, table_signature, manifest_bytes,
-                                  signature))
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o644)
-            os.fsync(fh.fileno())
-            fh.close()
-        for (tmp, _), name in zip(self.files, names):
+        table_signature = sign(table, PARTS_TABLE) if sign is not None else None
+        names = [part_name(self.output, i, len(self.tmps))
+                 for i in range(1, len(self.tmps) + 1)]
+        for i, tmp in enumerate(self.tmps, 1):
+            with open(tmp, "r+b") as fh:
+                fh.write(header_frame(i, self.reserve, table, table_signature,
+                                      manifest_bytes, signature))
+                fh.flush()
+                os.fchmod(fh.fileno(), 0o644)
+                os.fsync(fh.fileno())
+        for tmp, name in zip(self.tmps, names):
             os.replace(tmp, name)
-        self.files = []
+        self.tmps = []
+        # Parts of an earlier pack to the same name, beyond this one's count, would be
+        # taken for parts of this bundle by OUT.*: they go
+        for i in range(len(names) + 1, MAX_PARTS + 1):
+            gone = [p for p in dict.fromkeys(part_name(self.output, i, n) for n in (1, 10 ** 4))
+                    if is_part(p)]
+            if not gone:
+                break
+            for p in gone:
+                os.unlink(p)
         return names
 
     def abort(self) -> None:
-        for tmp, fh in self.files:
-            fh.close()
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+        for tmp in self.tmps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        self.files = []
+        self.tmps = []
 
 
 SLACK = 64 << 10  # at most left unused at a part's end, where a frame is cut

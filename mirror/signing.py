@@ -81,13 +81,21 @@ def load_public(path: str) -> Ed25519PublicKey:
     return key
 
 
-def sign(private: Ed25519PrivateKey, manifest_bytes: bytes) -> bytes:
-    """The signature document for a manifest (what ``manifest.sig`` holds)."""
+PARTS_TABLE = "parts-table"  # the purpose of a split bundle's table's signature
+
+
+def sign(private: Ed25519PrivateKey, manifest_bytes: bytes, purpose: str | None = None) -> bytes:
+    """The signature document for a manifest (what ``manifest.sig`` holds), or, with a
+    ``purpose``, for another document (a split bundle's table of parts), which says so:
+    a signature of one is never taken for the other."""
     digest = sha256_bytes(manifest_bytes)
-    return (json.dumps({"algorithm": ALGORITHM, "key_id": key_id(private.public_key()),
-                        "manifest_sha256": digest,
-                        "signature": base64.b64encode(private.sign(digest.encode())).decode()},
-                       sort_keys=True) + "\n").encode()
+    doc = {"algorithm": ALGORITHM, "key_id": key_id(private.public_key()),
+           "manifest_sha256": digest,
+           "signature": base64.b64encode(private.sign(
+               (digest if purpose is None else f"{purpose}:{digest}").encode())).decode()}
+    if purpose is not None:
+        doc["purpose"] = purpose
+    return (json.dumps(doc, sort_keys=True) + "\n").encode()
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ class Signer:
 
 
 def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25519PublicKey],
-          bundle: str, what: str = "manifest") -> Signer:
+          bundle: str, what: str = "manifest", purpose: str | None = None) -> Signer:
     """The signer of ``manifest_bytes``, if ``document`` is a valid signature of it by a
     ``trusted`` key; else :class:`SignatureError` saying what is wrong. ``what`` names
     the signed document in messages (a split bundle's table of parts is signed too)."""
@@ -112,7 +120,9 @@ def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25
         doc = json.loads(document)
         signature = base64.b64decode(doc["signature"], validate=True)
         kid, algorithm = doc["key_id"], doc["algorithm"]
-    except (ValueError, KeyError, TypeError):
+        if doc.get("purpose") != purpose:
+            raise ValueError("another purpose")
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise SignatureError(bundle, "its signature document is malformed") from None
     if algorithm != ALGORITHM:
         raise SignatureError(bundle, f"it is signed with {algorithm!r}, not {ALGORITHM}")
@@ -124,7 +134,8 @@ def check(document: bytes | None, manifest_bytes: bytes, trusted: Dict[str, Ed25
         raise SignatureError(bundle, f"it is signed by key {kid}, which is not trusted "
                                      f"(trusted: {known})")
     try:
-        trusted[kid].verify(signature, digest.encode())
+        trusted[kid].verify(signature, (digest if purpose is None else
+                                        f"{purpose}:{digest}").encode())
     except InvalidSignature:
         raise SignatureError(bundle, f"the signature by key {kid} does not verify: the "
                                      f"bundle was altered after signing") from None

@@ -1,0 +1,201 @@
+"""Format 4: pack to a file compresses each weight into the bundle as it arrives and
+writes the manifest last, behind a first frame that points to it. Readers still read
+and check the manifest first, tar and zstd read the file as any bundle, pipes are
+refused with what to do, and a pointer or layout that lies is refused."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import zstandard
+
+from mirror import bundle
+from mirror.packer import PackOptions, pack
+from tests.conftest import MIRROR, ROOT, run, tree_digest
+
+LOAD = """
+import mirror.hub
+model = mirror.hub.load("demo/tinynets", "small_cnn", pretrained=True, source="local")
+print(sorted(model.state_dict())[0])
+"""
+
+
+@pytest.fixture(scope="module")
+def streamed(upstream, tmp_path_factory):
+    out = tmp_path_factory.mktemp("streamed") / "s.hub"
+    report = pack([upstream.spec()], str(out),
+                  PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
+    return str(out), report
+
+
+def _env(tmp_path, name="store"):
+    return dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / name),
+                MGE_HOME=str(tmp_path / f"{name}-mge"), PYTHONPATH=ROOT)
+
+
+def test_the_manifest_is_last_and_read_first(streamed, tmp_path):
+    path, report = streamed
+    data = open(path, "rb").read()
+    assert data[:4] == bundle.POINTER_MAGIC
+    names = subprocess.run(["tar", "--zstd", "-tf", path], capture_output=True, text=True,
+                           check=True).stdout.split()
+    manifest = bundle.read_manifest(path)
+    assert manifest.format_version == 4
+    assert names == manifest.member_order() + ["manifest.json"]
+    assert subprocess.run(["zstd", "-tq", path]).returncode == 0
+    # the pointer names the manifest's frame: inspect reads it and nothing else
+    offset = int.from_bytes(data[bundle.POINTER_SIZE - 16:bundle.POINTER_SIZE - 8], "little")
+    length = int.from_bytes(data[bundle.POINTER_SIZE - 8:bundle.POINTER_SIZE], "little")
+    head = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data[offset:offset + length])
+                                                      ).read()
+    with tarfile.open(fileobj=io.BytesIO(head)) as tar:
+        assert tar.extractfile("manifest.json").read() == bundle.read_manifest_bytes(path)
+    sparse = tmp_path / "sparse.hub"  # only the pointer and the manifest's frame are there
+    with open(sparse, "wb") as fh:
+        fh.write(data[:bundle.POINTER_SIZE])
+        fh.seek(offset)
+        fh.write(data[offset:offset + length])
+        fh.truncate(len(data))
+    r = run(MIRROR + ["inspect", "--json", str(sparse)])
+    assert r.returncode == 0 and json.loads(r.stdout)["format_version"] == 4
+    assert f"bundle id {report.bundle_id}" in run(MIRROR + ["inspect", path]).stdout
+
+
+def test_installs_and_loads_with_no_network(streamed, tmp_path):
+    path, _ = streamed
+    env = _env(tmp_path)
+    r = run(MIRROR + ["install", path], env=env, netns=True)
+    assert r.returncode == 0, r.stderr
+    loaded = run([sys.executable, "-c", LOAD], env=env, netns=True)
+    assert loaded.returncode == 0, loaded.stderr
+
+
+def test_the_same_inputs_give_the_same_bytes(upstream, streamed, tmp_path):
+    """Weights go in the manifest's order, not the order downloads end."""
+    path, _ = streamed
+    again = tmp_path / "again.hub"
+    os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+    try:
+        outs = []
+        for name in ("a.hub", "b.hub"):
+            pack([upstream.spec()], str(tmp_path / name),
+                 PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                             jobs=4, refresh=True))
+            outs.append(open(tmp_path / name, "rb").read())
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+    assert outs[0] == outs[1] and not again.exists()
+
+
+def test_a_pipe_is_told_what_to_do_and_manifest_first_pipes(upstream, streamed, tmp_path):
+    path, _ = streamed
+    env = _env(tmp_path)
+    mirror = " ".join(MIRROR)
+    r = subprocess.run(["sh", "-c", f"cat {path} | {mirror} install -"], env=env,
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 3
+    assert r.stderr.strip() == (
+        "Error: bad bundle -: its manifest is at its end (format 4, as pack writes to a "
+        "file): it cannot be read in one pass from a pipe; install the file, or pack with "
+        "--manifest-first")
+    assert not os.path.exists(tmp_path / "store" / "repos")
+    # stdin that is the file itself (< FILE) can seek: read as the file
+    with open(path, "rb") as stdin:
+        r = subprocess.run(MIRROR + ["verify", "-"], stdin=stdin, env=env,
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("-: OK, "), r.stderr
+    first = tmp_path / "first.hub"
+    r = run(MIRROR + ["pack", upstream.spec(), "-o", str(first), "--git-host",
+                      upstream.git.host, "--protocol", "http", "-q", "--manifest-first"])
+    assert r.returncode == 0, r.stderr
+    assert bundle.read_manifest(str(first)).format_version == 2
+    with open(first, "rb") as stdin:
+        r = subprocess.run(MIRROR + ["install", "-"], stdin=stdin, env=env,
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def _frames(data):
+    """(offset, length) of each zstd frame after the pointer."""
+    out, at = [], bundle.POINTER_SIZE
+    while at < len(data):
+        n = _frame_length(data, at)
+        out.append((at, n))
+        at += n
+    return out
+
+
+def _frame_length(data, at):
+    walker = bundle._FrameWalker("x", at)
+    frames = walker.frames
+    i = at
+    while walker.frames == frames or walker.skip:  # the last block's data, the checksum
+        walker.feed(data[i:i + 1])
+        i += 1
+    return i - at
+
+
+def _pointed(data, offset, length):
+    return bundle._pointer(offset, length) + data[bundle.POINTER_SIZE:]
+
+
+def test_pointers_and_layouts_that_lie_are_refused(streamed, master_bundle, tmp_path):
+    path, _ = streamed
+    data = open(path, "rb").read()
+    frames = _frames(data)
+    head_at, head_len = frames[-2]  # the manifest's frame, then the end of the archive
+    home = tmp_path / "store"
+    env = _env(tmp_path)
+    assert run(MIRROR + ["install", "--no-megengine-cache", master_bundle],
+               env=env).returncode == 0
+    before = tree_digest(str(home))
+    bad = tmp_path / "bad.hub"
+    first = bundle.read_manifest_bytes(master_bundle)
+    v2_frame = zstandard.ZstdCompressor(write_checksum=True).compress(_tar_member(
+        "manifest.json", first))
+    cases = {
+        "outside the file": (_pointed(data, len(data) - 10, 100),
+                             "its first frame does not point to a manifest in the file"),
+        "no length": (_pointed(data, head_at, 0),
+                      "its first frame does not point to a manifest in the file"),
+        "the code's frame": (_pointed(data, *frames[0]), "first member must be manifest.json"),
+        "half a frame": (_pointed(data, head_at, head_len - 5), "truncated"),
+        "two frames": (_pointed(data, head_at, head_len + frames[-1][1]),
+                       "holds 2 zstd frames, not one"),
+        "a format-2 manifest last": (
+            bundle._pointer(head_at, len(v2_frame)) + data[bundle.POINTER_SIZE:head_at]
+            + v2_frame + data[frames[-1][0]:], "layout and version disagree"),
+        "a format-4 manifest first": (_manifest_first(data, frames),
+                                      "layout and version disagree"),
+    }
+    for name, (content, expected) in cases.items():
+        bad.write_bytes(content)
+        said = set()
+        for command in ("verify", "install"):
+            r = run(MIRROR + [command, str(bad)], env=env)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 3 and len(lines) == 1, (name, command, r.stderr)
+            assert expected in lines[0], (name, command, lines)
+            said.add(lines[0])
+        assert len(said) == 1, (name, said)
+        assert tree_digest(str(home)) == before, name
+
+
+def _tar_member(name, data):
+    raw = io.BytesIO()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()[:512 + len(data) + (-len(data) % 512)]
+
+
+def _manifest_first(data, frames):
+    """The format-4 manifest's frame moved to the front, as format 2 has it."""
+    head_at, head_len = frames[-2]
+    return data[head_at:head_at + head_len] + data[bundle.POINTER_SIZE:head_at] + \
+        data[frames[-1][0]:]
