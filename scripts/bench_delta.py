@@ -10,6 +10,8 @@ into an empty download cache:
 export: `mirror export REPO` of a store holding --export-mb of weights against
 `tar -cf - BLOBS | zstd -T0 -1` of the same blobs; with peak RSS.
 pipe: `cat BUNDLE | mirror install -` against `mirror install BUNDLE` of that bundle.
+parts: `mirror install P.hub.0*` of 4 parts of it (`export --split-size`) against the
+same `mirror install BUNDLE`.
 
 Times are medians; the VM's speed swings, so runs are interleaved.
 Also called by scripts/bench.py.
@@ -127,7 +129,8 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
             _repo(root, work, "export", big)
             store = dict(env, MGE_MIRROR_HOME=os.path.join(work, "export-store"))
             b = os.path.join(work, "export-src.hub")
-            subprocess.run(f"{pack} export/models -o {b} && {MIRROR} install "
+            # manifest first (format 2): the pipe below reads it in one pass
+            subprocess.run(f"{pack} export/models --manifest-first -o {b} && {MIRROR} install "
                            f"--no-megengine-cache {b}", shell=True, check=True, env=store,
                            stdout=subprocess.DEVNULL)
             blobs = os.path.join(store["MGE_MIRROR_HOME"], "blobs")
@@ -145,11 +148,18 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
                              "export_rss_mb": max(r for _, r in mine)}
             out["export"]["ratio"] = out["export"]["export_s"] / out["export"]["tar_zstd_s"]
 
-            # The same bundle installed from a file, and from a pipe (one pass, no seek).
-            piped, filed = [], []
+            # The same bundle installed from a file, from a pipe (one pass, no seek), and
+            # from 4 parts of it (export --split-size: the same members, cut in 4).
+            size = os.path.getsize(b)
+            subprocess.run(f"{MIRROR} export export/models -o {work}/p.hub --split-size "
+                           f"{size // 4 + (4 << 20)}", shell=True, check=True, env=store,
+                           stdout=subprocess.DEVNULL)
+            piped, filed, parted = [], [], []
             for i in range(runs):
                 for times, cmd in ((filed, f"{MIRROR} install --no-megengine-cache {b}"),
-                                   (piped, f"cat {b} | {MIRROR} install --no-megengine-cache -")):
+                                   (piped, f"cat {b} | {MIRROR} install --no-megengine-cache -"),
+                                   (parted, f"{MIRROR} install --no-megengine-cache "
+                                            f"{work}/p.hub.0*")):
                     target = dict(env, MGE_MIRROR_HOME=os.path.join(work, f"pipe-{i}"))
                     times.append(timed(cmd, env=target))
                     shutil.rmtree(target["MGE_MIRROR_HOME"])
@@ -157,6 +167,12 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
                            "stdin_s": statistics.median(t for t, _ in piped),
                            "stdin_rss_mb": max(r for _, r in piped)}
             out["pipe"]["ratio"] = out["pipe"]["stdin_s"] / out["pipe"]["file_s"]
+            out["parts"] = {"count": len([n for n in os.listdir(work)
+                                          if n.startswith("p.hub.")]),
+                            "parts_s": statistics.median(t for t, _ in parted),
+                            "file_s": out["pipe"]["file_s"],
+                            "parts_rss_mb": max(r for _, r in parted)}
+            out["parts"]["ratio"] = out["parts"]["parts_s"] / out["parts"]["file_s"]
     return out
 
 
