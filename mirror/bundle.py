@@ -536,10 +536,10 @@ def _open(path: BundleInput, files: contextlib.ExitStack
             total, None
     if start == POINTER_MAGIC:
         if total is None:
-            raise BundleError(str(path), "its manifest is at its end (format 4, as pack "
-                                         "writes to a file): it cannot be read in one pass "
-                                         "from a pipe; install the file, or pack with "
-                                         "--manifest-first")
+            raise BundleError(str(path), "its manifest is at its end (format 4, pack "
+                                         "--stream): it cannot be read in one pass from a "
+                                         "pipe; install the file, or pack it without "
+                                         "--stream")
         return fh, total, _streamed_head(str(path), fh)
     return fh, total, None
 

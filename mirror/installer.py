@@ -222,11 +222,18 @@ def install_all(inputs: Sequence[str], home: str | None = None,
     and its :class:`Outcome` carries the error. Raises only for inputs that cannot be
     read as bundles at all (an empty folder, stdin named twice)."""
     outcomes = []
-    for path in bundle_paths(inputs):
-        try:
-            outcomes.append(Outcome(str(path), install(path, home, options)))
-        except MirrorError as e:
-            outcomes.append(Outcome(str(path), error=e))
+    paths = bundle_paths(inputs)
+    layout = Store(home).layout
+    # One shared lock across them all: gc and remove wait until the last is in, so
+    # nothing one brought is collected before the next, which may need it, arrives
+    held = locked(layout.lock, shared=True) if len(paths) > 1 and \
+        os.path.isfile(layout.lock) else contextlib.nullcontext()
+    with held:
+        for path in paths:
+            try:
+                outcomes.append(Outcome(str(path), install(path, home, options)))
+            except MirrorError as e:
+                outcomes.append(Outcome(str(path), error=e))
     return outcomes
 
 

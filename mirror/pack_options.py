@@ -101,11 +101,12 @@ class PackOptions:
     sign: str | None = _option(None, Flag(
         ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
         exists=True))
-    manifest_first: bool = _option(False, Flag(
-        ("--manifest-first",), "Write the manifest first (format 2), once every weight has "
-                               "arrived: a bundle that can be installed from a pipe, and by "
-                               "mirror before 0.2. Implied by -o -, --split-size and "
-                               "--since."), recipe="manifest_first")
+    stream: bool = _option(False, Flag(
+        ("--stream",), "Compress each weight into the bundle as soon as it has arrived, "
+                       "while the next ones download, and write the manifest last (format "
+                       "4): faster over a slow network; such a bundle cannot be installed "
+                       "from a pipe, nor by mirror 0.1. Only to a whole file, not a delta."),
+        recipe="stream")
     split_size: str | None = _option(None, Flag(
         ("--split-size",), "Write the bundle in parts OUT.001, OUT.002, ... of at most SIZE "
                            "bytes each (4G = 4 GiB, 4700MB = 4.7e9 bytes), each verifiable "

@@ -418,10 +418,10 @@ class _Packer:
     @contextlib.contextmanager
     def _streamed(self) -> Iterator[bundle.StreamedWriter | None]:
         """The bundle, written as the weights arrive, its manifest last (format 4):
-        to a file, whole, not a delta, unless asked for the manifest first. Code and git
+        with ``stream``, to a file, whole, not a delta. Code and git
         objects go in now. Else None: the bundle is written when every weight is here."""
         opts, output = self.opts, self.report.output
-        if output == bundle.STREAM or opts.split_size or opts.manifest_first or \
+        if output == bundle.STREAM or opts.split_size or not opts.stream or \
                 self.baseline is not None:
             yield None
             return

@@ -129,8 +129,7 @@ def bench(work: str, per_weight_mb: int = 64, runs: int = 5, export_mb: int = 10
             _repo(root, work, "export", big)
             store = dict(env, MGE_MIRROR_HOME=os.path.join(work, "export-store"))
             b = os.path.join(work, "export-src.hub")
-            # manifest first (format 2): the pipe below reads it in one pass
-            subprocess.run(f"{pack} export/models --manifest-first -o {b} && {MIRROR} install "
+            subprocess.run(f"{pack} export/models -o {b} && {MIRROR} install "
                            f"--no-megengine-cache {b}", shell=True, check=True, env=store,
                            stdout=subprocess.DEVNULL)
             blobs = os.path.join(store["MGE_MIRROR_HOME"], "blobs")

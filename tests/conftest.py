@@ -57,10 +57,10 @@ def upstream(tmp_path_factory) -> Upstream:
     weights.stop()
 
 
-# The session's bundles keep the manifest first (format 2), the layout the corpus of
-# hostile bundles is built from and pipes read; pack's default for a file, the
-# manifest last (format 4), has its own tests (test_streamed.py).
-MANIFEST_FIRST = {"manifest_first": True}
+# The session's bundles keep the manifest first (format 2), pack's default, which
+# the corpus of hostile bundles is built from and pipes read; the manifest last
+# (pack --stream, format 4) has its own tests (test_streamed.py).
+MANIFEST_FIRST = {"stream": False}
 
 
 @pytest.fixture(scope="session")

@@ -297,8 +297,8 @@ def test_the_model_zoo_recipe_says_what_a_platform_team_would_pack():
 
 @pytest.mark.parametrize("options, message", [
     ("turbo = true", "unknown option(s) turbo (known: allow_unreachable, allow_unresolved, "
-                     "entries, exclude, follow_nested, git_host, history, jobs, manifest_first, "
-                     "protocol, rewrites, split_size, trace, weights)"),
+                     "entries, exclude, follow_nested, git_host, history, jobs, protocol, "
+                     "rewrites, split_size, stream, trace, weights)"),
     ('exclude = "*_fp16.pkl"', "option exclude must be a list of strings, not '*_fp16.pkl'"),
     ("jobs = 0", "option jobs must be a whole number of at least 1, not 0"),
 ])
@@ -383,8 +383,8 @@ def test_an_unknown_pack_option_is_a_clear_error_naming_the_known_ones():
     assert str(e.value) == (
         "unknown pack option(s) bogus (known: allow_unreachable, allow_unresolved, "
         "allow_unsafe_pickle, cache_dir, entries, exclude, extra_weights, follow_nested, "
-        "git_host, history, jobs, lock, manifest_first, progress, protocol, refresh, "
-        "rewrites, sign, since, since_key, split_size, trace)")
+        "git_host, history, jobs, lock, progress, protocol, refresh, rewrites, sign, since, "
+        "since_key, split_size, stream, trace)")
     with pytest.raises(MirrorError) as e:
         PackOptions.from_mapping({"jobs": "8"})
     assert str(e.value) == "pack option jobs must be a whole number of at least 1, not '8'"

@@ -28,7 +28,8 @@ print(sorted(model.state_dict())[0])
 def streamed(upstream, tmp_path_factory):
     out = tmp_path_factory.mktemp("streamed") / "s.hub"
     report = pack([upstream.spec()], str(out),
-                  PackOptions(git_host=upstream.git.host, protocol="http", progress=False))
+                  PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                              stream=True))
     return str(out), report
 
 
@@ -84,14 +85,14 @@ def test_the_same_inputs_give_the_same_bytes(upstream, streamed, tmp_path):
         for name in ("a.hub", "b.hub"):
             pack([upstream.spec()], str(tmp_path / name),
                  PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
-                             jobs=4, refresh=True))
+                             jobs=4, refresh=True, stream=True))
             outs.append(open(tmp_path / name, "rb").read())
     finally:
         del os.environ["SOURCE_DATE_EPOCH"]
     assert outs[0] == outs[1] and not again.exists()
 
 
-def test_a_pipe_is_told_what_to_do_and_manifest_first_pipes(upstream, streamed, tmp_path):
+def test_a_pipe_is_told_what_to_do_and_a_manifest_first_bundle_pipes(upstream, streamed, tmp_path):
     path, _ = streamed
     env = _env(tmp_path)
     mirror = " ".join(MIRROR)
@@ -99,9 +100,9 @@ def test_a_pipe_is_told_what_to_do_and_manifest_first_pipes(upstream, streamed, 
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 3
     assert r.stderr.strip() == (
-        "Error: bad bundle -: its manifest is at its end (format 4, as pack writes to a "
-        "file): it cannot be read in one pass from a pipe; install the file, or pack with "
-        "--manifest-first")
+        "Error: bad bundle -: its manifest is at its end (format 4, pack --stream): it "
+        "cannot be read in one pass from a pipe; install the file, or pack it without "
+        "--stream")
     assert not os.path.exists(tmp_path / "store" / "repos")
     # stdin that is the file itself (< FILE) can seek: read as the file
     with open(path, "rb") as stdin:
@@ -110,7 +111,7 @@ def test_a_pipe_is_told_what_to_do_and_manifest_first_pipes(upstream, streamed, 
     assert r.returncode == 0 and r.stdout.startswith("-: OK, "), r.stderr
     first = tmp_path / "first.hub"
     r = run(MIRROR + ["pack", upstream.spec(), "-o", str(first), "--git-host",
-                      upstream.git.host, "--protocol", "http", "-q", "--manifest-first"])
+                      upstream.git.host, "--protocol", "http", "-q"])
     assert r.returncode == 0, r.stderr
     assert bundle.read_manifest(str(first)).format_version == 2
     with open(first, "rb") as stdin:
@@ -199,3 +200,20 @@ def _manifest_first(data, frames):
     head_at, head_len = frames[-2]
     return data[head_at:head_at + head_len] + data[bundle.POINTER_SIZE:head_at] + \
         data[frames[-1][0]:]
+
+
+def test_export_makes_it_again_and_a_pipe_gets_format_2(streamed, tmp_path):
+    path, report = streamed
+    env = _env(tmp_path)
+    assert run(MIRROR + ["install", "--no-megengine-cache", path], env=env).returncode == 0
+    again = tmp_path / "again.hub"
+    r = run(MIRROR + ["export", "demo/tinynets", "-o", str(again)], env=env)
+    assert r.returncode == 0, r.stderr
+    assert open(again, "rb").read() == open(path, "rb").read()  # the same bytes, format 4
+    r = subprocess.run(MIRROR + ["export", "demo/tinynets", "-o", "-"], env=env,
+                       capture_output=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    piped = tmp_path / "piped.hub"
+    piped.write_bytes(r.stdout)
+    assert bundle.read_manifest(str(piped)).format_version == 2
+    assert b"a new bundle" in r.stderr
