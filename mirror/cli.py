@@ -266,8 +266,8 @@ def verify(bundle_paths, keys, allow_unsafe_pickle, home, as_json) -> None:
     """Verify every byte of each BUNDLE ('-': stdin) without installing it, or, without
     BUNDLE, the whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
-    Every part of a split bundle (OUT.*), in any order, is verified as the bundle; a
-    part given without the others is verified alone, against its signed table.
+    Every part of a split bundle (OUT.*), in any order, is verified as the bundle; one
+    part file given alone is verified alone, against its table (signed, with --key).
     Exits 3 when anything fails verification.
     """
     if bundle_paths:
