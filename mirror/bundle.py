@@ -48,7 +48,7 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
     code_member,
     weight_member,
 )
-from .parts import BundleInput, Parts, PartWriter, Unparted
+from .parts import BundleInput, Parts, PartWriter, Remote, Unparted
 from .parts import reserve_for as parts_reserve
 from .safety import BlockReader, PickleScans
 from .signing import PARTS_TABLE
@@ -486,6 +486,9 @@ def read(path: BundleInput, sink: SinkFactory | None = None,
         unparted = fh if isinstance(fh, Unparted) else None
 
         def head_seen(head: Head) -> None:
+            if isinstance(path, Remote) and head.signature is None and \
+                    path.signature is not None:  # BUNDLE.sig, carried beside it
+                head = Head(head.manifest, head.manifest_bytes, path.signature, True)
             if unparted is not None:
                 unparted.check_head(head.manifest_bytes,
                                     None if head.detached else head.signature)
@@ -527,15 +530,19 @@ def _open(path: BundleInput, files: contextlib.ExitStack
                              for p in path.paths], str(path))
         files.callback(unparted.close)
         return unparted, total, None
-    fh = files.enter_context(_stdin()) if path == STREAM else opener(path)
-    st = os.fstat(fh.fileno())
-    total = st.st_size if stat.S_ISREG(st.st_mode) else None
+    if isinstance(path, Remote):
+        fh = files.enter_context(path.open())
+        total = path.size
+    else:
+        fh = files.enter_context(_stdin()) if path == STREAM else opener(path)
+        st = os.fstat(fh.fileno())
+        total = st.st_size if stat.S_ISREG(st.st_mode) else None
     start = fh.peek(4)[:4]
     if start == parts.MAGIC:  # parts concatenated, in a file or a pipe
-        return Unparted([("stdin" if path == STREAM else path, lambda: fh)], str(path)), \
+        return Unparted([("stdin" if path == STREAM else str(path), lambda: fh)], str(path)), \
             total, None
     if start == POINTER_MAGIC:
-        if total is None:
+        if total is None or isinstance(path, Remote):
             raise BundleError(str(path), "its manifest is at its end (format 4, pack "
                                          "--stream): it cannot be read in one pass from a "
                                          "pipe; install the file, or pack it without "

@@ -53,6 +53,22 @@ def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
 
 
+def _registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--plain-http and --ca-file, as ORAS spells them, for oci:// references."""
+    fn = click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
+                      help="Trust this CA bundle (PEM) for an oci:// registry's TLS, instead "
+                           "of the system's.")(fn)
+    return click.option("--plain-http", is_flag=True,
+                        help="Reach an oci:// registry over HTTP, not HTTPS (a registry on a "
+                             "trusted network).")(fn)
+
+
+def _connection(plain_http: bool, ca_file: str | None) -> Any:
+    from .reference import Connection
+
+    return Connection(plain_http=plain_http, ca_file=ca_file)
+
+
 def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -180,13 +196,17 @@ def _assumes(prerequisites: Any) -> str:
                    "default $MGE_MIRROR_TRUSTED_KEYS, else <store>/trusted-keys).")
 @click.option("--receipt", type=click.Path(dir_okay=False),
               help="Write a JSON record of what was verified, for compliance.")
+@_registry_options
 @_home_option
 @_json_option
 @_library_errors
 def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_pickle,
-            require_signature, trusted_keys, receipt, home, as_json) -> None:
+            require_signature, trusted_keys, receipt, plain_http, ca_file, home,
+            as_json) -> None:
     """Verify every byte of each BUNDLE and install it into the local store. A folder
-    stands for the *.hub bundles in it; whole bundles go before deltas; '-' is stdin.
+    stands for the *.hub bundles in it; whole bundles go before deltas; '-' is stdin;
+    oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST] is read from a registry as it
+    streams in (no copy on disk).
 
     Also seeds MegEngine Hub's own cache, so unmodified megengine.hub.load(...)
     calls work offline too. With several bundles, each is installed as it would be
@@ -198,10 +218,11 @@ def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_
         force=force, megengine_versions=() if no_megengine_cache else
         installed_versions(mge_versions), allow_unsafe_pickle=allow_unsafe_pickle,
         trusted_keys=tuple(trusted_keys), require_signature=require_signature,
-        digest_file=bool(receipt), progress=not as_json)
+        digest_file=bool(receipt), progress=not as_json,
+        registry=_connection(plain_http, ca_file))
     from .installer import bundle_paths as inputs_of
 
-    if receipt and len(inputs_of(bundle_paths)) > 1:
+    if receipt and len(inputs_of(bundle_paths, options.registry)) > 1:
         raise click.UsageError("--receipt takes one bundle")
     outcomes = install_all(bundle_paths, home, options)
     if receipt:
@@ -259,10 +280,12 @@ def _print_install(report: Any) -> None:
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Accept weights that would import more than MegEngine state dicts do, "
                    "as 'install --allow-unsafe-pickle' does.")
+@_registry_options
 @_home_option
 @_json_option
 @_library_errors
-def verify(bundle_paths, keys, allow_unsafe_pickle, home, as_json) -> None:
+def verify(bundle_paths, keys, allow_unsafe_pickle, plain_http, ca_file, home,
+           as_json) -> None:
     """Verify every byte of each BUNDLE ('-': stdin) without installing it, or, without
     BUNDLE, the whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
@@ -277,7 +300,7 @@ def verify(bundle_paths, keys, allow_unsafe_pickle, home, as_json) -> None:
         reports = []
         # One part file given alone is checked alone (bundle.verify_part); several
         # files must make whole bundles, as install takes them
-        for given in inputs_of(bundle_paths):
+        for given in inputs_of(bundle_paths, _connection(plain_http, ca_file)):
             verified = bundle.verify(given, trusted, progress=not as_json,
                                      allow_unsafe_pickle=allow_unsafe_pickle)
             reports.append(_verified(str(given), verified, as_json, bool(keys)))
@@ -385,6 +408,61 @@ def seed(mge_versions, megengine_home, home, as_json) -> None:
     click.echo(f"{report.megengine_home}: {len(report.seeded)} seeded, {report.kept} "
                f"already right, {len(report.removed)} removed, {len(report.unseeded)} left "
                f"out, {len(report.foreign)} not mirror's")
+
+
+@cli.command()
+@click.argument("files", metavar="BUNDLE...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", metavar="oci://HOST[:PORT]/REPOSITORY[:TAG]")
+@click.option("--mount-from", metavar="REPOSITORY",
+              help="Ask the registry to mount blobs it holds in this repository instead of "
+                   "receiving them again.")
+@_registry_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_json_option
+@_library_errors
+def push(files, target, mount_from, plain_http, ca_file, quiet, as_json) -> None:
+    """Push a bundle (a file, a delta, or all the parts of one) to an OCI registry, as
+    an artifact that ORAS and any registry understand. Blobs the registry has are not
+    sent again. Prints the manifest's digest."""
+    from .oci import push as push_bundle
+
+    report = push_bundle(files, target, _connection(plain_http, ca_file), mount_from,
+                         progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    click.echo(f"pushed {report.reference}")
+    click.echo(f"{report.layers} layers: {report.uploaded} uploaded ({report.uploaded_bytes} "
+               f"bytes), {report.present} already there, {report.mounted} mounted")
+    click.echo(report.digest)
+
+
+@cli.command()
+@click.argument("source", metavar="oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The bundle file to write.")
+@click.option("--parts", "keep_parts", is_flag=True,
+              help="Write the parts as pushed (OUTPUT.001, ...), not one bundle.")
+@_registry_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_json_option
+@_library_errors
+def pull(source, output, keep_parts, plain_http, ca_file, quiet, as_json) -> None:
+    """Download a bundle from an OCI registry, every layer checked against its digest;
+    a pull that broke off resumes where it stopped. 'mirror install oci://...' needs
+    no pull: it reads the registry directly."""
+    from .oci import pull as pull_bundle
+
+    report = pull_bundle(source, output, keep_parts, _connection(plain_http, ca_file),
+                         progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    resumed = f" (resumed after {report.resumed_from} bytes)" if report.resumed_from else ""
+    click.echo(f"pulled {report.reference}: {report.bytes} bytes{resumed}")
+    for path in report.files:
+        click.echo(f"wrote {path}")
 
 
 @cli.command()

@@ -19,6 +19,10 @@ environment is read when :func:`settings` is called, not at import, so a test
 ``MGE_MIRROR_TRUSTED_KEYS``    trusted public keys, ``:``-separated paths
 ``MGE_MIRROR_GIT_USERNAME``,   HTTPS credentials for git
 ``MGE_MIRROR_GIT_PASSWORD``
+``MGE_MIRROR_REGISTRY_USERNAME``,  credentials for OCI registries (else
+``MGE_MIRROR_REGISTRY_PASSWORD``   ``$DOCKER_CONFIG/config.json``, else
+                               ``~/.docker/config.json``: ``auths``,
+                               ``credHelpers``, ``credsStore``)
 ``SOURCE_DATE_EPOCH``          the time recorded in a bundle (reproducible builds)
 =============================  ===============================================
 
@@ -30,7 +34,10 @@ load of that store obeys.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
@@ -68,6 +75,10 @@ class Settings:
     git_username: str | None
     git_password: str | None = field(repr=False)
     source_date_epoch: str | None  # as set: only pack reads it, through now()
+    registry_username: str | None = None
+    registry_password: str | None = field(default=None, repr=False)
+    docker_config: str = ""  # the file docker login writes
+    digest_memo: str = ""  # push's memo of file digests (mirror.oci)
 
     def now(self) -> int:
         """The time to record in a bundle: ``SOURCE_DATE_EPOCH`` makes packs repeatable.
@@ -105,7 +116,93 @@ def settings(env: Mapping[str, str] | None = None) -> Settings:
         git_username=env.get("MGE_MIRROR_GIT_USERNAME") or None,
         git_password=env.get("MGE_MIRROR_GIT_PASSWORD") or None,
         source_date_epoch=env.get("SOURCE_DATE_EPOCH") or None,
+        registry_username=env.get("MGE_MIRROR_REGISTRY_USERNAME") or None,
+        registry_password=env.get("MGE_MIRROR_REGISTRY_PASSWORD") or None,
+        docker_config=os.path.join(os.path.expanduser(
+            env.get("DOCKER_CONFIG") or "~/.docker"), "config.json"),
+        digest_memo=os.path.join(_cache_root(env), "megengine", "mirror-digests"),
     )
+
+
+# --- registry credentials --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and password (or token) for one registry, and where they came from:
+    an error that says "unauthorized" names the source, so the user knows what to fix."""
+
+    username: str
+    password: str = field(repr=False)
+    source: str
+
+
+def registry_credentials(host: str, env: Mapping[str, str] | None = None
+                         ) -> Credentials | None:
+    """The credentials for the registry at ``host`` (``name[:port]``), as docker and
+    oras find them: ``MGE_MIRROR_REGISTRY_USERNAME``/``_PASSWORD`` first, then the
+    docker config's ``credHelpers`` for the host, its ``credsStore``, and its ``auths``.
+    None when nothing is configured (anonymous). Raises :class:`ConfigError` for a
+    config or credential helper that cannot be read."""
+    s = settings(env)
+    if s.registry_username or s.registry_password:
+        if not (s.registry_username and s.registry_password):
+            raise ConfigError("MGE_MIRROR_REGISTRY_USERNAME", "set both it and "
+                                                              "MGE_MIRROR_REGISTRY_PASSWORD")
+        return Credentials(s.registry_username, s.registry_password,
+                           "MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
+    try:
+        with open(s.docker_config, encoding="utf-8") as fh:
+            docker = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(s.docker_config, f"cannot be read: {e}") from None
+    if not isinstance(docker, dict):
+        raise ConfigError(s.docker_config, "is not a JSON object")
+    # docker login stores a host as typed: "host:port", or once as an https:// URL
+    names = (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/")
+    helpers = docker.get("credHelpers") or {}
+    helper = next((helpers[n] for n in names if n in helpers), None) or \
+        docker.get("credsStore")
+    if helper:
+        found = _credential_helper(str(helper), host, s.docker_config)
+        if found is not None:
+            return found
+    auths = docker.get("auths") or {}
+    entry = next((auths[n] for n in names if n in auths), None)
+    if not isinstance(entry, dict):
+        return None
+    where = f"{s.docker_config} (auths.{host})"
+    if entry.get("username") and entry.get("password"):
+        return Credentials(str(entry["username"]), str(entry["password"]), where)
+    if entry.get("auth"):
+        try:
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError(where, "'auth' is not base64 of user:password") from None
+        return Credentials(user, password, where)
+    return None
+
+
+def _credential_helper(helper: str, host: str, config: str) -> Credentials | None:
+    """Ask ``docker-credential-HELPER get`` for ``host``'s credentials, as docker does."""
+    program = f"docker-credential-{helper}"
+    try:
+        done = subprocess.run([program, "get"], input=host.encode(), capture_output=True,
+                              timeout=30)
+    except FileNotFoundError:
+        raise ConfigError(config, f"names the credential helper {helper!r}, but "
+                                  f"{program} is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(config, f"{program} did not answer in 30 s") from None
+    if done.returncode != 0:
+        return None  # the helper knows no credentials for this host
+    try:
+        answer = json.loads(done.stdout)
+        return Credentials(str(answer["Username"]), str(answer["Secret"]), program)
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(config, f"{program} answered what is not its JSON") from None
 
 
 # --- a store's trust policy ----------------------------------------------------

@@ -87,6 +87,29 @@ class DownloadError(MirrorError):
         super().__init__(f"download failed: {url}: {reason}")
 
 
+class OCIReferenceError(MirrorError, ValueError):
+    """Raised when an ``oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]`` reference
+    cannot be parsed."""
+
+    exit_code = 2
+
+    def __init__(self, reference: str, reason: str):
+        self.reference = reference
+        super().__init__(f"invalid registry reference {reference!r}: {reason}")
+
+
+class RegistryError(MirrorError):
+    """Raised when an OCI registry cannot be reached or refuses a request. ``kind`` says
+    which failed, as the one-line message does: ``unauthorized``, ``denied``, ``not
+    found``, ``TLS``, ``connection refused``, ``timed out``, ``damaged`` (a blob that
+    does not hash to its digest) or ``protocol`` (an answer mirror cannot use)."""
+
+    def __init__(self, reference: str, kind: str, reason: str):
+        self.reference = reference
+        self.kind = kind
+        super().__init__(f"registry {reference}: {kind}: {reason}")
+
+
 class UnresolvedError(MirrorError):
     """Raised when code downloads from a URL that static discovery cannot work out."""
 

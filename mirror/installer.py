@@ -62,8 +62,9 @@ from .model import (
     canonical_json,
 )
 from .names import ref_conflict
-from .parts import BundleInput, Parts, group
+from .parts import BundleInput, Parts, Remote, group
 from .proof import Proof, ProofError, history, prove_manifest
+from .reference import HTTPS, Connection, is_reference
 from .safety import PickleScans, unsafe_globals
 from .store import Store
 from .tree import materialize
@@ -84,6 +85,7 @@ class InstallOptions:
     require_signature: bool = False
     digest_file: bool = False  # also take the bundle file's sha256 (for a receipt)
     progress: bool = False
+    registry: Connection = HTTPS  # how to reach an oci:// bundle's registry
 
 
 @dataclass
@@ -147,7 +149,7 @@ def install(bundle_path: BundleInput, home: str | None = None,
     try:
         # (a pipe, named or not, is read once: by the install itself)
         head = bundle.read_manifest(bundle_path) if isinstance(bundle_path, Parts) or \
-            os.path.isfile(bundle_path) else None
+            isinstance(bundle_path, str) and os.path.isfile(bundle_path) else None
     except MirrorError:
         head = None  # the whole read below says what is wrong, in verify's words
     if head is not None and not policy.required:
@@ -178,15 +180,19 @@ BUNDLE_SUFFIX = ".hub"
 PART_NAME = re.compile(r"\.hub\.\d{3,}$")  # OUT.hub.001: a part (mirror.parts)
 
 
-def bundle_paths(inputs: Sequence[str]) -> List[BundleInput]:
+def bundle_paths(inputs: Sequence[str], registry: Connection = HTTPS
+                 ) -> List[BundleInput]:
     """The bundles ``inputs`` name: each file as given, a folder as the ``*.hub`` files
     (and ``*.hub.001``, ... parts) in it by name; the part files of one bundle, in
-    whatever order given, as one :class:`mirror.parts.Parts`; then whole bundles
-    before deltas, so that a delta finds what it was made against wherever its name
-    sorts."""
+    whatever order given, as one :class:`mirror.parts.Parts`; an ``oci://`` reference
+    as the artifact it names (:class:`mirror.oci.RegistrySource`, reached through
+    ``registry``); then whole bundles before deltas, so that a delta finds what it was
+    made against wherever its name sorts."""
     paths: List[str] = []
     for given in inputs:
-        if os.path.isdir(given):
+        if is_reference(given):
+            paths.append(given)
+        elif os.path.isdir(given):
             found = sorted(os.path.join(given, n) for n in os.listdir(given)
                            if n.endswith(BUNDLE_SUFFIX) or PART_NAME.search(n))
             if not found:
@@ -199,12 +205,17 @@ def bundle_paths(inputs: Sequence[str]) -> List[BundleInput]:
     if paths.count(bundle.STREAM) > 1:
         raise MirrorError("stdin ('-') can be read once: name it once")
     if len(paths) < 2:
-        return list(paths)  # nothing to order: no manifest read before install reads it
-    grouped = group(paths)
+        return [_remote(p, registry) for p in paths]  # nothing to order
+    grouped = [_remote(p, registry) if isinstance(p, str) else p
+               for p in group([p for p in paths if not is_reference(p)])]
+    remotes = iter(_remote(p, registry) for p in paths if is_reference(p))
+    grouped = [next(remotes) if isinstance(p, str) and is_reference(p) else p
+               for p in grouped]
 
     def is_delta(path: BundleInput) -> bool:
-        if isinstance(path, str) and not os.path.isfile(path):
-            return False  # stdin or a pipe: read once, in its turn
+        if not isinstance(path, Parts) and (not isinstance(path, str) or
+                                            not os.path.isfile(path)):
+            return False  # stdin, a pipe or a registry: read once, in its turn
         try:
             return bundle.read_manifest(path).prerequisites is not None
         except MirrorError:
@@ -215,6 +226,14 @@ def bundle_paths(inputs: Sequence[str]) -> List[BundleInput]:
         [p for p, d in zip(grouped, deltas) if d]
 
 
+def _remote(path: str, registry: Connection) -> BundleInput:
+    if not is_reference(path):
+        return path
+    from .oci import RegistrySource  # an HTTP client: only for a registry
+
+    return RegistrySource(path, registry)
+
+
 def install_all(inputs: Sequence[str], home: str | None = None,
                 options: InstallOptions = InstallOptions()) -> List[Outcome]:
     """Install every bundle ``inputs`` name (:func:`bundle_paths`), each on its own and
@@ -222,7 +241,7 @@ def install_all(inputs: Sequence[str], home: str | None = None,
     and its :class:`Outcome` carries the error. Raises only for inputs that cannot be
     read as bundles at all (an empty folder, stdin named twice)."""
     outcomes = []
-    paths = bundle_paths(inputs)
+    paths = bundle_paths(inputs, options.registry)
     layout = Store(home).layout
     # One shared lock across them all: gc and remove wait until the last is in, so
     # nothing one brought is collected before the next, which may need it, arrives
@@ -274,9 +293,6 @@ class Transaction:
         self.store, self.layout, self.work = store, store.layout, work
         self.source, self.options, self.policy = source, options, policy
         self.bundle_path = str(source)  # for messages: its path, or its parts'
-        # The name records keep: the file's, or what its parts are the parts of
-        self.file_name = os.path.basename(source if isinstance(source, str) else
-                                          source.paths[0].rsplit(".", 1)[0])
         self.report = InstallReport(bundle=self.bundle_path)
         self.staged: Dict[str, _StagedBlob] = {}
         self.manifest: Manifest | None = None
@@ -285,6 +301,15 @@ class Transaction:
         self.syncer: ThreadPoolExecutor | None = None
         self.trusted_ids: set | None = None  # under a policy: the key ids it trusts
         self.proofs: Dict[str, Proof] = {}  # commit -> what its git objects proved
+
+    @property
+    def file_name(self) -> str:
+        """The name records keep: the file's, what its parts are the parts of, or (from
+        a registry, once read) its first layer's title."""
+        if isinstance(self.source, Remote):
+            return self.source.file_name
+        return os.path.basename(self.source if isinstance(self.source, str) else
+                                self.source.paths[0].rsplit(".", 1)[0])
 
     def run(self) -> InstallReport:
         """The steps; an OSError on the way (a full disk) is a StoreError naming

@@ -305,7 +305,19 @@ class Parts:
                 f" not among the files given{said}")
 
 
-BundleInput = Union[str, Parts]  # a bundle's path (or '-'), or its parts
+class Remote:
+    """A bundle read once, forward only, from elsewhere (:class:`mirror.oci.Artifact`'s
+    source, a registry): opened when read, its size known once opened."""
+
+    size: int | None = None  # its bytes, once open() has said
+    signature: bytes | None = None  # a detached signature that came with it
+    file_name: str = "bundle.hub"  # the name a store's records keep for it
+
+    def open(self) -> IO[bytes]:
+        raise NotImplementedError
+
+
+BundleInput = Union[str, Parts, Remote]  # a path (or '-'), its parts, or a remote bundle
 
 
 def group(paths: Sequence[str]) -> List[BundleInput]:

@@ -116,6 +116,13 @@ def tree_digest(path: str) -> dict:
     return out
 
 
+def store_content(home: str) -> dict:
+    """The store's repos as loads see them: refs and snapshot trees, not the records
+    (which say when they were installed)."""
+    digest = tree_digest(os.path.join(home, "repos"))
+    return {k: v for k, v in digest.items() if not k.endswith((".json", "refs.log"))}
+
+
 @pytest.fixture(scope="session")
 def big_bundle(upstream, tmp_path_factory) -> str:
     """master plus 6 extra 5 MiB weight files: an install long enough to interrupt."""

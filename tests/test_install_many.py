@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 
-from tests.conftest import MIRROR, run, tree_digest
+from tests.conftest import MIRROR, run, store_content
 
 
 def _corrupt(good: str, out) -> str:
@@ -15,11 +15,6 @@ def _corrupt(good: str, out) -> str:
     return str(out)
 
 
-def _content(home: str) -> dict:
-    """The store's repos as loads see them: refs and snapshot trees, not the records
-    (which say when they were installed)."""
-    digest = tree_digest(os.path.join(home, "repos"))
-    return {k: v for k, v in digest.items() if not k.endswith((".json", "refs.log"))}
 
 
 def test_several_bundles_one_corrupt_leave_the_others_as_alone(master_bundle,
@@ -37,7 +32,7 @@ def test_several_bundles_one_corrupt_leave_the_others_as_alone(master_bundle,
     alone = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "alone"))
     for b in (master_bundle, all_refs_bundle):
         assert run(MIRROR + ["install", "--no-megengine-cache", b], env=alone).returncode == 0
-    assert _content(env["MGE_MIRROR_HOME"]) == _content(alone["MGE_MIRROR_HOME"])
+    assert store_content(env["MGE_MIRROR_HOME"]) == store_content(alone["MGE_MIRROR_HOME"])
 
 
 def test_a_folder_stands_for_its_bundles_and_json_reports_each(master_bundle, tmp_path):

@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 
-from tests.conftest import MIRROR, ROOT, run, tree_digest
+from tests.conftest import MIRROR, ROOT, run, store_content
 
 
 def _shell(command: str, env: dict) -> subprocess.CompletedProcess:
@@ -15,9 +15,6 @@ def _shell(command: str, env: dict) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
-def _content(home: str) -> dict:
-    digest = tree_digest(os.path.join(home, "repos"))
-    return {k: v for k, v in digest.items() if not k.endswith((".json", "refs.log"))}
 
 
 def test_pack_to_stdout_piped_into_install_from_stdin(upstream, master_bundle, tmp_path):
@@ -34,7 +31,7 @@ def test_pack_to_stdout_piped_into_install_from_stdin(upstream, master_bundle, t
     alone = dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / "file"))
     assert run(MIRROR + ["install", "--no-megengine-cache", master_bundle],
                env=alone).returncode == 0
-    assert _content(env["MGE_MIRROR_HOME"]) == _content(alone["MGE_MIRROR_HOME"])
+    assert store_content(env["MGE_MIRROR_HOME"]) == store_content(alone["MGE_MIRROR_HOME"])
 
 
 def test_verify_and_install_from_stdin_refuse_a_bad_stream(master_bundle, tmp_path):
@@ -92,4 +89,4 @@ def test_export_to_stdout_installs_from_stdin(master_bundle, tmp_path):
                f"unshare -n -- {mirror} install --no-megengine-cache -", source)
     assert r.returncode == 0, r.stderr.decode()
     assert "the installed bundle made again" in r.stderr.decode()
-    assert _content(str(target)) == _content(source["MGE_MIRROR_HOME"])
+    assert store_content(str(target)) == store_content(source["MGE_MIRROR_HOME"])

@@ -1,0 +1,341 @@
+"""The OCI distribution API, as mirror uses it, over ``requests``.
+
+A registry keeps blobs (addressed by their sha256) and manifests (by tag or by
+digest) per repository. This module speaks that API and nothing more: the
+authentication of the ecosystem (anonymous, HTTP Basic, and the distribution
+spec's Bearer token flow), blobs (HEAD, cross-repository mount, streamed upload,
+download resumed with Range) and manifests. It knows nothing of bundles:
+:mod:`mirror.oci` maps a bundle onto an artifact.
+
+Every failure is a :class:`~mirror.errors.RegistryError` whose ``kind`` (and
+one-line message) says what failed: unauthorized, denied, not found, TLS,
+connection refused, timed out, damaged or protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from typing import IO, Any, Callable, Iterator, Tuple
+from urllib.parse import urljoin
+
+import requests
+
+from . import __version__
+from .config import Credentials, registry_credentials
+from .errors import RegistryError
+from .reference import HTTPS, Connection, Reference
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TIMEOUT = (10, 120)  # seconds to connect, and to wait for each read
+PIECE = 1 << 20  # bytes per read and per send: large, so a GiB is a thousand calls
+MAX_MANIFEST = 4 << 20  # the distribution spec's suggested limit for a manifest
+RETRIES = 3  # times a blob download that broke off is resumed with Range
+
+class Registry:
+    """One repository of one registry, with a session that logs in when asked to."""
+
+    def __init__(self, ref: Reference, connection: Connection = HTTPS,
+                 credentials: Credentials | None = None):
+        self.ref = ref
+        self.connection = connection
+        self._credentials = credentials
+        self._looked_up = credentials is not None
+        self._authorization: str | None = None
+        self._tried: set = set()
+        self.session = requests.Session()
+        # Given with each request: requests lets REQUESTS_CA_BUNDLE override a session's
+        self.verify = connection.ca_file or True
+        self.session.headers["User-Agent"] = f"mirror/{__version__}"
+        scheme = "http" if connection.plain_http else "https"
+        self.base = f"{scheme}://{ref.host}/v2/{ref.repository}/"
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- requests, and logging in when the registry asks --------------------------
+
+    def request(self, method: str, url: str, expect: Tuple[int, ...] = (200,),
+                what: str = "", **kw) -> requests.Response:
+        """``method`` on ``url`` (relative to this repository), logging in once when the
+        registry answers 401; any status outside ``expect`` raises RegistryError. A
+        request with a streamed body cannot be sent twice: the caller logs in first,
+        with a request that has none (starting an upload does)."""
+        url = urljoin(self.base, url)
+        while True:
+            headers = dict(kw.pop("headers", None) or {})
+            if self._authorization:
+                headers["Authorization"] = self._authorization
+            try:
+                r = self.session.request(method, url, headers=headers, timeout=TIMEOUT,
+                                         verify=self.verify, **kw)
+            except requests.exceptions.SSLError as e:
+                raise self.error("TLS", f"{_root(e)} (trust the registry's CA with "
+                                        f"--ca-file, or use --plain-http for an HTTP "
+                                        f"registry on a trusted network)") from None
+            except requests.exceptions.Timeout:
+                raise self.error("timed out", f"no answer from {self.ref.host} in "
+                                              f"{TIMEOUT[1]} s") from None
+            except requests.exceptions.ConnectionError as e:
+                raise self.error(*_connection_failure(self.ref.host, e)) from None
+            if r.status_code == 401 and self._login(r):
+                r.close()
+                kw["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
+                continue
+            if r.status_code not in expect:
+                raise self._refused(r, what)
+            return r
+
+    def _login(self, answer: requests.Response) -> bool:
+        """Log in as ``answer``'s challenge asks; False when that was tried already."""
+        scheme, _, rest = answer.headers.get("WWW-Authenticate", "").partition(" ")
+        params = requests.utils.parse_dict_header(rest)
+        credentials = self.credentials()
+        key = (scheme.lower(), params.get("scope"))
+        if key in self._tried:
+            return False
+        self._tried.add(key)
+        if scheme.lower() == "basic":
+            if credentials is None:
+                raise self.error("unauthorized", f"{self.ref.host} asks for a username and "
+                                                 f"password, and none is configured "
+                                                 f"({_WHERE_CREDENTIALS})")
+            self._authorization = requests.auth._basic_auth_str(credentials.username,
+                                                                credentials.password)
+            return True
+        if scheme.lower() != "bearer" or "realm" not in params:
+            return False
+        query = {k: params[k] for k in ("service", "scope") if params.get(k)}
+        auth = (credentials.username, credentials.password) if credentials else None
+        try:
+            r = self.session.get(params["realm"], params=query, auth=auth, timeout=TIMEOUT,
+                                 verify=self.verify)
+        except requests.exceptions.RequestException as e:
+            raise self.error("unauthorized", f"the token service {params['realm']} cannot "
+                                             f"be reached: {_root(e)}") from None
+        if r.status_code in (401, 403):
+            raise self.error("unauthorized", f"the token service {params['realm']} refused "
+                                             + (f"the credentials from {credentials.source}"
+                                                if credentials else
+                                                f"an anonymous login ({_WHERE_CREDENTIALS})"))
+        try:
+            body = r.json() if r.status_code == 200 else {}
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise self.error("unauthorized", f"the token service {params['realm']} answered "
+                                             f"HTTP {r.status_code} with no token")
+        self._authorization = f"Bearer {token}"
+        return True
+
+    def credentials(self) -> Credentials | None:
+        if not self._looked_up:
+            self._credentials = registry_credentials(self.ref.host)
+            self._looked_up = True
+        return self._credentials
+
+    def error(self, kind: str, reason: str) -> RegistryError:
+        return RegistryError(str(self.ref), kind, reason)
+
+    def _refused(self, r: requests.Response, what: str) -> RegistryError:
+        try:
+            errors = r.json().get("errors") or []
+            said = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors[:3])
+        except (ValueError, AttributeError):
+            said = ""
+        said = f" ({said})" if said else ""
+        what = what or f"{r.request.method} {r.url}"
+        if r.status_code == 401:
+            credentials = self.credentials()
+            return self.error("unauthorized", (
+                f"{self.ref.host} refused the credentials from {credentials.source}"
+                if credentials else f"{self.ref.host} refused an anonymous request "
+                                    f"({_WHERE_CREDENTIALS})") + said)
+        if r.status_code == 403:
+            return self.error("denied", f"{what} is not allowed for this login{said}")
+        if r.status_code == 404:
+            return self.error("not found", f"{what}{said}")
+        return self.error("protocol", f"{what}: HTTP {r.status_code}{said}")
+
+    # --- blobs ----------------------------------------------------------------
+
+    def blob_size(self, digest: str) -> int | None:
+        """The size of the blob ``digest`` in this repository, or None if it lacks it."""
+        r = self.request("HEAD", f"blobs/{digest}", expect=(200, 404))
+        return int(r.headers.get("Content-Length", -1)) if r.status_code == 200 else None
+
+    def start_upload(self, digest: str | None = None, mount_from: str | None = None
+                     ) -> str | None:
+        """Start an upload, first asking the registry to mount ``digest`` from the
+        repository ``mount_from`` (or, with none, from wherever it knows it: the
+        distribution spec lets a registry do that). None when it mounted the blob;
+        else the upload's URL."""
+        params = {"mount": digest, "from": mount_from} if digest else {}
+        r = self.request("POST", "blobs/uploads/", expect=(201, 202),
+                         params={k: v for k, v in params.items() if v},
+                         what=f"an upload to {self.ref.repository}")
+        if r.status_code == 201:
+            return None
+        return self._location(r)
+
+    def upload(self, location: str, body: IO[bytes], size: int, digest: Callable[[], str]
+               ) -> str:
+        """Send ``size`` bytes from ``body`` to the upload at ``location`` in one streamed
+        PATCH (memory stays flat), then close it with the digest ``digest()`` gives once
+        they have all been read; returns that digest."""
+        r = self.request("PATCH", location, expect=(202,), data=_Body(body, size),
+                         headers={"Content-Type": "application/octet-stream",
+                                  "Content-Length": str(size)},
+                         what="the upload")
+        done = digest()
+        self.request("PUT", self._location(r), expect=(201,), params={"digest": done},
+                     what=f"the upload of blob {done}")
+        return done
+
+    def put_blob(self, data: bytes) -> str:
+        """Upload a small blob whole (a config) unless the registry has it; its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if self.blob_size(digest) is None:
+            location = self.start_upload()
+            self.request("PUT", location, expect=(201,), params={"digest": digest},
+                         data=data, headers={"Content-Type": "application/octet-stream"},
+                         what=f"the upload of blob {digest}")
+        return digest
+
+    def blob_chunks(self, digest: str, start: int = 0, what: str = "") -> Iterator[bytes]:
+        """The bytes of blob ``digest`` from byte ``start``, as they arrive; a download
+        that breaks off is resumed with Range where it stopped, up to RETRIES times.
+        The caller checks the digest: a registry can serve what it stored damaged."""
+        what = what or f"blob {digest}"
+        retries = RETRIES
+        while True:
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            r = self.request("GET", f"blobs/{digest}", expect=(200, 206), stream=True,
+                             headers=headers, what=what)
+            try:
+                if start and r.status_code == 200:  # it ignored Range: skip what we have
+                    skip = start
+                    for chunk in r.iter_content(PIECE):
+                        if skip >= len(chunk):
+                            skip -= len(chunk)
+                            continue
+                        start += len(chunk) - skip
+                        yield chunk[skip:]
+                        skip = 0
+                        break
+                for chunk in r.iter_content(PIECE):
+                    start += len(chunk)
+                    yield chunk
+                return
+            except (requests.exceptions.ConnectionError,
+                    requests.exceptions.ChunkedEncodingError) as e:
+                retries -= 1
+                if retries < 0:
+                    raise self.error(*_connection_failure(self.ref.host, e)) from None
+            finally:
+                r.close()
+
+    def small_blob(self, digest: str, limit: int, what: str) -> bytes:
+        """A blob of at most ``limit`` bytes, checked against its digest."""
+        data = bytearray()
+        for chunk in self.blob_chunks(digest, what=what):
+            data += chunk
+            if len(data) > limit:
+                raise self.error("protocol", f"{what} is larger than {limit} bytes")
+        check_digest(self, digest, hashlib.sha256(data), len(data), None, what)
+        return bytes(data)
+
+    # --- manifests --------------------------------------------------------------
+
+    def put_manifest(self, reference: str, data: bytes, media_type: str = OCI_MANIFEST
+                     ) -> str:
+        """Store the manifest ``data`` under ``reference`` (a tag); its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        r = self.request("PUT", f"manifests/{reference}", expect=(201,), data=data,
+                         headers={"Content-Type": media_type},
+                         what=f"storing the manifest as {reference}")
+        said = r.headers.get("Docker-Content-Digest")
+        if said and said != digest:
+            raise self.error("protocol", f"the registry says the manifest is {said}; its "
+                                         f"bytes are {digest}")
+        return digest
+
+    def get_manifest(self, reference: str) -> Tuple[bytes, str]:
+        """The manifest at ``reference`` (a tag or a digest) and its digest. A digest
+        is a proof: bytes that do not hash to it are refused."""
+        is_tag = not reference.startswith("sha256:")
+        r = self.request("GET", f"manifests/{reference}", expect=(200,), stream=True,
+                         headers={"Accept": OCI_MANIFEST},
+                         what=f"{'tag' if is_tag else 'manifest'} {reference} in "
+                              f"{self.ref.host}/{self.ref.repository}")
+        with r:
+            data = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
+        if len(data) > MAX_MANIFEST:
+            raise self.error("protocol", f"the manifest at {reference} is larger than "
+                                         f"{MAX_MANIFEST} bytes")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if not is_tag and digest != reference:
+            raise self.error("damaged", f"the manifest asked for as {reference} hashes to "
+                                        f"{digest}")
+        return data, digest
+
+    def _location(self, r: requests.Response) -> str:
+        location = r.headers.get("Location")
+        if not location:
+            raise self.error("protocol", f"{r.request.method} {r.url} gave no Location")
+        return urljoin(r.url, location)
+
+
+def check_digest(registry: Registry, digest: str, hashed: Any, size: int,
+                 expected_size: int | None, what: str) -> None:
+    """Raise the "damaged" RegistryError when ``hashed`` (``size`` bytes) is not the
+    blob ``digest`` (of ``expected_size`` bytes, where known)."""
+    got = "sha256:" + hashed.hexdigest()
+    if got != digest or (expected_size is not None and size != expected_size):
+        raise registry.error("damaged", (
+            f"{what} is {size} bytes that hash to {got}, not "
+            f"{'' if expected_size is None else f'{expected_size} bytes of '}{digest}: the "
+            f"registry's copy is damaged (push the bundle again)"))
+
+
+class _Body:
+    """A file to send as a request body in pieces of PIECE bytes: http.client asks for
+    16 KiB at a time, which for a GiB is tens of thousands of calls into Python."""
+
+    def __init__(self, fh: IO[bytes], size: int):
+        self.fh, self.size = fh, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, _: int = -1) -> bytes:
+        return self.fh.read(PIECE)
+
+
+_WHERE_CREDENTIALS = ("docker login, ~/.docker/config.json, or "
+                      "MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
+
+
+def _root(e: BaseException) -> str:
+    """The innermost reason of a requests error, which wraps urllib3's, which wraps the
+    socket's or ssl's: the one a user can act on."""
+    while True:
+        inner = e.__context__ or e.__cause__ or (e.args[0] if e.args and isinstance(
+            e.args[0], BaseException) else None)
+        if inner is None or inner is e:
+            break
+        e = inner
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {e.verify_message}"
+    reason = getattr(e, "reason", None)
+    return str(reason if isinstance(reason, (str, BaseException)) and reason else e)
+
+
+def _connection_failure(host: str, e: BaseException) -> Tuple[str, str]:
+    text = _root(e)
+    if "refused" in text.lower():
+        return "connection refused", (f"nothing answers at {host} (is the registry up, "
+                                      f"and is this its port?)")
+    return "connection failed", f"{host}: {text}"
+

@@ -1,0 +1,477 @@
+"""Bundles through a real OCI registry (Debian's docker-registry, CNCF Distribution
+2.8) on the loopback: push, pull and install oci://..., over HTTP with no auth, over
+TLS behind htpasswd Basic auth, and through the Bearer token flow; blobs not sent
+twice; a wrong password, a missing tag and a damaged layer refused with the store
+unchanged; the artifact as ORAS lays it out; and a load in `unshare -n` after."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+
+import pytest
+import requests
+
+from mirror import bundle, oci
+from mirror.errors import BundleError, OCIReferenceError, RegistryError, SignatureError
+from mirror.installer import InstallOptions, install
+from mirror.packer import PackOptions, pack
+from mirror.reference import Connection, Reference
+from tests.conftest import MIRROR, keypairs, run, same_weights, store_content, tree_digest
+from tests.test_delta import deltas  # noqa: F401  (a fixture: whole bundles and deltas)
+from tests.upstream.registry import RegistryServer, TokenServer, make_certificates, sha256_digest
+
+PLAIN = Connection(plain_http=True)
+USERS = {"alice": "wonderland"}
+
+LOAD_MLP = """
+import json, sys
+import numpy as np
+import mirror.hub
+model = mirror.hub.load("demo/tinynets", "mlp", pretrained=True, source="local")
+print(json.dumps({k: np.asarray(v).tolist() for k, v in model.state_dict().items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Over HTTP, anonymous: a registry on a trusted network."""
+    server = RegistryServer(str(tmp_path_factory.mktemp("registry"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    """Over TLS (a CA made here) behind htpasswd Basic auth."""
+    root = str(tmp_path_factory.mktemp("secure-registry"))
+    certs = make_certificates(os.path.join(root, "tls"))
+    server = RegistryServer(root, certificates=certs, users=USERS).start()
+    yield server, certs
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory):
+    """Behind the distribution spec's Bearer token flow, with its own token service."""
+    root = str(tmp_path_factory.mktemp("token-registry"))
+    tokens = TokenServer(root, USERS).start()
+    server = RegistryServer(root, token=tokens).start()
+    yield server, tokens
+    server.stop()
+    tokens.stop()
+
+
+@pytest.fixture(scope="module")
+def split(upstream, tmp_path_factory):
+    """master with a 3 MiB weight that does not compress, in 1 MiB parts."""
+    root = tmp_path_factory.mktemp("split-for-registry")
+    extra = (upstream.weights.add("registry/w.bin", random.Random(5).randbytes(3 << 20)),)
+    opts = PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                       extra_weights=extra, split_size="1M", stream=False)
+    return pack([upstream.spec()], str(root / "m.hub"), opts)
+
+
+@pytest.fixture()
+def memo(tmp_path, monkeypatch):
+    """push's digest memo, fresh for each test (it lives in the user's cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def _env(tmp_path, name="store"):
+    return dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / name),
+                MGE_HOME=str(tmp_path / f"{name}-mge"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+
+def _manifest(server, name, tag, **kw):
+    r = requests.get(f"{server.url}/v2/{name}/manifests/{tag}", timeout=10,
+                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, **kw)
+    assert r.status_code == 200, r.text
+    return r.content, r.json()
+
+
+# --- the round trip ----------------------------------------------------------------------
+
+
+def test_push_pull_install_then_load_with_no_network(registry, master_bundle, tmp_path,
+                                                     upstream):
+    env = _env(tmp_path)
+    r = run(MIRROR + ["push", master_bundle, registry.ref("models/demo:v1"), "--plain-http"],
+            env=env)
+    assert r.returncode == 0, r.stderr
+    data, _ = _manifest(registry, "models/demo", "v1")
+    digest = sha256_digest(data)
+    assert r.stdout.splitlines() == [
+        f"pushed {registry.ref('models/demo:v1')}@{digest}",
+        "1 layers: 1 uploaded "
+        f"({os.path.getsize(master_bundle)} bytes), 0 already there, 0 mounted", digest]
+
+    pulled = tmp_path / "pulled.hub"
+    r = run(MIRROR + ["pull", registry.ref("models/demo:v1"), "-o", str(pulled),
+                      "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert pulled.read_bytes() == open(master_bundle, "rb").read()
+    assert not os.path.exists(str(pulled) + ".partial")
+
+    # by digest: a digest is a proof, and what install reads, straight into the store
+    r = run(MIRROR + ["install", f"{registry.ref('models/demo')}@{digest}", "--plain-http"],
+            env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(
+        "verified 1", ) and r.stdout.splitlines()[0].endswith(
+        f"from {registry.ref('models/demo')}@{digest}")
+
+    # the same store as installing the file
+    alone = _env(tmp_path, "alone")
+    assert run(MIRROR + ["install", master_bundle], env=alone).returncode == 0
+    assert store_content(env["MGE_MIRROR_HOME"]) == store_content(alone["MGE_MIRROR_HOME"])
+
+    # a second store, installed from the registry by tag, loads inside the air gap
+    second = _env(tmp_path, "second")
+    r = run(MIRROR + ["install", registry.ref("models/demo:v1"), "--plain-http"], env=second)
+    assert r.returncode == 0, r.stderr
+    r = run([sys.executable, "-c", LOAD_MLP], env=second, netns=True)
+    assert r.returncode == 0, r.stderr
+    url = upstream.demo.urls[upstream.demo.branches["master"]]["mlp"]
+    assert same_weights(json.loads(r.stdout.splitlines()[-1]), upstream.demo.weights[url])
+
+
+def test_the_artifact_is_what_oras_pulls(registry, split, tmp_path, memo):
+    shuffled = list(split.parts)
+    random.Random(3).shuffle(shuffled)
+    report = oci.push(shuffled, registry.ref("models/split:parts"), PLAIN)
+    assert report.layers == len(split.parts) >= 3 and report.uploaded == len(split.parts)
+
+    data, manifest = _manifest(registry, "models/split", "parts")
+    assert sha256_digest(data) == report.digest
+    assert manifest["artifactType"] == "application/vnd.megengine.mirror.bundle.v2"
+    assert manifest["config"]["mediaType"] == oci.CONFIG_TYPE
+    annotations = manifest["annotations"]
+    assert annotations["org.megengine.mirror.bundle-id"] == bundle.bundle_id(
+        bundle.read_manifest_bytes(split.parts[0]))
+    assert annotations["org.opencontainers.image.revision"] == \
+        bundle.read_manifest(split.parts[0]).repos[0].snapshots[0].commit
+    assert annotations["org.opencontainers.image.source"].endswith("/demo/tinynets.git") \
+        or "demo/tinynets" in annotations["org.opencontainers.image.source"]
+
+    # as `oras pull` does: each layer's blob, written under its title, is a part
+    out = tmp_path / "oras"
+    out.mkdir()
+    for layer in manifest["layers"]:
+        title = layer["annotations"]["org.opencontainers.image.title"]
+        blob = requests.get(f"{registry.url}/v2/models/split/blobs/{layer['digest']}",
+                            timeout=10).content
+        assert sha256_digest(blob) == layer["digest"]
+        (out / title).write_bytes(blob)
+    assert sorted(os.listdir(out)) == [os.path.basename(p) for p in split.parts]
+    for p in split.parts:
+        assert (out / os.path.basename(p)).read_bytes() == open(p, "rb").read()
+    config = requests.get(f"{registry.url}/v2/models/split/blobs/"
+                          f"{manifest['config']['digest']}", timeout=10).content
+    assert config == bundle.read_manifest_bytes(split.parts[0])
+
+    # pull --parts writes them as pushed; without, their concatenation: one bundle
+    got = oci.pull(registry.ref("models/split:parts"), str(tmp_path / "p.hub"), True, PLAIN)
+    assert list(got.files) == [str(tmp_path / f"p.hub.{i:03d}")
+                               for i in range(1, len(split.parts) + 1)]
+    for mine, theirs in zip(got.files, split.parts):
+        assert open(mine, "rb").read() == open(theirs, "rb").read()
+    whole = oci.pull(registry.ref("models/split:parts"), str(tmp_path / "w.hub"),
+                     connection=PLAIN)
+    assert open(whole.files[0], "rb").read() == b"".join(open(p, "rb").read()
+                                                        for p in split.parts)
+    r = run(MIRROR + ["verify", whole.files[0]])
+    assert r.returncode == 0, r.stderr
+
+
+def test_install_from_parts_in_a_registry(registry, split, tmp_path, memo):
+    oci.push(split.parts, registry.ref("models/split:v1"), PLAIN)
+    env = _env(tmp_path)
+    r = run(MIRROR + ["install", registry.ref("models/split:v1"), "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    alone = _env(tmp_path, "alone")
+    assert run(MIRROR + ["install"] + split.parts, env=alone).returncode == 0
+    assert store_content(env["MGE_MIRROR_HOME"]) == store_content(alone["MGE_MIRROR_HOME"])
+
+
+# --- what is not sent twice ------------------------------------------------------------
+
+
+def test_a_second_tag_uploads_no_blob(registry, master_bundle, memo):
+    first = oci.push([master_bundle], registry.ref("models/twice:a"), PLAIN)
+    blobs = registry.blob_count()
+    second = oci.push([master_bundle], registry.ref("models/twice:b"), PLAIN)
+    assert (second.uploaded, second.uploaded_bytes, second.present) == (0, 0, 1)
+    assert second.digest == first.digest and registry.blob_count() == blobs
+    # another repository of the same registry: mounted, not sent
+    third = oci.push([master_bundle], registry.ref("models/elsewhere:a"), PLAIN,
+                     mount_from="models/twice")
+    assert (third.uploaded, third.mounted) == (0, 1)
+
+
+def test_a_delta_after_its_whole_bundle_uploads_only_itself(registry, deltas, memo):  # noqa: F811
+    whole = oci.push([deltas["v1"]], registry.ref("delta/models:v1"), PLAIN)
+    assert whole.uploaded == 1
+    again = oci.push([deltas["v1"]], registry.ref("delta/models:v1-again"), PLAIN)
+    assert again.uploaded == 0
+    delta = oci.push([deltas["delta from v1"]], registry.ref("delta/models:v2"), PLAIN)
+    assert (delta.uploaded, delta.uploaded_bytes) == (
+        1, os.path.getsize(deltas["delta from v1"]))
+    assert delta.uploaded_bytes < os.path.getsize(deltas["v2"]) / 2
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_a_missing_tag_names_it_and_changes_nothing(registry, master_bundle, tmp_path, memo):
+    env = _env(tmp_path)
+    assert run(MIRROR + ["install", master_bundle], env=env).returncode == 0
+    before = tree_digest(env["MGE_MIRROR_HOME"])
+    r = run(MIRROR + ["install", registry.ref("models/demo:nope"), "--plain-http"], env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry {registry.ref('models/demo:nope')}: not found: tag nope in "
+        f"{registry.host}/models/demo (MANIFEST_UNKNOWN: manifest unknown)")
+    assert tree_digest(env["MGE_MIRROR_HOME"]) == before
+
+
+def test_a_damaged_layer_is_refused_and_the_store_unchanged(registry, master_bundle,
+                                                            upstream, tmp_path, memo):
+    # a bundle of its own (dev), so the damage touches no other test's blob
+    mine = tmp_path / "mine.hub"
+    pack([upstream.spec(":dev")], str(mine), PackOptions(
+        git_host=upstream.git.host, protocol="http", progress=False, stream=False))
+    report = oci.push([str(mine)], registry.ref("models/damaged:v1"), PLAIN)
+    (layer,) = json.loads(_manifest(registry, "models/damaged", "v1")[0])["layers"]
+    path = registry.blob_file(layer["digest"])
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x40  # same size; the registry serves it as stored
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+    env = _env(tmp_path)
+    assert run(MIRROR + ["install", master_bundle], env=env).returncode == 0
+    before = tree_digest(env["MGE_MIRROR_HOME"])
+    r = run(MIRROR + ["install", registry.ref("models/damaged:v1"), "--plain-http"], env=env)
+    assert r.returncode in (1, 3), r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert registry.ref("models/damaged:v1") in last
+    assert ("damaged" in last or "corrupt" in last), last
+    assert tree_digest(env["MGE_MIRROR_HOME"]) == before
+
+    with pytest.raises(RegistryError) as e:
+        oci.pull(report.reference, str(tmp_path / "out.hub"), connection=PLAIN)
+    assert e.value.kind == "damaged"
+    assert str(e.value) == (
+        f"registry {report.reference}: damaged: layer mine.hub is {len(data)} bytes that "
+        f"hash to {sha256_digest(bytes(data))}, not {len(data)} bytes of {layer['digest']}: "
+        f"the registry's copy is damaged (push the bundle again)")
+    assert not os.path.exists(tmp_path / "out.hub")
+
+
+def test_a_pull_that_broke_off_resumes(registry, master_bundle, tmp_path, memo):
+    oci.push([master_bundle], registry.ref("models/resume:v1"), PLAIN)
+    whole = open(master_bundle, "rb").read()
+    out = tmp_path / "r.hub"
+    (tmp_path / "r.hub.partial").write_bytes(whole[:len(whole) // 3])
+    got = oci.pull(registry.ref("models/resume:v1"), str(out), connection=PLAIN)
+    assert got.resumed_from == len(whole) // 3 and out.read_bytes() == whole
+    # what was left is hashed again, not trusted: a wrong prefix is refused, then dropped
+    (tmp_path / "r2.hub.partial").write_bytes(b"x" * 1000)
+    with pytest.raises(RegistryError, match="damaged"):
+        oci.pull(registry.ref("models/resume:v1"), str(tmp_path / "r2.hub"), connection=PLAIN)
+    assert os.path.getsize(tmp_path / "r2.hub.partial") == 0
+    oci.pull(registry.ref("models/resume:v1"), str(tmp_path / "r2.hub"), connection=PLAIN)
+    assert (tmp_path / "r2.hub").read_bytes() == whole
+
+
+def test_what_is_not_a_mirror_artifact_is_refused(registry, tmp_path):
+    blob = b"{}"
+    base = f"{registry.url}/v2/other/image"
+    loc = requests.post(f"{base}/blobs/uploads/", timeout=10).headers["Location"]
+    requests.put(requests.compat.urljoin(base, loc), params={"digest": sha256_digest(blob)},
+                 data=blob, timeout=10).raise_for_status()
+    image = json.dumps({"schemaVersion": 2, "mediaType":
+                        "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                   "digest": sha256_digest(blob), "size": 2},
+                        "layers": []}).encode()
+    requests.put(f"{base}/manifests/latest", data=image, timeout=10, headers={
+        "Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    env = _env(tmp_path)
+    r = run(MIRROR + ["install", registry.ref("other/image"), "--plain-http"], env=env)
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: bad bundle {registry.ref('other/image')}: not a mirror bundle: its "
+        f"artifactType is None, not application/vnd.megengine.mirror.bundle.vN")
+    assert not os.path.exists(env["MGE_MIRROR_HOME"] + "/repos")
+
+
+def test_connection_errors_say_which(registry, master_bundle, tmp_path):
+    env = _env(tmp_path)
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # bound, not listening: refused
+        r = run(MIRROR + ["install", f"oci://127.0.0.1:{dead}/x/y:v1", "--plain-http"],
+                env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry oci://127.0.0.1:{dead}/x/y:v1: connection refused: nothing answers "
+        f"at 127.0.0.1:{dead} (is the registry up, and is this its port?)")
+    # TLS spoken to an HTTP registry
+    r = run(MIRROR + ["pull", registry.ref("models/demo:v1"), "-o", str(tmp_path / "x")],
+            env=env)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"Error: registry {registry.ref('models/demo:v1')}: TLS: ")
+    assert "--plain-http" in r.stderr
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("docker://h/x", "it does not start with oci://"),
+    ("oci://h", "expected oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]"),
+    ("oci://h/Upper", "'Upper' is not a repository name"),
+    ("oci://h/x:-bad", "'-bad' is not a tag"),
+    ("oci://h/x@sha256:abc", "'sha256:abc' is not sha256: and 64 lowercase hex digits"),
+    ("oci://h_/x", "'h_' is not a host name"),
+])
+def test_references_are_checked(text, reason):
+    with pytest.raises(OCIReferenceError) as e:
+        Reference.parse(text)
+    assert str(e.value).startswith(f"invalid registry reference {text!r}: {reason}")
+
+
+def test_references_parse():
+    assert Reference.parse("oci://127.0.0.1:5000/a/b:v1") == \
+        Reference("127.0.0.1:5000", "a/b", "v1")
+    ref = Reference.parse("oci://reg.example/a/b@sha256:" + "0" * 64)
+    assert (ref.tag, ref.reference) == (None, "sha256:" + "0" * 64)
+    assert str(Reference.parse("oci://h:1/x")) == "oci://h:1/x"
+    assert Reference.parse("oci://h:1/x").reference == "latest"
+
+
+# --- TLS and Basic auth ---------------------------------------------------------------------
+
+
+def test_tls_and_basic_auth(secure, master_bundle, tmp_path):
+    server, certs = secure
+    target = server.ref("models/demo:v1")
+    env = dict(_env(tmp_path), MGE_MIRROR_REGISTRY_USERNAME="alice",
+               MGE_MIRROR_REGISTRY_PASSWORD="wonderland")
+    r = run(MIRROR + ["push", master_bundle, target, "--ca-file", certs.ca], env=env)
+    assert r.returncode == 0, r.stderr
+
+    # the system's trust store does not know the fixture's CA
+    r = run(MIRROR + ["install", target], env=env)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"Error: registry {target}: TLS: ")
+    assert "certificate verify failed" in r.stderr and "--ca-file" in r.stderr
+
+    wrong = dict(env, MGE_MIRROR_REGISTRY_PASSWORD="guess")
+    r = run(MIRROR + ["install", target, "--ca-file", certs.ca], env=wrong)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry {target}: unauthorized: {server.host} refused the credentials "
+        f"from MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD (UNAUTHORIZED: authentication "
+        f"required)")
+    assert not os.path.exists(wrong["MGE_MIRROR_HOME"] + "/repos")
+
+    anonymous = _env(tmp_path, "anonymous")
+    anonymous.update(DOCKER_CONFIG=str(tmp_path / "nodocker"))
+    r = run(MIRROR + ["pull", target, "-o", str(tmp_path / "a.hub"), "--ca-file", certs.ca],
+            env=anonymous)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry {target}: unauthorized: {server.host} asks for a username and "
+        f"password, and none is configured (docker login, ~/.docker/config.json, or "
+        f"MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD)")
+
+    # docker login's file
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    import base64
+    (docker / "config.json").write_text(json.dumps({"auths": {server.host: {
+        "auth": base64.b64encode(b"alice:wonderland").decode()}}}))
+    logged_in = dict(_env(tmp_path, "docker-store"), DOCKER_CONFIG=str(docker))
+    r = run(MIRROR + ["install", target, "--ca-file", certs.ca], env=logged_in)
+    assert r.returncode == 0, r.stderr
+    r = run([sys.executable, "-c", LOAD_MLP], env=logged_in, netns=True)
+    assert r.returncode == 0, r.stderr
+
+
+# --- the Bearer token flow --------------------------------------------------------------------
+
+
+def test_bearer_token_flow(token_registry, master_bundle, tmp_path):
+    server, tokens = token_registry
+    target = server.ref("models/demo:v1")
+    env = dict(_env(tmp_path), MGE_MIRROR_REGISTRY_USERNAME="alice",
+               MGE_MIRROR_REGISTRY_PASSWORD="wonderland")
+    r = run(MIRROR + ["push", master_bundle, target, "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert ("alice", ["repository:models/demo:pull,push"]) in tokens.issued
+    r = run(MIRROR + ["install", target, "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+
+    wrong = dict(env, MGE_MIRROR_REGISTRY_PASSWORD="guess",
+                 MGE_MIRROR_HOME=str(tmp_path / "wrong"))
+    r = run(MIRROR + ["install", target, "--plain-http"], env=wrong)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry {target}: unauthorized: the token service {tokens.base_url}/token "
+        f"refused the credentials from MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
+    assert not os.path.exists(tmp_path / "wrong" / "repos")
+
+    # anonymous: a token that grants nothing, then the registry's refusal
+    anonymous = dict(_env(tmp_path, "anon"), DOCKER_CONFIG=str(tmp_path / "nodocker"))
+    r = run(MIRROR + ["install", target, "--plain-http"], env=anonymous)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry {target}: unauthorized: {server.host} refused an anonymous request "
+        f"(docker login, ~/.docker/config.json, or MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD) "
+        f"(UNAUTHORIZED: authentication required)")
+
+
+# --- signatures ------------------------------------------------------------------------------
+
+
+def test_a_signature_survives_the_round_trip(registry, master_bundle, tmp_path, memo):
+    keys = keypairs(tmp_path, ("release",))
+    signed = tmp_path / "signed.hub"
+    shutil.copy(master_bundle, signed)
+    r = run(MIRROR + ["sign", str(signed), "--key", keys["release"][0]])
+    assert r.returncode == 0, r.stderr
+    pushed = oci.push([str(signed)], registry.ref("models/signed:v1"), PLAIN)
+    assert pushed.layers == 2  # the bundle, and BUNDLE.sig beside it
+    oci.push([master_bundle], registry.ref("models/unsigned:v1"), PLAIN)
+
+    got = oci.pull(registry.ref("models/signed:v1"), str(tmp_path / "p.hub"), connection=PLAIN)
+    assert got.files == (str(tmp_path / "p.hub"), str(tmp_path / "p.hub.sig"))
+    r = run(MIRROR + ["verify", str(tmp_path / "p.hub"), "--key", keys["release"][1]])
+    assert r.returncode == 0 and r.stdout.strip().endswith(f"signed by {keys['release'][2]}")
+
+    home = str(tmp_path / "store")
+    policy = InstallOptions(trusted_keys=(keys["release"][1],), require_signature=True,
+                            registry=PLAIN)
+    report = install(oci.RegistrySource(registry.ref("models/signed:v1"), PLAIN), home,
+                     policy)
+    assert report.signed_by == keys["release"][2]
+
+    other = str(tmp_path / "other")
+    with pytest.raises(SignatureError) as e:
+        install(oci.RegistrySource(registry.ref("models/unsigned:v1"), PLAIN), other, policy)
+    assert str(e.value) == f"refusing {registry.ref('models/unsigned:v1')}: it is not signed"
+    assert not os.path.exists(os.path.join(other, "repos"))
+
+
+def test_push_refuses_what_is_not_one_whole_bundle(registry, split, tmp_path):
+    with pytest.raises(BundleError, match="not among the files given"):
+        oci.push(split.parts[1:], registry.ref("models/x:v1"), PLAIN)
+    junk = tmp_path / "junk.hub"
+    junk.write_bytes(b"not a bundle")
+    with pytest.raises(BundleError):
+        oci.push([str(junk)], registry.ref("models/x:v1"), PLAIN)
+    with pytest.raises(OCIReferenceError, match="push stores a tag"):
+        oci.push(split.parts, registry.ref("models/x@sha256:" + "0" * 64), PLAIN)
