@@ -11,6 +11,8 @@ The public API, for programs (the ``mirror`` command is a thin shell over it)::
     for repo in mirror.list_repos(): ...        # what the store holds
     mirror.remove("megengine/models:dev"); mirror.gc()
     mirror.seed()                               # MegEngine's own cache, from the store
+    mirror.push(["models.hub"], "oci://registry:5000/models:v1")       # an OCI registry
+    mirror.install(mirror.RegistrySource("oci://registry:5000/models:v1"))
     model = mirror.hub.load("megengine/models", "resnet18", pretrained=True)
     mirror.patch_megengine()                    # unmodified megengine.hub calls, offline
 
@@ -39,6 +41,10 @@ _EXPORTS = {
     "Store": ("store", "Store"),
     "patch_megengine": ("patch", "patch_megengine"),
     "settings": ("config", "settings"),
+    "push": ("oci", "push"),
+    "pull": ("oci", "pull"),
+    "RegistrySource": ("oci", "RegistrySource"),
+    "Connection": ("reference", "Connection"),
     "errors": ("errors", None),
     "hub": ("hub", None),
 }

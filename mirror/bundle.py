@@ -502,8 +502,13 @@ def read(path: BundleInput, sink: SinkFactory | None = None,
             bar.update(POINTER_SIZE)
             if file_digest is not None:
                 file_digest.update(head[1])
-        return _read(str(path), fh, bar, sink, head_seen, file_digest, scan, unparted,
-                     head[0] if head else None)
+        try:
+            return _read(str(path), fh, bar, sink, head_seen, file_digest, scan, unparted,
+                         head[0] if head else None)
+        except BundleError:
+            if isinstance(path, Remote):
+                path.explain()  # the cause on the way, if that is where it lies
+            raise
 
 
 def _open(path: BundleInput, files: contextlib.ExitStack

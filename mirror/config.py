@@ -144,6 +144,7 @@ def registry_credentials(host: str, env: Mapping[str, str] | None = None
     docker config's ``credHelpers`` for the host, its ``credsStore``, and its ``auths``.
     None when nothing is configured (anonymous). Raises :class:`ConfigError` for a
     config or credential helper that cannot be read."""
+    env = os.environ if env is None else env
     s = settings(env)
     if s.registry_username or s.registry_password:
         if not (s.registry_username and s.registry_password):
@@ -166,7 +167,7 @@ def registry_credentials(host: str, env: Mapping[str, str] | None = None
     helper = next((helpers[n] for n in names if n in helpers), None) or \
         docker.get("credsStore")
     if helper:
-        found = _credential_helper(str(helper), host, s.docker_config)
+        found = _credential_helper(str(helper), host, s.docker_config, env)
         if found is not None:
             return found
     auths = docker.get("auths") or {}
@@ -185,12 +186,13 @@ def registry_credentials(host: str, env: Mapping[str, str] | None = None
     return None
 
 
-def _credential_helper(helper: str, host: str, config: str) -> Credentials | None:
+def _credential_helper(helper: str, host: str, config: str, env: Mapping[str, str]
+                       ) -> Credentials | None:
     """Ask ``docker-credential-HELPER get`` for ``host``'s credentials, as docker does."""
     program = f"docker-credential-{helper}"
     try:
         done = subprocess.run([program, "get"], input=host.encode(), capture_output=True,
-                              timeout=30)
+                              timeout=30, env=dict(env))
     except FileNotFoundError:
         raise ConfigError(config, f"names the credential helper {helper!r}, but "
                                   f"{program} is not on PATH") from None

@@ -31,12 +31,13 @@ from tqdm import tqdm
 from . import bundle, parts
 from .atomic import fsync_path, write_atomic
 from .config import settings
-from .errors import BundleError, MirrorError, OCIReferenceError
+from .errors import BundleError, InvalidRecordError, MirrorError, OCIReferenceError
 from .hashing import CHUNK
 from .model import Manifest
+from .names import check_component
 from .parts import Parts, Remote
 from .reference import HTTPS, Connection, Reference
-from .registry import OCI_MANIFEST, Registry, check_digest
+from .registry import OCI_MANIFEST, Registry
 
 ARTIFACT_TYPE = "application/vnd.megengine.mirror.bundle.v{version}"
 ARTIFACT_PREFIX = "application/vnd.megengine.mirror.bundle.v"
@@ -118,9 +119,10 @@ def _descriptor(where: str, obj: Any, *media_types: str) -> Layer:
         raise BundleError(where, f"a descriptor's digest {digest!r} is not sha256")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise BundleError(where, f"blob {digest} has no size")
-    if not isinstance(title, str) or not title or "/" in title or "\0" in title or \
-            title in (".", "..") or len(title) > 255:
-        raise BundleError(where, f"blob {digest} is titled {title!r}, not a file name")
+    try:  # a title names a file (oras pull writes it; a store's records keep it)
+        check_component(title if isinstance(title, str) else "", f"blob {digest}'s title")
+    except InvalidRecordError as e:
+        raise BundleError(where, str(e)) from None
     return Layer(digest, size, title, obj["mediaType"])
 
 
@@ -316,6 +318,7 @@ class RegistrySource(Remote):
         self.ref = Reference.parse(reference)
         self.connection = connection
         self.artifact: Artifact | None = None
+        self._layers: _Layers | None = None
 
     def open(self) -> IO[bytes]:
         registry = Registry(self.ref, self.connection)
@@ -323,15 +326,22 @@ class RegistrySource(Remote):
             self.artifact = fetch_artifact(registry)
             if self.artifact.signature is not None:
                 self.signature = registry.small_blob(
-                    self.artifact.signature.digest, 1 << 20,
-                    f"the signature {self.artifact.signature.title}")
+                    self.artifact.signature.digest, self.artifact.signature.size,
+                    bundle.MAX_SIGNATURE_BYTES, f"the signature {self.artifact.signature.title}")
         except BaseException:
             registry.close()
             raise
         self.size = self.artifact.size
         first = self.artifact.layers[0].title
         self.file_name = first.rsplit(".", 1)[0] if len(self.artifact.layers) > 1 else first
-        return io.BufferedReader(_Layers(registry, self.artifact.layers), CHUNK)
+        self._layers = _Layers(registry, self.artifact.layers)
+        return io.BufferedReader(self._layers, CHUNK)
+
+    def explain(self) -> None:
+        """Bytes that did not read as a bundle: where the layer they came in does not
+        match its digest, that is the cause to name (the registry damaged it)."""
+        if self._layers is not None and not self._layers.closed:
+            self._layers.finish_layer()
 
     def __str__(self) -> str:
         return str(self.ref)
@@ -346,18 +356,20 @@ class _Layers(io.RawIOBase):
         self.registry = registry
         self.chunks = self._chunks(layers)
         self.left = b""
+        self.layer = 0  # the index of the layer being read
 
     def _chunks(self, layers: Sequence[Layer]) -> Iterator[bytes]:
-        for layer in layers:
-            hashed, size = hashlib.sha256(), 0
-            for chunk in self.registry.blob_chunks(layer.digest, what=f"layer {layer.title}"):
-                size += len(chunk)
-                if size > layer.size:
-                    break
-                hashed.update(chunk)
-                yield chunk
-            check_digest(self.registry, layer.digest, hashed, size, layer.size,
-                         f"layer {layer.title}")
+        for self.layer, layer in enumerate(layers):
+            yield from self.registry.verified_blob(layer.digest, layer.size,
+                                                   f"layer {layer.title}")
+
+    def finish_layer(self) -> None:
+        """Read the rest of the layer being read, so that its digest is checked (and a
+        mismatch raised); at most one layer's bytes."""
+        layer = self.layer
+        for _ in self.chunks:
+            if self.layer != layer:
+                return
 
     def readable(self) -> bool:
         return True
@@ -402,7 +414,8 @@ def pull(reference: str, output: str, keep_parts: bool = False,
     registry = Registry(ref, connection)
     try:
         artifact = fetch_artifact(registry)
-        config = registry.small_blob(artifact.config.digest, bundle.MAX_MANIFEST_BYTES,
+        config = registry.small_blob(artifact.config.digest, artifact.config.size,
+                                     bundle.MAX_MANIFEST_BYTES,
                                      "the config (the bundle's manifest)")
         count = len(artifact.layers)
         if keep_parts and count > 1:
@@ -417,7 +430,11 @@ def pull(reference: str, output: str, keep_parts: bool = False,
         resumed = 0
         with bar:
             for path, layers in targets:
-                resumed += _pull_file(registry, path, layers, bar)
+                try:
+                    resumed += _pull_file(registry, path, layers, bar)
+                except OSError as e:
+                    raise MirrorError(f"cannot write {e.filename or path}: "
+                                      f"{e.strerror or e}") from None
     finally:
         registry.close()
     written = [p for p, _ in targets]
@@ -449,20 +466,11 @@ def _pull_file(registry: Registry, path: str, layers: Sequence[Layer], bar: Any)
                 done += len(block)
             bar.update(done)
             fh.seek(offset + done)
-            if done < layer.size:
-                for chunk in registry.blob_chunks(layer.digest, start=done,
-                                                  what=f"layer {layer.title}"):
-                    if done + len(chunk) > layer.size:
-                        chunk = chunk[:layer.size - done + 1]  # enough to be refused
-                    fh.write(chunk)
-                    hashed.update(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-                    if done > layer.size:
-                        break
             try:
-                check_digest(registry, layer.digest, hashed, done, layer.size,
-                             f"layer {layer.title}")
+                for chunk in registry.verified_blob(layer.digest, layer.size,
+                                                    f"layer {layer.title}", done, hashed):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
             except MirrorError:
                 fh.truncate(offset)  # the damaged bytes are not kept for a resume
                 raise

@@ -316,6 +316,10 @@ class Remote:
     def open(self) -> IO[bytes]:
         raise NotImplementedError
 
+    def explain(self) -> None:
+        """After the bytes read were found bad: raise the error that says the source
+        damaged them on the way, if it can tell (a registry's blob digest)."""
+
 
 BundleInput = Union[str, Parts, Remote]  # a path (or '-'), its parts, or a remote bundle
 

@@ -214,17 +214,17 @@ class Registry:
             r = self.request("GET", f"blobs/{digest}", expect=(200, 206), stream=True,
                              headers=headers, what=what)
             try:
+                chunks = r.iter_content(PIECE)
                 if start and r.status_code == 200:  # it ignored Range: skip what we have
                     skip = start
-                    for chunk in r.iter_content(PIECE):
+                    for chunk in chunks:
                         if skip >= len(chunk):
                             skip -= len(chunk)
                             continue
                         start += len(chunk) - skip
                         yield chunk[skip:]
-                        skip = 0
                         break
-                for chunk in r.iter_content(PIECE):
+                for chunk in chunks:
                     start += len(chunk)
                     yield chunk
                 return
@@ -236,15 +236,31 @@ class Registry:
             finally:
                 r.close()
 
-    def small_blob(self, digest: str, limit: int, what: str) -> bytes:
-        """A blob of at most ``limit`` bytes, checked against its digest."""
-        data = bytearray()
-        for chunk in self.blob_chunks(digest, what=what):
-            data += chunk
-            if len(data) > limit:
-                raise self.error("protocol", f"{what} is larger than {limit} bytes")
-        check_digest(self, digest, hashlib.sha256(data), len(data), None, what)
-        return bytes(data)
+    def verified_blob(self, digest: str, size: int, what: str, start: int = 0,
+                      hashed: Any = None) -> Iterator[bytes]:
+        """The bytes of blob ``digest`` from byte ``start`` (``hashed``, a sha256, has
+        seen the bytes before it), refused as "damaged" the moment they run past
+        ``size``, and at their end unless they are ``size`` bytes that hash to
+        ``digest``: a registry can serve what it stored damaged."""
+        hashed = hashed or hashlib.sha256()
+        done = start
+        if start < size:
+            for chunk in self.blob_chunks(digest, start, what):
+                if done + len(chunk) > size:
+                    raise self.error("damaged", f"{what} is longer than the {size} bytes "
+                                                f"its descriptor says: the registry's copy "
+                                                f"is damaged (push the bundle again)")
+                hashed.update(chunk)
+                done += len(chunk)
+                yield chunk
+        _check_digest(self, digest, hashed, done, size, what)
+
+    def small_blob(self, digest: str, size: int, limit: int, what: str) -> bytes:
+        """A blob of ``size`` bytes, at most ``limit``, whole and checked."""
+        if size > limit:
+            raise self.error("protocol", f"{what} is {size} bytes, over the {limit} byte "
+                                         f"limit")
+        return b"".join(self.verified_blob(digest, size, what))
 
     # --- manifests --------------------------------------------------------------
 
@@ -287,7 +303,7 @@ class Registry:
         return urljoin(r.url, location)
 
 
-def check_digest(registry: Registry, digest: str, hashed: Any, size: int,
+def _check_digest(registry: Registry, digest: str, hashed: Any, size: int,
                  expected_size: int | None, what: str) -> None:
     """Raise the "damaged" RegistryError when ``hashed`` (``size`` bytes) is not the
     blob ``digest`` (of ``expected_size`` bytes, where known)."""

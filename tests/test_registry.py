@@ -256,19 +256,18 @@ def test_a_damaged_layer_is_refused_and_the_store_unchanged(registry, master_bun
     assert run(MIRROR + ["install", master_bundle], env=env).returncode == 0
     before = tree_digest(env["MGE_MIRROR_HOME"])
     r = run(MIRROR + ["install", registry.ref("models/damaged:v1"), "--plain-http"], env=env)
-    assert r.returncode in (1, 3), r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert registry.ref("models/damaged:v1") in last
-    assert ("damaged" in last or "corrupt" in last), last
+    damaged = (f"layer mine.hub is {len(data)} bytes that hash to "
+               f"{sha256_digest(bytes(data))}, not {len(data)} bytes of {layer['digest']}: "
+               f"the registry's copy is damaged (push the bundle again)")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"Error: registry {registry.ref('models/damaged:v1')}: damaged: {damaged}"
     assert tree_digest(env["MGE_MIRROR_HOME"]) == before
 
     with pytest.raises(RegistryError) as e:
         oci.pull(report.reference, str(tmp_path / "out.hub"), connection=PLAIN)
     assert e.value.kind == "damaged"
-    assert str(e.value) == (
-        f"registry {report.reference}: damaged: layer mine.hub is {len(data)} bytes that "
-        f"hash to {sha256_digest(bytes(data))}, not {len(data)} bytes of {layer['digest']}: "
-        f"the registry's copy is damaged (push the bundle again)")
+    assert str(e.value) == f"registry {report.reference}: damaged: {damaged}"
     assert not os.path.exists(tmp_path / "out.hub")
 
 
@@ -475,3 +474,124 @@ def test_push_refuses_what_is_not_one_whole_bundle(registry, split, tmp_path):
         oci.push([str(junk)], registry.ref("models/x:v1"), PLAIN)
     with pytest.raises(OCIReferenceError, match="push stores a tag"):
         oci.push(split.parts, registry.ref("models/x@sha256:" + "0" * 64), PLAIN)
+
+
+# --- where credentials come from ------------------------------------------------------------
+
+
+def test_credentials_are_found_as_docker_finds_them(tmp_path):
+    from mirror.config import registry_credentials
+    from mirror.errors import ConfigError
+
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    helper = tmp_path / "bin" / "docker-credential-site"
+    helper.parent.mkdir()
+    # the credential helper protocol: the server on stdin, JSON on stdout
+    helper.write_text('#!/bin/sh\nread host\n[ "$host" = "reg.site:5000" ] || exit 1\n'
+                      'echo \'{"ServerURL":"reg.site:5000","Username":"bot","Secret":"t0k"}\'\n')
+    helper.chmod(0o755)
+    env = {"DOCKER_CONFIG": str(docker), "PATH": f"{helper.parent}:{os.environ['PATH']}"}
+    config = docker / "config.json"
+
+    assert registry_credentials("reg.site:5000", env) is None  # no file: anonymous
+    import base64
+    config.write_text(json.dumps({"auths": {"https://reg.site:5000": {
+        "auth": base64.b64encode(b"alice:pw:with:colons").decode()}}}))
+    found = registry_credentials("reg.site:5000", env)
+    assert (found.username, found.password, found.source) == (
+        "alice", "pw:with:colons", f"{config} (auths.reg.site:5000)")
+    assert registry_credentials("other:5000", env) is None
+
+    config.write_text(json.dumps({"credHelpers": {"reg.site:5000": "site"}, "auths": {}}))
+    found = registry_credentials("reg.site:5000", env)
+    assert (found.username, found.password, found.source) == (
+        "bot", "t0k", "docker-credential-site")
+    config.write_text(json.dumps({"credsStore": "site"}))
+    assert registry_credentials("reg.site:5000", env).username == "bot"
+    assert registry_credentials("other:5000", env) is None  # the helper knows it not
+
+    config.write_text(json.dumps({"credsStore": "missing"}))
+    with pytest.raises(ConfigError, match="docker-credential-missing is not on PATH"):
+        registry_credentials("reg.site:5000", env)
+    config.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        registry_credentials("reg.site:5000", env)
+
+    # the environment first, whatever the file says
+    env.update(MGE_MIRROR_REGISTRY_USERNAME="ci", MGE_MIRROR_REGISTRY_PASSWORD="secret")
+    found = registry_credentials("reg.site:5000", env)
+    assert (found.username, found.source) == ("ci", "MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
+    assert "secret" not in repr(found)
+    del env["MGE_MIRROR_REGISTRY_PASSWORD"]
+    with pytest.raises(ConfigError, match="set both"):
+        registry_credentials("reg.site:5000", env)
+
+
+# --- artifacts that lie, stored in the real registry -------------------------------------------
+
+
+def _lie(manifest: dict, how: str) -> dict:
+    lie = json.loads(json.dumps(manifest))
+    layer = lie["layers"][0]
+    if how == "short":
+        layer["size"] -= 1
+    elif how == "long":
+        layer["size"] += 1
+    elif how == "escape":
+        layer["annotations"]["org.opencontainers.image.title"] = "../evil.hub"
+    elif how == "control":
+        layer["annotations"]["org.opencontainers.image.title"] = "a\nb.hub"
+    elif how == "config":
+        lie["config"] = dict(layer, mediaType=oci.CONFIG_TYPE)
+    return lie
+
+
+@pytest.mark.parametrize("how, code, said", [
+    ("short", 1, "registry {ref}: damaged: layer master.hub is longer than the {short} bytes "
+                 "its descriptor says: the registry's copy is damaged (push the bundle again)"),
+    ("long", 1, "registry {ref}: damaged: layer master.hub is {size} bytes that hash to "
+                "{digest}, not {long} bytes of {digest}: the registry's copy is damaged (push "
+                "the bundle again)"),
+    ("escape", 3, "bad bundle {ref}: blob {digest}'s title '../evil.hub' is not a plain name"),
+    ("control", 3, "bad bundle {ref}: blob {digest}'s title 'a\\nb.hub' holds the control "
+                   "character '\\n'"),
+])
+def test_an_artifact_that_lies_is_refused_with_the_store_unchanged(
+        registry, master_bundle, tmp_path, memo, how, code, said):
+    oci.push([master_bundle], registry.ref("models/lies:base"), PLAIN)
+    _, manifest = _manifest(registry, "models/lies", "base")
+    lie = json.dumps(_lie(manifest, how)).encode()
+    requests.put(f"{registry.url}/v2/models/lies/manifests/{how}", data=lie, timeout=10,
+                 headers={"Content-Type": manifest["mediaType"]}).raise_for_status()
+    ref = registry.ref(f"models/lies:{how}")
+    size, digest = os.path.getsize(master_bundle), manifest["layers"][0]["digest"]
+    said = said.format(ref=ref, size=size, short=size - 1, long=size + 1, digest=digest)
+
+    env = _env(tmp_path)
+    assert run(MIRROR + ["install", master_bundle], env=env).returncode == 0
+    before = tree_digest(env["MGE_MIRROR_HOME"])
+    r = run(MIRROR + ["install", ref, "--plain-http"], env=env)
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (code, f"Error: {said}")
+    assert tree_digest(env["MGE_MIRROR_HOME"]) == before
+
+    (tmp_path / "out").mkdir()
+    r = run(MIRROR + ["pull", ref, "--plain-http", "-o", str(tmp_path / "out" / "p.hub"),
+                      "--parts"], env=env)
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (code, f"Error: {said}")
+    assert os.listdir(tmp_path / "out") in ([], ["p.hub.partial"])
+    assert not os.path.exists(tmp_path / "evil.hub")
+
+
+def test_a_config_that_is_not_the_bundles_manifest_is_refused_by_pull(
+        registry, master_bundle, tmp_path, memo):
+    oci.push([master_bundle], registry.ref("models/lies:base"), PLAIN)
+    _, manifest = _manifest(registry, "models/lies", "base")
+    requests.put(f"{registry.url}/v2/models/lies/manifests/config", timeout=10,
+                 data=json.dumps(_lie(manifest, "config")).encode(),
+                 headers={"Content-Type": manifest["mediaType"]}).raise_for_status()
+    with pytest.raises(BundleError) as e:
+        oci.pull(registry.ref("models/lies:config"), str(tmp_path / "c.hub"),
+                 connection=PLAIN)
+    assert str(e.value) == (f"bad bundle {registry.ref('models/lies:config')}: its config "
+                            f"is not the manifest of the bundle its layers hold")
