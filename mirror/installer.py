@@ -206,11 +206,8 @@ def bundle_paths(inputs: Sequence[str], registry: Connection = HTTPS
         raise MirrorError("stdin ('-') can be read once: name it once")
     if len(paths) < 2:
         return [_remote(p, registry) for p in paths]  # nothing to order
-    grouped = [_remote(p, registry) if isinstance(p, str) else p
-               for p in group([p for p in paths if not is_reference(p)])]
-    remotes = iter(_remote(p, registry) for p in paths if is_reference(p))
-    grouped = [next(remotes) if isinstance(p, str) and is_reference(p) else p
-               for p in grouped]
+    # (group passes over what is not a part file: an oci:// reference stays in its place)
+    grouped = [_remote(p, registry) if isinstance(p, str) else p for p in group(paths)]
 
     def is_delta(path: BundleInput) -> bool:
         if not isinstance(path, Parts) and (not isinstance(path, str) or

@@ -18,6 +18,7 @@ inside the bundle (or as its layer), since CNCF Distribution 2.8 has no referrer
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from . import bundle, parts
 from .atomic import fsync_path, write_atomic
 from .config import settings
-from .errors import BundleError, InvalidRecordError, MirrorError, OCIReferenceError
+from .errors import BundleError, InvalidRecordError, MirrorError, OCIReferenceError, RegistryError
 from .hashing import CHUNK
 from .model import Manifest
 from .names import check_component
@@ -83,7 +84,7 @@ class Artifact:
         bundle's, or that names a blob or a file name it should not."""
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BundleError(where, "its OCI manifest is not JSON") from None
         if not isinstance(obj, dict) or obj.get("schemaVersion") != 2 or \
                 obj.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST:
@@ -102,6 +103,9 @@ class Artifact:
         if len(signatures) > 1 or not body or (signatures and found[-1] != signatures[0]):
             raise BundleError(where, "its layers are not the bundle's parts, then at most "
                                      "one signature")
+        if signatures and signatures[0].size > bundle.MAX_SIGNATURE_BYTES:
+            raise BundleError(where, f"its signature layer is {signatures[0].size} bytes, "
+                                     f"over the {bundle.MAX_SIGNATURE_BYTES} byte limit")
         annotations = obj.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise BundleError(where, "its annotations are not an object")
@@ -113,7 +117,10 @@ def _descriptor(where: str, obj: Any, *media_types: str) -> Layer:
     if not isinstance(obj, dict) or obj.get("mediaType") not in media_types:
         raise BundleError(where, f"a descriptor is not one of {', '.join(media_types)}")
     digest, size = obj.get("digest"), obj.get("size")
-    title = (obj.get("annotations") or {}).get(TITLE, "config")
+    annotations = obj.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise BundleError(where, f"blob {digest!r}'s annotations are not an object")
+    title = annotations.get(TITLE, "config")
     if not isinstance(digest, str) or not digest.startswith("sha256:") or \
             len(digest) != 71 or not all(c in "0123456789abcdef" for c in digest[7:]):
         raise BundleError(where, f"a descriptor's digest {digest!r} is not sha256")
@@ -408,8 +415,9 @@ def pull(reference: str, output: str, keep_parts: bool = False,
     """Write the bundle ``reference`` names to ``output`` (its layers concatenated: one
     bundle), or with ``keep_parts`` to ``output.001``, ... as it was pushed; a
     detached signature to ``output.sig``. Every layer is checked against its digest,
-    and the bundle's manifest against the artifact's config. A pull that broke off
-    resumes from the ``.partial`` files it left, with Range."""
+    and the bundle's manifest against the artifact's config, before any file takes
+    its name. A pull that broke off resumes from the ``.partial`` files it left, with
+    Range (what they hold is hashed again, not trusted)."""
     ref = Reference.parse(reference)
     registry = Registry(ref, connection)
     try:
@@ -430,53 +438,78 @@ def pull(reference: str, output: str, keep_parts: bool = False,
         resumed = 0
         with bar:
             for path, layers in targets:
-                try:
-                    resumed += _pull_file(registry, path, layers, bar)
-                except OSError as e:
-                    raise MirrorError(f"cannot write {e.filename or path}: "
-                                      f"{e.strerror or e}") from None
+                with _writing(path + PARTIAL):
+                    resumed += _pull_file(registry, path + PARTIAL, layers, bar)
     finally:
         registry.close()
-    written = [p for p, _ in targets]
-    pulled = Parts(tuple((p, parts.header_of(p)) for p in written[:count])) \
-        if keep_parts and count > 1 else output
+    partials = [p + PARTIAL for p, _ in targets]
+    pulled = Parts(tuple((p, parts.header_of(p)) for p in partials[:count])) \
+        if keep_parts and count > 1 else partials[0]
     if bundle.read_manifest_bytes(pulled) != config:
         raise BundleError(str(ref), "its config is not the manifest of the bundle its "
                                     "layers hold")
+    for path, _ in targets:
+        with _writing(path):
+            os.replace(path + PARTIAL, path)
     return PullReport(str(ref.with_digest(artifact.digest)), artifact.digest,
-                      tuple(written), artifact.size, resumed)
+                      tuple(p for p, _ in targets), artifact.size, resumed)
 
 
-def _pull_file(registry: Registry, path: str, layers: Sequence[Layer], bar: Any) -> int:
-    """Write ``layers`` one after another to ``path``, by way of ``path.partial``: what
-    an earlier pull left there is hashed again (not trusted) and the rest asked for with
-    Range. Returns how many bytes were already there."""
-    partial = path + ".partial"
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+PARTIAL = ".partial"
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """An OSError said as the file that could not be written (a missing folder, a full
+    disk), not as a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise MirrorError(f"cannot write {e.filename or path}: {e.strerror or e}") from None
+
+
+def _pull_file(registry: Registry, partial: str, layers: Sequence[Layer], bar: Any) -> int:
+    """``layers`` into the file ``partial`` (opened never through a symlink), made
+    durable; returns how many bytes of an earlier pull were reused."""
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with open(fd, "r+b") as fh:
-        have = os.fstat(fh.fileno()).st_size
-        resumed = min(have, sum(layer.size for layer in layers))
-        offset = 0
-        for layer in layers:
-            hashed, done = hashlib.sha256(), 0
+        reused = _pull_into(registry, fh, os.fstat(fd).st_size, layers, bar)
+    fsync_path(partial)
+    return reused
+
+
+def _pull_into(registry: Registry, fh: IO[bytes], have: int, layers: Sequence[Layer],
+               bar: Any) -> int:
+    """Write ``layers`` one after another into ``fh``, which holds ``have`` bytes from
+    an earlier pull: those are hashed again, and the rest asked for with Range. Bytes
+    of an earlier pull that do not verify are dropped and the layer fetched whole once
+    more, before the registry is blamed. Returns how many bytes were reused."""
+    reused, offset = 0, 0
+    for layer in layers:
+        start = min(layer.size, max(0, have - offset))
+        for attempt in (start, 0) if start else (0,):
+            hashed = hashlib.sha256()
             fh.seek(offset)
-            while done < min(layer.size, max(0, have - offset)):  # from the last try
-                block = fh.read(min(CHUNK, layer.size - done, have - offset - done))
+            left = attempt
+            while left:  # what the last pull wrote
+                block = fh.read(min(CHUNK, left))
                 hashed.update(block)
-                done += len(block)
-            bar.update(done)
-            fh.seek(offset + done)
+                left -= len(block)
+            fh.seek(offset + attempt)
             try:
                 for chunk in registry.verified_blob(layer.digest, layer.size,
-                                                    f"layer {layer.title}", done, hashed):
+                                                    f"layer {layer.title}", attempt, hashed):
                     fh.write(chunk)
                     bar.update(len(chunk))
-            except MirrorError:
-                fh.truncate(offset)  # the damaged bytes are not kept for a resume
+            except RegistryError as e:
+                fh.truncate(offset)  # the bytes that did not verify are not kept
+                have = offset
+                if e.kind == "damaged" and attempt:
+                    continue  # the earlier pull's bytes, perhaps of another artifact
                 raise
-            offset += layer.size
-        fh.truncate(offset)
-    fsync_path(partial)
-    os.replace(partial, path)
-    return resumed
-
+            reused += attempt
+            bar.update(attempt)
+            break
+        offset += layer.size
+    fh.truncate(offset)
+    return reused

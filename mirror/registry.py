@@ -14,16 +14,21 @@ connection refused, timed out, damaged or protocol.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import ssl
-from typing import IO, Any, Callable, Iterator, Tuple
-from urllib.parse import urljoin
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Dict, Iterator, Mapping, Tuple
+from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from . import __version__
 from .config import Credentials, registry_credentials
 from .errors import RegistryError
+from .names import one_line
 from .reference import HTTPS, Connection, Reference
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -31,6 +36,17 @@ TIMEOUT = (10, 120)  # seconds to connect, and to wait for each read
 PIECE = 1 << 20  # bytes per read and per send: large, so a GiB is a thousand calls
 MAX_MANIFEST = 4 << 20  # the distribution spec's suggested limit for a manifest
 RETRIES = 3  # times a blob download that broke off is resumed with Range
+ANSWER_MAX = 64 << 10  # bytes of an answer read whole (an error, a token)
+
+@dataclass(frozen=True)
+class Answer:
+    """A registry's answer read whole (at most ANSWER_MAX bytes of it)."""
+
+    status: int
+    headers: Mapping[str, str]
+    url: str
+    body: bytes
+
 
 class Registry:
     """One repository of one registry, with a session that logs in when asked to."""
@@ -42,7 +58,6 @@ class Registry:
         self._credentials = credentials
         self._looked_up = credentials is not None
         self._authorization: str | None = None
-        self._tried: set = set()
         self.session = requests.Session()
         # Given with each request: requests lets REQUESTS_CA_BUNDLE override a session's
         self.verify = connection.ca_file or True
@@ -53,48 +68,88 @@ class Registry:
     def close(self) -> None:
         self.session.close()
 
+    def error(self, kind: str, reason: str) -> RegistryError:
+        return RegistryError(str(self.ref), kind, reason)
+
+    def credentials(self) -> Credentials | None:
+        if not self._looked_up:
+            self._credentials = registry_credentials(self.ref.host)
+            self._looked_up = True
+        return self._credentials
+
     # --- requests, and logging in when the registry asks --------------------------
 
-    def request(self, method: str, url: str, expect: Tuple[int, ...] = (200,),
-                what: str = "", **kw) -> requests.Response:
-        """``method`` on ``url`` (relative to this repository), logging in once when the
-        registry answers 401; any status outside ``expect`` raises RegistryError. A
-        request with a streamed body cannot be sent twice: the caller logs in first,
-        with a request that has none (starting an upload does)."""
+    def call(self, method: str, url: str, expect: Tuple[int, ...] = (200,), what: str = "",
+             limit: int = ANSWER_MAX, **kw: Any) -> Answer:
+        """``method`` on ``url`` (relative to this repository), its answer read whole: a
+        body over ``limit`` bytes is refused, so no answer can fill the memory."""
+        with self.stream(method, url, expect, what, **kw) as r:
+            return Answer(r.status_code, r.headers, r.url, self._read(r, limit, what))
+
+    def stream(self, method: str, url: str, expect: Tuple[int, ...] = (200,),
+               what: str = "", **kw: Any) -> requests.Response:
+        """``method`` on ``url``, its answer's body left to read (close it). When the
+        registry answers 401, log in as it asks and send the request again, once: a
+        token that expired is renewed, and no challenge can make a loop. A streamed
+        body (an upload) cannot be sent twice; the upload that starts it has logged in.
+        Any status outside ``expect`` raises RegistryError."""
         url = urljoin(self.base, url)
+        what = what or f"{method} {url}"
+        replayable = not isinstance(kw.get("data"), _Body)
+        logged_in = False
         while True:
-            headers = dict(kw.pop("headers", None) or {})
-            if self._authorization:
+            headers = dict(kw.get("headers") or {})
+            # never to another host (an upload's Location may name one)
+            if self._authorization and _origin(url) == _origin(self.base):
                 headers["Authorization"] = self._authorization
-            try:
-                r = self.session.request(method, url, headers=headers, timeout=TIMEOUT,
-                                         verify=self.verify, **kw)
-            except requests.exceptions.SSLError as e:
-                raise self.error("TLS", f"{_root(e)} (trust the registry's CA with "
-                                        f"--ca-file, or use --plain-http for an HTTP "
-                                        f"registry on a trusted network)") from None
-            except requests.exceptions.Timeout:
-                raise self.error("timed out", f"no answer from {self.ref.host} in "
-                                              f"{TIMEOUT[1]} s") from None
-            except requests.exceptions.ConnectionError as e:
-                raise self.error(*_connection_failure(self.ref.host, e)) from None
-            if r.status_code == 401 and self._login(r):
+            r = self._send(method, url, dict(kw, headers=headers), what)
+            if r.status_code == 401 and not logged_in and replayable:
+                challenge = r.headers.get("WWW-Authenticate", "")
                 r.close()
-                kw["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
-                continue
+                logged_in = self._login(challenge)
+                if logged_in:
+                    continue
+                r = self._send(method, url, dict(kw, headers=headers), what)
             if r.status_code not in expect:
-                raise self._refused(r, what)
+                with r:
+                    raise self._refused(r, what)
             return r
 
-    def _login(self, answer: requests.Response) -> bool:
-        """Log in as ``answer``'s challenge asks; False when that was tried already."""
-        scheme, _, rest = answer.headers.get("WWW-Authenticate", "").partition(" ")
+    def _send(self, method: str, url: str, kw: Dict[str, Any], what: str
+              ) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=TIMEOUT, verify=self.verify,
+                                        stream=True, **kw)
+        except requests.exceptions.SSLError as e:
+            raise self.error("TLS", f"{_root(e)} (trust the registry's CA with "
+                                    f"--ca-file, or use --plain-http for an HTTP "
+                                    f"registry on a trusted network)") from None
+        except requests.exceptions.Timeout:
+            raise self.error("timed out", f"no answer from {urlsplit(url).netloc} in "
+                                          f"{TIMEOUT[1]} s") from None
+        except requests.exceptions.ConnectionError as e:
+            raise self.error(*_connection_failure(urlsplit(url).netloc, e)) from None
+        except requests.exceptions.RequestException as e:
+            raise self.error("protocol", f"{what}: {_root(e)}") from None
+
+    def _read(self, r: requests.Response, limit: int, what: str) -> bytes:
+        """At most ``limit`` bytes of ``r``'s body; more is refused."""
+        try:
+            data = r.raw.read(limit + 1, decode_content=True)
+        except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
+                OSError) as e:
+            raise self.error("protocol", f"{what}: the answer broke off: {_root(e)}") \
+                from None
+        if len(data) > limit:
+            raise self.error("protocol", f"{what}: the answer is over {limit} bytes")
+        return data
+
+    def _login(self, challenge: str) -> bool:
+        """Log in as the 401's ``challenge`` asks (Basic, or a Bearer token from its
+        realm); False for a scheme mirror does not speak."""
+        scheme, _, rest = challenge.partition(" ")
         params = requests.utils.parse_dict_header(rest)
         credentials = self.credentials()
-        key = (scheme.lower(), params.get("scope"))
-        if key in self._tried:
-            return False
-        self._tried.add(key)
         if scheme.lower() == "basic":
             if credentials is None:
                 raise self.error("unauthorized", f"{self.ref.host} asks for a username and "
@@ -103,49 +158,44 @@ class Registry:
             self._authorization = requests.auth._basic_auth_str(credentials.username,
                                                                 credentials.password)
             return True
-        if scheme.lower() != "bearer" or "realm" not in params:
+        realm = params.get("realm") or ""
+        if scheme.lower() != "bearer" or not realm.startswith(("https://", "http://")):
             return False
+        if realm.startswith("http://") and credentials and not self.connection.plain_http:
+            raise self.error("unauthorized", f"the registry sends its login to {realm}, "
+                                             f"over plain HTTP: the credentials are not sent "
+                                             f"there without --plain-http")
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
         auth = (credentials.username, credentials.password) if credentials else None
-        try:
-            r = self.session.get(params["realm"], params=query, auth=auth, timeout=TIMEOUT,
-                                 verify=self.verify)
-        except requests.exceptions.RequestException as e:
-            raise self.error("unauthorized", f"the token service {params['realm']} cannot "
-                                             f"be reached: {_root(e)}") from None
-        if r.status_code in (401, 403):
-            raise self.error("unauthorized", f"the token service {params['realm']} refused "
-                                             + (f"the credentials from {credentials.source}"
-                                                if credentials else
-                                                f"an anonymous login ({_WHERE_CREDENTIALS})"))
-        try:
-            body = r.json() if r.status_code == 200 else {}
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
+        what = f"the token service {realm}"
+        with self._send("GET", realm, {"params": query, "auth": auth}, what) as r:
+            if r.status_code in (401, 403):
+                raise self.error("unauthorized", f"{what} refused " + (
+                    f"the credentials from {credentials.source}" if credentials else
+                    f"an anonymous login ({_WHERE_CREDENTIALS})"))
+            body = self._read(r, ANSWER_MAX, what)
+        token = None
+        with contextlib.suppress(ValueError, RecursionError, AttributeError):
+            answer = json.loads(body) if r.status_code == 200 else {}
+            token = answer.get("token") or answer.get("access_token")
         if not isinstance(token, str) or not token:
-            raise self.error("unauthorized", f"the token service {params['realm']} answered "
-                                             f"HTTP {r.status_code} with no token")
+            raise self.error("unauthorized", f"{what} answered HTTP {r.status_code} with no "
+                                             f"token")
         self._authorization = f"Bearer {token}"
         return True
 
-    def credentials(self) -> Credentials | None:
-        if not self._looked_up:
-            self._credentials = registry_credentials(self.ref.host)
-            self._looked_up = True
-        return self._credentials
-
-    def error(self, kind: str, reason: str) -> RegistryError:
-        return RegistryError(str(self.ref), kind, reason)
-
     def _refused(self, r: requests.Response, what: str) -> RegistryError:
-        try:
-            errors = r.json().get("errors") or []
-            said = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors[:3])
-        except (ValueError, AttributeError):
-            said = ""
+        said = ""
+        with contextlib.suppress(RegistryError, ValueError, RecursionError, AttributeError,
+                                 TypeError):
+            body = r.raw.read(ANSWER_MAX, decode_content=True)
+            errors = json.loads(body).get("errors")
+            said = "; ".join(f"{e.get('code')}: {e.get('message')}"
+                             for e in errors[:3] if isinstance(e, dict)) \
+                if isinstance(errors, list) else ""
+        with contextlib.suppress(Exception):
+            said = one_line(said)[:300]
         said = f" ({said})" if said else ""
-        what = what or f"{r.request.method} {r.url}"
         if r.status_code == 401:
             credentials = self.credentials()
             return self.error("unauthorized", (
@@ -162,8 +212,8 @@ class Registry:
 
     def blob_size(self, digest: str) -> int | None:
         """The size of the blob ``digest`` in this repository, or None if it lacks it."""
-        r = self.request("HEAD", f"blobs/{digest}", expect=(200, 404))
-        return int(r.headers.get("Content-Length", -1)) if r.status_code == 200 else None
+        r = self.call("HEAD", f"blobs/{digest}", expect=(200, 404), what=f"blob {digest}")
+        return int(r.headers.get("Content-Length", -1)) if r.status == 200 else None
 
     def start_upload(self, digest: str | None = None, mount_from: str | None = None
                      ) -> str | None:
@@ -172,10 +222,10 @@ class Registry:
         distribution spec lets a registry do that). None when it mounted the blob;
         else the upload's URL."""
         params = {"mount": digest, "from": mount_from} if digest else {}
-        r = self.request("POST", "blobs/uploads/", expect=(201, 202),
-                         params={k: v for k, v in params.items() if v},
-                         what=f"an upload to {self.ref.repository}")
-        if r.status_code == 201:
+        r = self.call("POST", "blobs/uploads/", expect=(201, 202),
+                      params={k: v for k, v in params.items() if v},
+                      what=f"an upload to {self.ref.repository}")
+        if r.status == 201:
             return None
         return self._location(r)
 
@@ -184,13 +234,13 @@ class Registry:
         """Send ``size`` bytes from ``body`` to the upload at ``location`` in one streamed
         PATCH (memory stays flat), then close it with the digest ``digest()`` gives once
         they have all been read; returns that digest."""
-        r = self.request("PATCH", location, expect=(202,), data=_Body(body, size),
-                         headers={"Content-Type": "application/octet-stream",
-                                  "Content-Length": str(size)},
-                         what="the upload")
+        r = self.call("PATCH", location, expect=(202,), data=_Body(body, size),
+                      headers={"Content-Type": "application/octet-stream",
+                               "Content-Length": str(size)},
+                      what="the upload")
         done = digest()
-        self.request("PUT", self._location(r), expect=(201,), params={"digest": done},
-                     what=f"the upload of blob {done}")
+        self.call("PUT", self._location(r), expect=(201,), params={"digest": done},
+                  what=f"the upload of blob {done}")
         return done
 
     def put_blob(self, data: bytes) -> str:
@@ -198,9 +248,9 @@ class Registry:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if self.blob_size(digest) is None:
             location = self.start_upload()
-            self.request("PUT", location, expect=(201,), params={"digest": digest},
-                         data=data, headers={"Content-Type": "application/octet-stream"},
-                         what=f"the upload of blob {digest}")
+            self.call("PUT", location, expect=(201,), params={"digest": digest},
+                      data=data, headers={"Content-Type": "application/octet-stream"},
+                      what=f"the upload of blob {digest}")
         return digest
 
     def blob_chunks(self, digest: str, start: int = 0, what: str = "") -> Iterator[bytes]:
@@ -211,8 +261,8 @@ class Registry:
         retries = RETRIES
         while True:
             headers = {"Range": f"bytes={start}-"} if start else {}
-            r = self.request("GET", f"blobs/{digest}", expect=(200, 206), stream=True,
-                             headers=headers, what=what)
+            r = self.stream("GET", f"blobs/{digest}", expect=(200, 206), headers=headers,
+                            what=what)
             try:
                 chunks = r.iter_content(PIECE)
                 if start and r.status_code == 200:  # it ignored Range: skip what we have
@@ -233,6 +283,8 @@ class Registry:
                 retries -= 1
                 if retries < 0:
                     raise self.error(*_connection_failure(self.ref.host, e)) from None
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as e:
+                raise self.error("protocol", f"{what}: {_root(e)}") from None
             finally:
                 r.close()
 
@@ -244,8 +296,10 @@ class Registry:
         ``digest``: a registry can serve what it stored damaged."""
         hashed = hashed or hashlib.sha256()
         done = start
-        if start < size:
-            for chunk in self.blob_chunks(digest, start, what):
+        chunks = self.blob_chunks(digest, start, what) if start < size else \
+            (c for c in ())
+        with contextlib.closing(chunks):  # its answer closed at once, however this ends
+            for chunk in chunks:
                 if done + len(chunk) > size:
                     raise self.error("damaged", f"{what} is longer than the {size} bytes "
                                                 f"its descriptor says: the registry's copy "
@@ -268,9 +322,9 @@ class Registry:
                      ) -> str:
         """Store the manifest ``data`` under ``reference`` (a tag); its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        r = self.request("PUT", f"manifests/{reference}", expect=(201,), data=data,
-                         headers={"Content-Type": media_type},
-                         what=f"storing the manifest as {reference}")
+        r = self.call("PUT", f"manifests/{reference}", expect=(201,), data=data,
+                      headers={"Content-Type": media_type},
+                      what=f"storing the manifest as {reference}")
         said = r.headers.get("Docker-Content-Digest")
         if said and said != digest:
             raise self.error("protocol", f"the registry says the manifest is {said}; its "
@@ -281,25 +335,20 @@ class Registry:
         """The manifest at ``reference`` (a tag or a digest) and its digest. A digest
         is a proof: bytes that do not hash to it are refused."""
         is_tag = not reference.startswith("sha256:")
-        r = self.request("GET", f"manifests/{reference}", expect=(200,), stream=True,
-                         headers={"Accept": OCI_MANIFEST},
+        data = self.call("GET", f"manifests/{reference}", expect=(200,),
+                         headers={"Accept": OCI_MANIFEST}, limit=MAX_MANIFEST,
                          what=f"{'tag' if is_tag else 'manifest'} {reference} in "
-                              f"{self.ref.host}/{self.ref.repository}")
-        with r:
-            data = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
-        if len(data) > MAX_MANIFEST:
-            raise self.error("protocol", f"the manifest at {reference} is larger than "
-                                         f"{MAX_MANIFEST} bytes")
+                              f"{self.ref.host}/{self.ref.repository}").body
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if not is_tag and digest != reference:
             raise self.error("damaged", f"the manifest asked for as {reference} hashes to "
                                         f"{digest}")
         return data, digest
 
-    def _location(self, r: requests.Response) -> str:
+    def _location(self, r: Answer) -> str:
         location = r.headers.get("Location")
         if not location:
-            raise self.error("protocol", f"{r.request.method} {r.url} gave no Location")
+            raise self.error("protocol", f"{r.url} gave no Location for the upload")
         return urljoin(r.url, location)
 
 
@@ -331,6 +380,11 @@ class _Body:
 
 _WHERE_CREDENTIALS = ("docker login, ~/.docker/config.json, or "
                       "MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
+
+
+def _origin(url: str) -> Tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 def _root(e: BaseException) -> str:

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from mirror import bundle, oci
-from mirror.errors import BundleError, OCIReferenceError, RegistryError, SignatureError
+from mirror.errors import BundleError, MirrorError, OCIReferenceError, RegistryError, SignatureError
 from mirror.installer import InstallOptions, install
 from mirror.packer import PackOptions, pack
 from mirror.reference import Connection, Reference
@@ -278,13 +278,19 @@ def test_a_pull_that_broke_off_resumes(registry, master_bundle, tmp_path, memo):
     (tmp_path / "r.hub.partial").write_bytes(whole[:len(whole) // 3])
     got = oci.pull(registry.ref("models/resume:v1"), str(out), connection=PLAIN)
     assert got.resumed_from == len(whole) // 3 and out.read_bytes() == whole
-    # what was left is hashed again, not trusted: a wrong prefix is refused, then dropped
+    # what was left is hashed again, not trusted: bytes of another pull (not the
+    # registry's fault) are dropped and the layer fetched whole
     (tmp_path / "r2.hub.partial").write_bytes(b"x" * 1000)
-    with pytest.raises(RegistryError, match="damaged"):
-        oci.pull(registry.ref("models/resume:v1"), str(tmp_path / "r2.hub"), connection=PLAIN)
-    assert os.path.getsize(tmp_path / "r2.hub.partial") == 0
-    oci.pull(registry.ref("models/resume:v1"), str(tmp_path / "r2.hub"), connection=PLAIN)
-    assert (tmp_path / "r2.hub").read_bytes() == whole
+    got = oci.pull(registry.ref("models/resume:v1"), str(tmp_path / "r2.hub"),
+                   connection=PLAIN)
+    assert got.resumed_from == 0 and (tmp_path / "r2.hub").read_bytes() == whole
+    assert not os.path.exists(tmp_path / "r2.hub.partial")
+    # a folder that is not there: said, not a traceback
+    with pytest.raises(MirrorError) as e:
+        oci.pull(registry.ref("models/resume:v1"), str(tmp_path / "no" / "r.hub"),
+                 connection=PLAIN)
+    assert str(e.value) == (f"cannot write {tmp_path / 'no' / 'r.hub.partial'}: No such "
+                            f"file or directory")
 
 
 def test_what_is_not_a_mirror_artifact_is_refused(registry, tmp_path):
@@ -595,3 +601,74 @@ def test_a_config_that_is_not_the_bundles_manifest_is_refused_by_pull(
                  connection=PLAIN)
     assert str(e.value) == (f"bad bundle {registry.ref('models/lies:config')}: its config "
                             f"is not the manifest of the bundle its layers hold")
+
+
+# --- a registry that misbehaves as the real one will not ------------------------------------
+
+
+@pytest.mark.parametrize("mode, code, said", [
+    ("scope-loop", 1, "unauthorized: {host} refused an anonymous request (docker login, "
+                      "~/.docker/config.json, or MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD)"),
+    ("token-bomb", 1, "protocol: the token service http://{host}/token: the answer is over "
+                      "65536 bytes"),
+    ("error-bomb", 1, "protocol: tag t in {host}/x/y: HTTP 500"),
+    ("errors-not-a-list", 1, "not found: tag t in {host}/x/y"),
+    ("manifest-cut", 1, "protocol: tag t in {host}/x/y: the answer broke off: "),
+    ("annotations-not-an-object", 3, "blob '{layer}''s annotations are not an object"),
+    ("nested", 3, "its OCI manifest is not JSON"),
+    ("bad-gzip", 1, "protocol: layer b.hub: "),
+    # tokens renewed as they expire: the client gets past the registry to the bytes
+    ("token-per-request", 3, "not a zstd frame at byte 0"),
+])
+def test_a_hostile_registry_gets_one_line_bounded_work_and_memory(tmp_path, mode, code,
+                                                                   said):
+    from tests.upstream.hostile_registry import LAYER_DIGEST, HostileRegistry
+
+    with HostileRegistry(mode) as server:
+        host = f"127.0.0.1:{server.port}"
+        ref = f"oci://{host}/x/y:t"
+        env = dict(_env(tmp_path), DOCKER_CONFIG=str(tmp_path / "nodocker"))
+        r = run(["/usr/bin/time", "-f", "%M"] + MIRROR + ["install", ref, "--plain-http"],
+                env=env, timeout=60)
+        requests_made = len(server.seen)
+    *lines, rss = [line for line in r.stderr.strip().splitlines()
+                   if not line.startswith("Command exited with")]  # /usr/bin/time's
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    said = said.format(host=host, layer=LAYER_DIGEST)
+    if code == 1:
+        assert lines[0].startswith(f"Error: registry {ref}: {said}"), lines[0]
+    else:
+        assert lines[0].startswith(f"Error: bad bundle {ref}: ") and said in lines[0], lines[0]
+    assert int(rss) < 150 * 1024, f"{rss} KiB"
+    assert requests_made < 12
+    assert not os.path.exists(os.path.join(env["MGE_MIRROR_HOME"], "repos"))
+
+
+def test_credentials_never_go_to_another_host(tmp_path, master_bundle):
+    from tests.upstream.hostile_registry import HostileRegistry
+
+    with HostileRegistry("location-elsewhere") as server:
+        env = dict(_env(tmp_path), MGE_MIRROR_REGISTRY_USERNAME="alice",
+                   MGE_MIRROR_REGISTRY_PASSWORD="secret")
+        r = run(MIRROR + ["push", master_bundle, f"oci://127.0.0.1:{server.port}/x/y:t",
+                          "--plain-http"], env=env, timeout=60)
+        seen = list(server.seen)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    elsewhere = [s for s in seen if s[1].startswith("localhost")]
+    assert elsewhere and all(auth is None for _, _, _, auth in elsewhere), seen
+    assert any(auth for _, host, _, auth in seen if host.startswith("127.0.0.1"))
+
+
+def test_bundles_files_and_references_mixed_are_each_installed(registry, all_refs_bundle,
+                                                               master_bundle, tmp_path, memo):
+    oci.push([master_bundle], registry.ref("mixed/a:v1"), PLAIN)
+    oci.push([all_refs_bundle], registry.ref("mixed/b:v1"), PLAIN)
+    env = _env(tmp_path)
+    refs = [registry.ref("mixed/a:v1"), registry.ref("mixed/b:v1")]
+    r = run(MIRROR + ["install", master_bundle] + refs + ["--plain-http", "--json"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert [o["bundle"] for o in json.loads(r.stdout)] == [master_bundle] + refs
+    r = run(MIRROR + ["verify"] + refs + ["--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert [line.split(": OK")[0] for line in r.stdout.splitlines()] == refs
