@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Sequence, Tuple
 
@@ -300,6 +301,17 @@ class _Memo:
         return digest if len(digest) == 71 and digest.startswith("sha256:") else None
 
     def put(self, path: str, st: os.stat_result, digest: str) -> None:
+        """Remember ``digest`` for the file ``st`` described before it was read: not if
+        it changed meanwhile, nor if it changed so lately that a change within the
+        same timestamp tick would not show (git's "racily clean" files)."""
+        try:
+            now = os.stat(path)
+        except OSError:
+            return
+        if (now.st_mtime_ns, now.st_ctime_ns, now.st_size) != \
+                (st.st_mtime_ns, st.st_ctime_ns, st.st_size) or \
+                time.time_ns() - st.st_mtime_ns < 2_000_000_000:
+            return
         try:
             os.makedirs(self.folder, exist_ok=True)
             write_atomic(self._key(path, st), digest.encode())

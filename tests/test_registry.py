@@ -672,3 +672,19 @@ def test_bundles_files_and_references_mixed_are_each_installed(registry, all_ref
     r = run(MIRROR + ["verify"] + refs + ["--plain-http"], env=env)
     assert r.returncode == 0, r.stderr
     assert [line.split(": OK")[0] for line in r.stdout.splitlines()] == refs
+
+
+def test_oras_pulls_the_parts(registry, split, tmp_path, memo):
+    """ORAS's own Python SDK (the `oras` CLI is not packaged here) pulls the artifact
+    as any ORAS artifact: each layer written under its title, the parts as packed."""
+    import oras.client
+
+    oci.push(split.parts, registry.ref("oras/parts:v1"), PLAIN)
+    client = oras.client.OrasClient(hostname=registry.host, insecure=True)
+    files = client.pull(target=f"{registry.host}/oras/parts:v1", outdir=str(tmp_path))
+    assert sorted(os.path.basename(f) for f in files) == \
+        [os.path.basename(p) for p in split.parts]
+    for path in split.parts:
+        assert (tmp_path / os.path.basename(path)).read_bytes() == open(path, "rb").read()
+    r = run(MIRROR + ["install"] + sorted(files), env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr
