@@ -278,6 +278,9 @@ class _Hashing:
         return data
 
 
+RACY_NS = 100_000_000  # changed more lately than this: a change could hide in its tick
+
+
 class _Memo:
     """Digests of files pushed before, keyed by what changes when a file does (its
     path, device, inode, size, mtime and ctime, in nanoseconds): a second push of the
@@ -302,15 +305,16 @@ class _Memo:
 
     def put(self, path: str, st: os.stat_result, digest: str) -> None:
         """Remember ``digest`` for the file ``st`` described before it was read: not if
-        it changed meanwhile, nor if it changed so lately that a change within the
-        same timestamp tick would not show (git's "racily clean" files)."""
+        it changed meanwhile, nor if it changed so lately that another change within
+        the same timestamp tick (Linux stamps files from a clock that moves a tick at
+        a time) would not show: git's "racily clean" files."""
         try:
             now = os.stat(path)
         except OSError:
             return
         if (now.st_mtime_ns, now.st_ctime_ns, now.st_size) != \
                 (st.st_mtime_ns, st.st_ctime_ns, st.st_size) or \
-                time.time_ns() - st.st_mtime_ns < 2_000_000_000:
+                time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS:
             return
         try:
             os.makedirs(self.folder, exist_ok=True)

@@ -6,6 +6,7 @@ unchanged; the artifact as ORAS lays it out; and a load in `unshare -n` after.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -21,7 +22,6 @@ from mirror.installer import InstallOptions, install
 from mirror.packer import PackOptions, pack
 from mirror.reference import Connection, Reference
 from tests.conftest import MIRROR, keypairs, run, same_weights, store_content, tree_digest
-from tests.test_delta import deltas  # noqa: F401  (a fixture: whole bundles and deltas)
 from tests.upstream.registry import RegistryServer, TokenServer, make_certificates, sha256_digest
 
 PLAIN = Connection(plain_http=True)
@@ -212,15 +212,31 @@ def test_a_second_tag_uploads_no_blob(registry, master_bundle, memo):
     assert (third.uploaded, third.mounted) == (0, 1)
 
 
-def test_a_delta_after_its_whole_bundle_uploads_only_itself(registry, deltas, memo):  # noqa: F811
-    whole = oci.push([deltas["v1"]], registry.ref("delta/models:v1"), PLAIN)
+def test_a_delta_after_its_whole_bundle_uploads_only_itself(registry, upstream, tmp_path,
+                                                            memo):
+    opts = PackOptions(git_host=upstream.git.host, protocol="http", progress=False,
+                       stream=False)
+    old, new, delta = (str(tmp_path / n) for n in ("c1.hub", "master.hub", "delta.hub"))
+    pack([upstream.spec("@" + upstream.demo.commits["c1"])], old, opts)
+    pack([upstream.spec()], new, opts)
+    pack([upstream.spec()], delta, dataclasses.replace(opts, since=old))
+    assert bundle.read_manifest(delta).prerequisites is not None
+
+    whole = oci.push([old], registry.ref("delta/models:c1"), PLAIN)
     assert whole.uploaded == 1
-    again = oci.push([deltas["v1"]], registry.ref("delta/models:v1-again"), PLAIN)
-    assert again.uploaded == 0
-    delta = oci.push([deltas["delta from v1"]], registry.ref("delta/models:v2"), PLAIN)
-    assert (delta.uploaded, delta.uploaded_bytes) == (
-        1, os.path.getsize(deltas["delta from v1"]))
-    assert delta.uploaded_bytes < os.path.getsize(deltas["v2"]) / 2
+    again = oci.push([old], registry.ref("delta/models:c1-again"), PLAIN)
+    assert (again.uploaded, again.present) == (0, 1)
+    pushed = oci.push([delta], registry.ref("delta/models:master"), PLAIN)
+    assert (pushed.uploaded, pushed.uploaded_bytes) == (1, os.path.getsize(delta))
+    assert os.path.getsize(delta) < os.path.getsize(new)
+    # installed from the registry onto what the whole bundle brought: as the whole bundle
+    by_delta, by_whole = _env(tmp_path, "by-delta"), _env(tmp_path, "by-whole")
+    for env, second in ((by_delta, registry.ref("delta/models:master")), (by_whole, new)):
+        for source in (registry.ref("delta/models:c1"), second):
+            r = run(MIRROR + ["install", source, "--plain-http"], env=env)
+            assert r.returncode == 0, r.stderr
+    assert store_content(by_delta["MGE_MIRROR_HOME"]) == \
+        store_content(by_whole["MGE_MIRROR_HOME"])
 
 
 # --- refusals -----------------------------------------------------------------------------
