@@ -378,7 +378,7 @@ class _Layers(io.RawIOBase):
         super().__init__()
         self.registry = registry
         self.chunks = self._chunks(layers)
-        self.left = b""
+        self.left = memoryview(b"")
         self.layer = 0  # the index of the layer being read
 
     def _chunks(self, layers: Sequence[Layer]) -> Iterator[bytes]:
@@ -399,7 +399,7 @@ class _Layers(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if not self.left:
-            self.left = next(self.chunks, b"")
+            self.left = memoryview(next(self.chunks, b""))  # sliced below with no copy
         n = min(len(buffer), len(self.left))
         buffer[:n] = self.left[:n]
         self.left = self.left[n:]

@@ -21,6 +21,8 @@ fresh store, for the small-files repo and the demo repo; and `mirror verify` of 
 store each install made.
 moving: a delta after 1 of 8 weights changed, and export from the store
 (scripts/bench_delta.py).
+registry: push to and install from a real registry on loopback
+(scripts/bench_registry.py).
 scale: pack and install at each --scale size, to show how time and memory grow.
 
 Every timed command starts after a `sync`, so that none pays for the previous
@@ -52,6 +54,7 @@ from tests.upstream import GitServer, WeightServer, build_demo_repo  # noqa: E40
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_delta import bench as bench_moving  # noqa: E402
 from bench_load import bench as bench_unpickler  # noqa: E402
+from bench_registry import bench as bench_registry  # noqa: E402
 from bench_tools import MIRROR, timed  # noqa: E402
 
 
@@ -421,6 +424,20 @@ def main() -> None:
                              f"{pp['stdin_s']:.2f} s", f"from the file: {pp['file_s']:.2f} s",
                              pp["ratio"], "1.05", f"{pp['stdin_rss_mb']:.0f} MiB"))
             print("\n".join(table[-5:]), flush=True)
+
+            os.makedirs(os.path.join(work, "registry"))
+            rg = bench_registry(os.path.join(work, "registry"), args.size_mb, 5)
+            table += [
+                row(f"push {rg['mib']} MiB to a registry (median of 5)",
+                    f"{rg['push_s']:.2f} s", f"`curl -T` to it: {rg['curl_put_s']:.2f} s",
+                    rg["push_ratio"], "1.15", f"{rg['push_rss_mb']:.0f} MiB"),
+                row(f"install {rg['mib']} MiB from a registry (median of 5)",
+                    f"{rg['install_s']:.2f} s",
+                    f"`curl \\| zstd -d \\| tar -x && sync`: "
+                    f"{rg['curl_zstd_tar_sync_s']:.2f} s",
+                    rg["install_ratio"], "1.15", f"{rg['install_rss_mb']:.0f} MiB"),
+            ]
+            print("\n".join(table[-2:]), flush=True)
 
             series = []
             for s in scale:
