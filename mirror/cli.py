@@ -1,8 +1,9 @@
 """The ``mirror`` command: a thin shell over the library.
 
-Exit codes: 0 success, 1 operation failed (git, download, store), 2 bad usage or
-spec, 3 a bundle, the store or a stored file failed verification, 4 not
-installed (repo, ref, commit, entrypoint or weight).
+Exit codes: 0 success, 1 operation failed (git, download, registry, store), 2 bad
+usage, spec or reference, 3 a bundle, the store or a stored file failed
+verification, 4 not installed (repo, ref, commit, entrypoint or weight), 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class _Failure(click.ClickException):
         self.exit_code = error.exit_code
 
 
+class _Interrupted(click.ClickException):
+    """Ctrl-C (SIGINT): exit 130, as a shell reports a command killed by it."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted; nothing half-written was left at the output, and "
+                         "downloads resume where they stopped when this runs again")
+
+
 def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,6 +51,8 @@ def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except MirrorError as e:
             raise _Failure(e) from None
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
     return wrapper
 
 
@@ -463,6 +476,74 @@ def pull(source, output, keep_parts, plain_http, ca_file, quiet, as_json) -> Non
     click.echo(f"pulled {report.reference}: {report.bytes} bytes{resumed}")
     for path in report.files:
         click.echo(f"wrote {path}")
+
+
+@cli.group()
+def downloads() -> None:
+    """The packing host's download cache: weights pack downloaded, kept by URL so that
+    packing again downloads nothing, and parts of downloads that a later pack resumes
+    ($MGE_MIRROR_DOWNLOADS). Not MegEngine's cache, which install seeds."""
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _print_downloads(entries: Sequence[Any], verb: str) -> None:
+    import time
+
+    for e in entries:
+        click.echo(f"{_iec(e.size):>10}  {_age(time.time() - e.modified):>5}  "
+                   f"{'whole' if e.complete else 'part':5}  {e.url}")
+    parts = sum(1 for e in entries if not e.complete)
+    click.echo(f"{verb} {len(entries)} downloads ({parts} parts), "
+               f"{_iec(sum(e.size for e in entries))}")
+
+
+def _iec(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+@downloads.command("list")
+@_json_option
+@_library_errors
+def downloads_list(as_json) -> None:
+    """List what the download cache holds: size, age, whole or part, URL."""
+    from .download import list_downloads
+
+    entries = list_downloads()
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in entries], indent=1))
+    else:
+        _print_downloads(entries, "holds")
+
+
+@downloads.command("clean")
+@click.option("--partial", is_flag=True, help="Only parts of downloads (not resumed yet).")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Only what was not touched for DAYS days.")
+@click.option("-n", "--dry-run", is_flag=True, help="Show what would go, change nothing.")
+@_json_option
+@_library_errors
+def downloads_clean(partial, older_than, dry_run, as_json) -> None:
+    """Remove downloads from the cache (a pack downloading now keeps its own)."""
+    from .download import clean_downloads
+
+    removed = clean_downloads(partial_only=partial, dry_run=dry_run,
+                              older_than=None if older_than is None else older_than * 86400)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": [e.to_json() for e in removed]},
+                              indent=1))
+    else:
+        _print_downloads(removed, "would remove" if dry_run else "removed")
 
 
 @cli.command()

@@ -7,27 +7,78 @@ them (``http``, ``https``, ``file``, ``s3`` and absolute paths, as MegEngine doe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .config import settings
 from .errors import DownloadError
 from .hashing import CHUNK, sha256_bytes, sha256_file
+from .locking import locked
 from .model import WeightFile
 
 SCHEMES = ("http", "https", "file")
+PART = ".part"  # a download in progress, kept to be resumed (with its PART + ".json")
+
+
+class Cancel:
+    """Stops downloads on other threads at once (Ctrl-C): each checks it between
+    blocks, and a read that waits on a silent server is woken by shutting its socket."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set = set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if cancelled meanwhile."""
+        self._event.wait(seconds)
+
+    def set(self) -> None:
+        self._event.set()
+        with self._lock:
+            for response in list(self._open):
+                _shut(response)
+
+    @contextlib.contextmanager
+    def watching(self, response: Any) -> Iterator[None]:
+        with self._lock:
+            self._open.add(response)
+        if self:
+            _shut(response)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open.discard(response)
+
+
+def _shut(response: Any) -> None:
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    with contextlib.suppress(OSError, AttributeError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class Interrupted(Exception):
+    """A download stopped by :class:`Cancel`; its part file is kept for a resume."""
 
 
 def url_basename(url: str) -> str:
@@ -36,11 +87,14 @@ def url_basename(url: str) -> str:
 
 
 def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
-             progress: bool = True) -> WeightFile:
+             progress: bool = True, cancel: Cancel | None = None) -> WeightFile:
     """Download ``url`` to ``dest``, resuming after dropped connections, hashing as it goes.
 
-    ``dest`` appears only when the whole file has arrived; a partial download is
-    kept at ``dest + ".part"`` so that a retry asks only for the rest (HTTP Range).
+    ``dest`` appears only when the whole file has arrived. A partial download is
+    kept at ``dest + ".part"``, with the validator the server gave (ETag or
+    Last-Modified) in ``dest + ".part.json"``: a retry, or the next run, asks only
+    for the rest (``Range``), and only if the server's file is still that one
+    (``If-Range``); otherwise it gets the whole file again.
 
     Args:
         url: an ``http``, ``https``, ``file`` or ``s3`` URL, or an absolute path.
@@ -66,20 +120,39 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
         raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; mirror "
                                  f"downloads {', '.join(SCHEMES)} and s3 URLs and absolute "
                                  f"paths")
-    hashed = _Hashed()
+    hashed = _Hashed(part, url)
+    if scheme in SCHEMES and hashed.validator is None and os.path.exists(part):
+        os.unlink(part)  # bytes of a file no validator names: never resumed into
     if scheme in SCHEMES:
-        _fetch_with_retries(url, part, retries, timeout, progress, hashed)
+        _fetch_with_retries(url, part, retries, timeout, progress, hashed, cancel)
     hashed.catch_up(part)  # a no-op after an HTTP download, which hashed as it wrote
     os.replace(part, dest)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part + ".json")
     return WeightFile(url, dest, hashed.size, hashed.digest.hexdigest())
 
 
 class _Hashed:
-    """The sha256 of a partial download, kept up to date as blocks arrive."""
+    """The sha256 of a partial download, kept up to date as blocks arrive, and the
+    validator of the file those bytes are the start of, kept beside the part file."""
 
-    def __init__(self) -> None:
+    def __init__(self, part: str, source: str) -> None:
+        self.part, self.source = part, source
         self.digest, self.size = hashlib.sha256(), 0
         self.validator: str | None = None  # ETag or Last-Modified of the bytes so far
+        try:
+            with open(part + ".json") as fh:
+                state = json.load(fh)
+            if state.get("source") == source and isinstance(state.get("validator"), str):
+                self.validator = state["validator"]
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def restart(self, validator: str | None) -> None:
+        """The bytes start again from 0, of the file ``validator`` names."""
+        self.digest, self.size, self.validator = hashlib.sha256(), 0, validator
+        with open(self.part + ".json", "w") as fh:
+            json.dump({"source": self.source, "validator": validator}, fh)
 
     def update(self, block: bytes) -> None:
         self.digest.update(block)
@@ -90,20 +163,23 @@ class _Hashed:
         download started over, or was resumed from an earlier process's part file)."""
         have = os.path.getsize(path) if os.path.exists(path) else 0
         if have != self.size:
-            self.__init__()
+            self.digest, self.size = hashlib.sha256(), 0
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(CHUNK), b""):
                     self.update(block)
 
 
 def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
-                        progress: bool, hashed: _Hashed) -> None:
+                        progress: bool, hashed: _Hashed, cancel: Cancel | None) -> None:
     last_error = "no attempt made"
+    cancel = cancel if cancel is not None else Cancel()
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(min(0.25 * 2 ** attempt, 4.0))
+            cancel.wait(min(0.25 * 2 ** attempt, 4.0))
+        if cancel:
+            raise Interrupted(url)
         try:
-            return _fetch_into(url, part, timeout, progress, hashed)
+            return _fetch_into(url, part, timeout, progress, hashed, cancel)
         except _Retryable as e:
             last_error = str(e)
     raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
@@ -133,7 +209,8 @@ class _Retryable(Exception):
     pass
 
 
-def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed) -> None:
+def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed,
+                cancel: Cancel) -> None:
     """One attempt: the rest of ``part`` (all of it if the server cannot resume).
     Raises :class:`_Retryable` for what another attempt may fix."""
     hashed.catch_up(part)
@@ -156,20 +233,19 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
     except (ValueError, http.client.HTTPException) as e:  # e.g. InvalidURL: a bad port
         raise DownloadError(url, f"invalid URL: {e}") from None
 
-    with response:
+    with response, cancel.watching(response):
         content_range = response.headers.get("Content-Range", "")
         if have and (response.status != 206 or not content_range.startswith(
                 f"bytes {have}-")):
             have = 0  # the server ignored Range, or the file changed: start over
-            hashed.__init__()
         if not have:
-            hashed.validator = response.headers.get("ETag") or \
-                response.headers.get("Last-Modified")
-        _receive(url, response, part, have, progress, hashed)
+            hashed.restart(response.headers.get("ETag") or
+                           response.headers.get("Last-Modified"))
+        _receive(url, response, part, have, progress, hashed, cancel)
 
 
 def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
-             progress: bool, hashed: _Hashed) -> None:
+             progress: bool, hashed: _Hashed, cancel: Cancel) -> None:
     """Append the response's body to ``part`` (which holds ``have`` bytes), hashing it."""
     length = response.headers.get("Content-Length")
     expected = int(length) if length is not None else None
@@ -183,6 +259,8 @@ def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
         try:
             while True:
                 n = response.readinto(buffer)
+                if cancel:
+                    raise Interrupted(url)
                 if not n:
                     break
                 block = memoryview(buffer)[:n]
@@ -191,6 +269,8 @@ def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
                 received += n
                 bar.update(n)
         except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead
+            if cancel:
+                raise Interrupted(url) from None
             raise _Retryable(f"connection lost after {have + received} bytes: {e}") from None
     if expected is not None and received != expected:
         raise _Retryable(f"connection closed after {have + received} of "
@@ -221,33 +301,33 @@ class DownloadCache:
         return os.path.join(self.root, key + ".data"), os.path.join(self.root, key + ".json")
 
     def fetch(self, url: str, source: str, progress: bool = True,
-              expect: str | None = None) -> WeightFile:
+              expect: str | None = None, cancel: Cancel | None = None) -> WeightFile:
         """The file for ``url``: from the cache when its bytes still match what was
         recorded (and ``expect``, a sha256, if given), else downloaded from ``source``
-        (``url`` itself, or where a rewrite points it).
+        (``url`` itself, or where a rewrite points it), resuming what an earlier run
+        left (:func:`download`).
 
         Raises :class:`DownloadError`, also when the cache cannot be written."""
         data, record = self._paths(url)
         cached = None if self.refresh else self._check(url, data, record, expect)
         if cached:
             return cached
-        tmp = f"{data}.{os.getpid()}.{threading.get_ident()}"
         try:
             os.makedirs(self.root, exist_ok=True)
-            for stale in (tmp, tmp + ".part"):  # never resume into bytes of another day
-                if os.path.exists(stale):
-                    os.unlink(stale)
-            got = download(source, tmp, progress=progress)
-            os.replace(tmp, data)
-            with open(f"{tmp}.json", "w") as fh:
-                json.dump({"url": url, "sha256": got.sha256, "size": got.size}, fh)
-            os.replace(f"{tmp}.json", record)
+            # One download of a URL at a time, whoever asks: two packs never write one
+            # part file; the second finds the first's download done.
+            with locked(data + ".lock"):
+                cached = None if self.refresh else self._check(url, data, record, expect)
+                if cached:
+                    return cached
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record)  # data is about to be replaced
+                got = download(source, data, progress=progress, cancel=cancel)
+                write_atomic(record, json.dumps({"url": url, "sha256": got.sha256,
+                                                 "size": got.size}).encode())
         except OSError as e:
             raise DownloadError(url, f"download cache {self.root}: {e.strerror or e}") \
                 from None
-        finally:
-            if os.path.exists(tmp + ".part"):  # a failed download leaves nothing behind
-                os.unlink(tmp + ".part")
         return WeightFile(url, data, got.size, got.sha256)
 
     @staticmethod
@@ -269,6 +349,78 @@ class DownloadCache:
         return WeightFile(url, data, size, digest)
 
 
+@dataclass(frozen=True)
+class CachedDownload:
+    """One entry of the download cache: a whole download, or a part of one kept to be
+    resumed."""
+
+    url: str  # the URL (for a part: where its bytes come from), or "?" if unrecorded
+    path: str
+    size: int
+    modified: int  # seconds since the epoch
+    complete: bool
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"url": self.url, "path": self.path, "size": self.size,
+                "modified": self.modified, "complete": self.complete}
+
+
+def list_downloads(root: str | None = None) -> List[CachedDownload]:
+    """What the download cache at ``root`` (default: the configured one) holds."""
+    root = root or default_cache_dir()
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(root, name)
+        if name.endswith(".data"):
+            record, key = path[:-len(".data")] + ".json", "url"
+        elif name.endswith(".data" + PART):
+            record, key = path + ".json", "source"
+        else:
+            continue  # records, locks
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        url = "?"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(record) as fh:
+                url = str(json.load(fh).get(key) or "?")
+        found.append(CachedDownload(url, path, st.st_size, int(st.st_mtime),
+                                    name.endswith(".data")))
+    return found
+
+
+def clean_downloads(root: str | None = None, partial_only: bool = False,
+                    older_than: float | None = None, dry_run: bool = False
+                    ) -> List[CachedDownload]:
+    """Remove entries of the download cache at ``root``: every one, or only parts
+    (``partial_only``), or only those not touched for ``older_than`` seconds. An
+    entry a pack is downloading now is left alone. Returns what was (or, with
+    ``dry_run``, would be) removed."""
+    removed = []
+    now = time.time()
+    for entry in list_downloads(root):
+        if (partial_only and entry.complete) or \
+                (older_than is not None and now - entry.modified < older_than):
+            continue
+        data = entry.path[:-len(PART)] if not entry.complete else entry.path
+        try:
+            with locked(data + ".lock", wait=False):
+                if not dry_run:
+                    for path in ((data, data[:-len(".data")] + ".json") if entry.complete
+                                 else (entry.path, entry.path + ".json")):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+        except BlockingIOError:
+            continue  # being downloaded now
+        removed.append(entry)
+    return removed
+
+
 def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
               jobs: int = 4, progress: bool = True,
               expect: Mapping[str, str] | None = None) -> Dict[str, WeightFile]:
@@ -288,16 +440,18 @@ def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str]
     ``urls``, as soon as it and those before it have arrived, while the later ones
     go on downloading: pack compresses one while the next arrive."""
     expect = expect or {}
+    cancel = Cancel()
     with tqdm(total=len(urls), unit="file", desc="weights", disable=not progress or None) \
             as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
-                               expect.get(u)) for u in urls]
+                               expect.get(u), cancel) for u in urls]
         for future in futures:
             future.add_done_callback(lambda _: bar.update(1))
         try:
             for future in futures:
                 yield future.result()
-        except BaseException:  # GeneratorExit too: a caller that stops stops the queue
+        except BaseException:  # Ctrl-C, GeneratorExit: a caller that stops stops them all
             for future in futures:  # the first failure is the answer
                 future.cancel()
+            cancel.set()  # the running ones stop mid-read; their parts stay, to resume
             raise

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Dict
 
 from ._http import LoopbackServer, QuietHandler
 
-FAULTS = ("404", "500", "drop", "slow")
+FAULTS = ("404", "500", "drop", "slow", "stall")
 
 
 class _WeightHandler(QuietHandler):
@@ -32,7 +33,13 @@ class _WeightHandler(QuietHandler):
         if fault == "500":
             return self._error(500)
         start, end, status = 0, len(data), 200
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
         rng = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None:
+            server.if_range.append(if_range)
+            if if_range != etag:
+                rng = None  # another file than the one the client has part of: all of it
         if rng and rng.startswith("bytes="):
             first, _, last = rng[6:].partition("-")
             start = int(first or 0)
@@ -50,6 +57,7 @@ class _WeightHandler(QuietHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
@@ -61,6 +69,16 @@ class _WeightHandler(QuietHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
+            return
+        if fault == "stall":
+            # Send half, then hold the connection open without a byte more (a client
+            # must be able to give up, or be interrupted, meanwhile).
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            deadline = time.monotonic() + server.stall_seconds
+            while time.monotonic() < deadline and not server.stopping:
+                time.sleep(0.05)
+            self.close_connection = True
             return
         if fault == "slow":
             for i in range(0, len(body), 4096):
@@ -90,7 +108,14 @@ class WeightServer(LoopbackServer):
         self.fault_budget: Dict[str, int] = {}
         self.hits: Dict[str, int] = {}
         self.range_requests = 0
+        self.if_range: list = []  # every If-Range header received
         self.slow_delay = 0.01
+        self.stall_seconds = 60.0
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True  # a stalled answer ends now
+        super().stop()
 
     def add(self, path: str, data: bytes) -> str:
         """Serve ``data`` at ``path`` and return its URL."""
