@@ -77,7 +77,7 @@ class Upstream:
             try:
                 listing = _list_heads(self.remote, Credentials())
             except pygit2.GitError as e:
-                raise GitError(self.url, str(e)) from None
+                raise GitError(self.url, explain(self.url, e)) from None
             self._heads = {}
             for name, oid, symref in listing:
                 if name == "HEAD" and symref:
@@ -150,7 +150,7 @@ class Upstream:
         except pygit2.GitError as e:
             if depth and "shallow" in str(e):  # libgit2's file:// transport: fetch it all
                 return self._fetch(refspecs, depth=0)
-            raise GitError(self.url, f"fetch failed: {e}") from None
+            raise GitError(self.url, f"fetch failed: {explain(self.url, e)}") from None
 
     def _peel(self, oid) -> str:
         return str(self.repo[oid].peel(pygit2.Commit).id)
@@ -291,6 +291,46 @@ def _credential_helper(url: str, username: str | None) -> Tuple[str, str] | None
     if proc.returncode == 0 and answer.get("password"):
         return answer.get("username", username or ""), answer["password"]
     return None
+
+
+# libgit2's words, and what they mean for the user: what happened, what to try
+_MEANINGS = (
+    (("packet length too long", "wrong version number", "unknown protocol"),
+     "the server answered an HTTPS request in plain HTTP; if it speaks HTTP, pack with "
+     "--protocol http"),
+    (("certificate",),
+     "its TLS certificate is not trusted here; add its CA to the system's trust store "
+     "(or point SSL_CERT_FILE at a bundle that has it)"),
+    (("status code: 404", "repository not found"),
+     "no such repository there, or it is private: check owner/name and --git-host; a "
+     "private one needs MGE_MIRROR_GIT_USERNAME/_PASSWORD or a git credential helper"),
+    (("status code: 401", "authentication required", "too many redirects or authentication"),
+     "it asks for credentials: set MGE_MIRROR_GIT_USERNAME/_PASSWORD or a git credential "
+     "helper"),
+    (("status code: 403",),
+     "access denied for these credentials"),
+    (("proxy",),
+     "the proxy refused or failed the connection: check https_proxy/http_proxy and "
+     "git's http.proxy"),
+    (("failed to resolve address", "name or service not known",
+      "temporary failure in name resolution"),
+     "the host name does not resolve: this host has no DNS or no way out; pack on a host "
+     "that reaches it, or point --git-host or --rewrite at a mirror this one reaches"),
+    (("connection refused",),
+     "nothing answers at that address and port (is the server up, and is this its port?)"),
+    (("timed out", "timeout"),
+     "the server did not answer in time (a slow network, or a firewall dropping packets)"),
+)
+
+
+def explain(url: str, error: BaseException) -> str:
+    """libgit2's error as one line a user can act on: what happened and what to try,
+    then libgit2's own words for the curious."""
+    said = str(error)
+    for needles, meaning in _MEANINGS:
+        if any(n in said.lower() for n in needles):
+            return f"{meaning} (libgit2: {said})"
+    return said
 
 
 def _list_heads(remote: pygit2.Remote,
