@@ -39,6 +39,8 @@ import json
 import os
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
 
@@ -291,6 +293,34 @@ def run_environment(run_dir: str, store_home: str | None = None) -> Dict[str, st
 def trace_environment() -> Dict[str, str]:
     """The environment of a tracing child: no bytecode written into its temporary tree."""
     return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+
+
+def proxy_for(url: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The proxy to reach ``url`` through, or None: git's ``http.proxy`` where it is
+    set (git lets it override the environment), else ``https_proxy``/``http_proxy``
+    (or ``all_proxy``) as requests and curl read them, in either case; a host that
+    ``no_proxy`` names goes direct either way."""
+    env = os.environ if env is None else env
+    parts = urllib.parse.urlsplit(url)
+    lowered = {k.lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and v}
+    no_proxy = lowered.get("no_proxy", "")
+    if no_proxy and urllib.request.proxy_bypass_environment(
+            parts.hostname or "", {"no": no_proxy}):
+        return None
+    configured = _git_config("http.proxy", env)
+    if configured:
+        return configured
+    return lowered.get(f"{parts.scheme}_proxy") or lowered.get("all_proxy") or None
+
+
+def _git_config(key: str, env: Mapping[str, str]) -> str | None:
+    """A value of git's own configuration (global, system or XDG), as git reads it."""
+    try:
+        done = subprocess.run(["git", "config", "--get", key], capture_output=True,
+                              text=True, timeout=10, env=dict(env), cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def git_credential_environment() -> Dict[str, str]:

@@ -6,6 +6,7 @@ state leaks between packs and nothing on the host's git config matters.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -13,12 +14,14 @@ from typing import Dict, Iterator, List, Tuple
 
 import pygit2
 
-from .config import git_credential_environment, settings
+from .config import git_credential_environment, proxy_for, settings
 from .errors import AmbiguousCommitError, GitError, RefNotFoundError
 from .ids import short
 from .model import MODE_GITLINK
 from .proof import MODE_TREE, encode, tree_entries
 from .refs import DEFAULT_BRANCH, RepoSpec, ResolvedRef
+
+log = logging.getLogger(__name__)
 
 # Commits of first-parent history fetched and carried with a branch's tip, so that an
 # install can prove the branch moves forward from what the isolated host has.
@@ -57,6 +60,13 @@ class Upstream:
         self.remote = self.repo.remotes.create_anonymous(url)
         self._heads: Dict[str, str] | None = None
         self._default: str | None = None
+        # Given to libgit2 explicitly: pygit2 turns proxies off unless told. (libgit2
+        # sends only https:// remotes through one, with CONNECT: libgit2#5650.)
+        self.proxy = proxy_for(url)
+        if self.proxy and url.startswith("http://"):
+            log.warning("git: %s: libgit2 does not send plain-HTTP git through a proxy "
+                        "(libgit2#5650); fetching it directly, past %s", url, self.proxy)
+            self.proxy = None
 
     def close(self) -> None:
         """Remove the private repository (unless it was the caller's ``workdir``)."""
@@ -75,7 +85,7 @@ class Upstream:
         """Upstream refs (``refs/heads/*``, ``refs/tags/*``) to the object ids they name."""
         if self._heads is None:
             try:
-                listing = _list_heads(self.remote, Credentials())
+                listing = _list_heads(self.remote, Credentials(), self.proxy)
             except pygit2.GitError as e:
                 raise GitError(self.url, explain(self.url, e)) from None
             self._heads = {}
@@ -146,7 +156,8 @@ class Upstream:
 
     def _fetch(self, refspecs: List[str], depth: int) -> None:
         try:
-            self.remote.fetch(refspecs, depth=depth, callbacks=Credentials())
+            self.remote.fetch(refspecs, depth=depth, callbacks=Credentials(),
+                              proxy=self.proxy)
         except pygit2.GitError as e:
             if depth and "shallow" in str(e):  # libgit2's file:// transport: fetch it all
                 return self._fetch(refspecs, depth=0)
@@ -333,14 +344,14 @@ def explain(url: str, error: BaseException) -> str:
     return said
 
 
-def _list_heads(remote: pygit2.Remote,
-                callbacks: pygit2.RemoteCallbacks) -> List[Tuple[str, str, str | None]]:
+def _list_heads(remote: pygit2.Remote, callbacks: pygit2.RemoteCallbacks,
+                proxy: str | None) -> List[Tuple[str, str, str | None]]:
     """``(name, oid, symref_target)`` of every ref the remote advertises."""
     if hasattr(remote, "list_heads"):  # pygit2 >= 1.18; ls_remotes is deprecated there
         return [(h.name or "", str(h.oid), h.symref_target)
-                for h in remote.list_heads(callbacks=callbacks)]
+                for h in remote.list_heads(callbacks=callbacks, proxy=proxy)]
     return [(h["name"], str(h["oid"]), h.get("symref_target"))
-            for h in remote.ls_remotes(callbacks=callbacks)]
+            for h in remote.ls_remotes(callbacks=callbacks, proxy=proxy)]
 
 
 def _short_names(refs: Dict[str, str]) -> List[str]:

@@ -51,3 +51,62 @@ def test_no_dns_inside_the_air_gap(tmp_path):
     assert ": the host name does not resolve: this host has no DNS or no way out; pack on "\
            "a host that reaches it, or point --git-host or --rewrite at a mirror this one " \
            "reaches (libgit2: failed to resolve address for github.com: " in said
+
+
+# --- proxies, for git and weights alike -------------------------------------------------
+
+
+def test_git_and_weights_go_through_the_proxy_and_no_proxy_is_honoured(upstream, tmp_path):
+    """git over HTTPS (a CA made here, trusted through SSL_CERT_FILE) through the proxy's
+    CONNECT, the weights' plain HTTP through its GET; with no_proxy, neither. (git is
+    reached as localhost: libgit2 1.9 accepts no certificate for an IP address.)"""
+    import os
+
+    from tests.upstream import GitServer
+    from tests.upstream.proxy import LoggingProxy
+    from tests.upstream.tls import make_certificates
+
+    certs = make_certificates(str(tmp_path / "tls"))
+    git = GitServer(upstream.git.root, certificates=certs).start()
+    try:
+        with LoggingProxy() as proxy:
+            env = dict(os.environ, https_proxy=proxy.base_url, http_proxy=proxy.base_url,
+                       SSL_CERT_FILE=certs.ca, MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl"))
+            env.pop("no_proxy", None)
+            env.pop("NO_PROXY", None)
+            host = f"localhost:{git.port}"
+            cmd = MIRROR + ["pack", upstream.spec(), "--git-host", host, "--protocol",
+                            "https", "-q"]
+            r = run(cmd + ["-o", str(tmp_path / "a.hub")], env=env)
+            assert r.returncode == 0, r.stderr
+            assert ("CONNECT", host) in proxy.seen
+            weights = [t for m, t in proxy.seen if m == "GET"]
+            assert weights and all(t.startswith(upstream.weights.base_url) for t in weights)
+
+            proxy.seen.clear()
+            env.update(no_proxy="127.0.0.1,localhost",
+                       MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl2"))
+            r = run(cmd + ["-o", str(tmp_path / "b.hub")], env=env)
+            assert r.returncode == 0, r.stderr
+            assert proxy.seen == []
+    finally:
+        git.stop()
+
+
+def test_plain_http_git_behind_a_proxy_is_said_and_fetched_directly(upstream, tmp_path):
+    import os
+
+    from tests.upstream.proxy import LoggingProxy
+
+    with LoggingProxy() as proxy:
+        env = dict(os.environ, http_proxy=proxy.base_url,
+                   MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl"))
+        env.pop("no_proxy", None)
+        env.pop("NO_PROXY", None)
+        r = run(MIRROR + ["pack", upstream.spec(), "--git-host", upstream.git.host,
+                          "--protocol", "http", "-q", "-o", str(tmp_path / "a.hub")], env=env)
+    assert r.returncode == 0, r.stderr
+    url = f"http://{upstream.git.host}/demo/tinynets"
+    assert f"git: {url}: libgit2 does not send plain-HTTP git through a proxy " \
+           f"(libgit2#5650); fetching it directly, past {proxy.base_url}" in r.stderr
+    assert [m for m, _ in proxy.seen] and all(m == "GET" for m, _ in proxy.seen)

@@ -22,7 +22,8 @@ from mirror.installer import InstallOptions, install
 from mirror.packer import PackOptions, pack
 from mirror.reference import Connection, Reference
 from tests.conftest import MIRROR, keypairs, run, same_weights, store_content, tree_digest
-from tests.upstream.registry import RegistryServer, TokenServer, make_certificates, sha256_digest
+from tests.upstream.registry import RegistryServer, TokenServer, sha256_digest
+from tests.upstream.tls import make_certificates
 
 PLAIN = Connection(plain_http=True)
 USERS = {"alice": "wonderland"}

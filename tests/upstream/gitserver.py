@@ -8,6 +8,7 @@ import subprocess
 from typing import Dict
 
 from ._http import LoopbackServer, QuietHandler
+from .tls import Certificates, server_context
 
 
 class _GitHandler(QuietHandler):
@@ -78,8 +79,13 @@ class _GitHandler(QuietHandler):
 class GitServer(LoopbackServer):
     """Serves bare repositories under ``root`` as ``http://127.0.0.1:PORT/owner/name``."""
 
-    def __init__(self, root: str, user: str | None = None, password: str | None = None):
+    def __init__(self, root: str, user: str | None = None, password: str | None = None,
+                 certificates: Certificates | None = None):
         super().__init__(_GitHandler)
+        if certificates is not None:  # https://127.0.0.1:PORT, trusted through its CA
+            self.httpd.socket = server_context(certificates).wrap_socket(
+                self.httpd.socket, server_side=True)
+            self.base_url = f"https://127.0.0.1:{self.port}"
         self.root = os.path.abspath(root)
         self.requests = 0
         # With a user and password, every request must carry them (HTTP Basic).

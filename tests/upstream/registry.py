@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import base64
 import crypt
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import shutil
@@ -17,62 +15,15 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Dict, List
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
 
 from ._http import LoopbackServer, QuietHandler
+from .tls import Certificates, certificate, write_pem
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-
-
-@dataclass(frozen=True)
-class Certificates:
-    ca: str  # the CA's certificate (what --ca-file takes)
-    cert: str  # the server's, for 127.0.0.1, signed by the CA
-    key: str
-
-
-def _cert(subject: str, key, issuer_name, issuer_key, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer_name or x509.Name(
-                   [x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def _pem(path: str, cert: x509.Certificate) -> str:
-    with open(path, "wb") as fh:
-        fh.write(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def make_certificates(folder: str) -> Certificates:
-    """A CA, and a certificate for 127.0.0.1 that it signed."""
-    os.makedirs(folder, exist_ok=True)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = _cert("mirror test CA", ca_key, None, None, ca=True)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = _cert("127.0.0.1", key, ca.subject, ca_key, ca=False)
-    key_path = os.path.join(folder, "server.key")
-    with open(key_path, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.TraditionalOpenSSL,
-                                   serialization.NoEncryption()))
-    return Certificates(_pem(os.path.join(folder, "ca.pem"), ca),
-                        _pem(os.path.join(folder, "server.pem"), cert), key_path)
 
 
 def _free_port() -> int:
@@ -218,8 +169,8 @@ class TokenServer(LoopbackServer):
         self.users = users
         self.issued: List = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.cert = _cert("mirror test token issuer", self.key, None, None, ca=True)
-        self.cert_path = _pem(os.path.join(folder, "token-issuer.pem"), self.cert)
+        self.cert = certificate("mirror test token issuer", self.key, None, None, ca=True)
+        self.cert_path = write_pem(os.path.join(folder, "token-issuer.pem"), self.cert)
 
     def token(self, subject: str, access: list) -> str:
         now = int(time.time())
