@@ -36,27 +36,42 @@ SCHEMES = ("http", "https", "file")
 PART = ".part"  # a download in progress, kept to be resumed (with its PART + ".json")
 
 
-class Cancel:
-    """Stops downloads on other threads at once (Ctrl-C): each checks it between
-    blocks, and a read that waits on a silent server is woken by shutting its socket."""
+class Batch:
+    """What the downloads of one pack share: one progress bar of bytes, whatever the
+    number at once (each adds what it expects as its answer arrives), and a stop
+    switch for Ctrl-C that each download checks between blocks and that shuts the
+    sockets of reads waiting on a silent server."""
 
-    def __init__(self) -> None:
+    def __init__(self, bar: Any = None) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._open: set = set()
+        self.bar = bar
 
-    def __bool__(self) -> bool:
+    def __bool__(self) -> bool:  # stopped
         return self._event.is_set()
 
     def wait(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less if cancelled meanwhile."""
+        """Sleep ``seconds``, or less if stopped meanwhile."""
         self._event.wait(seconds)
 
-    def set(self) -> None:
+    def stop(self) -> None:
         self._event.set()
         with self._lock:
             for response in list(self._open):
                 _shut(response)
+
+    def expect(self, size: int) -> None:
+        """``size`` more bytes are on their way."""
+        if self.bar is not None:
+            with self._lock:
+                self.bar.total = (self.bar.total or 0) + size
+                self.bar.refresh()
+
+    def advance(self, size: int) -> None:
+        if self.bar is not None:
+            with self._lock:
+                self.bar.update(size)
 
     @contextlib.contextmanager
     def watching(self, response: Any) -> Iterator[None]:
@@ -78,7 +93,7 @@ def _shut(response: Any) -> None:
 
 
 class Interrupted(Exception):
-    """A download stopped by :class:`Cancel`; its part file is kept for a resume."""
+    """A download stopped by :meth:`Batch.stop`; its part file is kept for a resume."""
 
 
 def url_basename(url: str) -> str:
@@ -87,7 +102,7 @@ def url_basename(url: str) -> str:
 
 
 def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
-             progress: bool = True, cancel: Cancel | None = None) -> WeightFile:
+             progress: bool = True, batch: Batch | None = None) -> WeightFile:
     """Download ``url`` to ``dest``, resuming after dropped connections, hashing as it goes.
 
     ``dest`` appears only when the whole file has arrived. A partial download is
@@ -124,7 +139,7 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
     if scheme in SCHEMES and hashed.validator is None and os.path.exists(part):
         os.unlink(part)  # bytes of a file no validator names: never resumed into
     if scheme in SCHEMES:
-        _fetch_with_retries(url, part, retries, timeout, progress, hashed, cancel)
+        _fetch_with_retries(url, part, retries, timeout, progress, hashed, batch)
     hashed.catch_up(part)  # a no-op after an HTTP download, which hashed as it wrote
     os.replace(part, dest)
     with contextlib.suppress(FileNotFoundError):
@@ -170,16 +185,16 @@ class _Hashed:
 
 
 def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
-                        progress: bool, hashed: _Hashed, cancel: Cancel | None) -> None:
+                        progress: bool, hashed: _Hashed, batch: Batch | None) -> None:
     last_error = "no attempt made"
-    cancel = cancel if cancel is not None else Cancel()
+    batch = batch if batch is not None else Batch()
     for attempt in range(retries + 1):
         if attempt:
-            cancel.wait(min(0.25 * 2 ** attempt, 4.0))
-        if cancel:
+            batch.wait(min(0.25 * 2 ** attempt, 4.0))
+        if batch:
             raise Interrupted(url)
         try:
-            return _fetch_into(url, part, timeout, progress, hashed, cancel)
+            return _fetch_into(url, part, timeout, progress, hashed, batch)
         except _Retryable as e:
             last_error = str(e)
     raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
@@ -210,7 +225,7 @@ class _Retryable(Exception):
 
 
 def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed,
-                cancel: Cancel) -> None:
+                batch: Batch) -> None:
     """One attempt: the rest of ``part`` (all of it if the server cannot resume).
     Raises :class:`_Retryable` for what another attempt may fix."""
     hashed.catch_up(part)
@@ -233,7 +248,7 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
     except (ValueError, http.client.HTTPException) as e:  # e.g. InvalidURL: a bad port
         raise DownloadError(url, f"invalid URL: {e}") from None
 
-    with response, cancel.watching(response):
+    with response, batch.watching(response):
         content_range = response.headers.get("Content-Range", "")
         if have and (response.status != 206 or not content_range.startswith(
                 f"bytes {have}-")):
@@ -241,15 +256,16 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         if not have:
             hashed.restart(response.headers.get("ETag") or
                            response.headers.get("Last-Modified"))
-        _receive(url, response, part, have, progress, hashed, cancel)
+        _receive(url, response, part, have, progress, hashed, batch)
 
 
 def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
-             progress: bool, hashed: _Hashed, cancel: Cancel) -> None:
+             progress: bool, hashed: _Hashed, batch: Batch) -> None:
     """Append the response's body to ``part`` (which holds ``have`` bytes), hashing it."""
     length = response.headers.get("Content-Length")
     expected = int(length) if length is not None else None
     received = 0
+    batch.expect(expected or 0)
     with open(part, "ab" if have else "wb") as out, tqdm(
         total=(expected + have) if expected is not None else None, initial=have,
         unit="B", unit_scale=True, unit_divisor=1024, desc=url_basename(url),
@@ -259,7 +275,7 @@ def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
         try:
             while True:
                 n = response.readinto(buffer)
-                if cancel:
+                if batch:
                     raise Interrupted(url)
                 if not n:
                     break
@@ -268,8 +284,9 @@ def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
                 hashed.update(block)  # sha256 on the fly: the file is read once
                 received += n
                 bar.update(n)
+                batch.advance(n)
         except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead
-            if cancel:
+            if batch:
                 raise Interrupted(url) from None
             raise _Retryable(f"connection lost after {have + received} bytes: {e}") from None
     if expected is not None and received != expected:
@@ -301,7 +318,7 @@ class DownloadCache:
         return os.path.join(self.root, key + ".data"), os.path.join(self.root, key + ".json")
 
     def fetch(self, url: str, source: str, progress: bool = True,
-              expect: str | None = None, cancel: Cancel | None = None) -> WeightFile:
+              expect: str | None = None, batch: Batch | None = None) -> WeightFile:
         """The file for ``url``: from the cache when its bytes still match what was
         recorded (and ``expect``, a sha256, if given), else downloaded from ``source``
         (``url`` itself, or where a rewrite points it), resuming what an earlier run
@@ -322,7 +339,7 @@ class DownloadCache:
                     return cached
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record)  # data is about to be replaced
-                got = download(source, data, progress=progress, cancel=cancel)
+                got = download(source, data, progress=progress, batch=batch)
                 write_atomic(record, json.dumps({"url": url, "sha256": got.sha256,
                                                  "size": got.size}).encode())
         except OSError as e:
@@ -440,18 +457,26 @@ def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str]
     ``urls``, as soon as it and those before it have arrived, while the later ones
     go on downloading: pack compresses one while the next arrive."""
     expect = expect or {}
-    cancel = Cancel()
-    with tqdm(total=len(urls), unit="file", desc="weights", disable=not progress or None) \
-            as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    done: List[str] = []
+    # One bar of bytes (rate, ETA) at any -j; a bar per file too with -j 1
+    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"weights 0/{len(urls)}", disable=not progress or None) as bar, \
+            ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        batch = Batch(bar)
+
+        def finished(future: Any) -> None:
+            done.append("")
+            bar.set_description(f"weights {len(done)}/{len(urls)}")
+
         futures = [pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
-                               expect.get(u), cancel) for u in urls]
+                               expect.get(u), batch) for u in urls]
         for future in futures:
-            future.add_done_callback(lambda _: bar.update(1))
+            future.add_done_callback(finished)
         try:
             for future in futures:
                 yield future.result()
         except BaseException:  # Ctrl-C, GeneratorExit: a caller that stops stops them all
             for future in futures:  # the first failure is the answer
                 future.cancel()
-            cancel.set()  # the running ones stop mid-read; their parts stay, to resume
+            batch.stop()  # the running ones stop mid-read; their parts stay, to resume
             raise
