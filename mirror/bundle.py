@@ -108,7 +108,8 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
                 mtimes: Mapping[str, int] | None = None,
                 sign: Callable[..., bytes] | None = None,
                 manifest_bytes: bytes | None = None, signature: bytes | None = None,
-                split_size: int | None = None) -> Tuple[str, List[str]]:
+                split_size: int | None = None, progress: bool = False
+                ) -> Tuple[str, List[str]]:
     """Write a bundle to ``path`` atomically; return its id, the sha256 of its
     manifest (which holds the digest of every other member), and the files written:
     ``path``, or with ``split_size`` its parts ``path.001``, ... of at most that many
@@ -142,8 +143,12 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
     else:
         opened = contextlib.nullcontext(sys.stdout.buffer) if path == STREAM else \
             atomic_file(path)
-    with opened as raw:
-        out = _FrameWriter(raw, raw if split_size is not None else None)
+    from tqdm import tqdm
+
+    with opened as raw, tqdm(total=sum(m.size for m in members.values()), unit="B",
+                             unit_scale=True, unit_divisor=1024, desc="write", leave=False,
+                             disable=not progress or None) as bar:
+        out = _FrameWriter(raw, raw if split_size is not None else None, bar)
         out.member(MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes), 0)
         if sign is not None:  # signs the manifest, whose digests cover every other byte
             signature = sign(manifest_bytes)
@@ -332,8 +337,9 @@ class _FrameWriter:
     times larger and slower); weights, which barely compress, go fast and alone.
     """
 
-    def __init__(self, out: IO[bytes], parts: PartWriter | None = None):
+    def __init__(self, out: IO[bytes], parts: PartWriter | None = None, bar: Any = None):
         self.out, self.offset, self.parts = out, 0, parts
+        self.bar = bar  # a progress bar of member bytes written, if any
         self.pending = 0  # bytes the open frame took since zstd last wrote all it had
         self.taken = 0  # bytes the open frame took
         # Every frame carries zstd's checksum, so accidental damage anywhere (the
@@ -404,6 +410,8 @@ class _FrameWriter:
         for block in iter(lambda: fh.read(CHUNK), b""):
             self._put(block)
             copied += len(block)
+            if self.bar is not None:
+                self.bar.update(len(block))
         if copied != size:
             raise ValueError(f"member {name} changed while packing: {copied} bytes, "
                              f"expected {size}")

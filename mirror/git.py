@@ -10,7 +10,7 @@ import logging
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pygit2
 
@@ -52,8 +52,9 @@ class Snapshot:
 class Upstream:
     """One upstream repository, fetched into a private bare repo."""
 
-    def __init__(self, url: str, workdir: str | None = None, history: int = HISTORY):
-        self.url, self.history = url, history
+    def __init__(self, url: str, workdir: str | None = None, history: int = HISTORY,
+                 progress: bool = False):
+        self.url, self.history, self.progress = url, history, progress
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="mirror-git-")
         path = workdir or self._tmp.name
         self.repo = pygit2.init_repository(path, bare=True)
@@ -155,9 +156,13 @@ class Upstream:
         return ResolvedRef(spec.ref or spec.commit, name, kind, commit, target)
 
     def _fetch(self, refspecs: List[str], depth: int) -> None:
+        from tqdm import tqdm
+
         try:
-            self.remote.fetch(refspecs, depth=depth, callbacks=Credentials(),
-                              proxy=self.proxy)
+            with tqdm(unit="obj", desc="git fetch", leave=False,
+                      disable=not self.progress or None) as bar:
+                self.remote.fetch(refspecs, depth=depth, callbacks=Credentials(bar),
+                                  proxy=self.proxy)
         except pygit2.GitError as e:
             if depth and "shallow" in str(e):  # libgit2's file:// transport: fetch it all
                 return self._fetch(refspecs, depth=0)
@@ -262,9 +267,16 @@ class Credentials(pygit2.RemoteCallbacks):
     and ``MGE_MIRROR_GIT_PASSWORD`` (a token, say), else git's own credential helpers
     (``git credential fill``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bar: Any = None) -> None:
         super().__init__()
         self.tried: set = set()
+        self.bar = bar  # a progress bar of objects received, for a fetch
+
+    def transfer_progress(self, stats: Any) -> None:
+        """libgit2's progress of a fetch, on the bar (which throttles its redraws)."""
+        if self.bar is not None:
+            self.bar.total = stats.total_objects
+            self.bar.update(stats.received_objects - self.bar.n)
 
     def credentials(self, url: str, username_from_url: str | None, allowed_types: int):
         """What libgit2 asks for: the next credential not yet offered. Raises

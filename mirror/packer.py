@@ -220,7 +220,7 @@ class _Packer:
             return []
         self.seen.add((text, entries))
         spec, url, fetch_url = self._locate(RepoSpec.parse(text))
-        with Upstream(fetch_url, history=self.opts.history) as up:
+        with Upstream(fetch_url, history=self.opts.history, progress=self.opts.progress) as up:
             resolved = up.resolve(spec, allow_unreachable=self.opts.allow_unreachable)
             if self.pins:
                 self.pins.check_ref(text, resolved.commit)
@@ -378,7 +378,8 @@ class _Packer:
             else:
                 report.bundle_id, files = bundle.write_files(
                     report.output, manifest, self.sources, self.mtimes, sign=self._signer(),
-                    split_size=split_size(self.opts.split_size, report.output))
+                    split_size=split_size(self.opts.split_size, report.output),
+                    progress=self.opts.progress)
         report.size = sum(os.path.getsize(f) for f in files) \
             if report.output != bundle.STREAM else -1
         report.parts = files if self.opts.split_size else []
