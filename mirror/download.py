@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .atomic import write_atomic
 from .config import settings
-from .errors import DownloadError
+from .errors import DownloadError, explained
 from .hashing import CHUNK, sha256_bytes, sha256_file
 from .locking import locked
 from .model import WeightFile
@@ -197,7 +197,8 @@ def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
             return _fetch_into(url, part, timeout, progress, hashed, batch)
         except _Retryable as e:
             last_error = str(e)
-    raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempts)")
+    raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempt"
+                             f"{'s' if retries else ''})")
 
 
 def _copy_local(path: str, part: str) -> None:
@@ -224,6 +225,33 @@ class _Retryable(Exception):
     pass
 
 
+# urllib's and HTTP's words, and what they mean for the user: what happened, what to try
+_MEANINGS = (
+    (("http 404", "http 410"),
+     "not there, or not public: check the URL (or where --rewrite points it)"),
+    (("http 401", "http 403"),
+     "the server refuses to serve it without credentials, which mirror does not send for "
+     "weights: download it yourself and pack it with --weights PATH"),
+    (("http 407",),
+     "the proxy asks for credentials: give them in the proxy URL "
+     "(https_proxy=http://USER:PASSWORD@HOST:PORT)"),
+    (("tunnel connection failed",),
+     "the proxy refused the connection: check https_proxy, http_proxy and no_proxy"),
+    (("wrong_version_number", "wrong version number", "packet length too long"),
+     "the server answered an HTTPS request in plain HTTP: rewrite the URL to http:// "
+     "with --rewrite"),
+    (("certificate verify failed",),
+     "its TLS certificate is not trusted here: add its CA to the system's trust store, "
+     "or point SSL_CERT_FILE at a bundle that has it"),
+    (("name or service not known", "temporary failure in name resolution",
+      "nodename nor servname"),
+     "the host name does not resolve: this host has no DNS or no way out; pack on a host "
+     "that reaches it, or --rewrite the URL to a mirror this one reaches"),
+    (("connection refused",),
+     "nothing answers at that address and port (is the server up, and is this its port?)"),
+)
+
+
 def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed,
                 batch: Batch) -> None:
     """One attempt: the rest of ``part`` (all of it if the server cannot resume).
@@ -242,9 +270,10 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
             return
         if e.code >= 500 or e.code == 429:
             raise _Retryable(f"HTTP {e.code} {e.reason}") from None
-        raise DownloadError(url, f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(url, explained(f"HTTP {e.code} {e.reason}", _MEANINGS)) \
+            from None
     except (urllib.error.URLError, OSError) as e:
-        raise _Retryable(str(getattr(e, "reason", e))) from None
+        raise _Retryable(explained(str(getattr(e, "reason", e)), _MEANINGS)) from None
     except (ValueError, http.client.HTTPException) as e:  # e.g. InvalidURL: a bad port
         raise DownloadError(url, f"invalid URL: {e}") from None
 

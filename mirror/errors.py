@@ -7,9 +7,19 @@ message that names it. The CLI prints ``str(error)`` on one line and exits with
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, Tuple
 
 from .ids import short
+
+
+def explained(said: str, meanings: Sequence[Tuple[Tuple[str, ...], str]]) -> str:
+    """A library's error text as one line a user can act on: the meaning of the first
+    entry of ``meanings`` one of whose words it holds (what happened, what to try),
+    then the library's own words for the curious; as it was if none fits."""
+    for needles, meaning in meanings:
+        if any(n in said.lower() for n in needles):
+            return f"{meaning} ({said})"
+    return said
 
 
 class MirrorError(Exception):

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pygit2
 
 from .config import git_credential_environment, proxy_for, settings
-from .errors import AmbiguousCommitError, GitError, RefNotFoundError
+from .errors import AmbiguousCommitError, GitError, RefNotFoundError, explained
 from .ids import short
 from .model import MODE_GITLINK
 from .proof import MODE_TREE, encode, tree_entries
@@ -349,11 +349,8 @@ _MEANINGS = (
 def explain(url: str, error: BaseException) -> str:
     """libgit2's error as one line a user can act on: what happened and what to try,
     then libgit2's own words for the curious."""
-    said = str(error)
-    for needles, meaning in _MEANINGS:
-        if any(n in said.lower() for n in needles):
-            return f"{meaning} (libgit2: {said})"
-    return said
+    said = explained(f"libgit2: {error}", _MEANINGS)
+    return said if said != f"libgit2: {error}" else str(error)
 
 
 def _list_heads(remote: pygit2.Remote, callbacks: pygit2.RemoteCallbacks,

@@ -110,3 +110,40 @@ def test_plain_http_git_behind_a_proxy_is_said_and_fetched_directly(upstream, tm
     assert f"git: {url}: libgit2 does not send plain-HTTP git through a proxy " \
            f"(libgit2#5650); fetching it directly, past {proxy.base_url}" in r.stderr
     assert [m for m, _ in proxy.seen] and all(m == "GET" for m, _ in proxy.seen)
+
+
+def test_weight_download_errors_say_what_to_try(upstream, tmp_path):
+    """The weights' side: TLS spoken to plain HTTP, nothing listening, no DNS."""
+    from mirror.download import download
+    from mirror.errors import DownloadError
+
+    def said(url, netns=False):
+        if netns:  # no network at all: name resolution fails at once
+            code = ("import sys\nfrom mirror.download import download\n"
+                    "from mirror.errors import DownloadError\ntry:\n"
+                    f"    download({url!r}, {str(tmp_path / 'w')!r}, progress=False, "
+                    f"retries=0)\nexcept DownloadError as e:\n    print(e)\n")
+            import sys
+            return run([sys.executable, "-c", code], netns=True).stdout.strip()
+        try:
+            download(url, str(tmp_path / "w"), progress=False, retries=0)
+        except DownloadError as e:
+            return str(e)
+        raise AssertionError("downloaded")
+
+    https = upstream.weights.base_url.replace("http://", "https://") + "/x.pkl"
+    assert said(https).startswith(
+        f"download failed: {https}: the server answered an HTTPS request in plain HTTP: "
+        f"rewrite the URL to http:// with --rewrite ([SSL: ")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/x.pkl"
+        assert said(dead) == (
+            f"download failed: {dead}: nothing answers at that address and port (is the "
+            f"server up, and is this its port?) ([Errno 111] Connection refused) (gave up "
+            f"after 1 attempt)")
+    far = "https://download.megengine.org/models/x.pkl"
+    assert said(far, netns=True).startswith(
+        f"download failed: {far}: the host name does not resolve: this host has no DNS or "
+        f"no way out; pack on a host that reaches it, or --rewrite the URL to a mirror this "
+        f"one reaches ([Errno -3] Temporary failure in name resolution)")

@@ -121,7 +121,8 @@ def test_missing_file_is_a_clear_error_and_leaves_nothing(upstream, tmp_path):
     url = upstream.weights.url("faults/nope.pkl")
     with pytest.raises(DownloadError) as e:
         download(url, str(tmp_path / "w"), progress=False)
-    assert str(e.value) == f"download failed: {url}: HTTP 404 Not Found"
+    assert str(e.value) == (f"download failed: {url}: not there, or not public: check the "
+                            f"URL (or where --rewrite points it) (HTTP 404 Not Found)")
     assert os.listdir(tmp_path) == []
 
 
