@@ -486,6 +486,7 @@ def downloads() -> None:
 
 
 def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)  # a clock set back
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -504,12 +505,13 @@ def _print_downloads(entries: Sequence[Any], verb: str) -> None:
 
 
 def _iec(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    """``size`` in IEC units, as `ls -h` and tqdm show it."""
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if round(value, 1) < 1024 or unit == "TiB":
+            break
         value /= 1024
-    return f"{value:.1f} TiB"
+    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 @downloads.command("list")

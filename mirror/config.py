@@ -302,22 +302,31 @@ def proxy_for(url: str, env: Mapping[str, str] | None = None) -> str | None:
     ``no_proxy`` names goes direct either way."""
     env = os.environ if env is None else env
     parts = urllib.parse.urlsplit(url)
-    lowered = {k.lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and v}
-    no_proxy = lowered.get("no_proxy", "")
-    if no_proxy and urllib.request.proxy_bypass_environment(
-            parts.hostname or "", {"no": no_proxy}):
+    proxies: Dict[str, str] = {}  # as curl and urllib read them: lowercase first
+    for key in sorted((k for k in env if k.lower().endswith("_proxy") and env[k]),
+                      key=lambda k: k.islower()):
+        proxies[key.lower()] = env[key]
+    no_proxy = proxies.get("no_proxy", "")
+    try:
+        port = parts.port
+    except ValueError:  # not a port: the download itself says the URL is invalid
+        port = None
+    host = (parts.hostname or "") + (f":{port}" if port else "")
+    if no_proxy and urllib.request.proxy_bypass_environment(host, {"no": no_proxy}):
         return None
-    configured = _git_config("http.proxy", env)
+    configured = _git_config("http.proxy", url, env)
     if configured:
         return configured
-    return lowered.get(f"{parts.scheme}_proxy") or lowered.get("all_proxy") or None
+    return proxies.get(f"{parts.scheme}_proxy") or proxies.get("all_proxy") or None
 
 
-def _git_config(key: str, env: Mapping[str, str]) -> str | None:
-    """A value of git's own configuration (global, system or XDG), as git reads it."""
+def _git_config(key: str, url: str, env: Mapping[str, str]) -> str | None:
+    """git's own setting ``key`` for ``url`` (global, system or XDG configuration,
+    ``[http "https://host"]`` sections included), as git reads it."""
     try:
-        done = subprocess.run(["git", "config", "--get", key], capture_output=True,
-                              text=True, timeout=10, env=dict(env), cwd="/")
+        done = subprocess.run(["git", "config", "--get-urlmatch", key, url],
+                              capture_output=True, text=True, timeout=10, env=dict(env),
+                              cwd="/")
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None

@@ -8,10 +8,12 @@ them (``http``, ``https``, ``file``, ``s3`` and absolute paths, as MegEngine doe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
 import os
+import queue
 import shutil
 import socket
 import threading
@@ -19,14 +21,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from tqdm import tqdm
 
 from .atomic import write_atomic
-from .config import settings
+from .config import proxy_for, settings
 from .errors import DownloadError, explained
 from .hashing import CHUNK, sha256_bytes, sha256_file
 from .locking import locked
@@ -263,11 +265,22 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         request.add_header("Range", f"bytes={have}-")
         if hashed.validator:  # the rest only if it is still the same file, else all of it
             request.add_header("If-Range", hashed.validator)
+    # The proxy of this URL, as git's is chosen (config.proxy_for), or none at all
+    proxy = proxy_for(url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(
+        {urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}))
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # asked past the end: the file is already whole
-            return
+        if e.code == 416 and have:
+            # Asked past the end: whole, if the server's file is as long as the part;
+            # else (a server deaf to If-Range, a file that changed) start over.
+            if e.headers.get("Content-Range", "") == f"bytes */{have}":
+                return
+            _forget(hashed)
+            raise _Retryable(f"the part is not a part of the server's file (HTTP 416, "
+                             f"{e.headers.get('Content-Range')}); downloading it "
+                             f"again") from None
         if e.code >= 500 or e.code == 429:
             raise _Retryable(f"HTTP {e.code} {e.reason}") from None
         raise DownloadError(url, explained(f"HTTP {e.code} {e.reason}", _MEANINGS)) \
@@ -278,14 +291,27 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         raise DownloadError(url, f"invalid URL: {e}") from None
 
     with response, batch.watching(response):
-        content_range = response.headers.get("Content-Range", "")
-        if have and (response.status != 206 or not content_range.startswith(
-                f"bytes {have}-")):
-            have = 0  # the server ignored Range, or the file changed: start over
+        validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if have and response.status == 206 and (
+                not response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                or validator != hashed.validator):
+            # The rest of another file (a server deaf to If-Range): never spliced on
+            _forget(hashed)
+            raise _Retryable("the server's file is not the one the part began; "
+                             "downloading it again")
+        if have and response.status != 206:
+            have = 0  # the whole file: the server ignored Range, or the file changed
         if not have:
-            hashed.restart(response.headers.get("ETag") or
-                           response.headers.get("Last-Modified"))
+            hashed.restart(validator)
         _receive(url, response, part, have, progress, hashed, batch)
+
+
+def _forget(hashed: _Hashed) -> None:
+    """Drop a part and its validator: the next attempt downloads the whole file."""
+    for path in (hashed.part, hashed.part + ".json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    hashed.digest, hashed.size, hashed.validator = hashlib.sha256(), 0, None
 
 
 def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
@@ -317,8 +343,10 @@ def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
         except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead
             if batch:
                 raise Interrupted(url) from None
+            batch.expect(-(expected - received) if expected is not None else 0)
             raise _Retryable(f"connection lost after {have + received} bytes: {e}") from None
     if expected is not None and received != expected:
+        batch.expect(received - expected)  # what never came is not waited for
         raise _Retryable(f"connection closed after {have + received} of "
                          f"{have + expected} bytes")
 
@@ -338,9 +366,11 @@ class DownloadCache:
     sha256 recorded when it was downloaded (and against ``expect``, a lock's pin).
     """
 
-    def __init__(self, root: str | None = None, refresh: bool = False):
+    def __init__(self, root: str | None = None, refresh: bool = False,
+                 keep: contextlib.ExitStack | None = None):
         self.root = root or default_cache_dir()
         self.refresh = refresh  # download again, whatever is cached
+        self.keep = keep  # where the locks of the files fetched are held, if anywhere
 
     def _paths(self, url: str) -> Tuple[str, str]:
         key = sha256_bytes(url.encode())
@@ -354,6 +384,19 @@ class DownloadCache:
         left (:func:`download`).
 
         Raises :class:`DownloadError`, also when the cache cannot be written."""
+        stop = batch if batch is not None else Batch()
+        while True:
+            got = self._fetch(url, source, progress, expect, stop)
+            if self.keep is None:
+                return got
+            # Kept (a shared lock) until the pack is done: clean leaves it alone. A
+            # clean between the download and this lock is seen, and it is fetched again.
+            self.keep.enter_context(_lock(got.path + ".lock", stop, shared=True))
+            if os.path.exists(got.path):
+                return got
+
+    def _fetch(self, url: str, source: str, progress: bool, expect: str | None,
+               batch: Batch) -> WeightFile:
         data, record = self._paths(url)
         cached = None if self.refresh else self._check(url, data, record, expect)
         if cached:
@@ -362,7 +405,7 @@ class DownloadCache:
             os.makedirs(self.root, exist_ok=True)
             # One download of a URL at a time, whoever asks: two packs never write one
             # part file; the second finds the first's download done.
-            with locked(data + ".lock"):
+            with _lock(data + ".lock", batch):
                 cached = None if self.refresh else self._check(url, data, record, expect)
                 if cached:
                     return cached
@@ -392,6 +435,8 @@ class DownloadCache:
             return None
         if digest != rec.get("sha256"):
             return None  # changed on disk since: download again
+        with contextlib.suppress(OSError):
+            os.utime(data)  # used now: clean --older-than counts from here
         return WeightFile(url, data, size, digest)
 
 
@@ -489,16 +534,16 @@ def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str]
     done: List[str] = []
     # One bar of bytes (rate, ETA) at any -j; a bar per file too with -j 1
     with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"weights 0/{len(urls)}", disable=not progress or None) as bar, \
-            ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+              desc=f"weights 0/{len(urls)}", disable=not progress or None) as bar:
         batch = Batch(bar)
 
         def finished(future: Any) -> None:
             done.append("")
             bar.set_description(f"weights {len(done)}/{len(urls)}")
 
-        futures = [pool.submit(cache.fetch, u, source(u), progress and jobs == 1,
-                               expect.get(u), batch) for u in urls]
+        futures = _on_daemons([functools.partial(
+            cache.fetch, u, source(u), progress and jobs == 1, expect.get(u), batch)
+            for u in urls], jobs)
         for future in futures:
             future.add_done_callback(finished)
         try:
@@ -509,3 +554,48 @@ def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str]
                 future.cancel()
             batch.stop()  # the running ones stop mid-read; their parts stay, to resume
             raise
+
+
+def _on_daemons(tasks: Sequence[Callable[[], Any]], jobs: int) -> List[Future]:
+    """Run ``tasks`` in order on ``jobs`` daemon threads, each result in its Future. Not
+    a ThreadPoolExecutor, whose threads the interpreter waits for when it exits: after
+    Ctrl-C, a thread still in a connect or a TLS handshake (which nothing can wake)
+    must not hold the process. The part file it leaves is resumed next time."""
+    futures: List[Future] = [Future() for _ in tasks]
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for pair in zip(tasks, futures):
+        work.put(pair)
+
+    def worker() -> None:
+        while True:
+            try:
+                task, future = work.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it began
+            try:
+                future.set_result(task())
+            except BaseException as e:  # noqa: BLE001  (handed to whoever waits on it)
+                future.set_exception(e)
+
+    for _ in range(max(1, min(jobs, len(tasks)))):
+        threading.Thread(target=worker, daemon=True, name="mirror-download").start()
+    return futures
+
+
+@contextlib.contextmanager
+def _lock(path: str, batch: Batch, shared: bool = False) -> Iterator[None]:
+    """Hold the ``flock`` on ``path``, waiting for another pack's download of the same
+    URL to end, unless ``batch`` is stopped meanwhile (Ctrl-C)."""
+    while True:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(locked(path, shared=shared, wait=False))
+            except BlockingIOError:
+                if batch:
+                    raise Interrupted(path) from None
+                batch.wait(0.2)
+                continue
+            yield
+            return

@@ -88,7 +88,7 @@ class Upstream:
             try:
                 listing = _list_heads(self.remote, Credentials(), self.proxy)
             except pygit2.GitError as e:
-                raise GitError(self.url, explain(self.url, e)) from None
+                raise GitError(self.url, explain(self.url, e, self.proxy)) from None
             self._heads = {}
             for name, oid, symref in listing:
                 if name == "HEAD" and symref:
@@ -166,7 +166,8 @@ class Upstream:
         except pygit2.GitError as e:
             if depth and "shallow" in str(e):  # libgit2's file:// transport: fetch it all
                 return self._fetch(refspecs, depth=0)
-            raise GitError(self.url, f"fetch failed: {explain(self.url, e)}") from None
+            raise GitError(self.url, f"fetch failed: {explain(self.url, e, self.proxy)}") \
+                from None
 
     def _peel(self, oid) -> str:
         return str(self.repo[oid].peel(pygit2.Commit).id)
@@ -318,6 +319,12 @@ def _credential_helper(url: str, username: str | None) -> Tuple[str, str] | None
 
 # libgit2's words, and what they mean for the user: what happened, what to try
 _MEANINGS = (
+    (("proxy authentication",),
+     "the proxy asks for credentials, which mirror cannot hand libgit2 for a proxy: use "
+     "one that lets this host through without them"),
+    (("proxy",),
+     "the proxy refused or failed the connection: check https_proxy/http_proxy and "
+     "git's http.proxy"),
     (("packet length too long", "wrong version number", "unknown protocol"),
      "the server answered an HTTPS request in plain HTTP; if it speaks HTTP, pack with "
      "--protocol http"),
@@ -332,9 +339,6 @@ _MEANINGS = (
      "helper"),
     (("status code: 403",),
      "access denied for these credentials"),
-    (("proxy",),
-     "the proxy refused or failed the connection: check https_proxy/http_proxy and "
-     "git's http.proxy"),
     (("failed to resolve address", "name or service not known",
       "temporary failure in name resolution"),
      "the host name does not resolve: this host has no DNS or no way out; pack on a host "
@@ -346,10 +350,16 @@ _MEANINGS = (
 )
 
 
-def explain(url: str, error: BaseException) -> str:
+def explain(url: str, error: BaseException, proxy: str | None = None) -> str:
     """libgit2's error as one line a user can act on: what happened and what to try,
-    then libgit2's own words for the curious."""
-    said = explained(f"libgit2: {error}", _MEANINGS)
+    then libgit2's own words for the curious. Through ``proxy``, what refuses a
+    connection is the proxy."""
+    meanings = _MEANINGS
+    if proxy:
+        meanings = ((("failed to connect", "connection refused"),
+                     f"the proxy {proxy} does not answer: check https_proxy and git's "
+                     f"http.proxy"),) + meanings
+    said = explained(f"libgit2: {error}", meanings)
     return said if said != f"libgit2: {error}" else str(error)
 
 

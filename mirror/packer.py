@@ -194,6 +194,7 @@ class _Packer:
         self.seen: Set[Follow] = set()
         # commit -> entries whose weights are packed (None: the whole snapshot's)
         self.covered: Dict[str, Set[str] | None] = {}
+        self.keep = contextlib.ExitStack()  # locks on the downloads the bundle is made of
 
     def _locate(self, spec: RepoSpec) -> Tuple[RepoSpec, str, str]:
         """(spec with its host, identity URL, URL the bytes are fetched from)."""
@@ -357,7 +358,8 @@ class _Packer:
         for repo in self.repos.values():
             for commit, snap in repo.snapshots.items():
                 self.sources[objects_member(commit)] = snap.objects
-        with self._writing(), self._streamed() as streamed:
+        # self.keep: the download cache's files stay locked until the bundle is written
+        with self.keep, self._writing(), self._streamed() as streamed:
             fetched = []
             for got in self._fetch({w.url for w in held}):
                 fetched.append(self._weight(got))
@@ -412,7 +414,8 @@ class _Packer:
         opts = self.opts
         urls = sorted(set(self.weight_refs) - held)
         self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
-        return fetch_each(urls, DownloadCache(opts.cache_dir, opts.refresh), self.rewrite,
+        return fetch_each(urls, DownloadCache(opts.cache_dir, opts.refresh, self.keep),
+                          self.rewrite,
                           jobs=opts.jobs, progress=opts.progress,
                           expect=self.pins.weights if self.pins else None)
 

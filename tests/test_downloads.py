@@ -140,3 +140,96 @@ def test_downloads_list_and_clean(upstream, big, tmp_path):
     r = run(MIRROR + ["downloads", "clean"], env=env)
     assert r.returncode == 0 and list_downloads(root) == []
     assert sorted(n for n in os.listdir(root) if not n.endswith(".lock")) == []
+
+
+def test_a_pack_in_a_terminal_shows_one_bar_of_bytes_at_any_jobs(upstream, big, tmp_path):
+    """stderr a terminal (a pty): a bar of bytes with its rate, at -j 4; not a pty (every
+    other test): nothing but the report."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    path, url, _ = big
+    env = _env(tmp_path)
+    master, slave = pty.openpty()
+    # a terminal 100 columns wide (a new pty is 0 by 0, and tqdm would draw nothing)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    cmd = MIRROR + ["pack", upstream.spec(), "--git-host", upstream.git.host, "--protocol",
+                    "http", "--weights", url, "-o", str(tmp_path / "t.hub"), "-j", "4"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            block = os.read(master, 1 << 16)
+        except OSError:  # the pty closed: the pack is done
+            break
+        if not block:
+            break
+        seen += block
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+    text = seen.decode(errors="replace")
+    assert "weights 3/3: 100%" in text and "B/s]" in text, text
+    assert f"{SIZE / 2**20:.1f}M/{SIZE / 2**20:.1f}M" in text or "6.00M/6.00M" in text, text
+
+    r = run(cmd[:-4] + ["-o", str(tmp_path / "u.hub")], env=env)  # stderr a pipe
+    assert r.returncode == 0 and "weights 3/3" not in r.stderr and "B/s" not in r.stderr
+
+
+def test_a_server_deaf_to_if_range_never_gets_a_file_spliced(upstream, big, tmp_path):
+    """The file changed, and the server answers the Range anyway (206): its ETag is not
+    the part's, so the part is dropped and the file fetched whole."""
+    path, url, _ = big
+    env = _env(tmp_path)
+    proc, err, out = _interrupted_pack(upstream, big, tmp_path, env)
+    assert proc.returncode == 130, err
+    changed = random.Random("changed again").randbytes(SIZE)
+    upstream.weights.add(path, changed)
+    upstream.weights.honor_if_range = False
+    try:
+        ranges = upstream.weights.range_requests
+        r = run(_pack(upstream, url, out, env), env=env)
+    finally:
+        upstream.weights.honor_if_range = True
+    assert r.returncode == 0, r.stderr
+    assert upstream.weights.range_requests == ranges + 1  # asked, answered, refused
+    _, members = unpack(str(out))
+    assert changed in members.values()
+
+
+def test_ctrl_c_does_not_wait_for_another_packs_download(upstream, big, tmp_path):
+    """Another pack downloads the same URL (its lock held here): this one waits for it,
+    and Ctrl-C stops the wait at once."""
+    path, url, _ = big
+    env = _env(tmp_path)
+    lock = _part(tmp_path, url)[:-len(".part")] + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with locked(lock):
+        proc = subprocess.Popen(_pack(upstream, url, tmp_path / "out.hub", env), env=env,
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        for _ in range(600):  # until it has fetched the small weights and waits on ours
+            names = os.listdir(tmp_path / "dl") if os.path.isdir(tmp_path / "dl") else []
+            if sum(n.endswith(".data") for n in names) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)  # while the lock is still held here
+    assert proc.returncode == 130, err
+
+
+def test_clean_leaves_what_a_running_pack_is_made_of(upstream, big, tmp_path):
+    import contextlib
+
+    _, url, _ = big
+    root = str(tmp_path / "dl")
+    keep = contextlib.ExitStack()
+    with keep:
+        got = DownloadCache(root, keep=keep).fetch(url, url, progress=False)
+        assert clean_downloads(root) == [] and os.path.exists(got.path)
+    assert [e.path for e in clean_downloads(root)] == [got.path]
+    assert not os.path.exists(got.path)

@@ -83,6 +83,16 @@ def test_git_and_weights_go_through_the_proxy_and_no_proxy_is_honoured(upstream,
             weights = [t for m, t in proxy.seen if m == "GET"]
             assert weights and all(t.startswith(upstream.weights.base_url) for t in weights)
 
+            # all_proxy alone, as curl reads it: the weights through it as well
+            proxy.seen.clear()
+            only_all = {k: v for k, v in env.items() if k not in ("https_proxy",
+                                                                 "http_proxy")}
+            only_all.update(all_proxy=proxy.base_url,
+                            MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl-all"))
+            r = run(cmd + ["-o", str(tmp_path / "c.hub")], env=only_all)
+            assert r.returncode == 0, r.stderr
+            assert ("CONNECT", host) in proxy.seen and any(m == "GET" for m, _ in proxy.seen)
+
             proxy.seen.clear()
             env.update(no_proxy="127.0.0.1,localhost",
                        MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl2"))
