@@ -86,8 +86,27 @@ def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        import logging
+
+        logging.basicConfig(format="mirror: %(message)s", stream=sys.stderr,
+                            level=logging.DEBUG if value > 1 else logging.WARNING)
+        logging.getLogger("mirror").setLevel(logging.DEBUG)
+
+
+def _verbose_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """-v, before the command (as git and docker take it) or after (as pip does)."""
+    return click.option("-v", "--verbose", count=True, expose_value=False,
+                        callback=_verbose,
+                        help="Say more on stderr: -v what each download and fetch does "
+                             "(ranges resumed, proxies, retries), -vv also the libraries' "
+                             "own logs.")(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mirror")
+@_verbose_option
 def cli() -> None:
     """Take MegEngine Hub repos and their weights across an air gap."""
 
@@ -125,6 +144,7 @@ def _pack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_pack_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
+@_verbose_option
 @_library_errors
 def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     """Pack SPECS ([host/]owner/name[:ref][@commit]) and their weights into one bundle."""
@@ -212,6 +232,7 @@ def _assumes(prerequisites: Any) -> str:
 @_registry_options
 @_home_option
 @_json_option
+@_verbose_option
 @_library_errors
 def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_pickle,
             require_signature, trusted_keys, receipt, plain_http, ca_file, home,
@@ -433,6 +454,7 @@ def seed(mge_versions, megengine_home, home, as_json) -> None:
 @_registry_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
+@_verbose_option
 @_library_errors
 def push(files, target, mount_from, plain_http, ca_file, quiet, as_json) -> None:
     """Push a bundle (a file, a delta, or all the parts of one) to an OCI registry, as
@@ -460,6 +482,7 @@ def push(files, target, mount_from, plain_http, ca_file, quiet, as_json) -> None
 @_registry_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_json_option
+@_verbose_option
 @_library_errors
 def pull(source, output, keep_parts, plain_http, ca_file, quiet, as_json) -> None:
     """Download a bundle from an OCI registry, every layer checked against its digest;

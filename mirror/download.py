@@ -12,6 +12,7 @@ import functools
 import hashlib
 import http.client
 import json
+import logging
 import os
 import queue
 import shutil
@@ -33,6 +34,8 @@ from .errors import DownloadError, explained
 from .hashing import CHUNK, sha256_bytes, sha256_file
 from .locking import locked
 from .model import WeightFile
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "https", "file")
 PART = ".part"  # a download in progress, kept to be resumed (with its PART + ".json")
@@ -199,6 +202,7 @@ def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
             return _fetch_into(url, part, timeout, progress, hashed, batch)
         except _Retryable as e:
             last_error = str(e)
+            log.debug("%s: %s (attempt %d of %d)", url, e, attempt + 1, retries + 1)
     raise DownloadError(url, f"{last_error} (gave up after {retries + 1} attempt"
                              f"{'s' if retries else ''})")
 
@@ -269,6 +273,8 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
     proxy = proxy_for(url)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler(
         {urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}))
+    log.debug("GET %s%s%s", url, f" (bytes {have}-, If-Range {hashed.validator})"
+              if have else "", f" through {proxy}" if proxy else "")
     try:
         response = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as e:

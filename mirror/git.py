@@ -64,6 +64,7 @@ class Upstream:
         # Given to libgit2 explicitly: pygit2 turns proxies off unless told. (libgit2
         # sends only https:// remotes through one, with CONNECT: libgit2#5650.)
         self.proxy = proxy_for(url)
+        log.debug("git %s%s", url, f" through {self.proxy}" if self.proxy else "")
         if self.proxy and url.startswith("http://"):
             log.warning("git: %s: libgit2 does not send plain-HTTP git through a proxy "
                         "(libgit2#5650); fetching it directly, past %s", url, self.proxy)

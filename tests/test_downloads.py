@@ -83,10 +83,12 @@ def test_ctrl_c_stops_a_pack_at_once_and_the_next_run_resumes(upstream, big, tmp
     assert validator.startswith('"')  # the server's ETag
 
     ranges = upstream.weights.range_requests
-    r = run(_pack(upstream, url, out, env), env=env)
+    r = run(_pack(upstream, url, out, env) + ["-v"], env=env)  # -v: what it asks for
     assert r.returncode == 0, r.stderr
     assert upstream.weights.range_requests == ranges + 1
     assert upstream.weights.if_range[-1] == validator
+    assert f"mirror: GET {url} (bytes {SIZE // 2}-, If-Range {validator})" in \
+        r.stderr.splitlines()
     assert not os.path.exists(part) and not os.path.exists(part + ".json")
     _, members = unpack(str(out))
     assert data in members.values()
