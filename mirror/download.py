@@ -292,7 +292,10 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         raise DownloadError(url, explained(f"HTTP {e.code} {e.reason}", _MEANINGS)) \
             from None
     except (urllib.error.URLError, OSError) as e:
-        raise _Retryable(explained(str(getattr(e, "reason", e)), _MEANINGS)) from None
+        meanings = _MEANINGS if not proxy else ((
+            ("connection refused",), f"the proxy {proxy} does not answer: check "
+                                     f"https_proxy, http_proxy and no_proxy"),) + _MEANINGS
+        raise _Retryable(explained(str(getattr(e, "reason", e)), meanings)) from None
     except (ValueError, http.client.HTTPException) as e:  # e.g. InvalidURL: a bad port
         raise DownloadError(url, f"invalid URL: {e}") from None
 

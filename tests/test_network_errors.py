@@ -157,3 +157,37 @@ def test_weight_download_errors_say_what_to_try(upstream, tmp_path):
         f"download failed: {far}: the host name does not resolve: this host has no DNS or "
         f"no way out; pack on a host that reaches it, or --rewrite the URL to a mirror this "
         f"one reaches ([Errno -3] Temporary failure in name resolution)")
+
+
+def test_a_proxy_that_does_not_answer_is_named(upstream, tmp_path):
+    """git over HTTPS through a proxy that is not there: the proxy is named, not the
+    server; the weights say the same in their words."""
+    import os
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        env = dict(os.environ, https_proxy=dead, http_proxy=dead,
+                   MGE_MIRROR_DOWNLOADS=str(tmp_path / "dl"))
+        env.pop("no_proxy", None)
+        env.pop("NO_PROXY", None)
+        r = run(MIRROR + ["pack", "megengine/models", "-o", str(tmp_path / "x.hub")],
+                env=env)
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"Error: git: https://github.com/megengine/models: the proxy {dead} does not "
+            f"answer: check https_proxy and git's http.proxy (libgit2: ")
+
+        from mirror.download import download
+        from mirror.errors import DownloadError
+        os.environ["http_proxy"] = dead
+        try:
+            download(upstream.weights.url("x.pkl"), str(tmp_path / "w"), progress=False,
+                     retries=0)
+        except DownloadError as e:
+            said = str(e)
+        finally:
+            del os.environ["http_proxy"]
+    assert said == (f"download failed: {upstream.weights.url('x.pkl')}: the proxy {dead} "
+                    f"does not answer: check https_proxy, http_proxy and no_proxy ([Errno "
+                    f"111] Connection refused) (gave up after 1 attempt)")
