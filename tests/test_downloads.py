@@ -175,6 +175,7 @@ def test_a_pack_in_a_terminal_shows_one_bar_of_bytes_at_any_jobs(upstream, big, 
     assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
     text = seen.decode(errors="replace")
     assert "weights 3/3: 100%" in text and "B/s]" in text, text
+    assert "git fetch: " in text and "obj" in text and "write: " in text, text
     assert f"{SIZE / 2**20:.1f}M/{SIZE / 2**20:.1f}M" in text or "6.00M/6.00M" in text, text
 
     r = run(cmd[:-4] + ["-o", str(tmp_path / "u.hub")], env=env)  # stderr a pipe
