@@ -514,8 +514,8 @@ def read(path: BundleInput, sink: SinkFactory | None = None,
             return _read(str(path), fh, bar, sink, head_seen, file_digest, scan, unparted,
                          head[0] if head else None)
         except BundleError:
-            if isinstance(path, Remote):
-                path.explain()  # the cause on the way, if that is where it lies
+            if isinstance(path, (Remote, Parts)):
+                path.explain()  # the damaged part or layer, where that is the cause
             raise
 
 
@@ -540,7 +540,7 @@ def _open(path: BundleInput, files: contextlib.ExitStack
             raise BundleError(e.filename or str(path), e.strerror or str(e)) from None
         # one part open at a time: a bundle of a thousand parts needs no thousand files
         unparted = Unparted([(p, functools.partial(open, p, "rb", buffering=CHUNK))
-                             for p in path.paths], str(path))
+                             for p in path.paths], str(path), hash_payloads=False)
         files.callback(unparted.close)
         return unparted, total, None
     if isinstance(path, Remote):

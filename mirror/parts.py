@@ -283,6 +283,12 @@ class Parts:
             return f"{stem}.{{{paths[0].rsplit('.', 1)[1]}..{paths[-1].rsplit('.', 1)[1]}}}"
         return ", ".join(paths)
 
+    def explain(self) -> None:
+        """After the parts did not read as their bundle: raise the error that names the
+        damaged part, if one does not match its table (each part checked alone)."""
+        for path in self.paths:
+            verify_alone(path)
+
     def problem(self) -> str | None:
         """What keeps these parts from being read as their bundle, in a sentence."""
         have = {h.index: p for p, h in self.headers}
@@ -370,8 +376,14 @@ class Unparted:
     (each opened when its turn comes, and closed after), or one stream holding them
     all (a concatenation, or stdin): (name, a function that opens it)."""
 
-    def __init__(self, streams: Sequence[Tuple[str, Callable[[], IO[bytes]]]], label: str):
+    def __init__(self, streams: Sequence[Tuple[str, Callable[[], IO[bytes]]]], label: str,
+                 hash_payloads: bool = True):
         self.streams, self.label = list(streams), label
+        # Part files need not be hashed as they stream: every member is checked against
+        # the manifest all the same, and when the bundle does not read, the files are
+        # read again to name the damaged part (Parts.explain). One stream (stdin)
+        # cannot be read again: it is hashed.
+        self.hash_payloads = hash_payloads
         self.file = 0  # in self.streams
         self.fh: IO[bytes] = self.streams[0][1]()
         self.first: Header | None = None
@@ -438,7 +450,7 @@ class Unparted:
         size, sha256 = self.first.table.parts[self.part - 1]
         name = self.name
         self.payload_ended, self.ended = True, self.where
-        if self.digest.hexdigest() != sha256:
+        if self.hash_payloads and self.digest.hexdigest() != sha256:
             raise BundleError(name, f"part {self.part} of {self.first.count} is corrupt: its "
                                     f"sha256 {self.digest.hexdigest()} is not the table's "
                                     f"{sha256}")
@@ -472,7 +484,8 @@ class Unparted:
             raise BundleError(self.name, f"truncated: part {self.part} of {self.first.count} "
                                          f"ends {self.left} bytes before its payload does")
         self.left -= len(data)
-        self.digest.update(data)
+        if self.hash_payloads:
+            self.digest.update(data)
         if self.left == 0:
             self._end_of_payload()
         return data
