@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
@@ -38,6 +38,7 @@ from .model import WeightFile
 log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "https", "file")
+STOP_WAIT = 2.0  # seconds a stop waits for the downloads it stopped to end
 PART = ".part"  # a download in progress, kept to be resumed (with its PART + ".json")
 
 
@@ -562,6 +563,8 @@ def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str]
             for future in futures:  # the first failure is the answer
                 future.cancel()
             batch.stop()  # the running ones stop mid-read; their parts stay, to resume
+            # They end at once, but for one stuck in a connect: not waited for past this
+            wait(futures, timeout=STOP_WAIT)
             raise
 
 
