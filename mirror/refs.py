@@ -39,6 +39,31 @@ def check_host(host: str, what: str = "git_host") -> str:
     return host
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # GitHub's owners and names
+
+
+def _from_url(text: str, url: str) -> str:
+    """``host/owner/name`` of a pasted ``https://host/owner/name[.git][/]``."""
+    scheme, _, rest = url.partition("://")
+    if scheme != "https":
+        raise SpecError(text, f"a {scheme}:// URL: name the repo as host/owner/name and "
+                              f"pass --protocol {scheme}")
+    host, _, path = rest.partition("/")
+    path = path.rstrip("/")
+    if path.count("/") != 1 or any(c in path for c in ":@?#"):
+        raise SpecError(text, "a URL of a repo is https://host/owner/name[.git]")
+    return f"{host}/{path}" if host != DEFAULT_HOST else path
+
+
+def _why_not(given: str) -> str:
+    """Why ``given`` is not a spec, with the likely fix."""
+    head, at, after = given.rpartition("@")
+    if at and head and not re.fullmatch(r"[0-9a-fA-F]{4,40}", after):
+        return (f"{after!r} after '@' is not a commit id (4 to 40 hex digits); a branch or "
+                f"tag goes after ':' ({head}:{after})")
+    return "expected [host/]owner/name[:ref][@commit]"
+
+
 @dataclass(frozen=True)
 class RepoSpec:
     """A repo as a user names it: host, owner and name, plus an optional ref and commit."""
@@ -51,10 +76,21 @@ class RepoSpec:
 
     @classmethod
     def parse(cls, text: str, default_host: str = DEFAULT_HOST) -> RepoSpec:
-        """Parse ``[host/]owner/name[:ref][@commit]``. Raises :class:`SpecError`."""
-        m = _SPEC.match(text.strip())
+        """Parse ``[host/]owner/name[:ref][@commit]``, or a pasted
+        ``https://host/owner/name[.git]``. Owner and name are GitHub's
+        ``[A-Za-z0-9][A-Za-z0-9._-]*`` (nested groups are not supported). Raises
+        :class:`SpecError`, with a hint where the mistake is a common one."""
+        given = text.strip()
+        if given.startswith(("https://", "http://")):
+            given = _from_url(text, given)
+        m = _SPEC.match(given)
         if not m:
-            raise SpecError(text, "expected [host/]owner/name[:ref][@commit]")
+            raise SpecError(text, _why_not(given))
+        for part in ("owner", "name"):
+            if not _NAME.fullmatch(m[part]):
+                raise SpecError(text, f"{part} {m[part]!r} may hold only letters, digits, "
+                                      f"'.', '_' and '-', starting with a letter or digit "
+                                      f"(nested groups are not supported)")
         ref = m["ref"]
         if ref is not None and (ref.startswith("/") or ref.endswith("/") or ".." in ref):
             raise SpecError(text, f"{ref!r} is not a valid branch or tag name")
@@ -107,6 +143,11 @@ def parse_repo_info(repo_info: str) -> Tuple[str, str, str]:
 
     Returns ``(owner, name, branch)``; the branch defaults to ``master``.
     """
+    if "@" in repo_info:  # MegEngine would take it as part of the name, and fetch nothing
+        prefix, _, commit = repo_info.partition("@")
+        raise SpecError(repo_info, f"a commit is not part of repo_info: pass commit="
+                                   f"{commit!r} (hub.load({prefix!r}, ..., commit="
+                                   f"{commit!r}))")
     try:
         prefix, branch = repo_info.split(":") if ":" in repo_info else (repo_info, DEFAULT_BRANCH)
         owner, name = prefix.split("/")
