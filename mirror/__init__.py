@@ -69,7 +69,7 @@ def verify_store(home: str | None = None, progress: bool = False) -> Any:
     from .housekeeping import verify
     from .store import Store
 
-    return verify(Store(home), progress=progress)
+    return verify(Store.existing(home), progress=progress)
 
 
 def remove(spec: str, home: str | None = None, dry_run: bool = False) -> Any:
@@ -81,7 +81,7 @@ def remove(spec: str, home: str | None = None, dry_run: bool = False) -> Any:
     from .housekeeping import remove as remove_from
     from .store import Store
 
-    return remove_from(Store(home), spec, dry_run=dry_run)
+    return remove_from(Store.existing(home), spec, dry_run=dry_run)
 
 
 def take_inventory(home: str | None = None) -> Any:
@@ -118,7 +118,7 @@ def gc(home: str | None = None, dry_run: bool = False) -> Any:
     from .housekeeping import gc as collect
     from .store import Store
 
-    return collect(Store(home), dry_run=dry_run)
+    return collect(Store.existing(home), dry_run=dry_run)
 
 
 def seed(home: str | None = None, megengine_home: str | None = None,
@@ -133,7 +133,7 @@ def seed(home: str | None = None, megengine_home: str | None = None,
     from .megengine_cache import reconcile
     from .store import Store
 
-    return reconcile(Store(home), megengine_home or settings().megengine_home,
+    return reconcile(Store.existing(home), megengine_home or settings().megengine_home,
                      installed_versions(versions))
 
 

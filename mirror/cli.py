@@ -341,7 +341,7 @@ def verify(bundle_paths, keys, allow_unsafe_pickle, plain_http, ca_file, home,
         if as_json:
             click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
         return
-    report = housekeeping.verify(Store(home), progress=not as_json)
+    report = housekeeping.verify(Store.existing(home), progress=not as_json)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -405,7 +405,7 @@ def _print_plan(plan: housekeeping.Plan, as_json: bool) -> None:
 def remove(spec, dry_run, home, as_json) -> None:
     """Remove a repo (owner/name), a ref (owner/name:ref) or a commit (owner/name@commit),
     and every blob nothing else uses."""
-    _print_plan(housekeeping.remove(Store(home), spec, dry_run=dry_run), as_json)
+    _print_plan(housekeeping.remove(Store.existing(home), spec, dry_run=dry_run), as_json)
 
 
 @cli.command()
@@ -415,7 +415,7 @@ def remove(spec, dry_run, home, as_json) -> None:
 @_library_errors
 def gc(dry_run, home, as_json) -> None:
     """Delete what no snapshot, ref or weight references any more, and abandoned work."""
-    _print_plan(housekeeping.gc(Store(home), dry_run=dry_run), as_json)
+    _print_plan(housekeeping.gc(Store.existing(home), dry_run=dry_run), as_json)
 
 
 @cli.command()
@@ -644,7 +644,7 @@ def inventory(output, sign_key, home, as_json) -> None:
     Without -o the inventory itself (JSON) is printed, whatever --json says."""
     from .inventory import take, write
 
-    store = Store(home)
+    store = Store(home)  # none yet: an empty inventory, what a new site sends out
     taken = take(store)
     if not output:
         if sign_key:

@@ -204,6 +204,18 @@ class StoreError(MirrorError):
         super().__init__(f"store {path}: {reason}")
 
 
+class NoStoreError(MirrorError):
+    """Raised by every command but install (which creates one) when the store it is
+    pointed at does not exist: a mistyped ``--home`` is said, never made a store."""
+
+    exit_code = 4
+
+    def __init__(self, home: str):
+        self.home = home
+        super().__init__(f"no store at {home}; 'mirror install' creates one (is --home or "
+                         f"MGE_MIRROR_HOME what you meant?)")
+
+
 class NotInstalledError(MirrorError):
     """Raised when a load asks for a repo, ref or commit the store does not hold."""
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Set, Tuple, TypeVar
 
 from .config import TrustPolicy, settings, trust_policy
-from .errors import AmbiguousCommitError, AmbiguousWeightError, NotInstalledError, StoreError
+from .errors import (
+    AmbiguousCommitError,
+    AmbiguousWeightError,
+    NoStoreError,
+    NotInstalledError,
+    StoreError,
+)
 from .ids import is_hex, short
 from .layout import REF_FOLDERS, TEMP_PREFIX, RepoLayout, StoreLayout, listing
 from .model import JsonObject, Manifest, Pin, RefLogEntry, RepoId, SnapshotRecord, WeightFile
@@ -100,6 +106,15 @@ class Store:
     def __init__(self, home: str | None = None):
         self.home = os.path.abspath(home or settings().store_home)
         self.layout = StoreLayout(self.home)
+
+    @classmethod
+    def existing(cls, home: str | None = None) -> Store:
+        """The store at ``home``, which must exist (install made it): what every
+        command but install works on. Raises :class:`NoStoreError`."""
+        store = cls(home)
+        if not (os.path.isdir(store.layout.repos) or os.path.isdir(store.layout.blobs)):
+            raise NoStoreError(store.home)
+        return store
 
     @property
     def policy(self) -> TrustPolicy:

@@ -436,3 +436,18 @@ def test_seeding_that_cannot_read_a_record_is_a_warning_not_a_failed_install(
     assert r.returncode == 0, r.stderr
     assert "megengine cache: not seeded demo/tinynets:dev: store " in r.stdout
     assert json.loads(receipt.read_text())["result"] == "installed"
+
+
+@pytest.mark.parametrize("command", [["verify"], ["gc"], ["gc", "-n"], ["remove", "demo/x"],
+                                     ["seed"]])
+def test_a_mistyped_home_is_said_and_never_made_a_store(command, tmp_path):
+    """Only install creates a store: the commands that work on one, pointed at a path
+    with none, say so, exit 4 (not installed) and create nothing. (list says nothing
+    is installed there; inventory gives an empty inventory, what a new site sends.)"""
+    home = tmp_path / "typo" / "store"
+    r = run(MIRROR + command + ["--home", str(home)])
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: no store at {home}; 'mirror install' creates one (is --home or "
+        f"MGE_MIRROR_HOME what you meant?)")
+    assert sorted(os.listdir(tmp_path)) == []
