@@ -79,8 +79,10 @@ def remove(spec: str, home: str | None = None, dry_run: bool = False) -> Any:
     ``dry_run``, would go). Raises :class:`mirror.errors.NotInstalledError` or
     :class:`mirror.errors.StoreError`."""
     from .housekeeping import remove as remove_from
+    from .refs import RepoSpec
     from .store import Store
 
+    RepoSpec.parse(spec)  # a bad spec is said first, store or not
     return remove_from(Store.existing(home), spec, dry_run=dry_run)
 
 

@@ -405,6 +405,9 @@ def _print_plan(plan: housekeeping.Plan, as_json: bool) -> None:
 def remove(spec, dry_run, home, as_json) -> None:
     """Remove a repo (owner/name), a ref (owner/name:ref) or a commit (owner/name@commit),
     and every blob nothing else uses."""
+    from .refs import RepoSpec
+
+    RepoSpec.parse(spec)  # a bad spec is said first, store or not
     _print_plan(housekeeping.remove(Store.existing(home), spec, dry_run=dry_run), as_json)
 
 
