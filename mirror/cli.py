@@ -320,7 +320,8 @@ def _print_install(report: Any) -> None:
 @_library_errors
 def verify(bundle_paths, keys, allow_unsafe_pickle, plain_http, ca_file, home,
            as_json) -> None:
-    """Verify every byte of each BUNDLE ('-': stdin) without installing it, or, without
+    """Verify every byte of each BUNDLE ('-': stdin; oci://HOST/REPOSITORY[:TAG|@DIGEST]:
+    from a registry) without installing it, or, without
     BUNDLE, the whole store: every blob re-hashed, every snapshot, ref and weight checked.
 
     Every part of a split bundle (OUT.*), in any order, is verified as the bundle; one

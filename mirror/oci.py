@@ -174,7 +174,7 @@ def push(paths: Sequence[str], target: str, connection: Connection = HTTPS,
                                         "at its end; a registry is read in one pass: pack "
                                         "it without --stream")
     manifest_bytes = bundle.read_manifest_bytes(given)
-    manifest = bundle.read_manifest(given)
+    manifest = bundle.manifest_from_bytes(str(given), manifest_bytes)  # read once
     signature = files[0] + ".sig" if not isinstance(given, Parts) and \
         os.path.isfile(files[0] + ".sig") else None
 

@@ -53,20 +53,28 @@ def _interrupted_pack(upstream, big, tmp_path, env):
     path, url, _ = big
     upstream.weights.fault(path, "stall", 1)
     out = tmp_path / "out.hub"
-    proc = subprocess.Popen(_pack(upstream, url, out, env), env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part = _part(tmp_path, url)
-    for _ in range(600):  # until half the file is in its part file (at most 30 s)
-        if os.path.exists(part) and os.path.getsize(part) == SIZE // 2:
+    # The server still holds the connection (for 60 s): the pack must not wait for it
+    proc, err = _sigint_when(_pack(upstream, url, out, env), env, lambda: os.path.exists(
+        part) and os.path.getsize(part) == SIZE // 2, "the download reached half")
+    return proc, err, out
+
+
+def _sigint_when(cmd, env, ready, what):
+    """Start ``cmd``, send it SIGINT once ``ready()`` (polled for at most 30 s), and
+    give it 30 s more to end. Returns the process and its stderr."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if ready():
             break
         time.sleep(0.05)
     else:
         proc.kill()
-        pytest.fail(f"the download never reached half: {proc.communicate()}")
+        pytest.fail(f"never: {what}: {proc.communicate()}")
     proc.send_signal(signal.SIGINT)
-    # The server still holds the connection (for 60 s): the pack must not wait for it
     _, err = proc.communicate(timeout=30)
-    return proc, err, out
+    return proc, err
 
 
 def test_ctrl_c_stops_a_pack_at_once_and_the_next_run_resumes(upstream, big, tmp_path):
@@ -212,18 +220,16 @@ def test_ctrl_c_does_not_wait_for_another_packs_download(upstream, big, tmp_path
     env = _env(tmp_path)
     lock = _part(tmp_path, url)[:-len(".part")] + ".lock"
     os.makedirs(os.path.dirname(lock), exist_ok=True)
-    with locked(lock):
-        proc = subprocess.Popen(_pack(upstream, url, tmp_path / "out.hub", env), env=env,
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        for _ in range(600):  # until it has fetched the small weights and waits on ours
-            names = os.listdir(tmp_path / "dl") if os.path.isdir(tmp_path / "dl") else []
-            if sum(n.endswith(".data") for n in names) >= 2:
-                break
-            time.sleep(0.05)
+    def waiting() -> bool:  # it has fetched the small weights, and waits on ours
+        names = os.listdir(tmp_path / "dl") if os.path.isdir(tmp_path / "dl") else []
+        if sum(n.endswith(".data") for n in names) < 2:
+            return False
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)  # while the lock is still held here
+        return True
+
+    with locked(lock):  # held here until the pack has ended
+        proc, err = _sigint_when(_pack(upstream, url, tmp_path / "out.hub", env), env,
+                                 waiting, "the small weights were fetched")
     assert proc.returncode == 130, err
 
 
