@@ -277,14 +277,19 @@ def trust_policy(store_home: str, locations: Sequence[str] = (), require: bool =
 
 def run_environment(run_dir: str, store_home: str | None = None) -> Dict[str, str]:
     """The environment of a program started by ``mirror run``: ``run_dir`` (whose
-    ``sitecustomize`` patches megengine.hub on import) first on ``PYTHONPATH``, and
-    every mirror.hub call local."""
+    ``sitecustomize`` patches megengine.hub on import) first on ``PYTHONPATH`` and
+    nothing else added there (not the folder mirror is installed in: for a wheel that
+    is all of site-packages), every mirror.hub call local, and ``MGE_MIRROR_PYTHON``
+    naming this interpreter, which the hook suggests to a Python that lacks mirror."""
+    import sys
+
     env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(run_dir))
-    paths = [run_dir, package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                         if p]
+    paths = [run_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                         if p and os.path.abspath(p) != os.path.abspath(run_dir)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["MGE_MIRROR_OFFLINE"] = "1"
+    if sys.executable:
+        env["MGE_MIRROR_PYTHON"] = sys.executable
     if store_home:
         env["MGE_MIRROR_HOME"] = os.path.abspath(store_home)
     return env
