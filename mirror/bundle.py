@@ -34,7 +34,7 @@ import zstandard
 
 from . import parts
 from .atomic import atomic_file
-from .errors import BundleError, InvalidRecordError, MirrorError, SignatureError
+from .errors import BundleError, InvalidRecordError, MirrorError, SignatureError, unreadable_bundle
 from .hashing import CHUNK, sha256_bytes
 from .links import decode, refused
 from .model import (  # noqa: F401  (the format's names, re-exported for readers of bundles)
@@ -528,7 +528,7 @@ def _open(path: BundleInput, files: contextlib.ExitStack
         try:
             return files.enter_context(open(name, "rb", buffering=CHUNK))
         except OSError as e:
-            raise BundleError(name, e.strerror or str(e)) from None
+            raise unreadable_bundle(name, e) from None
 
     if isinstance(path, Parts):
         problem = path.problem()
@@ -537,7 +537,7 @@ def _open(path: BundleInput, files: contextlib.ExitStack
         try:
             total = sum(os.stat(p).st_size for p in path.paths)
         except OSError as e:
-            raise BundleError(e.filename or str(path), e.strerror or str(e)) from None
+            raise unreadable_bundle(e.filename or str(path), e) from None
         # one part open at a time: a bundle of a thousand parts needs no thousand files
         unparted = Unparted([(p, functools.partial(open, p, "rb", buffering=CHUNK))
                              for p in path.paths], str(path), hash_payloads=False)
@@ -1252,7 +1252,7 @@ def read_manifest_bytes(path: BundleInput) -> bytes:
                 return _streamed_head(path, fh)[0].manifest_bytes
             return _first_manifest(path, fh)
     except OSError as e:
-        raise BundleError(path, e.strerror or str(e)) from None
+        raise unreadable_bundle(path, e) from None
 
 
 def _first_manifest(path: str, fh: IO[bytes]) -> bytes:
@@ -1261,7 +1261,7 @@ def _first_manifest(path: str, fh: IO[bytes]) -> bytes:
         frame = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=False)
         head = frame.read(MAX_MANIFEST_BYTES + 64 * tarfile.BLOCKSIZE)
     except OSError as e:
-        raise BundleError(path, e.strerror or str(e)) from None
+        raise unreadable_bundle(path, e) from None
     except zstandard.ZstdError as e:
         raise BundleError(path, f"unreadable ({e}); not a bundle, or a corrupt one") from None
     try:

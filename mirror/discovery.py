@@ -309,7 +309,8 @@ def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresol
 
 def coverage(files: Iterable[SourceFile]) -> Dict[str, List[str]]:
     """Each function ``hubconf.py`` defines at top level, with the weight URLs that its
-    own ``@pretrained(...)`` decorators name, found without running it.
+    own ``@pretrained(...)`` decorators name, and then those its body downloads with a
+    URL known without running it (``hub.load_serialized_obj_from_url(URL)``, say).
 
     ``megengine.hub.list`` also counts callables hubconf imports (classes, say); these
     are the entrypoints a reader of the manifest can check without executing code.
@@ -323,15 +324,16 @@ def coverage(files: Iterable[SourceFile]) -> Dict[str, List[str]]:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
                 not node.name.startswith("_"):
-            urls = []
-            for deco in node.decorator_list:
-                if isinstance(deco, ast.Call) and _callee_name(deco) in _DOWNLOADERS \
-                        and deco.args:
+            urls: List[str] = []
+            calls = node.decorator_list + [c for stmt in node.body for c in ast.walk(stmt)]
+            for call in calls:
+                if isinstance(call, ast.Call) and _callee_name(call) in _DOWNLOADERS \
+                        and call.args:
                     try:
-                        url = _evaluate(deco.args[0], env)
-                    except _EVAL_ERRORS:
+                        url = _evaluate(call.args[0], env)
+                    except _EVAL_ERRORS:  # a local name, say: discover() reports it
                         continue
-                    if isinstance(url, str):
+                    if isinstance(url, str) and url not in urls:
                         urls.append(url)
             out[node.name] = urls
     return dict(sorted(out.items()))

@@ -7,9 +7,26 @@ message that names it. The CLI prints ``str(error)`` on one line and exits with
 
 from __future__ import annotations
 
+import enum
+import errno
 from typing import Iterable, Mapping, Sequence, Tuple
 
 from .ids import short
+
+
+class ExitCode(enum.IntEnum):
+    """What the ``mirror`` command exits with: each kind of failure its own code, so
+    that a script can tell a missing bundle from a damaged one. The README's table
+    says the same."""
+
+    OK = 0
+    FAILED = 1  # an operation failed: git, a download, a registry, the disk
+    USAGE = 2  # a bad command line, spec or reference
+    VERIFICATION = 3  # a bundle, the store or a stored file failed verification
+    NOT_FOUND = 4  # no such file or store; a repo, ref, commit, entrypoint or weight
+    TRUST = 5  # refused by the trust policy: a signature, or a pickle that runs code
+    CONFLICT = 6  # at odds with what is there: a ref, or a lock file's pins
+    INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT ended
 
 
 def explained(said: str, meanings: Sequence[Tuple[Tuple[str, ...], str]]) -> str:
@@ -25,7 +42,7 @@ def explained(said: str, meanings: Sequence[Tuple[Tuple[str, ...], str]]) -> str
 class MirrorError(Exception):
     """Base class of every error mirror raises on purpose."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILED
 
 
 # --- configuration and records ----------------------------------------------
@@ -45,7 +62,7 @@ class InvalidRecordError(MirrorError, ValueError):
     one of the wrong type or range, or names something unsafe. Callers that know where
     it came from re-raise it as a :class:`BundleError` or :class:`StoreError`."""
 
-    exit_code = 3
+    exit_code = ExitCode.VERIFICATION
 
     def __init__(self, reason: str):
         self.reason = reason
@@ -58,7 +75,7 @@ class InvalidRecordError(MirrorError, ValueError):
 class SpecError(MirrorError, ValueError):
     """Raised when a repo spec such as ``owner/name:ref@commit`` cannot be parsed."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, spec: str, reason: str):
         self.spec = spec
@@ -78,6 +95,8 @@ class GitError(MirrorError):
 
 class RefNotFoundError(GitError):
     """Raised when a branch, tag or commit asked for does not exist upstream."""
+
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, url: str, ref: str, available: Sequence[str] = ()):
         self.ref = ref
@@ -101,7 +120,7 @@ class OCIReferenceError(MirrorError, ValueError):
     """Raised when an ``oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]`` reference
     cannot be parsed."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, reference: str, reason: str):
         self.reference = reference
@@ -135,17 +154,19 @@ class LockMismatchError(MirrorError):
     """Raised when a pack under ``--lock`` finds a ref or a weight that no longer
     matches its pin."""
 
+    exit_code = ExitCode.CONFLICT
+
     def __init__(self, path: str, what: str):
         self.path = path
-        super().__init__(f"lock {path}: {what}. Review the change; delete the lock file "
-                         f"to pin the new state")
+        super().__init__(f"lock {path}: {what}. Review the change; pack again with "
+                         f"--update to move the pins")
 
 
 class UnsafePickleError(MirrorError):
     """Raised when a weight file, unpickled, would import something MegEngine weights
     never use (pickles run code): at pack and at install."""
 
-    exit_code = 3
+    exit_code = ExitCode.TRUST
 
     def __init__(self, what: str, names: Sequence[str]):
         self.what, self.names = what, list(names)
@@ -173,7 +194,7 @@ class RefusedWeightError(UnsafePickleError):
 class BundleError(MirrorError):
     """Raised when a bundle file is unreadable, malformed or fails verification."""
 
-    exit_code = 3
+    exit_code = ExitCode.VERIFICATION
 
     def __init__(self, path: str, reason: str, member: str | None = None):
         self.path = path
@@ -182,11 +203,30 @@ class BundleError(MirrorError):
         super().__init__(f"bad bundle {path}{where}: {reason}")
 
 
+class MissingFileError(MirrorError):
+    """Raised when a file or folder given to mirror (a bundle, one of its parts) does
+    not exist: not found, not a failed verification."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+    def __init__(self, path: str, what: str = "bundle"):
+        self.path = path
+        super().__init__(f"no such {what}: {path}")
+
+
+def unreadable_bundle(path: str, error: OSError) -> MirrorError:
+    """The error for a bundle file that could not be opened or read: missing (exit 4),
+    or unreadable, which verification counts as failed (exit 3)."""
+    if error.errno == errno.ENOENT:
+        return MissingFileError(path)
+    return BundleError(path, error.strerror or str(error))
+
+
 class SignatureError(MirrorError):
     """Raised when a signature is required and the bundle is unsigned, signed by a key
     that is not trusted, or altered after signing."""
 
-    exit_code = 3
+    exit_code = ExitCode.TRUST
 
     def __init__(self, bundle: str, reason: str):
         self.bundle = bundle
@@ -208,7 +248,7 @@ class NoStoreError(MirrorError):
     """Raised by every command but install (which creates one) when the store it is
     pointed at does not exist: a mistyped ``--home`` is said, never made a store."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, home: str):
         self.home = home
@@ -219,7 +259,7 @@ class NoStoreError(MirrorError):
 class NotInstalledError(MirrorError):
     """Raised when a load asks for a repo, ref or commit the store does not hold."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(
         self,
@@ -248,7 +288,7 @@ class NotInstalledError(MirrorError):
 class AmbiguousCommitError(MirrorError):
     """Raised when an abbreviated commit id matches more than one commit."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, repo: str, commit: str, candidates: Sequence[str]):
         self.repo, self.commit, self.candidates = repo, commit, list(candidates)
@@ -260,7 +300,7 @@ class AmbiguousCommitError(MirrorError):
 class EntrypointNotFoundError(MirrorError):
     """Raised when hubconf.py of a snapshot has no callable of the name asked for."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, repo: str, commit: str, entry: str, available: Sequence[str],
                  suggestion: str | None = None):
@@ -277,7 +317,7 @@ class DependencyError(MirrorError):
     """Raised when a module that a repo's hubconf imports, or declares in
     ``dependencies``, cannot be imported on this host."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, repo: str, commit: str, module: str, entry: str | None = None,
                  declared: bool = False):
@@ -293,23 +333,26 @@ class DependencyError(MirrorError):
 class WeightNotInstalledError(MirrorError):
     """Raised when code asks for a weight URL that no installed bundle brought."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
-    def __init__(self, url: str, store: str = "", location: str | None = None):
-        self.url, self.location = url, location
+    def __init__(self, url: str, store: str = "", location: str | None = None,
+                 repo: str | None = None):
+        self.url, self.location, self.repo = url, location, repo
         where = f" in {store}" if store else ""
         asked = f" (asked for at {location})" if location else " (asked for by code that " \
             "builds the URL at run time)"
+        spec = repo or "OWNER/NAME"  # the repo whose code loads it, if known
         super().__init__(
             f"weight {url}{asked} is not installed{where}: no installed bundle packed it. "
-            f"Pack it with 'mirror pack ... --weights {url}' and install that bundle"
+            f"Pack it with 'mirror pack {spec} --weights {url} -o X.hub' and install that "
+            f"bundle"
         )
 
 
 class IntegrityError(MirrorError):
     """Raised when a stored file no longer matches the digest it was installed with."""
 
-    exit_code = 3
+    exit_code = ExitCode.VERIFICATION
 
     def __init__(self, path: str, expected: str, actual: str, url: str | None = None):
         self.path, self.expected, self.actual, self.url = path, expected, actual, url
@@ -335,7 +378,7 @@ class SnapshotRemovedError(MirrorError):
     """Raised when a snapshot is removed from the store ('mirror remove', 'mirror gc')
     while its code or weights are being loaded."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, repo: str, commit: str, path: str):
         self.repo, self.commit, self.path = repo, commit, path
@@ -348,7 +391,7 @@ class PrerequisiteError(MirrorError):
     """Raised when a delta bundle is installed into a store that lacks what it was made
     against (``mirror pack --since``): a snapshot, or content it leaves out."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, bundle: str, store: str, missing: Sequence[str],
                  made_against: Sequence[str], gone: bool = False):
@@ -372,6 +415,8 @@ class RefConflictError(MirrorError):
     """Raised when a bundle's ref cannot sit beside a ref the store has: git keeps refs
     as files, so ``x`` and ``x/y`` (of one kind) cannot both exist."""
 
+    exit_code = ExitCode.CONFLICT
+
     def __init__(self, repo: str, kind: str, ref: str, installed: str, bundle: str):
         self.repo, self.kind, self.ref, self.installed = repo, kind, ref, installed
         super().__init__(
@@ -386,7 +431,7 @@ class AmbiguousWeightError(MirrorError):
     """Raised when a weight URL asked for outside any snapshot's code is pinned to
     different bytes by the snapshots installed, so no one answer is right."""
 
-    exit_code = 4
+    exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, url: str, pins: Mapping[str, Sequence[str]]):
         self.url, self.pins = url, dict(pins)

@@ -210,7 +210,8 @@ def _load_stored_weight(url: str, store: Store, snap: SnapshotRef | None) -> Any
     if weight is None:
         if snap is not None and not os.path.isdir(snap.path):
             raise SnapshotRemovedError(snap.repo, snap.commit, snap.path)
-        raise WeightNotInstalledError(url, store.home, _locate(snap, url) if snap else None)
+        raise WeightNotInstalledError(url, store.home, _locate(snap, url) if snap else None,
+                                      f"{snap.repo}@{snap.commit}" if snap else None)
     st = os.stat(weight.path)
     if settings().paranoid or _verified.get(weight.path) != (st.st_size, st.st_mtime_ns):
         actual, size = sha256_file(weight.path)

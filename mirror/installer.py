@@ -57,6 +57,7 @@ from .model import (
     RefEntry,
     RefLogEntry,
     RepoEntry,
+    RepoId,
     SnapshotEntry,
     SnapshotRecord,
     canonical_json,
@@ -79,13 +80,52 @@ class InstallOptions:
     megengine_versions: Tuple[str, ...] = ()  # seed MegEngine's cache for these versions
     megengine_home: str | None = None  # default: the configured MGE_HOME
     allow_unsafe_pickle: bool = False
-    # Key files or folders; like --trusted-keys, they stand in for the store's configured
+    # Key files or folders; like --trusted-key, they stand in for the store's configured
     # keys for this install (seeding still follows the store's own policy).
     trusted_keys: Tuple[str, ...] = ()
     require_signature: bool = False
     digest_file: bool = False  # also take the bundle file's sha256 (for a receipt)
     progress: bool = False
     registry: Connection = HTTPS  # how to reach an oci:// bundle's registry
+
+
+@dataclass(frozen=True)
+class SnapshotOutcome:
+    """A snapshot of the bundle: installed by this install, or already in the store."""
+
+    repo: RepoId
+    commit: str
+
+    def __str__(self) -> str:
+        return f"{self.repo.label}@{short(self.commit)}"
+
+    def to_json(self) -> JsonObject:
+        return {"repo": self.repo.full, "commit": self.commit}
+
+
+@dataclass(frozen=True)
+class RefOutcome:
+    """A ref of the bundle that names another commit than the store's: set (moved from
+    ``previous``, or new), or kept at ``previous`` for ``reason``."""
+
+    repo: RepoId
+    kind: str  # "branch" or "tag"
+    name: str
+    commit: str  # what the bundle names
+    previous: str | None  # what the store named before; None: a new ref
+    reason: str | None = None  # why it stays at ``previous``; None: it was set
+
+    def __str__(self) -> str:
+        label = f"{self.repo.label}:{self.name}"
+        if self.reason is not None:
+            return f"{label} stays at {self.reason}"
+        moved = f" (was {short(self.previous)})" if self.previous else ""
+        return f"{label} -> {short(self.commit)}{moved}"
+
+    def to_json(self) -> JsonObject:
+        return {"repo": self.repo.full, "kind": self.kind, "name": self.name,
+                "commit": self.commit, "previous": self.previous,
+                "set": self.reason is None, "reason": self.reason}
 
 
 @dataclass
@@ -97,11 +137,11 @@ class InstallReport:
     verified_files: int = 0
     verified_bytes: int = 0
     bytes_written: int = 0
-    snapshots_installed: List[str] = field(default_factory=list)
-    snapshots_present: List[str] = field(default_factory=list)
+    snapshots_installed: List[SnapshotOutcome] = field(default_factory=list)
+    snapshots_present: List[SnapshotOutcome] = field(default_factory=list)
     weights: List[str] = field(default_factory=list)
-    refs_set: List[str] = field(default_factory=list)
-    refs_kept: List[str] = field(default_factory=list)
+    refs_set: List[RefOutcome] = field(default_factory=list)
+    refs_kept: List[RefOutcome] = field(default_factory=list)
     megengine_cache: List[str] = field(default_factory=list)
     signed_by: str | None = None  # the trusted key that signed the bundle, if checked
     file_sha256: str = ""  # of the bundle file, as it was read and verified
@@ -112,15 +152,18 @@ class InstallReport:
         return bool(self.snapshots_installed or self.refs_set or self.bytes_written)
 
     def to_json(self) -> JsonObject:
-        """The report as ``mirror install --json`` prints it (its members left out)."""
-        return {"bundle": self.bundle, "bundle_sha256": self.bundle_id,
+        """One bundle's entry in ``mirror install --json`` (docs/json.md; its members
+        left out: ``--receipt`` lists them)."""
+        return {"bundle": self.bundle, "ok": True, "bundle_id": self.bundle_id,
+                "file_sha256": self.file_sha256 or None,
                 "verified_files": self.verified_files, "verified_bytes": self.verified_bytes,
-                "bytes_written": self.bytes_written,
-                "snapshots_installed": self.snapshots_installed,
-                "snapshots_present": self.snapshots_present, "weights": self.weights,
-                "refs_set": self.refs_set, "refs_kept": self.refs_kept,
-                "megengine_cache": self.megengine_cache, "signed_by": self.signed_by,
-                "bundle_file_sha256": self.file_sha256}
+                "bytes_written": self.bytes_written, "changed": self.changed,
+                "snapshots": [dict(s.to_json(), installed=True)
+                              for s in self.snapshots_installed]
+                + [dict(s.to_json(), installed=False) for s in self.snapshots_present],
+                "refs": [r.to_json() for r in self.refs_set + self.refs_kept],
+                "weights": list(self.weights), "megengine_cache": list(self.megengine_cache),
+                "signed_by": self.signed_by, "error": None}
 
 
 def install(bundle_path: BundleInput, home: str | None = None,
@@ -471,7 +514,7 @@ class Transaction:
         journal.makedirs(paths.snapshots)
         pins = {w.url: Pin(w.sha256, w.size) for w in self.manifest.weights}
         for snap in repo.snapshots:
-            label = f"{repo.id.label}@{short(snap.commit)}"
+            label = SnapshotOutcome(repo.id, snap.commit)
             # Decided under the lock: another install must not publish in between (a
             # record and a folder of different contents).
             key = (paths.path, snap.commit)
@@ -527,21 +570,21 @@ class Transaction:
 
     def _set_ref(self, paths: RepoLayout, repo: RepoEntry, ref: RefEntry,
                  journal: Journal) -> None:
-        label = f"{repo.id.label}:{ref.name}"
         current = self.store.ref_commit(paths, ref.kind, ref.name)
         if current == ref.commit:
             return
         kept = self._why_kept(paths, ref, current) if current else None
         if kept and not self.options.force:
-            self.report.refs_kept.append(f"{label} stays at {kept}")
+            self.report.refs_kept.append(RefOutcome(repo.id, ref.kind, ref.name, ref.commit,
+                                                    current, kept))
             return
         journal.write(paths.ref(ref.kind, ref.name), (ref.commit + "\n").encode())
         entry = RefLogEntry(ref.name, ref.kind, current, ref.commit, self.report.bundle_id,
                             self.file_name, int(time.time()),
                             self.manifest.created, forced=kept is not None)
         journal.append(paths.refs_log, canonical_json(entry.to_json()))
-        moved = f" (was {short(current)})" if current else ""
-        self.report.refs_set.append(f"{label} -> {short(ref.commit)}{moved}")
+        self.report.refs_set.append(RefOutcome(repo.id, ref.kind, ref.name, ref.commit,
+                                               current))
 
     def _why_kept(self, paths: RepoLayout, ref: RefEntry, current: str) -> str | None:
         """Which rule keeps a ref at ``current`` (None: it moves). A tag never moves;

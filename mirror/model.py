@@ -429,6 +429,12 @@ class RepoId:
         """``owner/name``, as messages show it."""
         return f"{self.owner}/{self.name}"
 
+    @property
+    def full(self) -> str:
+        """``host/owner/name``: the repo as a spec names it on any host, and as JSON
+        output does."""
+        return f"{self.host}/{self.owner}/{self.name}"
+
 
 @dataclass(frozen=True)
 class RepoEntry:

@@ -90,6 +90,11 @@ class PackOptions:
     lock: str | None = _option(None, Flag(
         ("--lock",), "Lock file of ref -> commit and URL -> sha256 pins: written if absent, "
                      "enforced if present.", path=True))
+    # Not a recipe key either: moving pins is one run's deliberate act, reviewed in the
+    # lock's diff, never a standing setting that would make the lock enforce nothing.
+    update_lock: bool = _option(False, Flag(
+        ("--update",), "With --lock: re-resolve refs and weights, move the pins that changed "
+                       "and add new ones, and say what changed (instead of failing)."))
     since: str | None = _option(None, Flag(
         ("--since",), "Pack a delta against what a target store holds: its inventory "
                       "(mirror inventory), an earlier bundle or a lock file. What it holds "

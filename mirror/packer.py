@@ -48,7 +48,7 @@ from .model import (
 from .names import one_line
 from .pack_options import PackOptions
 from .parts import split_size
-from .pins import Pins
+from .pins import LockChange, Pins
 from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
 from .safety import unsafe_globals
@@ -61,6 +61,42 @@ DEFAULT_OPTIONS = PackOptions()
 Follow = Tuple[str, Tuple[str, ...]]  # a spec still to pack, and the entries it needs
 
 
+@dataclass(frozen=True)
+class PackedRef:
+    """A ref the bundle sets: ``kind`` ``name`` of ``repo`` (``host/owner/name``) at
+    ``commit``, as ``asked`` on the command line."""
+
+    repo: str
+    kind: str
+    name: str
+    commit: str
+    asked: str
+    label: str  # the repo as messages name it: owner/name, or host/owner/name
+
+    def __str__(self) -> str:
+        return f"{self.label}:{self.name} -> {self.commit}"
+
+    def to_json(self) -> JsonObject:
+        return {"repo": self.repo, "kind": self.kind, "name": self.name,
+                "commit": self.commit, "asked": self.asked}
+
+
+@dataclass(frozen=True)
+class EntryCoverage:
+    """The weights one entrypoint of a packed snapshot loads, as its code names them
+    (and, traced, as it asked for them)."""
+
+    repo: str  # host/owner/name
+    commit: str
+    entrypoint: str
+    urls: Tuple[str, ...]
+    label: str  # the snapshot as messages name it: owner/name@commit
+
+    def to_json(self) -> JsonObject:
+        return {"repo": self.repo, "commit": self.commit, "entrypoint": self.entrypoint,
+                "weights": list(self.urls)}
+
+
 @dataclass
 class PackReport:
     """What ``pack`` wrote: the bundle, its id and size, and what went into it."""
@@ -69,26 +105,29 @@ class PackReport:
     bundle_id: str = ""  # sha256 of the manifest: what install records and list shows
     size: int = 0  # -1: written to stdout; in parts, their sizes' sum
     parts: List[str] = field(default_factory=list)  # the part files (--split-size)
-    refs: List[str] = field(default_factory=list)  # "owner/name:ref -> commit"
+    refs: List[PackedRef] = field(default_factory=list)
     files: int = 0
     weights: List[WeightEntry] = field(default_factory=list)
     unresolved: List[str] = field(default_factory=list)
     excluded: List[str] = field(default_factory=list)
     nested: List[str] = field(default_factory=list)
-    coverage: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)  # label -> entry
+    coverage: List[EntryCoverage] = field(default_factory=list)
     prerequisites: Prerequisites | None = None  # a delta's (--since), else None
+    lock_changes: List[LockChange] = field(default_factory=list)  # --lock --update's
 
     def to_json(self) -> JsonObject:
         """What ``mirror pack --json`` prints (a weight without its locations)."""
         return {"output": self.output, "bundle_id": self.bundle_id, "size": self.size,
                 "parts": list(self.parts),
-                "refs": list(self.refs), "files": self.files,
+                "refs": [r.to_json() for r in self.refs], "files": self.files,
                 "weights": [{"url": w.url, "size": w.size, "sha256": w.sha256}
                             for w in self.weights],
                 "unresolved": list(self.unresolved), "excluded": list(self.excluded),
-                "nested": list(self.nested), "coverage": self.coverage,
+                "nested": list(self.nested),
+                "coverage": [c.to_json() for c in self.coverage],
                 "prerequisites": self.prerequisites.to_json() if self.prerequisites
-                else None}
+                else None,
+                "lock_changes": [c.to_json() for c in self.lock_changes]}
 
 
 def pack(specs: Sequence[str], output: str, options: PackOptions = DEFAULT_OPTIONS, *,
@@ -105,7 +144,9 @@ def pack(specs: Sequence[str], output: str, options: PackOptions = DEFAULT_OPTIO
             what those entrypoints need (which implies ``trace``, running them with
             downloads recorded instead of performed); ``follow_nested`` also packs
             repos that the code loads with ``megengine.hub.load``; ``lock`` is a pin
-            file to write, or to enforce if it exists. Weights are downloaded ``jobs``
+            file to write, or to enforce if it exists (``update_lock``: to move and
+            add pins in, keeping those this pack does not use, see :mod:`mirror.pins`;
+            each change is logged and in the report). Weights are downloaded ``jobs``
             at a time through the packing host's download cache (``refresh``
             downloads again: with a pin file, that checks that upstream still serves
             the pinned bytes).
@@ -120,7 +161,8 @@ def pack(specs: Sequence[str], output: str, options: PackOptions = DEFAULT_OPTIO
         UnresolvedError: some download's URL cannot be worked out (unless
             ``allow_unresolved``).
         DownloadError: a weight cannot be downloaded.
-        LockMismatchError: the pin file pins other commits or bytes, or not all of them.
+        LockMismatchError: the pin file pins other commits or bytes, or not all of them
+            (never with ``update_lock``).
         UnsafePickleError: a weight would import more than numpy, tensors and
             collections (unless ``allow_unsafe_pickle``).
         MirrorError: the bundle cannot be written, among others.
@@ -180,7 +222,11 @@ class _Packer:
         self.opts, self.log = opts, log
         self.report = PackReport(output=output)
         self.rewrite = Rewrites.parse(opts.rewrites)
+        if opts.update_lock and not opts.lock:
+            raise MirrorError("--update moves the pins of a lock file; give --lock FILE")
         self.pins = Pins.load(opts.lock) if opts.lock else None
+        # Under --update the pins are what is being replaced: nothing is checked against them.
+        self.enforce = self.pins if self.pins and not opts.update_lock else None
         self.baseline = None
         if opts.since:
             keys = load_keys([opts.since_key]) if opts.since_key else None
@@ -223,8 +269,8 @@ class _Packer:
         spec, url, fetch_url = self._locate(RepoSpec.parse(text))
         with Upstream(fetch_url, history=self.opts.history, progress=self.opts.progress) as up:
             resolved = up.resolve(spec, allow_unreachable=self.opts.allow_unreachable)
-            if self.pins:
-                self.pins.check_ref(text, resolved.commit)
+            if self.enforce:
+                self.enforce.check_ref(text, resolved.commit)
             self.log(f"resolved {spec} -> {resolved.kind} {resolved.name} at "
                      f"{resolved.commit}")
             snap = up.snapshot(resolved.commit)
@@ -274,7 +320,9 @@ class _Packer:
                                   resolved_at=settings().now(), fetched_from=fetch_url,
                                   target=resolved.target if resolved.target != resolved.commit
                                   else None))  # an annotated tag's own id
-        self.report.refs.append(f"{spec.repo}:{resolved.name} -> {resolved.commit}")
+        self.report.refs.append(PackedRef(f"{spec.host}/{spec.owner}/{spec.name}",
+                                          resolved.kind, resolved.name, resolved.commit,
+                                          text, spec.repo))
 
     def _weights(self, spec: RepoSpec, snap: Snapshot, entries: Tuple[str, ...]) -> _Found:
         """What the whole snapshot, or ``entries``, download and load."""
@@ -299,7 +347,7 @@ class _Packer:
                 if entry not in entries:
                     self.log(f"warning: {label}: tracing {entry} failed: {error}")
         kept = {u: where for u, where in urls.items() if not self._excluded(u)}
-        return self._note(label, _Found(
+        return self._note(spec, snap.commit, _Found(
             kept=kept,
             # A nested repo is packed whole, or, when entries were named, for the entry
             # called.
@@ -307,9 +355,10 @@ class _Packer:
             coverage=entry_weights, excluded=sorted(set(urls) - set(kept)),
             unresolved=unresolved, nested=sorted({c.spec for c in calls}), trace=traced))
 
-    def _note(self, label: str, found: _Found) -> _Found:
-        """Add what ``found`` says about snapshot ``label`` to the report and to the
-        weights to fetch."""
+    def _note(self, spec: RepoSpec, commit: str, found: _Found) -> _Found:
+        """Add what ``found`` says about the snapshot of ``spec`` at ``commit`` to the
+        report and to the weights to fetch."""
+        label = f"{spec.repo}@{short(commit)}"
         self.report.excluded += found.excluded
         self.report.unresolved += [f"{label} {u}" for u in found.unresolved]
         for u, where in found.kept.items():
@@ -318,7 +367,12 @@ class _Packer:
         if found.nested and not self.opts.follow_nested:
             self.log(f"warning: {label} loads {', '.join(found.nested)} through "
                      f"megengine.hub.load; pack them with --follow-nested")
-        self.report.coverage[label] = found.coverage
+        traced = found.trace.weights if found.trace else {}
+        for entry, urls in found.coverage.items():
+            asked = [a.url for a in traced.get(entry, ()) if a.url not in urls]
+            self.report.coverage.append(EntryCoverage(
+                f"{spec.host}/{spec.owner}/{spec.name}", commit, entry, tuple(urls + asked),
+                label))
         return found
 
     def _snapshot(self, snap: Snapshot, found: _Found) -> SnapshotEntry:
@@ -342,7 +396,7 @@ class _Packer:
     def finish(self) -> PackReport:
         """Check what was found, fetch the weights and write the bundle."""
         report, pins = self.report, self.pins
-        if pins and pins.exists:
+        if self.enforce and pins.exists:
             new = pins.missing(sorted({r.asked for repo in self.repos.values()
                                        for r in repo.refs}), sorted(self.weight_refs))
             if new:
@@ -386,11 +440,27 @@ class _Packer:
             if report.output != bundle.STREAM else -1
         report.parts = files if self.opts.split_size else []
         report.weights = weights
-        if pins and not pins.exists:
-            pins.write({r.asked: r.commit for repo in self.repos.values() for r in repo.refs},
-                       {w.url: w.sha256 for w in weights})
-            self.log(f"wrote lock {pins.path}")
+        if pins and (self.opts.update_lock or not pins.exists):
+            self._pin({r.asked: r.commit for repo in self.repos.values() for r in repo.refs},
+                      {w.url: w.sha256 for w in weights})
         return report
+
+    def _pin(self, refs: Dict[str, str], weights: Dict[str, str]) -> None:
+        """Write the pin file: this pack's pins, and under ``update_lock`` those it does
+        not use kept, each change said (only now: a pack that failed moved nothing)."""
+        pins = self.pins
+        assert pins is not None
+        if self.opts.update_lock:
+            changes = self.report.lock_changes = pins.changes(refs, weights)
+            for line in [c.line() for c in changes] or ["lock: unchanged"]:
+                self.log(line)
+            kept = pins.unused(refs, weights)
+            if kept:
+                self.log(f"lock: kept {len(kept)} pin(s) this pack does not use: "
+                         f"{', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}")
+            refs, weights = {**pins.refs, **refs}, {**pins.weights, **weights}
+        if pins.write(refs, weights):
+            self.log(f"wrote lock {pins.path}")
 
     def _held(self) -> List[WeightEntry]:
         """The weights a delta's target already holds for their URLs, when a trusted key
@@ -402,8 +472,8 @@ class _Packer:
         held = []
         for url in sorted(set(self.weight_refs) & set(self.baseline.urls)):
             pin = self.baseline.urls[url]
-            if self.pins:
-                self.pins.check_weight(url, pin.sha256)
+            if self.enforce:
+                self.enforce.check_weight(url, pin.sha256)
             held.append(WeightEntry(url, pin.size, pin.sha256,
                                     tuple(sorted(set(self.weight_refs[url])))))
         return held
@@ -445,8 +515,8 @@ class _Packer:
     def _weight(self, got: WeightFile) -> WeightEntry:
         """The manifest's entry of a downloaded weight, once its pin and its pickle's
         imports are checked."""
-        if self.pins:
-            self.pins.check_weight(got.url, got.sha256)
+        if self.enforce:
+            self.enforce.check_weight(got.url, got.sha256)
         unsafe = unsafe_globals(got.path)
         if unsafe and not self.opts.allow_unsafe_pickle:
             raise UnsafePickleError(f"weight {got.url}", unsafe)

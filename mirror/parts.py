@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Sequence, Tuple, Union
 
-from .errors import BundleError, MirrorError
+from .errors import BundleError, MirrorError, unreadable_bundle
 from .hashing import CHUNK, sha256_bytes
 from .signing import PARTS_TABLE
 
@@ -247,7 +247,7 @@ def header_of(path: str) -> Header:
         with open(path, "rb") as fh:
             header = read_header(fh, path)
     except OSError as e:
-        raise BundleError(path, e.strerror or str(e)) from None
+        raise unreadable_bundle(path, e) from None
     if header is None:
         raise BundleError(path, "not a part of a bundle (no part header)")
     return header
@@ -509,7 +509,7 @@ def verify_alone(path: str) -> Header:
                 digest.update(block)
                 got += len(block)
     except OSError as e:
-        raise BundleError(path, e.strerror or str(e)) from None
+        raise unreadable_bundle(path, e) from None
     if got != size:
         raise BundleError(path, f"part {header.index} of {header.count} holds {got} bytes "
                                 f"of payload, not the table's {size}: truncated or appended")

@@ -75,7 +75,7 @@ class SnapshotSummary:
                 "entrypoints": list(self.entrypoints),
                 "weights": [{"url": u, "size": p.size if p else None,
                              "sha256": p.sha256 if p else None} for u, p in self.weights],
-                "bundle": self.bundle, "bundle_file": self.bundle_file,
+                "bundle_id": self.bundle, "bundle_file": self.bundle_file,
                 "installed_at": self.installed_at}
 
 
@@ -93,9 +93,10 @@ class RepoSummary:
         return [s.commit for s in self.snapshots]
 
     def to_json(self) -> JsonObject:
-        return dict(self.id.to_json(),
-                    refs={r.name: {"kind": r.kind, "commit": r.commit} for r in self.refs},
-                    commits=self.commits, snapshots=[s.to_json() for s in self.snapshots],
+        return dict(self.id.to_json(), repo=self.id.full,
+                    refs=[{"kind": r.kind, "name": r.name, "commit": r.commit}
+                          for r in self.refs],
+                    snapshots=[s.to_json() for s in self.snapshots],
                     problems=list(self.problems))
 
 
@@ -112,9 +113,13 @@ class Store:
         """The store at ``home``, which must exist (install made it): what every
         command but install works on. Raises :class:`NoStoreError`."""
         store = cls(home)
-        if not (os.path.isdir(store.layout.repos) or os.path.isdir(store.layout.blobs)):
+        if not store.exists():
             raise NoStoreError(store.home)
         return store
+
+    def exists(self) -> bool:
+        """Whether an install has made a store here."""
+        return os.path.isdir(self.layout.repos) or os.path.isdir(self.layout.blobs)
 
     @property
     def policy(self) -> TrustPolicy:

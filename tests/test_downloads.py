@@ -126,7 +126,7 @@ def test_downloads_list_and_clean(upstream, big, tmp_path):
     assert proc.returncode == 130, err
     r = run(MIRROR + ["downloads", "list", "--json"], env=env)
     assert r.returncode == 0, r.stderr
-    listed = json.loads(r.stdout)
+    listed = json.loads(r.stdout)["downloads"]
     parts = [e for e in listed if not e["complete"]]
     assert [(e["url"], e["size"], e["path"]) for e in parts] == \
         [(url, SIZE // 2, _part(tmp_path, url))]
@@ -145,7 +145,7 @@ def test_downloads_list_and_clean(upstream, big, tmp_path):
     r = run(MIRROR + ["downloads", "clean", "--partial", "-n"], env=env)
     assert r.returncode == 0 and os.path.exists(_part(tmp_path, url))
     r = run(MIRROR + ["downloads", "clean", "--partial", "--json"], env=env)
-    assert [e["path"] for e in json.loads(r.stdout)["removed"]] == [_part(tmp_path, url)]
+    assert [e["path"] for e in json.loads(r.stdout)["downloads"]] == [_part(tmp_path, url)]
     assert not os.path.exists(_part(tmp_path, url) + ".json")
     assert [e.complete for e in list_downloads(root)] == [True] * len(whole)
     assert clean_downloads(root, older_than=3600) == []  # all of them are new

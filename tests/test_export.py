@@ -39,6 +39,10 @@ def _export(env, out, *specs, extra=()):
     """``mirror export --json`` with no network: its report (or the failed run)."""
     r = run(MIRROR + ["export", *specs, "-o", str(out), "--json", *extra], env=env,
             netns=True)
+    if r.returncode != 0:  # under --json, the error is a JSON object on stderr
+        error = json.loads(r.stderr)["error"]
+        assert error["exit_code"] == r.returncode
+        r.stderr = f"Error: {error['message']}\n"
     return (json.loads(r.stdout) if r.returncode == 0 else None), r
 
 
@@ -101,7 +105,7 @@ def test_a_signed_bundle_made_again_keeps_its_signature_and_installs_under_trust
     pack([upstream.spec(":v1.0")], signed, PackOptions(
         git_host=upstream.git.host, protocol="http", progress=False, sign=keys["release"][0]))
     env_a = _env(tmp_path, "a")
-    _install(env_a, signed, "--trusted-keys", keys["release"][1])
+    _install(env_a, signed, "--trusted-key", keys["release"][1])
     original_sig = os.path.join(env_a["MGE_MIRROR_HOME"], "signatures",
                                 bundle.bundle_id(bundle.read_manifest_bytes(signed)) + ".sig")
     assert os.path.isfile(original_sig)
@@ -118,19 +122,19 @@ def test_a_signed_bundle_made_again_keeps_its_signature_and_installs_under_trust
     assert _members(out)[:2] == ["manifest.json", "manifest.sig"]
 
     env_b = _env(tmp_path, "b")
-    r = _install(env_b, str(out), "--require-signature", "--trusted-keys", keys["release"][1])
+    r = _install(env_b, str(out), "--require-signature", "--trusted-key", keys["release"][1])
     assert f"signed by trusted key {keys['release'][2]}" in r.stdout
     r = run(MIRROR + ["install", "--no-megengine-cache", "--require-signature",
-                      "--trusted-keys", keys["other"][1], str(out)], env=_env(tmp_path, "c"),
+                      "--trusted-key", keys["other"][1], str(out)], env=_env(tmp_path, "c"),
             netns=True)
-    assert r.returncode == 3, r.stderr
+    assert r.returncode == 5, r.stderr
 
     # --sign: the same manifest, signed anew by the key given
     resigned = tmp_path / "resigned.hub"
     report, r = _export(env_a, resigned, REPO, extra=("--sign", keys["other"][0]))
     assert r.returncode == 0, r.stderr
     assert report["bundle_id"] == bundle.bundle_id(bundle.read_manifest_bytes(signed))
-    r = run(MIRROR + ["verify", str(resigned), "--key", keys["other"][1]], netns=True)
+    r = run(MIRROR + ["verify", str(resigned), "--trusted-key", keys["other"][1]], netns=True)
     assert r.returncode == 0 and r.stdout.strip().endswith(f"signed by {keys['other'][2]}")
 
 

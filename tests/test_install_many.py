@@ -44,9 +44,10 @@ def test_a_folder_stands_for_its_bundles_and_json_reports_each(master_bundle, tm
     r = run(MIRROR + ["install", "--no-megengine-cache", "--json", str(folder),
                       master_bundle], env=env)
     assert r.returncode == 0, r.stderr
-    reports = json.loads(r.stdout)
+    reports = json.loads(r.stdout)["bundles"]
     assert [x["bundle"] for x in reports] == [str(folder / "a.hub"), master_bundle]
-    assert reports[0]["snapshots_installed"] and not reports[1]["snapshots_installed"]
+    assert [s["installed"] for s in reports[0]["snapshots"]] == [True]
+    assert [s["installed"] for s in reports[1]["snapshots"]] == [False]
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run(MIRROR + ["install", str(empty)], env=env)

@@ -38,10 +38,10 @@ def legacy(tmp_path, monkeypatch) -> str:
 def test_an_earlier_store_lists_and_verifies(legacy):
     r = run(MIRROR + ["list", "--json"])
     assert r.returncode == 0, r.stderr
-    (repo,) = json.loads(r.stdout)
+    (repo,) = json.loads(r.stdout)["repos"]
     assert (repo["host"], repo["owner"], repo["name"]) == ("github.com", "demo", "mirrored")
-    assert repo["commits"] == sorted(COMMITS.values())
-    assert {n: v["commit"] for n, v in repo["refs"].items()} == {
+    assert [s["commit"] for s in repo["snapshots"]] == sorted(COMMITS.values())
+    assert {r["name"]: r["commit"] for r in repo["refs"]} == {
         "master": COMMITS["c3"], "dev": COMMITS["c4"], "v1.0": COMMITS["c2"]}
     r = run(MIRROR + ["verify"])
     assert r.returncode == 0 and ": OK, " in r.stdout, r.stdout + r.stderr

@@ -130,7 +130,8 @@ def test_every_revision_form_loads_that_revisions_code_and_weights(upstream, off
     (f"mirror.hub.load('hand/made', 'linear', commit={HAND_A[:8]!r}, pretrained=True)",
      f"mirror.errors.WeightNotInstalledError: weight {MISSING_WEIGHT} (asked for at "
      f"hubconf.py:5) is not installed in {{home}}: no installed bundle packed it. Pack it "
-     f"with 'mirror pack ... --weights {MISSING_WEIGHT}' and install that bundle"),
+     f"with 'mirror pack hand/made@{HAND_A} --weights {MISSING_WEIGHT} -o X.hub' and "
+     f"install that bundle"),
 ])
 def test_errors_say_exactly_what_is_wrong(upstream, offline, call, message):
     got = offline_python(offline, f"import mirror.hub\n{call}\n")

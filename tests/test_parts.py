@@ -71,13 +71,13 @@ def test_each_part_verifies_alone_and_with_the_signing_key(split, tmp_path):
     alone = tmp_path / "one"
     alone.mkdir()
     third = shutil.copy(report.parts[2], alone)  # no other part beside it
-    r = run(MIRROR + ["verify", "--key", public, third], netns=True)
+    r = run(MIRROR + ["verify", "--trusted-key", public, third], netns=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{third}: OK, part 3 of {len(report.parts)} of bundle "
                                f"{report.bundle_id[:16]}, ")
     assert f"signed by {key_id}" in r.stdout
     r = run(MIRROR + ["verify", "--json", third])
-    doc = json.loads(r.stdout)
+    (doc,) = json.loads(r.stdout)["bundles"]
     assert doc["part"]["index"] == 3 and doc["bundle_id"] == report.bundle_id
     # the same part, damaged in transit: named, with the table's digest
     data = bytearray(open(third, "rb").read())
@@ -103,8 +103,8 @@ def test_a_part_alone_under_a_key_that_did_not_sign_its_table(split, tmp_path):
     forged.write_bytes(parts.header_frame(2, header.size, table, header.table_signature,
                                           header.manifest_bytes, header.signature) + changed)
     assert run(MIRROR + ["verify", str(forged)]).returncode == 0  # consistent, unsigned check
-    r = run(MIRROR + ["verify", "--key", public, str(forged)])
-    assert r.returncode == 3
+    r = run(MIRROR + ["verify", "--trusted-key", public, str(forged)])
+    assert r.returncode == 5
     assert r.stderr.strip() == f"Error: refusing {forged}: its table of parts was changed " \
                                f"after signing"
 

@@ -194,19 +194,20 @@ def test_a_long_history_proves_branches_forward_only_as_far_as_it_carries(git_ro
     new = pack_file(git_root, ["many/commits"], tmp_path / "new.hub")
     install(old)
     report = install(new)
-    assert report.refs_set == [f"many/commits:master -> {tip[:12]} (was {back50[:12]})"]
+    assert list(map(str, report.refs_set)) == [
+        f"many/commits:master -> {tip[:12]} (was {back50[:12]})"]
     report = install(old)
-    assert report.refs_set == [] and len(report.refs_kept) == 1
-    assert f"stays at newer {tip[:12]}" in report.refs_kept[0]
+    assert list(map(str, report.refs_set)) == [] and len(report.refs_kept) == 1
+    assert f"stays at newer {tip[:12]}" in str(report.refs_kept[0])
     check_store(home, bare, "github.com", "many/commits", proofs)
     assert len(proofs[tip].parents) == HISTORY and proofs[tip].has_ancestor(back50)
 
     other = str(tmp_path / "other")
     install(pack_file(git_root, [f"many/commits@{back150}"], tmp_path / "150.hub"), other)
     report = install(new, other)
-    assert report.refs_set == [] and "does not prove" in report.refs_kept[0]
+    assert list(map(str, report.refs_set)) == [] and "does not prove" in str(report.refs_kept[0])
     longer = pack_file(git_root, ["many/commits"], tmp_path / "long.hub", history=200)
-    assert install(longer, other).refs_set == [
+    assert list(map(str, install(longer, other).refs_set)) == [
         f"many/commits:master -> {tip[:12]} (was {back150[:12]})"]
 
 

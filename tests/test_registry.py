@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from mirror import bundle, oci
+from mirror.cli import iec
 from mirror.errors import BundleError, MirrorError, OCIReferenceError, RegistryError, SignatureError
 from mirror.installer import InstallOptions, install
 from mirror.packer import PackOptions, pack
@@ -108,7 +109,7 @@ def test_push_pull_install_then_load_with_no_network(registry, master_bundle, tm
     assert r.stdout.splitlines() == [
         f"pushed {registry.ref('models/demo:v1')}@{digest}",
         "1 layers: 1 uploaded "
-        f"({os.path.getsize(master_bundle)} bytes), 0 already there, 0 mounted", digest]
+        f"({iec(os.path.getsize(master_bundle))}), 0 already there, 0 mounted", digest]
 
     pulled = tmp_path / "pulled.hub"
     r = run(MIRROR + ["pull", registry.ref("models/demo:v1"), "-o", str(pulled),
@@ -475,7 +476,7 @@ def test_a_signature_survives_the_round_trip(registry, master_bundle, tmp_path, 
 
     got = oci.pull(registry.ref("models/signed:v1"), str(tmp_path / "p.hub"), connection=PLAIN)
     assert got.files == (str(tmp_path / "p.hub"), str(tmp_path / "p.hub.sig"))
-    r = run(MIRROR + ["verify", str(tmp_path / "p.hub"), "--key", keys["release"][1]])
+    r = run(MIRROR + ["verify", str(tmp_path / "p.hub"), "--trusted-key", keys["release"][1]])
     assert r.returncode == 0 and r.stdout.strip().endswith(f"signed by {keys['release'][2]}")
 
     home = str(tmp_path / "store")
@@ -689,7 +690,7 @@ def test_bundles_files_and_references_mixed_are_each_installed(registry, all_ref
     refs = [registry.ref("mixed/a:v1"), registry.ref("mixed/b:v1")]
     r = run(MIRROR + ["install", master_bundle] + refs + ["--plain-http", "--json"], env=env)
     assert r.returncode == 0, r.stderr
-    assert [o["bundle"] for o in json.loads(r.stdout)] == [master_bundle] + refs
+    assert [o["bundle"] for o in json.loads(r.stdout)["bundles"]] == [master_bundle] + refs
     r = run(MIRROR + ["verify"] + refs + ["--plain-http"], env=env)
     assert r.returncode == 0, r.stderr
     assert [line.split(": OK")[0] for line in r.stdout.splitlines()] == refs

@@ -46,25 +46,25 @@ def test_keygen_writes_a_private_key_only_its_owner_can_read(keys):
     assert open(public).read().startswith("-----BEGIN PUBLIC KEY-----")
     assert len(kid) == 16
     r = run(MIRROR + ["keygen", "-o", private])
-    assert r.returncode == 1 and "not overwriting a key" in r.stderr
+    assert r.returncode == 6 and "not overwriting a key" in r.stderr
 
 
 def test_a_signed_bundle_verifies_with_its_key_and_only_with_it(signed, keys):
     names = subprocess.run(["tar", "--zstd", "-tf", signed], capture_output=True, text=True,
                            check=True).stdout.split()
     assert names[:2] == ["manifest.json", "manifest.sig"]
-    r = run(MIRROR + ["verify", signed, "--key", keys["release"][1]])
+    r = run(MIRROR + ["verify", signed, "--trusted-key", keys["release"][1]])
     assert r.returncode == 0 and r.stdout.strip().endswith(f"signed by {keys['release'][2]}")
-    r = run(MIRROR + ["verify", signed, "--key", keys["other"][1]])
-    assert r.returncode == 3
+    r = run(MIRROR + ["verify", signed, "--trusted-key", keys["other"][1]])
+    assert r.returncode == 5
     assert r.stderr.strip() == (f"Error: refusing {signed}: it is signed by key "
                                 f"{keys['release'][2]}, which is not trusted (trusted: "
                                 f"{keys['other'][2]})")
 
 
 def test_an_unsigned_bundle_is_refused_when_a_key_is_required(master_bundle, keys):
-    r = run(MIRROR + ["verify", master_bundle, "--key", keys["release"][1]])
-    assert r.returncode == 3
+    r = run(MIRROR + ["verify", master_bundle, "--trusted-key", keys["release"][1]])
+    assert r.returncode == 5
     assert r.stderr.strip() == f"Error: refusing {master_bundle}: it is not signed"
 
 
@@ -74,8 +74,8 @@ def test_a_manifest_changed_after_signing_is_refused(signed, keys, tmp_path):
     manifest["repos"][0]["refs"][0]["name"] = "v9.9"  # a lie, under the old signature
     bad = str(tmp_path / "forged.hub")
     bundle.write(bad, Manifest.from_json(manifest), members, sign=lambda _: heads[0].signature)
-    r = run(MIRROR + ["verify", bad, "--key", keys["release"][1]])
-    assert r.returncode == 3
+    r = run(MIRROR + ["verify", bad, "--trusted-key", keys["release"][1]])
+    assert r.returncode == 5
     assert r.stderr.strip() == f"Error: refusing {bad}: its manifest was changed after signing"
 
 
@@ -84,7 +84,7 @@ def test_a_detached_signature_from_mirror_sign(master_bundle, keys, tmp_path):
     copy.write_bytes(open(master_bundle, "rb").read())
     r = run(MIRROR + ["sign", str(copy), "--key", keys["other"][0]])
     assert r.returncode == 0 and (tmp_path / "copy.hub.sig").exists()
-    r = run(MIRROR + ["verify", str(copy), "--key", keys["other"][1]])
+    r = run(MIRROR + ["verify", str(copy), "--trusted-key", keys["other"][1]])
     assert r.returncode == 0 and f"signed by {keys['other'][2]}" in r.stdout
 
 
@@ -92,14 +92,14 @@ def test_install_requires_a_trusted_signature_before_writing_anything(master_bun
                                                                       keys, home, tmp_path):
     install(signed)  # a store with content
     before = tree_digest(home)
-    r = run(MIRROR + ["install", master_bundle, "--require-signature", "--trusted-keys",
+    r = run(MIRROR + ["install", master_bundle, "--require-signature", "--trusted-key",
                       keys["trusted_dir"], "--receipt", str(tmp_path / "refused.json")])
-    assert r.returncode == 3 and "it is not signed" in r.stderr
+    assert r.returncode == 5 and "it is not signed" in r.stderr
     assert tree_digest(home) == before
     assert json.loads((tmp_path / "refused.json").read_text())["result"] == "refused"
 
     receipt = tmp_path / "receipt.json"
-    r = run(MIRROR + ["install", signed, "--force", "--trusted-keys", keys["trusted_dir"],
+    r = run(MIRROR + ["install", signed, "--force", "--trusted-key", keys["trusted_dir"],
                       "--receipt", str(receipt)])
     assert r.returncode == 0, r.stderr
     assert f"signed by trusted key {keys['release'][2]}" in r.stdout
@@ -131,7 +131,7 @@ def test_a_store_config_file_makes_the_policy(master_bundle, signed, keys, home)
     with open(os.path.join(home, "config.toml"), "w") as fh:
         fh.write(f'trusted_keys = ["{keys["trusted_dir"]}"]\nrequire_signature = true\n')
     r = run(MIRROR + ["install", master_bundle])
-    assert r.returncode == 3 and "it is not signed" in r.stderr
+    assert r.returncode == 5 and "it is not signed" in r.stderr
     r = run(MIRROR + ["install", signed])
     assert r.returncode == 0 and f"signed by trusted key {keys['release'][2]}" in r.stdout
 
@@ -140,7 +140,7 @@ def test_under_a_policy_stock_megengine_gets_only_signed_code(master_bundle, key
                                                              tmp_path, monkeypatch):
     monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
     r = run(MIRROR + ["install", master_bundle, "--allow-unsafe-pickle"])
-    assert r.returncode == 3  # unsigned: refused outright under the policy
+    assert r.returncode == 5  # unsigned: refused outright under the policy
     monkeypatch.delenv("MGE_MIRROR_TRUSTED_KEYS")
     assert run(MIRROR + ["install", master_bundle]).returncode == 0  # no policy yet
     monkeypatch.setenv("MGE_MIRROR_TRUSTED_KEYS", keys["trusted_dir"])
@@ -161,7 +161,7 @@ def test_under_a_policy_stock_megengine_gets_only_signed_code(master_bundle, key
 def test_a_receipt_for_a_missing_bundle_is_still_one_line(tmp_path, home):
     r = run(MIRROR + ["install", str(tmp_path / "nope.hub"), "--receipt",
                       str(tmp_path / "r.json")])
-    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 4 and len(r.stderr.strip().splitlines()) == 1
     assert json.loads((tmp_path / "r.json").read_text())["result"] == "refused"
 
 

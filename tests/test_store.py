@@ -13,6 +13,7 @@ import pytest
 
 import mirror.hub
 from mirror import housekeeping
+from mirror.cli import iec
 from mirror.errors import NotInstalledError, StoreError
 from mirror.installer import InstallOptions, install
 from mirror.store import SnapshotRef, Store
@@ -53,11 +54,12 @@ def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path)
     old = pack_spec(upstream, ":master@" + c["c1"], tmp_path / "old.hub")
     new = pack_spec(upstream, ":master", tmp_path / "new.hub")
     r = install(old)
-    assert r.refs_set == [f"demo/tinynets:master -> {c['c1'][:12]}"]
+    assert list(map(str, r.refs_set)) == [f"demo/tinynets:master -> {c['c1'][:12]}"]
     r = install(new)
-    assert r.refs_set == [f"demo/tinynets:master -> {c['c3'][:12]} (was {c['c1'][:12]})"]
+    assert list(map(str, r.refs_set)) == [
+        f"demo/tinynets:master -> {c['c3'][:12]} (was {c['c1'][:12]})"]
     r = install(old)
-    assert r.refs_kept == [f"demo/tinynets:master stays at newer {c['c3'][:12]} "
+    assert list(map(str, r.refs_kept)) == [f"demo/tinynets:master stays at newer {c['c3'][:12]} "
                            f"(use --force to move it back)"]
     with open(os.path.join(home, "repos", host, "demo", "tinynets", "refs.log")) as fh:
         log = [json.loads(line) for line in fh]
@@ -78,7 +80,7 @@ def test_branches_move_forward_not_back_and_tags_never(upstream, home, tmp_path)
         subprocess.run(git + ["tag", "-f", "-a", "v1.0", "-m", "release 1.0", c["c2"]],
                        check=True, capture_output=True)
     r = install(moved)
-    assert r.refs_kept == [f"demo/tinynets:v1.0 stays at {c['c2'][:12]} "
+    assert list(map(str, r.refs_kept)) == [f"demo/tinynets:v1.0 stays at {c['c2'][:12]} "
                            f"(tags never move without --force)"]
     assert _ref(home, host, "tags", "v1.0") == c["c2"]
     install(moved, options=InstallOptions(force=True))
@@ -166,14 +168,17 @@ def test_gc_deletes_only_what_nothing_references(master_bundle, home, tmp_path):
     abandoned = os.path.join(home, "tmp", "install-dead")
     os.makedirs(abandoned)
     before = tree_digest(home)
-    r = run(MIRROR + ["gc", "--dry-run"])
+    r = run(MIRROR + ["gc", "--dry-run", "--long"])
     assert r.returncode == 0
     assert f"would remove blob {stray}" in r.stdout
     on_disk = os.stat(stray).st_blocks * 512  # 6 bytes take a block, as du counts
-    assert f"would free at most {on_disk} bytes on disk, in 1 blobs" in r.stdout
+    assert r.stdout.splitlines()[-1] == ("would remove 0 refs, 0 snapshots, 1 blobs and 0 other "
+                                         f"files; would free at most {iec(on_disk)}")
     assert tree_digest(home) == before
     r = run(MIRROR + ["gc"])
-    assert r.returncode == 0 and f"freed {on_disk} bytes on disk, in 1 blobs" in r.stdout
+    assert r.returncode == 0 and r.stdout == (
+        f"removed 0 refs, 0 snapshots, 1 blobs and 1 other files; freed {iec(on_disk)} "
+        f"(--long names every file)\n")
     assert not os.path.exists(stray) and not os.path.exists(abandoned)
     assert housekeeping.verify(Store()).ok
     assert mirror.hub.list("demo/tinynets", source="local")
@@ -416,8 +421,10 @@ def test_a_malformed_record_is_a_problem_or_one_line_never_a_traceback(master_bu
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert r.stderr.strip() == (f"warning: store {path}: this snapshot record is unreadable; "
                                 f"run 'mirror verify' and reinstall its bundle with --force")
-    assert f"demo/tinynets\n  branch master -> {repo.commits[0][:12]}" in r.stdout
-    assert f"  commit {repo.commits[0]}  0 files, 0 bytes, from None" in r.stdout
+    (row,) = [line for line in r.stdout.splitlines() if repo.commits[0][:12] in line]
+    assert row.split()[:3] == [f"{repo.id.host}/demo/tinynets", "master", repo.commits[0][:12]]
+    r = run(MIRROR + ["list", "--long"])
+    assert f"    commit {repo.commits[0]}, 0 files, from None" in r.stdout
 
 
 def test_seeding_that_cannot_read_a_record_is_a_warning_not_a_failed_install(

@@ -62,7 +62,7 @@ def test_the_manifest_is_last_and_read_first(streamed, tmp_path):
         fh.write(data[offset:offset + length])
         fh.truncate(len(data))
     r = run(MIRROR + ["inspect", "--json", str(sparse)])
-    assert r.returncode == 0 and json.loads(r.stdout)["format_version"] == 4
+    assert r.returncode == 0 and json.loads(r.stdout)["manifest"]["format_version"] == 4
     assert f"bundle id {report.bundle_id}" in run(MIRROR + ["inspect", path]).stdout
 
 

@@ -281,7 +281,7 @@ def test_the_exploit_is_refused_by_the_scan_at_pack_verify_and_install(upstream,
     pack = run(MIRROR + ["pack", upstream.spec(":v1.0"), "-o", str(tmp_path / "x.hub"),
                          "--git-host", upstream.git.host, "--protocol", "http", "-q",
                          "--weights", url])
-    assert pack.returncode == 3, pack.stderr
+    assert pack.returncode == 5, pack.stderr
     assert f"weight {url} would import <refused at load time>.numpy.dtype('O8', False, " \
            f"True): only a plain number type" in pack.stderr
     bad = handmade_bundle(tmp_path / "evil.hub", {"e" * 40: {"hubconf.py": "x = 1\n"}},
@@ -291,7 +291,7 @@ def test_the_exploit_is_refused_by_the_scan_at_pack_verify_and_install(upstream,
         install(bad)
     assert "<refused at load time>.numpy.dtype('O8'" in str(e.value)
     verified = run(MIRROR + ["verify", bad])
-    assert verified.returncode == 3 and "<refused at load time>.numpy.dtype('O8'" in \
+    assert verified.returncode == 5 and "<refused at load time>.numpy.dtype('O8'" in \
         verified.stderr
 
 
@@ -340,7 +340,7 @@ def test_the_exploit_is_refused_when_loaded_even_if_installed_anyway(tmp_path, h
     if how == "megengine.hub.load":
         cmd = MIRROR + ["run", "--"] + cmd
     r = run(cmd, netns=True)
-    assert r.returncode == 3, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert r.returncode == 5, (r.returncode, r.stdout, r.stderr[-2000:])
     assert r.stdout.startswith("RefusedWeightError weight https://example.invalid/evil.pkl ("
                                ), r.stdout
     assert "refused when loaded: numpy.dtype('O8', False, True): only a plain number " \
@@ -543,7 +543,7 @@ def test_a_flood_of_opcodes_is_refused_in_seconds_with_flat_memory(tmp_path, hom
     start = time.monotonic()
     r = run(["/usr/bin/time", "-f", "%M"] + MIRROR + ["verify", bad])
     seconds = time.monotonic() - start
-    assert r.returncode == 3, r.stderr
+    assert r.returncode == 5, r.stderr
     assert f"<beyond the scan's limits>.a stack of more than {MAX_STACK:,} entries" in r.stderr
     peak_mib = int(r.stderr.strip().splitlines()[-1]) / 1024
     assert seconds < 20 and peak_mib < 200, (seconds, peak_mib)
