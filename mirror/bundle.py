@@ -34,7 +34,13 @@ import zstandard
 
 from . import parts
 from .atomic import atomic_file
-from .errors import BundleError, InvalidRecordError, MirrorError, SignatureError, unreadable_bundle
+from .errors import (
+    BundleError,
+    InvalidRecordError,
+    SignatureError,
+    UsageError,
+    unreadable_bundle,
+)
 from .hashing import CHUNK, sha256_bytes
 from .links import decode, refused
 from .model import (  # noqa: F401  (the format's names, re-exported for readers of bundles)
@@ -134,7 +140,7 @@ def write_files(path: str, manifest: Manifest, sources: Mapping[str, Source],
                 streamed.add(name, sources[name], members[name].size, mtimes.get(name, 0))
             return streamed.finish(manifest, sign, manifest_bytes, signature), [path]
     if split_size is not None and path == STREAM:
-        raise MirrorError("--split-size writes part files: name them with -o FILE, not -o -")
+        raise UsageError("--split-size writes part files: name them with -o FILE, not -o -")
     # To stdout ("-"): a stream, written as it is made; a file appears only when whole.
     if split_size is not None:
         tar_bytes = sum(m.size + 4 * tarfile.BLOCKSIZE for m in members.values())

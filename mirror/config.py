@@ -24,6 +24,9 @@ environment is read when :func:`settings` is called, not at import, so a test
                                ``~/.docker/config.json``: ``auths``,
                                ``credHelpers``, ``credsStore``)
 ``SOURCE_DATE_EPOCH``          the time recorded in a bundle (reproducible builds)
+``MGE_MIRROR_PYTHON``          set by ``mirror run`` for the programs it starts:
+                               the Python mirror runs in, which its hook suggests
+                               to a Python that cannot import mirror
 =============================  ===============================================
 
 A store's own ``config.toml`` (``trusted_keys = [...]``, ``require_signature =
@@ -38,6 +41,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -281,11 +285,11 @@ def run_environment(run_dir: str, store_home: str | None = None) -> Dict[str, st
     nothing else added there (not the folder mirror is installed in: for a wheel that
     is all of site-packages), every mirror.hub call local, and ``MGE_MIRROR_PYTHON``
     naming this interpreter, which the hook suggests to a Python that lacks mirror."""
-    import sys
-
     env = dict(os.environ)
-    paths = [run_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                         if p and os.path.abspath(p) != os.path.abspath(run_dir)]
+    # The caller's entries kept as they are, empty ones too (the current directory).
+    theirs = env["PYTHONPATH"].split(os.pathsep) if env.get("PYTHONPATH") else []
+    paths = [run_dir] + [p for p in theirs
+                         if not p or os.path.abspath(p) != os.path.abspath(run_dir)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["MGE_MIRROR_OFFLINE"] = "1"
     if sys.executable:

@@ -136,6 +136,8 @@ class RegistryError(MirrorError):
     def __init__(self, reference: str, kind: str, reason: str):
         self.reference = reference
         self.kind = kind
+        if kind == "not found":  # a tag or digest the registry lacks, as a git ref
+            self.exit_code = ExitCode.NOT_FOUND
         super().__init__(f"registry {reference}: {kind}: {reason}")
 
 
@@ -201,6 +203,29 @@ class BundleError(MirrorError):
         self.member = member
         where = f" [{member}]" if member else ""
         super().__init__(f"bad bundle {path}{where}: {reason}")
+
+
+class UsageError(MirrorError):
+    """Raised when options do not fit together, or a value is malformed (a size, an
+    option that needs another): the command line's mistake, exit 2."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NotFoundError(MirrorError):
+    """Raised when something named on the command line is not there (an entrypoint a
+    pack names, say); exit 4."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class FileError(MirrorError):
+    """Raised when a file mirror was asked to read or write cannot be (permissions, a
+    full disk, a folder where a file should be)."""
+
+    def __init__(self, path: str | None, reason: str):
+        self.path = path
+        super().__init__(f"{path}: {reason}" if path else reason)
 
 
 class MissingFileError(MirrorError):

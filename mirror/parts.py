@@ -31,9 +31,10 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Sequence, Tuple, Union
 
-from .errors import BundleError, MirrorError, unreadable_bundle
+from .errors import BundleError, MirrorError, UsageError, unreadable_bundle
 from .hashing import CHUNK, sha256_bytes
 from .signing import PARTS_TABLE
+from .sizes import parse_size
 
 MAGIC = (0x184D2A5E).to_bytes(4, "little")  # a zstd skippable frame (0x184D2A5?)
 TAG = b"mge-mirror-part\n"
@@ -46,29 +47,12 @@ MIN_SPLIT = 1 << 20
 HEADER_FIELDS = {"format_version", "index", "table_size", "table_signature_size",
                  "manifest_size", "signature_size"}
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
-
-
-def parse_size(text: str) -> int:
-    """A size as ``split -b`` takes it: ``4G`` and ``4GiB`` are 2^32 bytes, ``4700MB``
-    is 4.7 * 10^9; a bare number is bytes."""
-    found = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    unit = found.group(2).lower() if found else ""
-    if not found or unit not in _UNITS:
-        raise MirrorError(f"size {text!r}: a number with an optional unit (K, M, G, T "
-                          f"for powers of 1024, KB, MB, GB, TB for powers of 1000), "
-                          f"e.g. 4G or 4700MB")
-    return int(found.group(1)) * _UNITS[unit]
-
-
 def split_size(text: str | None, output: str) -> int | None:
     """``--split-size`` as bytes (None: not split), for writing to ``output``."""
     if text is None:
         return None
     if output == "-":
-        raise MirrorError("--split-size writes part files: name them with -o FILE, not -o -")
+        raise UsageError("--split-size writes part files: name them with -o FILE, not -o -")
     return parse_size(text)
 
 

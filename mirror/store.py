@@ -68,6 +68,7 @@ class SnapshotSummary:
     bundle_file: str | None
     installed_at: int | None
     proven: bool = False  # its git ids recomputed from its bytes at install
+    readable: bool = True  # False: its record could not be read (see problems)
 
     def to_json(self) -> JsonObject:
         return {"commit": self.commit, "proven": self.proven, "files": self.files,
@@ -76,7 +77,7 @@ class SnapshotSummary:
                 "weights": [{"url": u, "size": p.size if p else None,
                              "sha256": p.sha256 if p else None} for u, p in self.weights],
                 "bundle_id": self.bundle, "bundle_file": self.bundle_file,
-                "installed_at": self.installed_at}
+                "installed_at": self.installed_at, "readable": self.readable}
 
 
 @dataclass(frozen=True)
@@ -370,14 +371,21 @@ class Store:
                     problems.append(str(e))
                     record = None
                 snapshots.append(self._summary(commit, record))
-            refs = self.refs(repo)
-            out.append(RepoSummary(ident, tuple(refs[n] for n in sorted(refs)),
+            refs = []
+            for head in self.ref_entries(repo):  # a branch and a tag of one name: both
+                if is_hex(head.commit, (40,)):
+                    refs.append(head)
+                else:
+                    problems.append(f"{head.kind} {head.name} of {ident.label} holds "
+                                    f"{head.commit[:40]!r}, not a commit id; run 'mirror "
+                                    f"verify'")
+            out.append(RepoSummary(ident, tuple(sorted(refs, key=lambda h: (h.name, h.kind))),
                                    tuple(snapshots), tuple(problems)))
         return sorted(out, key=lambda r: (r.id.host, r.id.owner.lower(), r.id.name.lower()))
 
     def _summary(self, commit: str, record: SnapshotRecord | None) -> SnapshotSummary:
         if record is None:
-            return SnapshotSummary(commit, 0, 0, (), (), None, None, None)
+            return SnapshotSummary(commit, 0, 0, (), (), None, None, None, readable=False)
         snap = record.snapshot
         weights = tuple((url, record.weight_digests.get(url)) for url in snap.weights)
         return SnapshotSummary(commit, len(snap.files), snap.size, snap.entrypoints,

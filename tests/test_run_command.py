@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -130,3 +131,28 @@ def test_a_python_that_cannot_import_mirror_is_refused_before_the_program_runs(
 def test_the_hook_and_the_library_agree_on_the_refusal_status():
     source = open(os.path.join(HOOK, "sitecustomize.py")).read()
     assert f"CANNOT_IMPORT_MIRROR = {patch.CANNOT_IMPORT_MIRROR} " in source
+
+
+def test_a_program_with_its_own_module_named_mirror_keeps_it(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "mirror.py").write_text("X = 'its own'\n")
+    (app / "main.py").write_text("import mirror\nprint(mirror.X)\n")
+    r = mirror_run([sys.executable, str(app / "main.py")], tmp_path)
+    assert (r.returncode, r.stdout) == (0, "its own\n"), r.stderr
+
+
+def test_a_second_hook_folder_on_pythonpath_is_not_chained_in_a_loop(tmp_path):
+    other = tmp_path / "other-install-hook"
+    other.mkdir()
+    shutil.copy(os.path.join(patch.RUN_DIR, "sitecustomize.py"), other)
+    r = mirror_run([sys.executable, "-c", "print('ran')"], tmp_path, pythonpath=str(other))
+    assert (r.returncode, r.stdout) == (0, "ran\n"), r.stderr
+
+
+def test_empty_pythonpath_entries_keep_meaning_the_current_folder(tmp_path):
+    (tmp_path / "helper_mod.py").write_text("NAME = 'found in the current folder'\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.py").write_text("import helper_mod\nprint(helper_mod.NAME)\n")
+    r = mirror_run([sys.executable, "sub/s.py"], tmp_path, pythonpath=":")
+    assert (r.returncode, r.stdout) == (0, "found in the current folder\n"), r.stderr

@@ -424,7 +424,8 @@ def test_a_malformed_record_is_a_problem_or_one_line_never_a_traceback(master_bu
     (row,) = [line for line in r.stdout.splitlines() if repo.commits[0][:12] in line]
     assert row.split()[:3] == [f"{repo.id.host}/demo/tinynets", "master", repo.commits[0][:12]]
     r = run(MIRROR + ["list", "--long"])
-    assert f"    commit {repo.commits[0]}, 0 files, from None" in r.stdout
+    assert f"    commit {repo.commits[0]}: its record is unreadable; run 'mirror verify'" \
+        in r.stdout
 
 
 def test_seeding_that_cannot_read_a_record_is_a_warning_not_a_failed_install(

@@ -38,12 +38,15 @@ def _refuse(error):
 
 
 def _check_mirror():
+    # Found, not imported: the program may have a module of its own named mirror,
+    # which its folder (not on sys.path yet) must go on providing.
     try:
-        import mirror  # noqa: F401
-
-        if importlib.util.find_spec("mirror.patch") is None:
-            found = getattr(mirror, "__file__", None) or "the mirror found"
-            raise ImportError(f"{found} has no mirror.patch")
+        spec = importlib.util.find_spec("mirror")
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        if not any(os.path.exists(os.path.join(f, "patch.py")) for f in folders):
+            if spec is None:
+                raise ModuleNotFoundError("No module named 'mirror'")
+            raise ImportError(f"{spec.origin} is not mirror's (no mirror/patch.py)")
     except Exception as e:
         _refuse(e)
 
@@ -59,26 +62,39 @@ class _PatchOnImport:
 
         def exec_module(module):
             execute(module)
-            from mirror.patch import patch_megengine
-
+            try:
+                from mirror.patch import patch_megengine
+            except ImportError as e:  # closed: never megengine.hub unredirected
+                raise ImportError(
+                    f"mirror run: megengine.hub cannot be redirected to the store: {e} "
+                    f"(a module of the program's own named 'mirror' hides mirror's)"
+                ) from None
             patch_megengine()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-def _same_folder(entry):
-    try:
-        return os.path.samefile(entry or os.curdir, _HERE)
-    except OSError:
-        return False
+# Every hook folder this interpreter has run (two installs' mirror run, nested): none
+# is chained to twice, and only the first installs the patch.
+_HOOKS = sys.__dict__.setdefault("_mirror_run_hooks", [])
+
+
+def _is_hook(entry):
+    for hook in _HOOKS:
+        try:
+            if os.path.samefile(entry or os.curdir, hook):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _chain():
     """Run the next ``sitecustomize`` on ``sys.path``, if any, in place of this one
     in ``sys.modules``; its errors are reported by ``site`` as its own would be."""
     spec = importlib.machinery.PathFinder.find_spec(
-        "sitecustomize", [p for p in sys.path if not _same_folder(p)])
+        "sitecustomize", [p for p in sys.path if not _is_hook(p)])
     if spec is None or spec.loader is None:
         return
     module = importlib.util.module_from_spec(spec)
@@ -92,6 +108,8 @@ def _chain():
         raise
 
 
-_check_mirror()
-sys.meta_path.insert(0, _PatchOnImport())
+if not _HOOKS:
+    _check_mirror()
+    sys.meta_path.insert(0, _PatchOnImport())
+_HOOKS.append(_HERE)
 _chain()
