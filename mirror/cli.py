@@ -27,8 +27,9 @@ import click
 
 from . import __version__, bundle, housekeeping, signing
 from .atomic import write_atomic
-from .errors import ExitCode, MirrorError
+from .errors import ExitCode, FileError, MirrorError
 from .ids import short
+from .sizes import iec
 from .store import Store
 
 JSON_VERSION = 1  # of every schema in docs/json.md; a field removed or changed bumps it
@@ -79,7 +80,7 @@ def error_json(error: click.ClickException) -> Dict[str, Any]:
                isinstance(v, (str, int, float, bool, list)) and not isinstance(v, type)} \
         if cause is not None else {}
     return {"schema": schema("error"), "error": {
-        "type": type(cause or error).__name__, "exit_code": int(error.exit_code),
+        "type": type(cause or error).__name__.lstrip("_"), "exit_code": int(error.exit_code),
         "message": error.format_message(), "context": context}}
 
 
@@ -136,6 +137,8 @@ def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _Failure(e) from None
         except KeyboardInterrupt:
             raise _Interrupted() from None
+        except OSError as e:  # a file the command was told to write: one line, no trace
+            raise _Failure(FileError(e.filename, e.strerror or str(e))) from None
     return wrapper
 
 
@@ -289,10 +292,14 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     echo = functools.partial(click.echo, err=output == "-")
     report = pack_repos(specs, output, dataclasses.replace(pack_options,
                                                            progress=not (quiet or as_json)),
-                        log=(lambda m: None) if quiet else _say)
+                        log=(lambda m: None) if quiet or (as_json and output == "-")
+                        else _say)
     if as_json:
         _emit("pack", report.to_json(), err=output == "-")
         return
+    if quiet:  # what --lock --update changed is said even so: it is the run's purpose
+        for change in report.lock_changes:
+            echo(change.line())
     for ref in report.refs:
         echo(f"packed {ref}")
     for w in report.weights:
@@ -301,6 +308,9 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     for c in report.coverage:  # what each entrypoint will load
         state = ", ".join(u if u in packed else f"{u} (NOT packed)" for u in c.urls)
         echo(f"coverage {c.label} {c.entrypoint}: {state or 'no weights'}")
+    for repo, commit, entry, cause in report.untraced:
+        echo(f"untraced {repo.removeprefix(_default_host() + '/')}@{short(commit)} {entry}: "
+             f"{cause}")
     for line in report.unresolved:
         echo(f"unresolved {line}")
     for line in report.nested:
@@ -705,21 +715,16 @@ def _print_downloads(entries: Sequence[Any], verb: str) -> None:
                f"{iec(sum(e.size for e in entries))}")
 
 
-def iec(size: int) -> str:
-    """``size`` in IEC units, as `ls -h` and tqdm show it."""
-    value, unit = float(size), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if round(value, 1) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
 @downloads.command("list")
 @_json_option
 @_library_errors
 def downloads_list(as_json) -> None:
-    """List what the download cache holds: size, age, whole or part, URL."""
+    """List what the download cache holds: size, age, whole or part, URL.
+
+    \b
+    Example:
+      mirror downloads list --json
+    """
     from .download import list_downloads
 
     entries = list_downloads()
@@ -737,7 +742,13 @@ def downloads_list(as_json) -> None:
 @_json_option
 @_library_errors
 def downloads_clean(partial, older_than, dry_run, as_json) -> None:
-    """Remove downloads from the cache (a pack downloading now keeps its own)."""
+    """Remove downloads from the cache (a pack downloading now keeps its own).
+
+    \b
+    Examples:
+      mirror downloads clean --partial --older-than 7
+      mirror downloads clean --dry-run
+    """
     from .download import clean_downloads
 
     removed = clean_downloads(partial_only=partial, dry_run=dry_run,
@@ -985,10 +996,16 @@ def list_(long, home, as_json) -> None:
             when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(s.installed_at)) \
                 if s.installed_at else "?"
             size = s.size + sum(p.size for _, p in s.weights if p)
-            commit = short(s.commit) + ("" if s.proven else " (unproven)")
+            commit = short(s.commit) + ("" if s.proven else " (unproven)" if s.readable
+                                        else " (record unreadable)")
             rows.append((repo, ", ".join(names) or "-", commit, when, iec(size)))
             if long:
                 notes[len(rows) - 1] = _snapshot_lines(s)
+        installed = {s.commit for s in r.snapshots}
+        for h in r.refs:  # a ref whose snapshot was removed: said, not hidden
+            if h.commit not in installed:
+                rows.append((repo, h.name + (" (tag)" if h.kind == "tag" else ""),
+                             f"{short(h.commit)} (not installed)", "-", "-"))
         for problem in r.problems:
             click.echo(f"warning: {problem}", err=True)
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -1009,6 +1026,8 @@ def _default_host() -> str:
 
 def _snapshot_lines(s: Any) -> List[str]:
     """What ``list --long`` says under a snapshot's row."""
+    if not s.readable:
+        return [f"commit {s.commit}: its record is unreadable; run 'mirror verify'"]
     lines = [f"commit {s.commit}, {s.files} files, from {s.bundle_file}"
              + ("" if s.proven else " (unproven: its bundle, format 1, carried no git "
                                     "objects to recompute its id)")]

@@ -66,6 +66,19 @@ class PackOptions:
         ("--trace",), "Also run each entrypoint with downloads recorded instead of performed, "
                       "to find what static discovery cannot (this runs the repo's code)."),
         recipe="trace")
+    trace_memory: str = _option("4G", Flag(
+        ("--trace-memory",), "Resident memory each traced entrypoint may use, in its own "
+                             "process (default 4G; a cgroup where one can be made, else an "
+                             "address-space limit).", metavar="SIZE"), recipe="trace_memory")
+    trace_timeout: int = _option(300, Flag(
+        ("--trace-timeout",), "Seconds each traced entrypoint may take (default 300).",
+        metavar="SECONDS", int_range=(1, 86400)), recipe="trace_timeout")
+    trace_jobs: int = _option(1, Flag(
+        ("--trace-jobs",), "Entrypoints traced at once, each in its own process (default 1).",
+        metavar="N", int_range=(1, 64)), recipe="trace_jobs")
+    strict: bool = _option(False, Flag(
+        ("--strict",), "With --trace: fail the pack when any entrypoint cannot be traced "
+                       "(else each failure is reported and recorded)."), recipe="strict")
     follow_nested: bool = _option(False, Flag(
         ("--follow-nested",), "Also pack the repos the code loads with megengine.hub.load."),
         recipe="follow_nested")

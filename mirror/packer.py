@@ -16,12 +16,19 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
-from . import __version__, bundle
+from . import __version__, bundle, confine
 from .config import settings
 from .delta import Baseline, make_delta
 from .discovery import coverage, discover
 from .download import DownloadCache, fetch_each
-from .errors import LockMismatchError, MirrorError, UnresolvedError, UnsafePickleError
+from .errors import (
+    LockMismatchError,
+    MirrorError,
+    NotFoundError,
+    UnresolvedError,
+    UnsafePickleError,
+    UsageError,
+)
 from .git import Snapshot, Upstream
 from .hashing import sha256_bytes
 from .ids import short
@@ -53,7 +60,8 @@ from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
 from .safety import unsafe_globals
 from .signing import load_keys, load_private, sign
-from .trace import IMPORT, NestedCall, Trace, trace
+from .sizes import iec, parse_size
+from .trace import IMPORT, NestedCall, Trace, TraceLimits, trace
 
 __all__ = ["PackOptions", "PackReport", "pack"]
 
@@ -112,6 +120,8 @@ class PackReport:
     excluded: List[str] = field(default_factory=list)
     nested: List[str] = field(default_factory=list)
     coverage: List[EntryCoverage] = field(default_factory=list)
+    # (repo, commit, entrypoint, cause): what --trace could not run, as recorded
+    untraced: List[Tuple[str, str, str, str]] = field(default_factory=list)
     prerequisites: Prerequisites | None = None  # a delta's (--since), else None
     lock_changes: List[LockChange] = field(default_factory=list)  # --lock --update's
 
@@ -125,6 +135,8 @@ class PackReport:
                 "unresolved": list(self.unresolved), "excluded": list(self.excluded),
                 "nested": list(self.nested),
                 "coverage": [c.to_json() for c in self.coverage],
+                "untraced": [{"repo": r, "commit": c, "entrypoint": e, "cause": cause}
+                             for r, c, e, cause in self.untraced],
                 "prerequisites": self.prerequisites.to_json() if self.prerequisites
                 else None,
                 "lock_changes": [c.to_json() for c in self.lock_changes]}
@@ -223,7 +235,7 @@ class _Packer:
         self.report = PackReport(output=output)
         self.rewrite = Rewrites.parse(opts.rewrites)
         if opts.update_lock and not opts.lock:
-            raise MirrorError("--update moves the pins of a lock file; give --lock FILE")
+            raise UsageError("--update moves the pins of a lock file; give --lock FILE")
         self.pins = Pins.load(opts.lock) if opts.lock else None
         # Under --update the pins are what is being replaced: nothing is checked against them.
         self.enforce = self.pins if self.pins and not opts.update_lock else None
@@ -232,7 +244,7 @@ class _Packer:
             keys = load_keys([opts.since_key]) if opts.since_key else None
             self.baseline = Baseline.load(opts.since, keys)
         elif opts.since_key:
-            raise MirrorError("--since-key names the key of a --since file; give --since")
+            raise UsageError("--since-key names the key of a --since file; give --since")
         self.repos: Dict[Tuple[str, str, str], _Repo] = {}
         self.weight_refs: Dict[str, List[str]] = {u: [] for u in opts.extra_weights}
         self.sources: Dict[str, bundle.Source] = {}
@@ -249,7 +261,7 @@ class _Packer:
             # --git-host is then a directory of owner/name repositories: where the bytes
             # are, not who the repo is, so the recorded identity keeps the spec's host.
             if not opts.git_host:
-                raise MirrorError("--protocol file needs --git-host DIR (a directory "
+                raise UsageError("--protocol file needs --git-host DIR (a directory "
                                   "holding owner/name repositories)")
             fetch = f"file://{os.path.abspath(opts.git_host)}/{spec.repo}"
             return spec, spec.url("https"), self.rewrite(fetch)
@@ -312,7 +324,7 @@ class _Packer:
                 if RepoSpec.parse(ref.asked).ref is None:
                     repo.refs.remove(ref)
                     break
-                raise MirrorError(
+                raise UsageError(
                     f"{ref.asked!r} and {text!r} would both set {resolved.kind} "
                     f"{resolved.name} of {spec.repo} ({short(ref.commit)} and "
                     f"{short(resolved.commit)}); pin other refs with {spec.repo}:REF@COMMIT")
@@ -329,7 +341,7 @@ class _Packer:
         opts, label = self.opts, f"{spec.repo}@{short(snap.commit)}"
         entry_weights = coverage(snap.files)
         tracing = opts.trace or opts.follow_nested or bool(entries)
-        traced = trace(snap.files, label) if tracing else None
+        traced = self._trace(snap, label, entries) if tracing else None
         if entries:
             urls, unresolved = _entry_weights(label, entries, entry_weights, traced)
         else:
@@ -343,9 +355,6 @@ class _Packer:
             for entry, nested in traced.nested.items():
                 if not entries or entry in entries or entry == IMPORT:
                     calls += nested
-            for entry, error in traced.errors.items():
-                if entry not in entries:
-                    self.log(f"warning: {label}: tracing {entry} failed: {error}")
         kept = {u: where for u, where in urls.items() if not self._excluded(u)}
         return self._note(spec, snap.commit, _Found(
             kept=kept,
@@ -354,6 +363,27 @@ class _Packer:
             follow=[(c.spec, (c.entry,) if entries else ()) for c in calls],
             coverage=entry_weights, excluded=sorted(set(urls) - set(kept)),
             unresolved=unresolved, nested=sorted({c.spec for c in calls}), trace=traced))
+
+    def _trace(self, snap: Snapshot, label: str, entries: Tuple[str, ...]) -> Trace:
+        """Trace ``entries`` of the snapshot (none named: all), each in its own process.
+        Fails when a named entry cannot be traced, or, with --strict, any."""
+        opts = self.opts
+        limits = TraceLimits(parse_size(opts.trace_memory), opts.trace_timeout,
+                             opts.trace_jobs)
+        with confine.confined(limits.memory) as probe:  # which limit this host allows
+            self.log(f"{label}: tracing each entrypoint in its own process, "
+                     f"{limits.jobs} at a time, each at most {iec(limits.memory)} resident "
+                     f"({probe.how}) and {limits.timeout:.0f} s")
+        traced = trace(snap.files, label, entries or None, limits,
+                       report=lambda o: self.log(f"{label}: {o.line()}"),
+                       progress=opts.progress)
+        failed = {e: cause for e, cause in traced.errors.items() if e != IMPORT}
+        must = [e for e in (entries or (failed if opts.strict else ())) if e in failed]
+        if must:
+            raise MirrorError(f"{label}: " + "; ".join(
+                f"tracing {e} failed: {one_line(failed[e])}" for e in must)
+                + ("" if entries else " (--strict)"))
+        return traced
 
     def _note(self, spec: RepoSpec, commit: str, found: _Found) -> _Found:
         """Add what ``found`` says about the snapshot of ``spec`` at ``commit`` to the
@@ -368,6 +398,9 @@ class _Packer:
             self.log(f"warning: {label} loads {', '.join(found.nested)} through "
                      f"megengine.hub.load; pack them with --follow-nested")
         traced = found.trace.weights if found.trace else {}
+        for entry, cause in (found.trace.errors if found.trace else {}).items():
+            self.report.untraced.append((f"{spec.host}/{spec.owner}/{spec.name}", commit,
+                                         entry, one_line(cause)))
         for entry, urls in found.coverage.items():
             asked = [a.url for a in traced.get(entry, ()) if a.url not in urls]
             self.report.coverage.append(EntryCoverage(
@@ -546,7 +579,7 @@ def _entry_weights(label: str, entries: Tuple[str, ...], entry_weights: Dict[str
     """(URL -> where it is asked for, what could not be traced) for named entries."""
     unknown = sorted(set(entries) - set(traced.entries))
     if unknown:
-        raise MirrorError(f"{label}: no entrypoint {', '.join(unknown)} in "
+        raise NotFoundError(f"{label}: no entrypoint {', '.join(unknown)} in "
                           f"hubconf.py (it has: {', '.join(traced.entries)})")
     urls: Dict[str, List[str]] = {}
     for entry in entries:

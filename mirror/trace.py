@@ -13,22 +13,37 @@ and reports what each one asked for.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import json
+import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Set, Tuple
 
+from tqdm import tqdm
+
+from . import confine
 from .config import trace_environment
 from .errors import InvalidRecordError, MirrorError
 from .model import TraceRecord, need
+from .names import one_line
 from .refs import DEFAULT_HOST
+from .sizes import iec
 from .tree import write_bytes
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # not at run time: the tracing child needs no pygit2
     from .git import TreeFile
@@ -122,40 +137,192 @@ def _nested_call(obj: Any) -> NestedCall:
                       need(obj, "at", str), *optional)
 
 
-def trace(files: Iterable[TreeFile], label: str, timeout: float = 300) -> Trace:
-    """Trace the snapshot made of ``files``: run its entrypoints in a child process with
+@dataclass(frozen=True)
+class TraceLimits:
+    """What one traced entrypoint may use: resident ``memory`` (bytes) and ``timeout``
+    (seconds), each in its own process; ``jobs`` entrypoints are traced at once."""
+
+    memory: int = 4 << 30
+    timeout: float = 300
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How tracing one entrypoint went, as the progress line says it."""
+
+    entry: str
+    urls: int  # downloads it asked for
+    seconds: float
+    peak: int | None  # resident bytes at most, if known
+    cause: str | None  # why it could not be traced, in one line; None: it was
+
+    def line(self) -> str:
+        peak = f", peak {iec(self.peak)}" if self.peak is not None else ""
+        state = f"FAILED: {self.cause}" if self.cause else f"{self.urls} URLs"
+        return f"traced {self.entry}: {state} ({self.seconds:.1f} s{peak})"
+
+
+# What the manifest records for a failure that depends on the machine (no sizes, no
+# times), so that the same failure gives the same manifest.
+OUT_OF_MEMORY = "out of memory"
+TIMED_OUT = "timed out"
+
+
+def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None = None,
+          limits: TraceLimits = TraceLimits(),
+          report: Callable[[Outcome], None] = lambda o: None, progress: bool = False) -> Trace:
+    """Trace the snapshot made of ``files``: import ``hubconf.py`` in a child process,
+    then run each of its entrypoints (or only ``entries``) in a process of its own, with
     every download recorded instead of performed. This runs the repo's code.
+
+    Each entrypoint's process is confined to ``limits`` (:mod:`mirror.confine`), so
+    memory never accumulates across entrypoints, and ``limits.jobs`` run at once. An
+    entrypoint that raises, runs out of memory, times out or dies is recorded in the
+    trace's ``errors`` with its cause; ``report`` hears of each one as it finishes,
+    above a bar over all of them when ``progress``.
 
     Args:
         files: every file of the snapshot (path, git mode, bytes).
         label: names the snapshot in errors, e.g. ``owner/name@commit``.
-        timeout: seconds the child may take.
-
-    Returns:
-        The :class:`Trace` of each entrypoint.
+        entries: the entrypoints to run (default: all that ``hubconf.py`` has); names
+            it does not have are left to the caller (``Trace.entries`` lists them all).
 
     Raises:
-        MirrorError: ``hubconf.py`` cannot be imported, or the child timed out or gave
-            no answer.
+        MirrorError: ``hubconf.py`` cannot be imported.
     """
     with tempfile.TemporaryDirectory(prefix="mirror-trace-") as root:
         write_bytes(root, ((f.path, f.mode, f.data) for f in files))
-        out = os.path.join(root, ".mirror-trace.json")
+        head, outcome = _traced(root, None, limits)
+        if head is None:
+            raise MirrorError(f"{label}: cannot import hubconf.py: {outcome.cause}")
+        names = head.entries
+        chosen = None if entries is None else set(entries)
+        wanted = [n for n in names if chosen is None or n in chosen]
+        weights, nested = dict(head.weights), dict(head.nested)
+        errors: Dict[str, str] = {}
+        with ThreadPoolExecutor(limits.jobs) as pool, \
+                tqdm(total=len(wanted), unit="entry", desc="tracing", file=sys.stderr,
+                     disable=not progress or None, leave=False) as bar:
+            running = {pool.submit(_traced, root, name, limits): name for name in wanted}
+            try:
+                for done in as_completed(running):
+                    answer, outcome = done.result()
+                    with bar.external_write_mode(file=sys.stderr):
+                        report(outcome)
+                    bar.update(1)
+                    name = running[done]
+                    if answer is None:
+                        errors[name] = _recorded(outcome.cause or "")
+                        continue
+                    weights.update({k: v for k, v in answer.weights.items() if k == name})
+                    nested.update({k: v for k, v in answer.nested.items() if k == name})
+                    errors.update({k: v for k, v in answer.errors.items() if k == name})
+            except BaseException:  # Ctrl-C: the children run in sessions of their own
+                pool.shutdown(wait=False, cancel_futures=True)
+                _kill_all()
+                raise
+        order = {n: i for i, n in enumerate((IMPORT,) + tuple(names))}
+
+        def ordered(found: Mapping[str, Any]) -> Dict[str, Any]:
+            return {k: found[k] for k in sorted(found, key=lambda k: order.get(k, len(order)))}
+
+        return Trace(names, ordered(weights), ordered(nested), ordered(errors))
+
+
+def _recorded(cause: str) -> str:
+    """A cause as the manifest keeps it: without the limit or the time."""
+    for kept in (OUT_OF_MEMORY, TIMED_OUT):
+        if cause.startswith(kept):
+            return kept
+    return cause
+
+
+def _traced(root: str, entry: str | None, limits: TraceLimits) -> Tuple[Trace | None, Outcome]:
+    """Run one child: ``hubconf.py``'s import alone (``entry`` None), or one entrypoint.
+    Returns its answer (None if it gave none) and how it went."""
+    name = entry or IMPORT
+    out = os.path.join(root, f".mirror-trace-{uuid.uuid4().hex}.json")
+    started = time.monotonic()
+    with confine.confined(limits.memory) as limit, \
+            tempfile.TemporaryFile() as stderr:
+        command = [sys.executable, "-m", "mirror.trace", root, out] + limit.child_args() + \
+            (["--entry", entry] if entry is not None else [])
+        with _LOCK:
+            proc = subprocess.Popen(command, env=trace_environment(), cwd=root,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, start_new_session=True)
+            _RUNNING.add(proc)
         try:
-            proc = subprocess.run([sys.executable, "-m", "mirror.trace", root, out],
-                                  env=trace_environment(), capture_output=True, text=True,
-                                  timeout=timeout, cwd=root)
-        except subprocess.TimeoutExpired:
-            raise MirrorError(f"{label}: tracing its entrypoints took over {timeout:.0f} s") \
-                from None
-        if proc.returncode != 0 or not os.path.exists(out):
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise MirrorError(f"{label}: cannot trace hubconf.py: {last}")
-        try:
-            with open(out) as fh:
-                return Trace.from_json(json.load(fh))
-        except (ValueError, RecursionError) as e:  # InvalidRecordError is a ValueError
-            raise MirrorError(f"{label}: cannot trace hubconf.py: {e}") from None
+            status, rusage = _wait(proc, limits.timeout)
+        finally:
+            with _LOCK:
+                _RUNNING.discard(proc)
+        seconds = time.monotonic() - started
+        peak = limit.peak() or (rusage.ru_maxrss * 1024 if rusage else None)
+        answer, cause = None, None
+        if status is None:
+            cause = f"{TIMED_OUT} after {limits.timeout:.0f} s"
+        elif os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            cause = f"{OUT_OF_MEMORY} at {iec(limits.memory)}" if limit.out_of_memory() \
+                else f"killed by signal {number} ({signal.Signals(number).name})"
+        else:
+            try:
+                with open(out) as fh:
+                    obj = json.load(fh)
+                if "fatal" in obj:
+                    cause = one_line(str(obj["fatal"]))
+                else:
+                    answer = Trace.from_json(obj)
+            except (OSError, ValueError, RecursionError):
+                stderr.seek(0)
+                said = stderr.read()[-4000:].decode("utf-8", "replace")
+                log.debug("tracing %s: stderr: %s", name, said)
+                cause = f"exited with status {os.WEXITSTATUS(status)} and no answer"
+        if answer is not None and entry is not None and entry in answer.errors:
+            error = answer.errors[entry]
+            if error.startswith("MemoryError"):  # under RLIMIT_AS
+                cause = f"{OUT_OF_MEMORY} at {iec(limits.memory)}"
+                answer = Trace(answer.entries, answer.weights, answer.nested,
+                               dict(answer.errors, **{entry: OUT_OF_MEMORY}))
+            else:
+                cause = error
+        with contextlib.suppress(OSError):
+            os.unlink(out)
+    urls = len(answer.weights.get(name, ())) if answer is not None else 0
+    return answer, Outcome(name, urls, seconds, peak, cause)
+
+
+_RUNNING: Set[subprocess.Popen] = set()  # the children tracing now, to kill on Ctrl-C
+_LOCK = threading.Lock()
+
+
+def _kill_all() -> None:
+    with _LOCK:
+        for proc in _RUNNING:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> Tuple[int | None, Any]:
+    """Wait for ``proc`` at most ``timeout`` seconds: (its wait status, its resource
+    usage), or (None, None) when it timed out and was killed, with its process group."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) \
+                else os.WEXITSTATUS(status)
+            return status, rusage
+        if time.monotonic() >= deadline:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None, None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 # --- the child process -------------------------------------------------------
@@ -203,6 +370,7 @@ class _Recorder:
         for kwargs in ({}, {"pretrained": True}):
             try:
                 function(**kwargs)
+                gc.collect()  # the first model is gone before the second is built
             except Exception as e:  # noqa: BLE001  (the repo's code: any failure is data)
                 # Without the temporary path and object addresses, so that tracing the
                 # same code gives the same manifest.
@@ -220,10 +388,11 @@ class _Recorder:
                 "errors": self.errors}
 
 
-def _child(root: str, out: str) -> None:
+def _child(root: str, out: str, entry: str | None) -> None:
     import megengine.hub
     import megengine.hub.hub
     import megengine.module
+    import megengine.module.init
 
     from .hubconf import entrypoints, exec_hubconf
     from .importer import SnapshotCode
@@ -242,16 +411,48 @@ def _child(root: str, out: str) -> None:
         module.load_serialized_obj_from_url = recorder.download
         module.load = record_nested
     megengine.module.Module.load_state_dict = lambda self, *a, **k: None
+    # Parameters keep their shapes but are not filled: what a build asks for does not
+    # depend on random initial values, and filling them is much of a large build's time.
+    for fill in _FILLS:
+        if hasattr(megengine.module.init, fill):
+            setattr(megengine.module.init, fill, lambda *a, **k: None)
 
     # Nothing is recorded yet for code being packed: compiled as it is, never cached.
     code = SnapshotCode(root, "the repo being traced", "")
     hubconf = exec_hubconf(code, keep_path=True)  # entrypoints may import late
     names = entrypoints(hubconf)
-    for name in names:
-        recorder.call(name, getattr(hubconf, name))
+    if entry is not None:
+        recorder.weights.pop(IMPORT, None)  # the import's own child reports those
+        recorder.nested.pop(IMPORT, None)
+        recorder.call(entry, getattr(hubconf, entry))
     with open(out, "w") as fh:
         json.dump(recorder.answer(names), fh)
 
 
+_FILLS = ("fill_", "normal_", "uniform_", "xavier_normal_", "xavier_uniform_",
+          "msra_normal_", "msra_uniform_", "zeros_", "ones_")
+
+
+def _main(argv: List[str]) -> None:
+    """``python -m mirror.trace ROOT OUT --memory BYTES --group DIR [--entry NAME]``:
+    confined first (a cgroup before anything is allocated; an address-space limit
+    after MegEngine's import has reserved its own), then traced."""
+    root, out, rest = argv[0], argv[1], argv[2:]
+    options = dict(zip(rest[::2], rest[1::2]))
+    limit, group = int(options["--memory"]), options["--group"]
+    try:
+        if group:
+            confine.enter(limit, group)
+        import megengine  # noqa: F401  (its reservation is not the model's)
+
+        if not group:
+            confine.enter(limit, "")
+        _child(root, out, options.get("--entry"))
+    except BaseException as e:  # noqa: BLE001  (the parent reports it by name)
+        text = re.sub(r"0x[0-9a-fA-F]+", "0x?", str(e)).replace(root, "<snapshot>")
+        with open(out, "w") as fh:
+            json.dump({"fatal": f"{type(e).__name__}: {text}"}, fh)
+
+
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    _main(sys.argv[1:])

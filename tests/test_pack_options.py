@@ -298,7 +298,8 @@ def test_the_model_zoo_recipe_says_what_a_platform_team_would_pack():
 @pytest.mark.parametrize("options, message", [
     ("turbo = true", "unknown option(s) turbo (known: allow_unreachable, allow_unresolved, "
                      "entries, exclude, follow_nested, git_host, history, jobs, protocol, "
-                     "rewrites, split_size, stream, trace, weights)"),
+                     "rewrites, split_size, stream, strict, trace, trace_jobs, trace_memory, "
+                     "trace_timeout, weights)"),
     ('exclude = "*_fp16.pkl"', "option exclude must be a list of strings, not '*_fp16.pkl'"),
     ("jobs = 0", "option jobs must be a whole number of at least 1, not 0"),
 ])
@@ -384,7 +385,8 @@ def test_an_unknown_pack_option_is_a_clear_error_naming_the_known_ones():
         "unknown pack option(s) bogus (known: allow_unreachable, allow_unresolved, "
         "allow_unsafe_pickle, cache_dir, entries, exclude, extra_weights, follow_nested, "
         "git_host, history, jobs, lock, progress, protocol, refresh, rewrites, sign, since, "
-        "since_key, split_size, stream, trace, update_lock)")
+        "since_key, split_size, stream, strict, trace, trace_jobs, trace_memory, "
+        "trace_timeout, update_lock)")
     with pytest.raises(MirrorError) as e:
         PackOptions.from_mapping({"jobs": "8"})
     assert str(e.value) == "pack option jobs must be a whole number of at least 1, not '8'"

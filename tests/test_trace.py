@@ -128,7 +128,8 @@ def test_a_named_entry_that_fails_to_trace_fails_the_pack(nested_repos, tmp_path
     root, _ = nested_repos
     with pytest.raises(MirrorError) as e:
         _file_pack(root, tmp_path / "z.hub", entries=["broken"])
-    assert "tracing broken failed: RuntimeError: boom at <snapshot>/hubconf.py" in str(e.value)
+    assert "tracing broken failed: RuntimeError: boom at <snapshot>/hubconf.py" in \
+        str(e.value), str(e.value)
 
 
 def test_trace_gives_the_same_bundle_twice(nested_repos, tmp_path, monkeypatch):

@@ -1,0 +1,143 @@
+"""Tracing a model zoo: each entrypoint in its own process under a memory limit and a
+timeout, failures named with their cause, and --entry tracing only what it names
+(tests/upstream/zoo.py is the zoo)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from mirror import confine
+from mirror.errors import MirrorError
+from mirror.packer import PackOptions, pack
+from tests.conftest import MIRROR, manifest_json, run
+from tests.test_trace import _file_repo
+from tests.upstream import zoo
+
+BIG, BIG_MIB = 6, 120
+LIMIT = "1G"  # one big entry (built twice) fits; all of them together do not
+
+
+@pytest.fixture(scope="module")
+def zoo_repo(upstream, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo") / "git"
+    urls = {n: upstream.weights.add(f"zoo/{n}.pkl", zoo.weights(i))
+            for i, n in enumerate(zoo.names(BIG))}
+    _file_repo(root, "zoo", "models", {"hubconf.py": zoo.hubconf(urls, BIG, BIG_MIB)})
+    _file_repo(root, "zoo", "other", {"hubconf.py": (
+        "import megengine.module as M\n\ndef tiny(pretrained=False):\n"
+        "    return M.Linear(1, 1)\n")})
+    return str(root), urls
+
+
+def _pack(root, out, log=None, **kw):
+    options = dict(git_host=root, protocol="file", progress=False, trace_memory=LIMIT,
+                   trace_timeout=20, trace_jobs=2)
+    options.update(kw)
+    pack(["zoo/models"], str(out), PackOptions(**options),
+         log=log.append if log is not None else (lambda m: None))
+    return manifest_json(str(out))
+
+
+def _outcomes(log):
+    """entry -> what its progress line said."""
+    found = (re.fullmatch(r"zoo/models@\w+: traced (\S+): (.*)", line) for line in log)
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def test_trace_finishes_names_each_failure_and_packs_the_rest(zoo_repo, tmp_path,
+                                                              monkeypatch):
+    root, urls = zoo_repo
+    monkeypatch.setenv("ZOO_LOG", str(tmp_path / "called"))
+    log = []
+    manifest = _pack(root, tmp_path / "zoo.hub", log, trace=True)
+    print("\n".join(log))  # shown when the test fails
+    said = _outcomes(log)
+    # every callable, as megengine.hub.list names them (_backbone, imported classes)
+    assert {f"big_{i}" for i in range(BIG)} | {"crash", "detector", "hang", "huge", "nested",
+                                                "_backbone", "Parameter"} <= set(said), log
+    assert said["huge"].startswith("FAILED: out of memory at 1.0 GiB ("), said["huge"]
+    assert said["hang"].startswith("FAILED: timed out after 20 s ("), said["hang"]
+    assert said["crash"].startswith("FAILED: killed by signal 11 (SIGSEGV) ("), said["crash"]
+    assert said["detector"].startswith("2 URLs (")
+    # Each big entry stayed under the limit in its own process; in one process, as the
+    # zoo keeps every model it builds, they would not have.
+    peaks = [_peak(said[f"big_{i}"]) for i in range(BIG)]
+    assert all(2 * BIG_MIB <= p < 1024 for p in peaks), peaks
+    assert sum(peaks) > 1024
+
+    (snap,) = manifest["repos"][0]["snapshots"]
+    errors = snap["trace"]["errors"]
+    assert {k: errors[k] for k in zoo.FAILING} == zoo.FAILING  # no sizes or times
+    packed = sorted(w["url"] for w in manifest["weights"])
+    assert packed == sorted(urls.values())
+    assert sorted(u["url"] for u in snap["trace"]["weights"]["detector"]) == sorted(
+        [urls["detector"], urls[zoo.BACKBONE]])
+    assert snap["trace"]["nested"]["nested"][0]["repo_info"] == "zoo/other"
+
+
+def _peak(text):
+    found = re.search(r"peak ([\d.]+) (MiB|GiB)", text)
+    assert found, text
+    return float(found.group(1)) * (1024 if found.group(2) == "GiB" else 1)
+
+
+def test_strict_fails_the_pack_naming_every_failure(zoo_repo, tmp_path):
+    root, _ = zoo_repo
+    with pytest.raises(MirrorError) as e:
+        _pack(root, tmp_path / "s.hub", trace=True, strict=True, trace_timeout=5)
+    message = str(e.value)
+    assert "tracing crash failed: killed by signal 11 (SIGSEGV); tracing hang failed: " \
+           "timed out; tracing huge failed: out of memory (--strict)" in message
+    assert not (tmp_path / "s.hub").exists()
+
+
+def test_entry_traces_only_that_entry_and_packs_its_backbone(zoo_repo, tmp_path,
+                                                             monkeypatch):
+    root, urls = zoo_repo
+    called = tmp_path / "called"
+    monkeypatch.setenv("ZOO_LOG", str(called))
+    log = []
+    manifest = _pack(root, tmp_path / "d.hub", log, entries=["detector"])
+    assert sorted(w["url"] for w in manifest["weights"]) == sorted(
+        [urls["detector"], urls[zoo.BACKBONE]])
+    assert called.read_text() == "detector\ndetector\n"  # with and without pretrained
+    assert list(_outcomes(log)) == ["detector"]
+
+
+def test_a_named_entry_that_fails_fails_the_pack_with_its_cause(zoo_repo, tmp_path):
+    root, _ = zoo_repo
+    with pytest.raises(MirrorError) as e:
+        _pack(root, tmp_path / "h.hub", entries=["hang"], trace_timeout=3)
+    assert str(e.value).endswith(": tracing hang failed: timed out")
+    r = run(MIRROR + ["pack", "zoo/models", "--git-host", root, "--protocol", "file",
+                      "--entry", "crash", "-o", str(tmp_path / "c.hub")])
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1].endswith(
+        "tracing crash failed: killed by signal 11 (SIGSEGV)")
+    assert "traced crash: FAILED: killed by signal 11 (SIGSEGV)" in r.stderr
+
+
+def test_without_a_cgroup_the_address_space_is_limited_after_megengine(
+        zoo_repo, tmp_path, monkeypatch):
+    """Where no cgroup can be made, RLIMIT_AS over MegEngine's own reservation: a
+    healthy model still builds, and one too large fails with its cause."""
+    monkeypatch.setattr(confine, "_parents", lambda: iter(()))
+    root, urls = zoo_repo
+    log = []
+    with pytest.raises(MirrorError) as e:
+        _pack(root, tmp_path / "r.hub", log, entries=["big_0", "huge"])
+    assert str(e.value).endswith("tracing huge failed: out of memory")
+    said = _outcomes(log)
+    assert said["big_0"].startswith("1 URLs (") and said["huge"].startswith(
+        "FAILED: out of memory at 1.0 GiB")
+
+
+def test_which_limit_is_in_force_is_said(tmp_path):
+    with confine.confined(1 << 30) as limit:
+        assert limit.how in (confine.CGROUP_V2, confine.CGROUP_V1, confine.ADDRESS_SPACE)
+        if limit.group:
+            assert os.path.isdir(limit.group)
+    assert limit.group is None or not os.path.exists(limit.group)
