@@ -23,6 +23,8 @@ import contextlib
 import itertools
 import os
 import resource
+import signal
+import time
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
@@ -66,10 +68,21 @@ class Confinement:
         return False
 
     def remove(self) -> None:
-        """Delete the group (its processes have exited)."""
-        if self.group:
-            with contextlib.suppress(OSError):
+        """Delete the group, killing what is left in it first (a process that left the
+        child's session, say); a few tries, as the kernel reaps them."""
+        if not self.group:
+            return
+        for _ in range(50):
+            for pid in (_read(self.group, "cgroup.procs") or "").split():
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            try:
                 os.rmdir(self.group)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -103,10 +116,14 @@ def _cgroup(limit: int) -> Confinement:
         except OSError:
             continue
         try:
-            for file, value in files(limit):
-                if os.path.exists(os.path.join(group, file)):
+            for i, (file, value) in enumerate(files(limit)):
+                try:
                     with open(os.path.join(group, file), "w") as fh:
                         fh.write(value)
+                except OSError:
+                    if i == 0:  # the limit itself: this group is no use
+                        raise
+                    # the rest (no swap) as the kernel allows
             return Confinement(limit, how, group)
         except OSError:
             with contextlib.suppress(OSError):

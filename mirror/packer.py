@@ -24,7 +24,6 @@ from .download import DownloadCache, fetch_each
 from .errors import (
     LockMismatchError,
     MirrorError,
-    NotFoundError,
     UnresolvedError,
     UnsafePickleError,
     UsageError,
@@ -343,7 +342,7 @@ class _Packer:
         tracing = opts.trace or opts.follow_nested or bool(entries)
         traced = self._trace(snap, label, entries) if tracing else None
         if entries:
-            urls, unresolved = _entry_weights(label, entries, entry_weights, traced)
+            urls, unresolved = _entry_weights(entries, entry_weights), []
         else:
             found, missed = discover(snap.files)
             urls = {w.url: [str(loc) for loc in w.locations] for w in found}
@@ -417,7 +416,9 @@ class _Packer:
         self.report.files += len(files)
         return SnapshotEntry(
             snap.commit, snap.tree, snap.commit_time, tuple(files),
-            entrypoints=tuple(sorted(found.coverage)),
+            # traced: every callable, as megengine.hub.list names them
+            entrypoints=tuple(sorted(set(found.coverage) | set(
+                found.trace.entries if found.trace else ()))),
             coverage={e: tuple(urls) for e, urls in found.coverage.items()},
             excluded=tuple(found.excluded), unresolved=tuple(found.unresolved),
             nested=tuple(found.nested),
@@ -574,19 +575,13 @@ class _Packer:
                               f"{e.strerror or e}") from None
 
 
-def _entry_weights(label: str, entries: Tuple[str, ...], entry_weights: Dict[str, List[str]],
-                   traced: Trace) -> Tuple[Dict[str, List[str]], List[str]]:
-    """(URL -> where it is asked for, what could not be traced) for named entries."""
-    unknown = sorted(set(entries) - set(traced.entries))
-    if unknown:
-        raise NotFoundError(f"{label}: no entrypoint {', '.join(unknown)} in "
-                          f"hubconf.py (it has: {', '.join(traced.entries)})")
+def _entry_weights(entries: Tuple[str, ...],
+                   entry_weights: Dict[str, List[str]]) -> Dict[str, List[str]]:
+    """URL -> where it is asked for, by the named entries' own decorators (what they
+    asked for when run is added from the trace, which checked their names and fails
+    the pack for one that could not run)."""
     urls: Dict[str, List[str]] = {}
     for entry in entries:
         for u in entry_weights.get(entry, []):
             urls.setdefault(u, []).append(f"hubconf.py (@pretrained of {entry})")
-    # Only the entries' own downloads matter, and they were run; one that failed may
-    # have stopped before asking for everything it needs.
-    # A traceback's message spans lines; the manifest keeps it on one.
-    return urls, [f"tracing {e} failed: {one_line(traced.errors[e])}" for e in entries
-                  if e in traced.errors]
+    return urls

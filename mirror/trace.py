@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import confine
 from .config import trace_environment
-from .errors import InvalidRecordError, MirrorError
+from .errors import InvalidRecordError, MirrorError, NotFoundError
 from .model import TraceRecord, need
 from .names import one_line
 from .refs import DEFAULT_HOST
@@ -191,6 +191,7 @@ def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None =
     Raises:
         MirrorError: ``hubconf.py`` cannot be imported.
     """
+    _STOP.clear()
     with tempfile.TemporaryDirectory(prefix="mirror-trace-") as root:
         write_bytes(root, ((f.path, f.mode, f.data) for f in files))
         head, outcome = _traced(root, None, limits)
@@ -198,6 +199,10 @@ def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None =
             raise MirrorError(f"{label}: cannot import hubconf.py: {outcome.cause}")
         names = head.entries
         chosen = None if entries is None else set(entries)
+        unknown = sorted((chosen or set()) - set(names))
+        if unknown:  # before anything runs: a typo is said, not hidden by a failure
+            raise NotFoundError(f"{label}: no entrypoint {', '.join(unknown)} in "
+                                f"hubconf.py (it has: {', '.join(names)})")
         wanted = [n for n in names if chosen is None or n in chosen]
         weights, nested = dict(head.weights), dict(head.nested)
         errors: Dict[str, str] = {}
@@ -230,6 +235,18 @@ def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None =
         return Trace(names, ordered(weights), ordered(nested), ordered(errors))
 
 
+def _partial(path: str) -> Tuple[Asked, ...]:
+    """The downloads a child recorded before it died, one JSON object a line (a line
+    cut short by the kill is passed over)."""
+    found = set()
+    with open(path) as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                obj = json.loads(line)
+                found.add(Asked(str(obj["url"]), str(obj["at"])))
+    return tuple(sorted(found, key=lambda a: (a.at, a.url)))
+
+
 def _recorded(cause: str) -> str:
     """A cause as the manifest keeps it: without the limit or the time."""
     for kept in (OUT_OF_MEMORY, TIMED_OUT):
@@ -249,15 +266,22 @@ def _traced(root: str, entry: str | None, limits: TraceLimits) -> Tuple[Trace | 
         command = [sys.executable, "-m", "mirror.trace", root, out] + limit.child_args() + \
             (["--entry", entry] if entry is not None else [])
         with _LOCK:
+            if _STOP.is_set():  # interrupted before this one started
+                raise KeyboardInterrupt
             proc = subprocess.Popen(command, env=trace_environment(), cwd=root,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=stderr, start_new_session=True)
             _RUNNING.add(proc)
         try:
             status, rusage = _wait(proc, limits.timeout)
+        except BaseException:  # Ctrl-C: the child is in a session of its own
+            _kill(proc)
+            proc.wait()
+            raise
         finally:
             with _LOCK:
                 _RUNNING.discard(proc)
+        _kill(proc)  # what it left running in its session goes with it
         seconds = time.monotonic() - started
         peak = limit.peak() or (rusage.ru_maxrss * 1024 if rusage else None)
         answer, cause = None, None
@@ -266,7 +290,7 @@ def _traced(root: str, entry: str | None, limits: TraceLimits) -> Tuple[Trace | 
         elif os.WIFSIGNALED(status):
             number = os.WTERMSIG(status)
             cause = f"{OUT_OF_MEMORY} at {iec(limits.memory)}" if limit.out_of_memory() \
-                else f"killed by signal {number} ({signal.Signals(number).name})"
+                else f"killed by signal {number} ({_signal_name(number)})"
         else:
             try:
                 with open(out) as fh:
@@ -282,27 +306,42 @@ def _traced(root: str, entry: str | None, limits: TraceLimits) -> Tuple[Trace | 
                 cause = f"exited with status {os.WEXITSTATUS(status)} and no answer"
         if answer is not None and entry is not None and entry in answer.errors:
             error = answer.errors[entry]
-            if error.startswith("MemoryError"):  # under RLIMIT_AS
-                cause = f"{OUT_OF_MEMORY} at {iec(limits.memory)}"
-                answer = Trace(answer.entries, answer.weights, answer.nested,
-                               dict(answer.errors, **{entry: OUT_OF_MEMORY}))
-            else:
-                cause = error
-        with contextlib.suppress(OSError):
-            os.unlink(out)
+            cause = f"{OUT_OF_MEMORY} at {iec(limits.memory)}" if error == OUT_OF_MEMORY \
+                else one_line(error)
+        if answer is None and entry is not None:
+            # Killed, or no answer: what it asked for before is still needed.
+            asked = _partial(out + ".partial") if os.path.exists(out + ".partial") else ()
+            answer = Trace((), {entry: asked} if asked else {}, {},
+                           {entry: _recorded(cause or "")})
+        for done in (out, out + ".partial"):
+            with contextlib.suppress(OSError):
+                os.unlink(done)
     urls = len(answer.weights.get(name, ())) if answer is not None else 0
     return answer, Outcome(name, urls, seconds, peak, cause)
 
 
 _RUNNING: Set[subprocess.Popen] = set()  # the children tracing now, to kill on Ctrl-C
+_STOP = threading.Event()  # set on Ctrl-C: no child starts after it
 _LOCK = threading.Lock()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _kill_all() -> None:
     with _LOCK:
+        _STOP.set()
         for proc in _RUNNING:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill(proc)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, say
+        return f"SIG{number}"
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> Tuple[int | None, Any]:
@@ -317,8 +356,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> Tuple[int | None, Any]:
                 else os.WEXITSTATUS(status)
             return status, rusage
         if time.monotonic() >= deadline:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill(proc)
             proc.wait()
             return None, None
         time.sleep(delay)
@@ -343,8 +381,10 @@ def _where(root: str, entry: Any) -> str:
 class _Recorder:
     """What the child saw, by entry: downloads, nested loads, errors."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, partial: str | None = None, address_space: bool = False):
         self.root = root
+        self.partial = partial  # each download also appended here: kept if killed
+        self.address_space = address_space  # confined by RLIMIT_AS, not a cgroup
         self.weights: Dict[str, List[Dict[str, str]]] = {}
         self.nested: Dict[str, List[Dict[str, str]]] = {}
         self.errors: Dict[str, str] = {}
@@ -352,8 +392,11 @@ class _Recorder:
         self.function: Any = None
 
     def download(self, url: str, model_dir: Any = None) -> Dict[str, Any]:
-        self.weights.setdefault(self.entry, []).append(
-            {"url": url, "at": _where(self.root, self.function)})
+        asked = {"url": url, "at": _where(self.root, self.function)}
+        self.weights.setdefault(self.entry, []).append(asked)
+        if self.partial and self.entry != IMPORT:
+            with open(self.partial, "a") as fh:
+                fh.write(json.dumps(asked, sort_keys=True) + "\n")
         return {}  # nothing is downloaded; load_state_dict, patched out, accepts it
 
     def load(self, repo_info: str, entry: str, **kwargs: Any) -> Dict[str, str]:
@@ -363,19 +406,24 @@ class _Recorder:
         return call
 
     def call(self, name: str, function: Any) -> None:
-        """Call an entrypoint with and without ``pretrained=True``: one form working is
-        enough (classes take no ``pretrained=``)."""
+        """Call an entrypoint with and without ``pretrained=True`` (that first: it asks
+        for the most): one form working is enough (classes take no ``pretrained=``),
+        but running out of memory in either is a failure, as it may have stopped the
+        build before a download."""
         self.entry, self.function = name, function
         failures = []
-        for kwargs in ({}, {"pretrained": True}):
+        for kwargs in ({"pretrained": True}, {}):
             try:
                 function(**kwargs)
-                gc.collect()  # the first model is gone before the second is built
             except Exception as e:  # noqa: BLE001  (the repo's code: any failure is data)
+                if _out_of_memory(e, self.address_space):
+                    self.errors[name] = OUT_OF_MEMORY
+                    return
                 # Without the temporary path and object addresses, so that tracing the
                 # same code gives the same manifest.
                 text = re.sub(r"0x[0-9a-fA-F]+", "0x?", str(e)).replace(self.root, "<snapshot>")
-                failures.append(f"{type(e).__name__}: {text}")
+                failures.append(one_line(f"{type(e).__name__}: {text}"))
+            gc.collect()  # the first model is gone before the second is built
         if len(failures) == 2:
             self.errors[name] = failures[0]
 
@@ -388,7 +436,18 @@ class _Recorder:
                 "errors": self.errors}
 
 
-def _child(root: str, out: str, entry: str | None) -> None:
+def _out_of_memory(error: BaseException, address_space: bool) -> bool:
+    """Python's MemoryError, or MegEngine's allocator failing: a RuntimeError that says
+    so, or, under an address-space limit, the AsyncError MegEngine raises for an
+    operation whose memory it could not get (a model's constructor runs no other
+    operation that fails at run time)."""
+    if isinstance(error, MemoryError) or "failed to malloc" in str(error):
+        return True
+    return address_space and type(error).__name__ == "AsyncError"
+
+
+def _child(root: str, out: str, entry: str | None, address_space: bool) -> None:
+    import megengine
     import megengine.hub
     import megengine.hub.hub
     import megengine.module
@@ -397,7 +456,10 @@ def _child(root: str, out: str, entry: str | None) -> None:
     from .hubconf import entrypoints, exec_hubconf
     from .importer import SnapshotCode
 
-    recorder = _Recorder(root)
+    recorder = _Recorder(root, out + ".partial" if entry is not None else None, address_space)
+    # Synchronous: an operation that fails (memory it cannot get) fails where it runs,
+    # in the entrypoint, not later or never.
+    megengine.config.async_level = 0
 
     class Stub(megengine.module.Module):
         def forward(self, *args: Any) -> None:
@@ -447,7 +509,7 @@ def _main(argv: List[str]) -> None:
 
         if not group:
             confine.enter(limit, "")
-        _child(root, out, options.get("--entry"))
+        _child(root, out, options.get("--entry"), not group)
     except BaseException as e:  # noqa: BLE001  (the parent reports it by name)
         text = re.sub(r"0x[0-9a-fA-F]+", "0x?", str(e)).replace(root, "<snapshot>")
         with open(out, "w") as fh:

@@ -24,6 +24,9 @@ moving: a delta after 1 of 8 weights changed, and export from the store
 registry: push to and install from a real registry on loopback
 (scripts/bench_registry.py).
 scale: pack and install at each --scale size, to show how time and memory grow.
+trace: `pack --trace` of a synthetic model zoo of 10, 50 and 100 entrypoints, and of
+one whose largest model has 335M parameters, each entrypoint in its own process
+(scripts/bench_trace.py; --trace-sizes, empty to skip).
 
 Every timed command starts after a `sync`, so that none pays for the previous
 one's dirty pages. Times are medians of --runs; peak RSS is the largest of the
@@ -56,6 +59,8 @@ from bench_delta import bench as bench_moving  # noqa: E402
 from bench_load import bench as bench_unpickler  # noqa: E402
 from bench_registry import bench as bench_registry  # noqa: E402
 from bench_tools import MIRROR, timed  # noqa: E402
+from bench_trace import bench as bench_trace  # noqa: E402
+from bench_trace import report as trace_report  # noqa: E402
 
 
 def median(pairs) -> float:
@@ -264,6 +269,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small-files", type=int, default=5000,
                         help="files in the many-small-files repo")
+    parser.add_argument("--trace-sizes", default="10,50,100",
+                        help="entrypoints of the traced zoos; empty to skip")
     parser.add_argument("--scale", default="256,512,1024,2048",
                         help="MiB of weights for the scale series (each a multiple of "
                              "size-mb/files); empty to skip")
@@ -455,6 +462,12 @@ def main() -> None:
                               f"{si['ratio']:.2f} | {si['durable_ratio']:.2f} | "
                               f"{si['mirror_rss_mb']:.0f} MiB |")
                 print(series[-1], flush=True)
+        traced = None
+        if args.trace_sizes:
+            os.makedirs(os.path.join(work, "trace"))
+            traced = bench_trace(os.path.join(work, "trace"),
+                                 tuple(int(s) for s in args.trace_sizes.split(",")))
+            print(trace_report(traced), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -468,6 +481,8 @@ def main() -> None:
               "ratio to durable | install RSS |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(series))
+    if traced is not None:
+        print("\n" + trace_report(traced))
 
 
 if __name__ == "__main__":

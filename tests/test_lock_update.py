@@ -127,20 +127,20 @@ def test_update_moves_the_pins_that_changed_and_says_so(repo, tmp_path):
     # Upstream serves other bytes under the pinned URL: the lock refuses them, as ever.
     repo.weight("net.pkl", 2)
     new = repo.sha(url)
-    r = _cli(repo, tmp_path, spec, "-o", str(tmp_path / "b.hub"), "--lock", str(lock),
-             "--refresh", "-q")
-    assert r.returncode == LockMismatchError.exit_code
-    assert r.stderr == (f"Error: lock {lock}: {url} now has sha256 {new}, the lock pins "
-                        f"{old}: its content changed upstream. Review the change; pack "
-                        f"again with --update to move the pins\n")
+    def refused() -> str:
+        r = _cli(repo, tmp_path, spec, "-o", str(tmp_path / "b.hub"), "--lock", str(lock),
+                 "--refresh", "-q")
+        assert r.returncode == LockMismatchError.exit_code
+        return r.stderr
+
+    assert refused() == (f"Error: lock {lock}: {url} now has sha256 {new}, the lock pins "
+                         f"{old}: its content changed upstream. Review the change; pack "
+                         f"again with --update to move the pins\n")
     # And the branch moves: that is what it names first.
     c2 = repo.commit("master", url, "c2")
-    r = _cli(repo, tmp_path, spec, "-o", str(tmp_path / "b.hub"), "--lock", str(lock),
-             "--refresh", "-q")
-    assert r.returncode == LockMismatchError.exit_code
-    assert r.stderr == (f"Error: lock {lock}: {spec} now resolves to {c2}, the lock pins "
-                        f"{c1}. Review the change; pack again with --update to move the "
-                        f"pins\n")
+    assert refused() == (f"Error: lock {lock}: {spec} now resolves to {c2}, the lock pins "
+                         f"{c1}. Review the change; pack again with --update to move the "
+                         f"pins\n")
     assert lock.read_bytes() == written and not (tmp_path / "b.hub").exists()
 
     r = _cli(repo, tmp_path, spec, "-o", str(tmp_path / "c.hub"), "--lock", str(lock),

@@ -135,6 +135,8 @@ def test_a_named_entry_that_fails_to_trace_fails_the_pack(nested_repos, tmp_path
 def test_trace_gives_the_same_bundle_twice(nested_repos, tmp_path, monkeypatch):
     root, _ = nested_repos
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    for name in ("a", "b"):
-        _file_pack(root, tmp_path / f"{name}.hub", trace=True)
-    assert (tmp_path / "a.hub").read_bytes() == (tmp_path / "b.hub").read_bytes()
+    for name, jobs in (("a", 1), ("b", 1), ("c", 2)):
+        _file_pack(root, tmp_path / f"{name}.hub", trace=True, trace_jobs=jobs)
+    # the same bytes across runs and --trace-jobs (entries finish in any order)
+    assert (tmp_path / "a.hub").read_bytes() == (tmp_path / "b.hub").read_bytes() == \
+        (tmp_path / "c.hub").read_bytes()

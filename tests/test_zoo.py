@@ -56,9 +56,10 @@ def test_trace_finishes_names_each_failure_and_packs_the_rest(zoo_repo, tmp_path
     print("\n".join(log))  # shown when the test fails
     said = _outcomes(log)
     # every callable, as megengine.hub.list names them (_backbone, imported classes)
-    assert {f"big_{i}" for i in range(BIG)} | {"crash", "detector", "hang", "huge", "nested",
-                                                "_backbone", "Parameter"} <= set(said), log
-    assert said["huge"].startswith("FAILED: out of memory at 1.0 GiB ("), said["huge"]
+    assert {f"big_{i}" for i in range(BIG)} | set(zoo.FAILING) | {
+        "detector", "nested", "_backbone", "Parameter"} <= set(said), log
+    for name in ("huge", "huge_tensor", "greedy"):
+        assert said[name].startswith("FAILED: out of memory at 1.0 GiB ("), said[name]
     assert said["hang"].startswith("FAILED: timed out after 20 s ("), said["hang"]
     assert said["crash"].startswith("FAILED: killed by signal 11 (SIGSEGV) ("), said["crash"]
     assert said["detector"].startswith("2 URLs (")
@@ -76,6 +77,8 @@ def test_trace_finishes_names_each_failure_and_packs_the_rest(zoo_repo, tmp_path
     assert sorted(u["url"] for u in snap["trace"]["weights"]["detector"]) == sorted(
         [urls["detector"], urls[zoo.BACKBONE]])
     assert snap["trace"]["nested"]["nested"][0]["repo_info"] == "zoo/other"
+    # what an entrypoint asked for before it was killed is kept, and packed
+    assert [u["url"] for u in snap["trace"]["weights"]["greedy"]] == [urls["greedy"]]
 
 
 def _peak(text):
@@ -89,8 +92,9 @@ def test_strict_fails_the_pack_naming_every_failure(zoo_repo, tmp_path):
     with pytest.raises(MirrorError) as e:
         _pack(root, tmp_path / "s.hub", trace=True, strict=True, trace_timeout=5)
     message = str(e.value)
-    assert "tracing crash failed: killed by signal 11 (SIGSEGV); tracing hang failed: " \
-           "timed out; tracing huge failed: out of memory (--strict)" in message
+    assert "tracing crash failed: killed by signal 11 (SIGSEGV); tracing greedy failed: out " \
+           "of memory; tracing hang failed: timed out; tracing huge failed: out of memory; " \
+           "tracing huge_tensor failed: out of memory (--strict)" in message
     assert not (tmp_path / "s.hub").exists()
 
 
@@ -128,11 +132,24 @@ def test_without_a_cgroup_the_address_space_is_limited_after_megengine(
     root, urls = zoo_repo
     log = []
     with pytest.raises(MirrorError) as e:
-        _pack(root, tmp_path / "r.hub", log, entries=["big_0", "huge"])
-    assert str(e.value).endswith("tracing huge failed: out of memory")
+        _pack(root, tmp_path / "r.hub", log, entries=["big_0", "huge", "huge_tensor"])
+    assert str(e.value).endswith("tracing huge failed: out of memory; tracing huge_tensor "
+                                 "failed: out of memory")
     said = _outcomes(log)
-    assert said["big_0"].startswith("1 URLs (") and said["huge"].startswith(
-        "FAILED: out of memory at 1.0 GiB")
+    assert said["big_0"].startswith("1 URLs ("), said
+    for name in ("huge", "huge_tensor"):  # numpy's MemoryError, MegEngine's RuntimeError
+        assert said[name].startswith("FAILED: out of memory at 1.0 GiB ("), said[name]
+    assert any("(RLIMIT_AS over what importing MegEngine reserves)" in line for line in log)
+
+
+def test_an_unknown_entry_is_said_before_anything_is_traced(zoo_repo, tmp_path, monkeypatch):
+    root, _ = zoo_repo
+    called = tmp_path / "called"
+    monkeypatch.setenv("ZOO_LOG", str(called))
+    with pytest.raises(MirrorError) as e:
+        _pack(root, tmp_path / "u.hub", entries=["detector", "detectr"])
+    assert "no entrypoint detectr in hubconf.py (it has: " in str(e.value)
+    assert e.value.exit_code == 4 and not called.exists()
 
 
 def test_which_limit_is_in_force_is_said(tmp_path):

@@ -15,7 +15,8 @@ from typing import Dict
 import numpy as np
 
 BACKBONE = "backbone"
-FAILING = {"huge": "out of memory", "hang": "timed out",
+FAILING = {"huge": "out of memory", "huge_tensor": "out of memory",
+           "greedy": "out of memory", "hang": "timed out",
            "crash": "killed by signal 11 (SIGSEGV)"}
 
 
@@ -34,7 +35,7 @@ def names(big: int, extras: bool = True, transformer: bool = False) -> list:
     backbone's (and the transformer's)."""
     out = [f"big_{i}" for i in range(big)]
     if extras:
-        out += ["detector", BACKBONE]
+        out += ["detector", BACKBONE, "greedy"]
     if transformer:
         out.append("transformer")
     return out
@@ -53,7 +54,8 @@ def hubconf(urls: Dict[str, str], big: int, big_mib: int, extras: bool = True,
                    f"    _KEEP.append(model)  # a zoo's registry: nothing is freed\n"
                    f"    return model\n\n")
     if extras:
-        out.append(_EXTRAS.format(detector=urls["detector"], backbone=urls[BACKBONE]))
+        out.append(_EXTRAS.format(detector=urls["detector"], backbone=urls[BACKBONE],
+                                  greedy=urls["greedy"]))
     if transformer:
         out.append(_TRANSFORMER.format(url=urls["transformer"]))
     return "".join(out)
@@ -93,6 +95,25 @@ _EXTRAS = '''def huge(**kwargs):
     block = np.ones(3 << 28, dtype=np.float32)
     _KEEP.append(block)
     return block
+
+
+def huge_tensor(**kwargs):
+    """The same through MegEngine's own allocator (which fails with a RuntimeError, not
+    a MemoryError, under an address-space limit)."""
+    _called("huge_tensor")
+    import megengine.functional as F
+
+    block = F.zeros((3 << 28,))
+    _KEEP.append(block)
+    return block
+
+
+def greedy(**kwargs):
+    """Asks for its weights, then runs out of memory: what it asked for is needed."""
+    _called("greedy")
+    state = hub.load_serialized_obj_from_url({greedy!r})
+    _KEEP.append(np.ones(3 << 28, dtype=np.float32))
+    return state
 
 
 def hang(**kwargs):
