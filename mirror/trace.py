@@ -185,11 +185,12 @@ def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None =
     Args:
         files: every file of the snapshot (path, git mode, bytes).
         label: names the snapshot in errors, e.g. ``owner/name@commit``.
-        entries: the entrypoints to run (default: all that ``hubconf.py`` has); names
-            it does not have are left to the caller (``Trace.entries`` lists them all).
+        entries: the entrypoints to run (default: all that ``hubconf.py`` has).
 
     Raises:
         MirrorError: ``hubconf.py`` cannot be imported.
+        NotFoundError: ``entries`` names one that ``hubconf.py`` does not have (said
+            before any entrypoint runs).
     """
     _STOP.clear()
     with tempfile.TemporaryDirectory(prefix="mirror-trace-") as root:
@@ -281,7 +282,6 @@ def _traced(root: str, entry: str | None, limits: TraceLimits) -> Tuple[Trace | 
         finally:
             with _LOCK:
                 _RUNNING.discard(proc)
-        _kill(proc)  # what it left running in its session goes with it
         seconds = time.monotonic() - started
         peak = limit.peak() or (rusage.ru_maxrss * 1024 if rusage else None)
         answer, cause = None, None
@@ -350,8 +350,11 @@ def _wait(proc: subprocess.Popen, timeout: float) -> Tuple[int | None, Any]:
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
+        # Exited, but not reaped yet: while it is a zombie its process group id cannot
+        # be reused, so what it left running in its session can be killed safely.
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+            _kill(proc)
+            _, status, rusage = os.wait4(proc.pid, 0)
             proc.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) \
                 else os.WEXITSTATUS(status)
             return status, rusage

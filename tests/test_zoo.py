@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -158,3 +159,30 @@ def test_which_limit_is_in_force_is_said(tmp_path):
         if limit.group:
             assert os.path.isdir(limit.group)
     assert limit.group is None or not os.path.exists(limit.group)
+
+
+@pytest.mark.parametrize("cgroup", [True, False])
+def test_what_an_entrypoint_leaves_running_goes_with_it(zoo_repo, tmp_path, monkeypatch,
+                                                         cgroup):
+    if not cgroup:  # then only its session's process group holds it
+        monkeypatch.setattr(confine, "_parents", lambda: iter(()))
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("ZOO_PIDS", str(pids))
+    root, _ = zoo_repo
+    _pack(root, tmp_path / "p.hub", entries=["daemon"])
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 2  # with and without pretrained
+    for _ in range(100):  # killed; its parent gone, init reaps it
+        alive = [p for p in left if _running(p)]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert alive == []
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return "\nState:\tZ" not in fh.read()
+    except FileNotFoundError:
+        return False

@@ -116,6 +116,18 @@ def greedy(**kwargs):
     return state
 
 
+def daemon(**kwargs):
+    """Leaves a process running behind it (its pid in $ZOO_PIDS)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"])
+    pids = os.environ.get("ZOO_PIDS")
+    if pids:
+        with open(pids, "a") as fh:
+            fh.write(f"{{child.pid}}\\n")
+    return M.Linear(1, 1)
+
+
 def hang(**kwargs):
     _called("hang")
     time.sleep(3600)
