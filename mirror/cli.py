@@ -69,7 +69,8 @@ def schema(name: str) -> str:
 
 def _emit(name: str, obj: Dict[str, Any], err: bool = False) -> None:
     """Print ``obj`` as the JSON object of schema ``name`` (docs/json.md)."""
-    click.echo(json.dumps(dict({"schema": schema(name)}, **obj), indent=1), err=err)
+    click.echo(json.dumps(dict({"schema": schema(name)}, **obj), indent=1, default=str),
+               err=err)
 
 
 def error_json(error: click.ClickException) -> Dict[str, Any]:
@@ -118,7 +119,7 @@ class _Mirror(click.Group):
             done = super().main(args, prog_name, complete_var, False, **extra)
         except click.ClickException as e:
             if _wants_json(args):
-                click.echo(json.dumps(error_json(e), indent=1), err=True)
+                click.echo(json.dumps(error_json(e), indent=1, default=str), err=True)
             else:
                 e.show()
             sys.exit(e.exit_code)
