@@ -78,8 +78,7 @@ def error_json(error: click.ClickException) -> Dict[str, Any]:
     the context the error carries (repo, ref, path, URL...)."""
     cause = getattr(error, "error", None)
     context = {k: v for k, v in vars(cause).items() if not k.startswith("_") and
-               isinstance(v, (str, int, float, bool, list)) and not isinstance(v, type)} \
-        if cause is not None else {}
+               isinstance(v, (str, int, float, bool, list))} if cause is not None else {}
     return {"schema": schema("error"), "error": {
         "type": type(cause or error).__name__.lstrip("_"), "exit_code": int(error.exit_code),
         "message": error.format_message(), "context": context}}
@@ -309,9 +308,8 @@ def pack(specs, output, recipe, quiet, as_json, **options) -> None:
     for c in report.coverage:  # what each entrypoint will load
         state = ", ".join(u if u in packed else f"{u} (NOT packed)" for u in c.urls)
         echo(f"coverage {c.label} {c.entrypoint}: {state or 'no weights'}")
-    for repo, commit, entry, cause in report.untraced:
-        echo(f"untraced {repo.removeprefix(_default_host() + '/')}@{short(commit)} {entry}: "
-             f"{cause}")
+    for u in report.untraced:
+        echo(f"untraced {u.label} {u.entrypoint}: {u.cause}")
     for line in report.unresolved:
         echo(f"unresolved {line}")
     for line in report.nested:
@@ -990,7 +988,7 @@ def list_(long, home, as_json) -> None:
     rows = [("REPO", "REF", "COMMIT", "INSTALLED", "SIZE")]
     notes: Dict[int, List[str]] = {}
     for r in repos:
-        repo = r.id.label if r.id.host == _default_host() else f"{r.id.host}/{r.id.label}"
+        repo = r.id.spec
         for s in r.snapshots:
             names = [h.name + (" (tag)" if h.kind == "tag" else "") for h in r.refs
                      if h.commit == s.commit]
@@ -1017,12 +1015,6 @@ def list_(long, home, as_json) -> None:
     click.echo(f"{totals['repos']} repos, {totals['snapshots']} snapshots, "
                f"{totals['weights']} weights, {iec(totals['bytes'])} (a weight shared by "
                f"snapshots counted once) in {store.home}")
-
-
-def _default_host() -> str:
-    from .refs import DEFAULT_HOST
-
-    return DEFAULT_HOST
 
 
 def _snapshot_lines(s: Any) -> List[str]:

@@ -37,16 +37,13 @@ load of that store obeys.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .layout import StoreLayout
@@ -184,6 +181,8 @@ def registry_credentials(host: str, env: Mapping[str, str] | None = None
     if entry.get("username") and entry.get("password"):
         return Credentials(str(entry["username"]), str(entry["password"]), where)
     if entry.get("auth"):
+        import base64  # here: the registry's alone, not every command's start-up
+
         try:
             user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
@@ -195,6 +194,8 @@ def registry_credentials(host: str, env: Mapping[str, str] | None = None
 def _credential_helper(helper: str, host: str, config: str, env: Mapping[str, str]
                        ) -> Credentials | None:
     """Ask ``docker-credential-HELPER get`` for ``host``'s credentials, as docker does."""
+    import subprocess
+
     program = f"docker-credential-{helper}"
     try:
         done = subprocess.run([program, "get"], input=host.encode(), capture_output=True,
@@ -309,8 +310,10 @@ def proxy_for(url: str, env: Mapping[str, str] | None = None) -> str | None:
     set (git lets it override the environment), else ``https_proxy``/``http_proxy``
     (or ``all_proxy``) as requests and curl read them, in either case; a host that
     ``no_proxy`` names goes direct either way."""
+    import urllib.request  # here: http.client and ssl are the network's, not start-up's
+
     env = os.environ if env is None else env
-    parts = urllib.parse.urlsplit(url)
+    parts = urlsplit(url)
     proxies: Dict[str, str] = {}  # as curl and urllib read them: lowercase first
     for key in sorted((k for k in env if k.lower().endswith("_proxy") and env[k]),
                       key=lambda k: k.islower()):
@@ -332,6 +335,8 @@ def proxy_for(url: str, env: Mapping[str, str] | None = None) -> str | None:
 def _git_config(key: str, url: str, env: Mapping[str, str]) -> str | None:
     """git's own setting ``key`` for ``url`` (global, system or XDG configuration,
     ``[http "https://host"]`` sections included), as git reads it."""
+    import subprocess
+
     try:
         done = subprocess.run(["git", "config", "--get-urlmatch", key, url],
                               capture_output=True, text=True, timeout=10, env=dict(env),

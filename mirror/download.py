@@ -142,9 +142,9 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
                                  f"downloads {', '.join(SCHEMES)} and s3 URLs and absolute "
                                  f"paths")
     hashed = _Hashed(part, url)
-    if scheme in SCHEMES and hashed.validator is None and os.path.exists(part):
-        os.unlink(part)  # bytes of a file no validator names: never resumed into
     if scheme in SCHEMES:
+        if hashed.validator is None and os.path.exists(part):
+            os.unlink(part)  # bytes of a file no validator names: never resumed into
         _fetch_with_retries(url, part, retries, timeout, progress, hashed, batch)
     hashed.catch_up(part)  # a no-op after an HTTP download, which hashed as it wrote
     os.replace(part, dest)
@@ -159,8 +159,7 @@ class _Hashed:
 
     def __init__(self, part: str, source: str) -> None:
         self.part, self.source = part, source
-        self.digest, self.size = hashlib.sha256(), 0
-        self.validator: str | None = None  # ETag or Last-Modified of the bytes so far
+        self._reset(None)
         try:
             with open(part + ".json") as fh:
                 state = json.load(fh)
@@ -169,11 +168,22 @@ class _Hashed:
         except (OSError, ValueError, AttributeError):
             pass
 
+    def _reset(self, validator: str | None) -> None:
+        self.digest, self.size = hashlib.sha256(), 0
+        self.validator = validator  # ETag or Last-Modified of the bytes so far
+
     def restart(self, validator: str | None) -> None:
         """The bytes start again from 0, of the file ``validator`` names."""
-        self.digest, self.size, self.validator = hashlib.sha256(), 0, validator
+        self._reset(validator)
         with open(self.part + ".json", "w") as fh:
             json.dump({"source": self.source, "validator": validator}, fh)
+
+    def forget(self) -> None:
+        """Drop the part and its validator: the next attempt downloads the whole file."""
+        for path in (self.part, self.part + ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._reset(None)
 
     def update(self, block: bytes) -> None:
         self.digest.update(block)
@@ -184,7 +194,7 @@ class _Hashed:
         download started over, or was resumed from an earlier process's part file)."""
         have = os.path.getsize(path) if os.path.exists(path) else 0
         if have != self.size:
-            self.digest, self.size = hashlib.sha256(), 0
+            self._reset(self.validator)
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(CHUNK), b""):
                     self.update(block)
@@ -194,13 +204,16 @@ def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
                         progress: bool, hashed: _Hashed, batch: Batch | None) -> None:
     last_error = "no attempt made"
     batch = batch if batch is not None else Batch()
+    # The proxy of this URL, as git's is chosen (config.proxy_for), or none at all:
+    # once, not at every attempt (git config is asked in a process of its own).
+    proxy = proxy_for(url)
     for attempt in range(retries + 1):
         if attempt:
             batch.wait(min(0.25 * 2 ** attempt, 4.0))
         if batch:
             raise Interrupted(url)
         try:
-            return _fetch_into(url, part, timeout, progress, hashed, batch)
+            return _fetch_into(url, part, timeout, progress, hashed, batch, proxy)
         except _Retryable as e:
             last_error = str(e)
             log.debug("%s: %s (attempt %d of %d)", url, e, attempt + 1, retries + 1)
@@ -260,7 +273,7 @@ _MEANINGS = (
 
 
 def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Hashed,
-                batch: Batch) -> None:
+                batch: Batch, proxy: str | None) -> None:
     """One attempt: the rest of ``part`` (all of it if the server cannot resume).
     Raises :class:`_Retryable` for what another attempt may fix."""
     hashed.catch_up(part)
@@ -270,8 +283,6 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         request.add_header("Range", f"bytes={have}-")
         if hashed.validator:  # the rest only if it is still the same file, else all of it
             request.add_header("If-Range", hashed.validator)
-    # The proxy of this URL, as git's is chosen (config.proxy_for), or none at all
-    proxy = proxy_for(url)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler(
         {urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}))
     log.debug("GET %s%s%s", url, f" (bytes {have}-, If-Range {hashed.validator})"
@@ -284,7 +295,7 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
             # else (a server deaf to If-Range, a file that changed) start over.
             if e.headers.get("Content-Range", "") == f"bytes */{have}":
                 return
-            _forget(hashed)
+            hashed.forget()
             raise _Retryable(f"the part is not a part of the server's file (HTTP 416, "
                              f"{e.headers.get('Content-Range')}); downloading it "
                              f"again") from None
@@ -306,7 +317,7 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
                 not response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
                 or validator != hashed.validator):
             # The rest of another file (a server deaf to If-Range): never spliced on
-            _forget(hashed)
+            hashed.forget()
             raise _Retryable("the server's file is not the one the part began; "
                              "downloading it again")
         if have and response.status != 206:
@@ -314,14 +325,6 @@ def _fetch_into(url: str, part: str, timeout: float, progress: bool, hashed: _Ha
         if not have:
             hashed.restart(validator)
         _receive(url, response, part, have, progress, hashed, batch)
-
-
-def _forget(hashed: _Hashed) -> None:
-    """Drop a part and its validator: the next attempt downloads the whole file."""
-    for path in (hashed.part, hashed.part + ".json"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    hashed.digest, hashed.size, hashed.validator = hashlib.sha256(), 0, None
 
 
 def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,

@@ -164,8 +164,8 @@ def write_selection(store: Store, manifest: Manifest, sources: Mapping[str, str]
         raise MirrorError(f"cannot write {output}: {e.strerror or e}") from None
     return ExportReport(
         output, bundle_id, manifest_bytes is not None,
-        tuple(_label(r.id) for r in manifest.repos),
-        tuple(f"{_label(r.id)}@{s.commit}" for r in manifest.repos for s in r.snapshots),
+        tuple(r.id.spec for r in manifest.repos),
+        tuple(f"{r.id.spec}@{s.commit}" for r in manifest.repos for s in r.snapshots),
         tuple(w.url for w in manifest.weights),
         sum(os.path.getsize(f) for f in files) if output != bundle.STREAM else -1,
         signed=signer is not None or signature is not None,
@@ -229,7 +229,7 @@ def _choose(store: Store, specs: Sequence[str]) -> List[_Selected]:
         for head in heads:
             if head.commit not in commits:
                 raise StoreError(repo.ref(head.kind, head.name),
-                                 f"{head.kind} {_label(sel.id)}:{head.name} points at "
+                                 f"{head.kind} {sel.id.spec}:{head.name} points at "
                                  f"{short(head.commit) or '?'}, which is not installed; run "
                                  f"'mirror verify'")
             sel.refs.add((head.kind, head.name, head.commit))
@@ -241,7 +241,7 @@ def _record(store: Store, sel: _Selected, commit: str) -> SnapshotRecord:
     record = store.snapshot_record(sel.layout, commit)
     if record is None:
         raise StoreError(sel.layout.snapshot_record(commit),
-                         f"{_label(sel.id)}@{short(commit)} has no record; run 'mirror "
+                         f"{sel.id.spec}@{short(commit)} has no record; run 'mirror "
                          f"verify' and install its bundle again with --force")
     return record
 
@@ -254,7 +254,7 @@ def _pins(chosen: List[_Selected], records: Mapping[Tuple[Tuple[str, str, str], 
     by: Dict[str, str] = {}
     for sel in chosen:
         for commit in sorted(sel.commits):
-            where = f"{_label(sel.id)}@{short(commit)}"
+            where = f"{sel.id.spec}@{short(commit)}"
             for url, pin in sorted(records[sel.key, commit].weight_digests.items()):
                 if pins.setdefault(url, pin) != pin:
                     raise MirrorError(
@@ -361,7 +361,7 @@ def _format_version(chosen: List[_Selected],
         return 2
     if not any(proven.values()):
         return 1
-    labels = {sel.key: _label(sel.id) for sel in chosen}
+    labels = {sel.key: sel.id.spec for sel in chosen}
     old = sorted(f"{labels[key]}@{short(commit)}" for (key, commit), p in proven.items()
                  if not p)
     new = sorted(f"{labels[key]}@{short(commit)}" for (key, commit), p in proven.items() if p)
@@ -473,7 +473,7 @@ def _sources(store: Store, manifest: Manifest) -> Dict[str, str]:
 
     for repo in manifest.repos:
         for snap in repo.snapshots:
-            label = f"{_label(repo.id)}@{short(snap.commit)}"
+            label = f"{repo.id.spec}@{short(snap.commit)}"
             for f in snap.files:
                 need(code_member(snap.commit, f.path), f.sha256, f.size,
                      f"{label}: file {f.path}")
@@ -483,9 +483,3 @@ def _sources(store: Store, manifest: Manifest) -> Dict[str, str]:
     for w in manifest.weights:
         need(weight_member(w.sha256), w.sha256, w.size, f"weight {w.url}")
     return sources
-
-
-def _label(ident: RepoId) -> str:
-    from .refs import DEFAULT_HOST
-
-    return ident.label if ident.host == DEFAULT_HOST else f"{ident.host}/{ident.label}"

@@ -37,6 +37,7 @@ from .names import (
     one_line,
     shown,
 )
+from .refs import DEFAULT_HOST
 
 FORMAT = "mge-mirror-bundle"
 FORMAT_VERSION = 2  # 2: snapshots carry git's objects, so install recomputes every id
@@ -434,6 +435,12 @@ class RepoId:
         """``host/owner/name``: the repo as a spec names it on any host, and as JSON
         output does."""
         return f"{self.host}/{self.owner}/{self.name}"
+
+    @property
+    def spec(self) -> str:
+        """``owner/name``, or ``host/owner/name`` off the default host: as a spec names
+        it, and as tables and reports show it."""
+        return self.label if self.host == DEFAULT_HOST else self.full
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,21 @@ class EntryCoverage:
                 "weights": list(self.urls)}
 
 
+@dataclass(frozen=True)
+class Untraced:
+    """An entrypoint ``--trace`` could not run, and why, as the manifest records it."""
+
+    repo: str  # host/owner/name
+    commit: str
+    entrypoint: str
+    cause: str
+    label: str  # the snapshot as messages name it: owner/name@commit
+
+    def to_json(self) -> JsonObject:
+        return {"repo": self.repo, "commit": self.commit, "entrypoint": self.entrypoint,
+                "cause": self.cause}
+
+
 @dataclass
 class PackReport:
     """What ``pack`` wrote: the bundle, its id and size, and what went into it."""
@@ -119,8 +134,7 @@ class PackReport:
     excluded: List[str] = field(default_factory=list)
     nested: List[str] = field(default_factory=list)
     coverage: List[EntryCoverage] = field(default_factory=list)
-    # (repo, commit, entrypoint, cause): what --trace could not run, as recorded
-    untraced: List[Tuple[str, str, str, str]] = field(default_factory=list)
+    untraced: List[Untraced] = field(default_factory=list)
     prerequisites: Prerequisites | None = None  # a delta's (--since), else None
     lock_changes: List[LockChange] = field(default_factory=list)  # --lock --update's
 
@@ -134,8 +148,7 @@ class PackReport:
                 "unresolved": list(self.unresolved), "excluded": list(self.excluded),
                 "nested": list(self.nested),
                 "coverage": [c.to_json() for c in self.coverage],
-                "untraced": [{"repo": r, "commit": c, "entrypoint": e, "cause": cause}
-                             for r, c, e, cause in self.untraced],
+                "untraced": [u.to_json() for u in self.untraced],
                 "prerequisites": self.prerequisites.to_json() if self.prerequisites
                 else None,
                 "lock_changes": [c.to_json() for c in self.lock_changes]}
@@ -397,14 +410,13 @@ class _Packer:
             self.log(f"warning: {label} loads {', '.join(found.nested)} through "
                      f"megengine.hub.load; pack them with --follow-nested")
         traced = found.trace.weights if found.trace else {}
+        repo = f"{spec.host}/{spec.owner}/{spec.name}"
         for entry, cause in (found.trace.errors if found.trace else {}).items():
-            self.report.untraced.append((f"{spec.host}/{spec.owner}/{spec.name}", commit,
-                                         entry, one_line(cause)))
+            self.report.untraced.append(Untraced(repo, commit, entry, cause, label))
         for entry, urls in found.coverage.items():
             asked = [a.url for a in traced.get(entry, ()) if a.url not in urls]
-            self.report.coverage.append(EntryCoverage(
-                f"{spec.host}/{spec.owner}/{spec.name}", commit, entry, tuple(urls + asked),
-                label))
+            self.report.coverage.append(EntryCoverage(repo, commit, entry,
+                                                      tuple(urls + asked), label))
         return found
 
     def _snapshot(self, snap: Snapshot, found: _Found) -> SnapshotEntry:

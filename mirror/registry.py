@@ -28,6 +28,7 @@ import urllib3
 from . import __version__
 from .config import Credentials, registry_credentials
 from .errors import RegistryError
+from .hashing import sha256_bytes
 from .names import one_line
 from .reference import HTTPS, Connection, Reference
 
@@ -51,12 +52,11 @@ class Answer:
 class Registry:
     """One repository of one registry, with a session that logs in when asked to."""
 
-    def __init__(self, ref: Reference, connection: Connection = HTTPS,
-                 credentials: Credentials | None = None):
+    def __init__(self, ref: Reference, connection: Connection = HTTPS):
         self.ref = ref
         self.connection = connection
-        self._credentials = credentials
-        self._looked_up = credentials is not None
+        self._credentials: Credentials | None = None
+        self._looked_up = False
         self._authorization: str | None = None
         self.session = requests.Session()
         # Given with each request: requests lets REQUESTS_CA_BUNDLE override a session's
@@ -104,12 +104,15 @@ class Registry:
                 headers["Authorization"] = self._authorization
             r = self._send(method, url, dict(kw, headers=headers), what)
             if r.status_code == 401 and not logged_in and replayable:
-                challenge = r.headers.get("WWW-Authenticate", "")
-                r.close()
-                logged_in = self._login(challenge)
+                try:
+                    logged_in = self._login(r.headers.get("WWW-Authenticate", ""))
+                except BaseException:
+                    r.close()
+                    raise
                 if logged_in:
+                    r.close()
                     continue
-                r = self._send(method, url, dict(kw, headers=headers), what)
+                # not logged in: this 401 is the answer (no second request to get it)
             if r.status_code not in expect:
                 with r:
                     raise self._refused(r, what)
@@ -245,7 +248,7 @@ class Registry:
 
     def put_blob(self, data: bytes) -> str:
         """Upload a small blob whole (a config) unless the registry has it; its digest."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = "sha256:" + sha256_bytes(data)
         if self.blob_size(digest) is None:
             location = self.start_upload()
             self.call("PUT", location, expect=(201,), params={"digest": digest},
@@ -321,7 +324,7 @@ class Registry:
     def put_manifest(self, reference: str, data: bytes, media_type: str = OCI_MANIFEST
                      ) -> str:
         """Store the manifest ``data`` under ``reference`` (a tag); its digest."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = "sha256:" + sha256_bytes(data)
         r = self.call("PUT", f"manifests/{reference}", expect=(201,), data=data,
                       headers={"Content-Type": media_type},
                       what=f"storing the manifest as {reference}")
@@ -339,7 +342,7 @@ class Registry:
                          headers={"Accept": OCI_MANIFEST}, limit=MAX_MANIFEST,
                          what=f"{'tag' if is_tag else 'manifest'} {reference} in "
                               f"{self.ref.host}/{self.ref.repository}").body
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = "sha256:" + sha256_bytes(data)
         if not is_tag and digest != reference:
             raise self.error("damaged", f"the manifest asked for as {reference} hashes to "
                                         f"{digest}")
@@ -353,15 +356,14 @@ class Registry:
 
 
 def _check_digest(registry: Registry, digest: str, hashed: Any, size: int,
-                 expected_size: int | None, what: str) -> None:
+                 expected_size: int, what: str) -> None:
     """Raise the "damaged" RegistryError when ``hashed`` (``size`` bytes) is not the
-    blob ``digest`` (of ``expected_size`` bytes, where known)."""
+    blob ``digest`` of ``expected_size`` bytes."""
     got = "sha256:" + hashed.hexdigest()
-    if got != digest or (expected_size is not None and size != expected_size):
+    if got != digest or size != expected_size:
         raise registry.error("damaged", (
-            f"{what} is {size} bytes that hash to {got}, not "
-            f"{'' if expected_size is None else f'{expected_size} bytes of '}{digest}: the "
-            f"registry's copy is damaged (push the bundle again)"))
+            f"{what} is {size} bytes that hash to {got}, not {expected_size} bytes of "
+            f"{digest}: the registry's copy is damaged (push the bundle again)"))
 
 
 class _Body:

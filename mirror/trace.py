@@ -217,10 +217,7 @@ def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None =
                     with bar.external_write_mode(file=sys.stderr):
                         report(outcome)
                     bar.update(1)
-                    name = running[done]
-                    if answer is None:
-                        errors[name] = _recorded(outcome.cause or "")
-                        continue
+                    name = running[done]  # an entrypoint's child always answers
                     weights.update({k: v for k, v in answer.weights.items() if k == name})
                     nested.update({k: v for k, v in answer.nested.items() if k == name})
                     errors.update({k: v for k, v in answer.errors.items() if k == name})
@@ -258,7 +255,8 @@ def _recorded(cause: str) -> str:
 
 def _traced(root: str, entry: str | None, limits: TraceLimits) -> Tuple[Trace | None, Outcome]:
     """Run one child: ``hubconf.py``'s import alone (``entry`` None), or one entrypoint.
-    Returns its answer (None if it gave none) and how it went."""
+    Returns its answer and how it went: for an entrypoint, always an answer (what it
+    asked for before it failed, and why); for the import, None if it gave none."""
     name = entry or IMPORT
     out = os.path.join(root, f".mirror-trace-{uuid.uuid4().hex}.json")
     started = time.monotonic()

@@ -16,7 +16,6 @@ Also called by scripts/bench.py.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_delta import _repo, _weight  # noqa: E402
 from bench_tools import MIRROR, timed  # noqa: E402
 
+from mirror.hashing import sha256_file  # noqa: E402
 from tests.upstream import GitServer, WeightServer  # noqa: E402
 from tests.upstream.registry import RegistryServer  # noqa: E402
 
@@ -48,7 +48,7 @@ def bench(work: str, mb: int = 1024, runs: int = 5) -> dict:
                        env=dict(os.environ, MGE_MIRROR_DOWNLOADS=os.path.join(work, "dl")),
                        stdout=subprocess.DEVNULL)
     shutil.rmtree(os.path.join(work, "dl"), ignore_errors=True)
-    digest = "sha256:" + _sha256(bundle)
+    digest = "sha256:" + sha256_file(bundle)[0]
     registry = RegistryServer(os.path.join(work, "registry")).start()
     try:
         url = f"http://{registry.host}/v2"
@@ -83,14 +83,6 @@ def bench(work: str, mb: int = 1024, runs: int = 5) -> dict:
     result["push_ratio"] = result["push_s"] / result["curl_put_s"]
     result["install_ratio"] = result["install_s"] / result["curl_zstd_tar_sync_s"]
     return result
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main() -> None:
