@@ -52,6 +52,7 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
     Member,
     SnapshotEntry,
     code_member,
+    file_stamp,
     weight_member,
 )
 from .parts import BundleInput, Parts, PartWriter, Remote, Unparted
@@ -96,7 +97,20 @@ def _plain_file(info: tarfile.TarInfo) -> bool:
 
 # --- writing -----------------------------------------------------------------
 
-Source = Union[bytes, str]  # the member's bytes, or the path of a file holding them
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A member's bytes in a file that was hashed where it is, not copied (a weight
+    given by its local path): its ``stamp`` (:func:`file_stamp`) must still hold once
+    the member is written, or the bundle would hold bytes other than its digest's."""
+
+    path: str
+    stamp: Tuple[int, ...]
+
+
+# the member's bytes, or the path of a file holding them
+Source = Union[bytes, str, LocalFile]
 
 
 def write(path: str, manifest: Manifest, sources: Mapping[str, Source],
@@ -299,26 +313,35 @@ def _link_target(src: Source) -> str:
 
 
 class SourceError(Exception):
-    """A member's source file could not be read (told apart from the bundle's own file)."""
+    """A member's source file could not be read, or changed (told apart from the
+    bundle's own file)."""
 
-    def __init__(self, path: str, error: OSError):
-        super().__init__(f"cannot read {path}: {error.strerror or error}")
+    def __init__(self, path: str, error: OSError | str):
+        super().__init__(f"cannot read {path}: {error}" if isinstance(error, str)
+                         else f"cannot read {path}: {error.strerror or error}")
         self.path = path
 
 
 class _Source:
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, source: str | LocalFile):
+        self.path = source.path if isinstance(source, LocalFile) else source
+        self.stamp = source.stamp if isinstance(source, LocalFile) else None
         try:
-            self.fh = open(path, "rb")
+            self.fh = open(self.path, "rb")
         except OSError as e:
-            raise SourceError(path, e) from None
+            raise SourceError(self.path, e) from None
 
     def __enter__(self) -> _Source:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.fh.close()
+        try:
+            if exc[0] is None and self.stamp is not None and \
+                    file_stamp(os.fstat(self.fh.fileno())) != self.stamp:
+                raise SourceError(self.path, "it changed after it was hashed; pack again "
+                                             "once it is written")
+        finally:
+            self.fh.close()
 
     def read(self, n: int) -> bytes:
         try:

@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -33,7 +34,7 @@ from .config import proxy_for, settings
 from .errors import DownloadError, explained
 from .hashing import CHUNK, sha256_bytes, sha256_file
 from .locking import locked
-from .model import WeightFile
+from .model import WeightFile, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,46 @@ def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
                              f"{'s' if retries else ''})")
 
 
+def _local_file(source: str) -> str | None:
+    """The regular file on this host that ``source`` (a path or a ``file:`` URL) names,
+    or None: it is read where it is, never copied into the download cache."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        path = urllib.request.url2pathname(parsed.path)
+    elif parsed.scheme == "" and os.path.isabs(source):
+        path = source
+    else:
+        return None
+    try:
+        return path if stat.S_ISREG(os.stat(path).st_mode) else None  # a FIFO is copied
+    except OSError:
+        return None  # the download says what is wrong with it
+
+
+def _in_place(url: str, path: str, batch: Batch) -> WeightFile:
+    """A local file, hashed where it is. A copy would cost a second write of every
+    byte (and its flush, which the bundle's fsync waits for); instead the bundle
+    writer checks that the file's :func:`file_stamp` still holds once it is packed."""
+    try:
+        with open(path, "rb") as fh:
+            before = os.fstat(fh.fileno())
+            batch.expect(before.st_size)
+            digest, size = hashlib.sha256(), 0
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                if batch:
+                    raise Interrupted(url)
+                digest.update(block)
+                size += len(block)
+                batch.advance(len(block))
+            after = os.fstat(fh.fileno())
+    except OSError as e:
+        raise DownloadError(path, e.strerror or str(e)) from None
+    if file_stamp(after) != file_stamp(before) or size != before.st_size:
+        raise DownloadError(path, "it changed while it was read; pack again once it is "
+                                  "written")
+    return WeightFile(url, path, size, digest.hexdigest(), stamp=file_stamp(before))
+
+
 def _copy_local(path: str, part: str) -> None:
     try:
         shutil.copyfile(path, part)
@@ -398,6 +439,9 @@ class DownloadCache:
 
         Raises :class:`DownloadError`, also when the cache cannot be written."""
         stop = batch if batch is not None else Batch()
+        local = _local_file(source)
+        if local is not None:
+            return _in_place(url, local, stop)
         while True:
             got = self._fetch(url, source, progress, expect, stop)
             if self.keep is None:

@@ -15,6 +15,7 @@ The JSON shapes are documented in ``docs/bundle-format.md``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Tuple, TypeVar
 
@@ -728,12 +729,22 @@ def _check_prerequisites(manifest: Manifest) -> None:
 @dataclass(frozen=True)
 class WeightFile:
     """A weight file on local disk (downloaded on the packing host, or a blob in the
-    store), found by the URL the code asks for, with its verified size and sha256."""
+    store), found by the URL the code asks for, with its verified size and sha256.
+
+    ``stamp`` is set for a file read where it is (a local path that pack does not
+    copy): what ``os.stat`` said of it when it was hashed, which must still hold once
+    its bytes are packed (:func:`file_stamp`)."""
 
     url: str
     path: str
     size: int
     sha256: str
+    stamp: Tuple[int, ...] | None = None
+
+
+def file_stamp(st: os.stat_result) -> Tuple[int, ...]:
+    """What changes when a file's bytes may have: its identity, size and times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # --- the store's records ------------------------------------------------------------

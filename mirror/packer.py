@@ -464,7 +464,8 @@ class _Packer:
             for got in self._fetch({w.url for w in held}):
                 fetched.append(self._weight(got))
                 if streamed is not None and weight_member(got.sha256) not in streamed.sources:
-                    streamed.add(weight_member(got.sha256), got.path, got.size)
+                    streamed.add(weight_member(got.sha256),
+                                 self.sources[weight_member(got.sha256)], got.size)
             weights = sorted(fetched + held, key=lambda w: w.url)
             manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
                                 tuple(weights), tool=f"mirror {__version__}",
@@ -566,7 +567,8 @@ class _Packer:
         unsafe = unsafe_globals(got.path)
         if unsafe and not self.opts.allow_unsafe_pickle:
             raise UnsafePickleError(f"weight {got.url}", unsafe)
-        self.sources[weight_member(got.sha256)] = got.path
+        self.sources[weight_member(got.sha256)] = got.path if got.stamp is None else \
+            bundle.LocalFile(got.path, got.stamp)
         return WeightEntry(got.url, got.size, got.sha256,
                            tuple(sorted(set(self.weight_refs[got.url]))))
 

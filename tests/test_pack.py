@@ -124,6 +124,78 @@ def test_a_source_that_cannot_be_read_is_named_and_nothing_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_local_file_that_changes_after_it_was_hashed_is_never_packed(tmp_path):
+    """A weight given by its local path is read where it is, not copied: if it is
+    replaced or rewritten between its hash and its packing, the bundle (which would
+    hold other bytes than its digest's) is not written."""
+    from mirror.model import file_stamp
+
+    data = b"weights v1"
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = Manifest.from_json({
+        "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION, "repos": [],
+        "weights": [{"url": "/data/w.pkl", "sha256": sha, "size": len(data)}]})
+    src = tmp_path / "w.pkl"
+    src.write_bytes(data)
+    stamp = file_stamp(os.stat(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    # replaced (a new file renamed over it), same size
+    (tmp_path / "new").write_bytes(b"weights v2")
+    os.replace(tmp_path / "new", src)
+    with pytest.raises(bundle.SourceError) as e:
+        bundle.write(str(out / "x.hub"), manifest,
+                     {bundle.weight_member(sha): bundle.LocalFile(str(src), stamp)})
+    assert str(e.value) == (f"cannot read {src}: it changed after it was hashed; pack "
+                            f"again once it is written")
+    assert os.listdir(out) == []
+    # rewritten in place, same size: its modification time moved
+    src.write_bytes(data)
+    stamp = file_stamp(os.stat(src))
+    with open(src, "r+b") as fh:
+        fh.write(b"W")
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, stamp[3] + 1_000_000))  # past the clock's tick
+    with pytest.raises(bundle.SourceError):
+        bundle.write(str(out / "x.hub"), manifest,
+                     {bundle.weight_member(sha): bundle.LocalFile(str(src), stamp)})
+    assert os.listdir(out) == []
+    # unchanged: written, and it verifies
+    src.write_bytes(data)
+    bundle.write(str(out / "x.hub"), manifest, {
+        bundle.weight_member(sha): bundle.LocalFile(str(src), file_stamp(os.stat(src)))})
+    assert bundle.verify(str(out / "x.hub")).manifest == manifest
+
+
+def test_a_local_weight_is_packed_from_where_it_is_not_copied(upstream, tmp_path):
+    """Weights given by path or file: URL are hashed in place: nothing lands in the
+    download cache, and the bundle holds their exact bytes."""
+    import io
+
+    import megengine
+    import numpy as np
+
+    from mirror.download import list_downloads
+
+    a, b = tmp_path / "a.pkl", tmp_path / "b.pkl"
+    for path, n in ((a, 6), (b, 7)):
+        buf = io.BytesIO()
+        megengine.save({"w": np.arange(n, dtype=np.float32)}, buf)
+        path.write_bytes(buf.getvalue())
+    cache, out = tmp_path / "cache", str(tmp_path / "l.hub")
+    report = pack([upstream.spec(":v1.0")], out, PackOptions(
+        git_host=upstream.git.host, protocol="http", progress=False, cache_dir=str(cache),
+        extra_weights=[str(a), b.as_uri()]))
+    got = {w.url: w.sha256 for w in report.weights}
+    assert got[str(a)] == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert got[b.as_uri()] == hashlib.sha256(b.read_bytes()).hexdigest()
+    assert sorted(d.url for d in list_downloads(str(cache))) == sorted(
+        u for u in got if u.startswith("http://"))  # the repo's own, downloaded
+    _, members = bundle.read_all(out)
+    for path, url in ((a, str(a)), (b, b.as_uri())):
+        assert members[bundle.weight_member(got[url])] == path.read_bytes()
+
+
 def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
     out = tmp_path / "x.hub"
     with pytest.raises(RefNotFoundError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from typing import Dict
 
@@ -85,6 +86,8 @@ class _WeightHandler(QuietHandler):
                 self.wfile.write(body[i:i + 4096])
                 time.sleep(server.slow_delay)
             return
+        if server.rate:
+            return server.throttled(self.wfile, body)
         self.wfile.write(body)
 
     def _error(self, code: int) -> None:
@@ -98,7 +101,8 @@ class WeightServer(LoopbackServer):
 
     ``fault(path, kind, times)`` makes the next ``times`` requests for ``path``
     fail as ``kind``: ``404``, ``500``, ``drop`` (half the body, then the
-    connection closes) or ``slow`` (the body in small delayed pieces).
+    connection closes) or ``slow`` (the body in small delayed pieces). ``rate``
+    limits the bytes per second of all answers together.
     """
 
     def __init__(self):
@@ -113,6 +117,24 @@ class WeightServer(LoopbackServer):
         self.stall_seconds = 60.0
         self.honor_if_range = True  # False: a server that serves Range whatever changed
         self.stopping = False
+        # Bytes per second that every answer together may send (0: as fast as it can):
+        # a link of that speed, shared as a real one is, for the benchmarks.
+        self.rate = 0
+        self._sent_until = 0.0  # when the link is free again
+        self._link = threading.Lock()
+
+    def throttled(self, out, body: memoryview) -> None:
+        """Send ``body`` no faster than ``rate`` allows, with every other answer."""
+        piece = 1 << 18
+        for i in range(0, len(body), piece):
+            chunk = body[i:i + piece]
+            with self._link:
+                start = max(self._sent_until, time.monotonic())
+                self._sent_until = start + len(chunk) / self.rate
+            delay = start - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            out.write(chunk)
 
     def stop(self) -> None:
         self.stopping = True  # a stalled answer ends now
