@@ -23,6 +23,8 @@ moving: a delta after 1 of 8 weights changed, and export from the store
 (scripts/bench_delta.py).
 registry: push to and install from a real registry on loopback
 (scripts/bench_registry.py).
+network: pack over a link of --rate-mb MB/s against `curl` of the same weights
+(scripts/bench_network.py).
 scale: pack and install at each --scale size, to show how time and memory grow.
 trace: `pack --trace` of a synthetic model zoo of 10, 50 and 100 entrypoints, and of
 one whose largest model has 335M parameters, each entrypoint in its own process
@@ -57,6 +59,7 @@ from tests.upstream import GitServer, WeightServer, build_demo_repo  # noqa: E40
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_delta import bench as bench_moving  # noqa: E402
 from bench_load import bench as bench_unpickler  # noqa: E402
+from bench_network import bench as bench_network  # noqa: E402
 from bench_registry import bench as bench_registry  # noqa: E402
 from bench_tools import MIRROR, timed  # noqa: E402
 from bench_trace import bench as bench_trace  # noqa: E402
@@ -269,6 +272,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small-files", type=int, default=5000,
                         help="files in the many-small-files repo")
+    parser.add_argument("--rate-mb", type=int, default=200,
+                        help="MB/s of the link weights are packed over; 0 to skip")
     parser.add_argument("--trace-sizes", default="10,50,100",
                         help="entrypoints of the traced zoos; empty to skip")
     parser.add_argument("--scale", default="256,512,1024,2048",
@@ -430,7 +435,23 @@ def main() -> None:
             table.append(row(f"install {e['mib']} MiB from stdin (median of 5)",
                              f"{pp['stdin_s']:.2f} s", f"from the file: {pp['file_s']:.2f} s",
                              pp["ratio"], "1.05", f"{pp['stdin_rss_mb']:.0f} MiB"))
-            print("\n".join(table[-5:]), flush=True)
+            pt = mv["parts"]
+            table.append(row(f"install {e['mib']} MiB from {pt['count']} parts (median of 5)",
+                             f"{pt['parts_s']:.2f} s", f"from the file: {pt['file_s']:.2f} s",
+                             pt["ratio"], "1.05", f"{pt['parts_rss_mb']:.0f} MiB"))
+            print("\n".join(table[-6:]), flush=True)
+
+            if args.rate_mb:
+                os.makedirs(os.path.join(work, "network"))
+                nw = bench_network(os.path.join(work, "network"), per_file, 5, args.rate_mb)
+                link = f"a {args.rate_mb} MB/s link"
+                table += [row(f"pack {nw['mib']} MiB over {link}{how} (median of 5)",
+                              f"{nw[k]['s']:.2f} s",
+                              f"`curl` of the weights, 4 at once: {nw['download_s']:.2f} s",
+                              nw[k]["ratio"], "1.05", f"{nw[k]['rss_mb']:.0f} MiB")
+                          for k, how in (("pack", ""), ("stream", ", `--stream`"),
+                                         ("stream_j2", ", `--stream -j 2`"))]
+                print("\n".join(table[-3:]), flush=True)
 
             os.makedirs(os.path.join(work, "registry"))
             rg = bench_registry(os.path.join(work, "registry"), args.size_mb, 5)

@@ -7,7 +7,9 @@ interleaved, --runs times, each into an empty download cache:
 - `mirror pack REPO -o B` (manifest first: every weight downloaded, then the bundle
   written);
 - `mirror pack REPO -o B --stream` (each weight compressed into the bundle as soon
-  as it has arrived, while the others download; the manifest last).
+  as it has arrived, while the others download; the manifest last), with 4
+  downloads at once and with 2 (`-j 2`: on a shared link, weights then arrive one
+  after another, and fewer of them are left to compress after the last byte).
 
 Times are medians; the VM's speed swings, so runs are interleaved.
 Also called by scripts/bench.py.
@@ -42,11 +44,12 @@ def bench(work: str, per_weight_mb: int = 128, runs: int = 5, rate_mb: int = 200
         pack = f"{MIRROR} pack net/models --git-host {server.host} --protocol http -q"
         got = os.path.join(work, "curl")
         fetch = f"printf '%s\\n' {' '.join(urls)} | xargs -P 4 -n 1 curl -sf -O --output-dir {got}"
-        alone, default, streamed = [], [], []
+        alone, default, streamed, two = [], [], [], []
         for _ in range(runs):
             for times, cmd in ((alone, fetch),
                                (default, f"{pack} -o {work}/b.hub"),
-                               (streamed, f"{pack} -o {work}/s.hub --stream")):
+                               (streamed, f"{pack} -o {work}/s.hub --stream"),
+                               (two, f"{pack} -o {work}/s.hub --stream -j 2")):
                 shutil.rmtree(env["MGE_MIRROR_DOWNLOADS"], ignore_errors=True)
                 shutil.rmtree(got, ignore_errors=True)
                 os.makedirs(got)
@@ -56,7 +59,7 @@ def bench(work: str, per_weight_mb: int = 128, runs: int = 5, rate_mb: int = 200
                 times.append(timed(cmd, env=env))
         out = {"mib": 8 * per_weight_mb, "rate_mb_s": rate_mb,
                "download_s": statistics.median(t for t, _ in alone)}
-        for name, times in (("pack", default), ("stream", streamed)):
+        for name, times in (("pack", default), ("stream", streamed), ("stream_j2", two)):
             out[name] = {"s": statistics.median(t for t, _ in times),
                          "rss_mb": max(r for _, r in times),
                          "runs": [round(t, 2) for t, _ in times]}
