@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Dict, List, Sequence, Tuple
 
 from . import bundle
@@ -641,8 +641,16 @@ class Transaction:
         try:
             store_policy = self.store.policy
             trusted = set(store_policy.keys()) if store_policy.required else self.trusted_ids
-            self.report.megengine_cache = reconcile(self.store, home, versions,
-                                                    trusted).lines()
+            seeds = reconcile(self.store, home, versions, trusted)
+            # What this bundle leaves unseeded is said; what other bundles left out is
+            # counted (it was said when they were installed; `mirror seed` lists it).
+            mine = tuple(f"{r.id.label}:" for r in self.manifest.repos) + \
+                tuple(f"weight {w.url}:" for w in self.manifest.weights)
+            own = [u for u in seeds.unseeded if u.startswith(mine)]
+            others = len(seeds.unseeded) - len(own)
+            self.report.megengine_cache = replace(seeds, unseeded=own).lines() + (
+                [f"{others} other ref(s), commit(s) or weight(s) of the store stay unseeded "
+                 f"('mirror seed' lists them)"] if others else [])
         except (OSError, MirrorError) as e:
             where = f"{e.filename or home}: {e.strerror or e}" if isinstance(e, OSError) \
                 else str(e)

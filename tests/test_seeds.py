@@ -71,7 +71,8 @@ def test_an_upgrade_moves_the_seeded_weights_with_the_code(retrained, tmp_path):
     assert got["revision"] == "2" and same_weights(got["params"], served[2])
 
 
-def test_two_refs_that_pin_other_bytes_for_one_url(retrained, upstream, tmp_path):
+def test_two_refs_that_pin_other_bytes_for_one_url(retrained, upstream, master_bundle,
+                                                    tmp_path):
     """Master (v2) and tag v1 pin other bytes for the URL; MegEngine keeps one file per
     URL, so v1 is not seeded: stock MegEngine fails loudly for it offline instead of
     loading v2's weights into v1's code, and mirror.hub.load serves each its own."""
@@ -91,6 +92,13 @@ def test_two_refs_that_pin_other_bytes_for_one_url(retrained, upstream, tmp_path
     version = megengine.__version__
     hub = tmp_path / "mge" / "hub"
     assert not (hub / megengine_repo_key(version, "roll", "models", "v1")).exists()
+    # Installing the same bundle again says it again; another repo's install counts it
+    again = _install(env, bundles[2])
+    assert f"megengine cache: not seeded roll/models:v1: its code's weight {url} " in again
+    other = _install(env, master_bundle)
+    assert "not seeded roll/models" not in other
+    assert ("megengine cache: 3 other ref(s), commit(s) or weight(s) of the store stay "
+            "unseeded ('mirror seed' lists them)") in other
     os.environ.update(MGE_MIRROR_HOME=env["MGE_MIRROR_HOME"])
     try:
         old = mirror.hub.load("roll/models:v1", "net", git_host=upstream.git.host,
