@@ -47,6 +47,13 @@ class WritebackFile:
     def flush(self) -> None:
         self.fh.flush()
 
+    def truncate(self, size: int) -> None:
+        """Drop what was written after the first ``size`` bytes; go on writing there."""
+        self.fh.flush()
+        self.fh.truncate(size)
+        self.fh.seek(size)
+        self.written, self.started = size, min(self.started, size)
+
     def fileno(self) -> int:
         return self.fh.fileno()
 

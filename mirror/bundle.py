@@ -20,6 +20,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import logging
 import os
 import queue
 import stat
@@ -28,7 +29,20 @@ import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
 
 import zstandard
 
@@ -59,6 +73,11 @@ from .parts import BundleInput, Parts, PartWriter, Remote, Unparted
 from .parts import reserve_for as parts_reserve
 from .safety import BlockReader, PickleScans
 from .signing import PARTS_TABLE
+
+if TYPE_CHECKING:
+    from .download import Growth
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # optional, right after the manifest (see mirror.signing)
@@ -256,10 +275,77 @@ class StreamedWriter:
         self._files.__exit__(*exc)  # on an error, the temporary file is removed
 
     def add(self, name: str, source: Source, size: int, mtime: int = 0) -> None:
-        """Compress one member into the bundle now."""
+        """Compress one member into the bundle now. A weight's tar header goes in a
+        frame of its own, as :meth:`add_arriving` writes it: a weight's bytes are the
+        same whichever of the two wrote them."""
         self.sources[name] = source
         self.names.append(name)
-        _write_member(self.out, name, source, size, mtime)
+        _write_member(self.out, name, source, size, mtime, name.startswith("weights/"))
+
+    def add_arriving(self, growth: Growth,
+                     arrived: Callable[[], Tuple[str, Source, int, str]]) -> None:
+        """Compress a weight into the bundle while its bytes arrive, its tar header
+        (whose name is its digest) filled in once they all have.
+
+        ``growth`` says how much of its file is there (:class:`download.Growth`);
+        ``arrived()`` waits for the whole file, checks it, and returns its member
+        name, source, size and sha256. The bytes compressed are hashed here: unless
+        they are exactly those (a download that started over, a member already in
+        the bundle), what was written is dropped and the member is added from its
+        whole file, or not at all if it is already in.
+        """
+        mark = self.out.mark()
+        at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
+        self.out._frame_for("weights")
+        digest, taken, generation = hashlib.sha256(), 0, None
+        void = ""  # why what was read cannot be kept
+        with contextlib.ExitStack() as stack:
+            fh = None
+            while True:
+                part, size, now, done = growth.wait(taken, generation)
+                if generation is None and size:
+                    generation = now
+                if generation is not None and now != generation:
+                    void = "its download started over"
+                    break
+                if size > taken:
+                    try:
+                        fh = fh or stack.enter_context(open(part, "rb"))
+                    except OSError:
+                        void = "it was whole before it was reached"
+                        break
+                    block = fh.read(min(CHUNK, size - taken))
+                    if not block:
+                        void = "its part file is shorter than its download says"
+                        break
+                    digest.update(block)
+                    self.out._put(block)
+                    taken += len(block)
+                    if self.out.bar is not None:
+                        self.out.bar.update(len(block))
+                elif done:
+                    break
+        name, source, size, sha256 = arrived()
+        header = _tar_header(name, size, 0)
+        void = void or ("already in the bundle" if name in self.sources else
+                        "it was whole before it was reached" if not taken else
+                        "its bytes are not the download's" if (taken, digest.hexdigest())
+                        != (size, sha256) else
+                        "its header is too long to fill in" if len(header) !=
+                        tarfile.BLOCKSIZE else "")
+        if not void:
+            self.out._put(b"\0" * (-size % tarfile.BLOCKSIZE))
+            self.out.close_frame()
+            self.out.patch(at, header)
+            self.out.offset += len(header) + size + (-size % tarfile.BLOCKSIZE)
+            self.sources[name] = source
+            self.names.append(name)
+            log.debug("%s: compressed as its bytes arrived", name)
+            return
+        log.debug("%s: not compressed as it arrived (%s)", name, void)
+        self.out.rollback(mark)
+        if name not in self.sources:
+            self.add(name, source, size)
 
     def finish(self, manifest: Manifest, sign: Callable[..., bytes] | None = None,
                manifest_bytes: bytes | None = None, signature: bytes | None = None) -> str:
@@ -288,12 +374,12 @@ class StreamedWriter:
 
 
 def _write_member(out: _FrameWriter, name: str, source: Source, size: int,
-                  mtime: int) -> None:
+                  mtime: int, header_frame: bool = False) -> None:
     if isinstance(source, bytes):
-        out.member(name, len(source), io.BytesIO(source), mtime)
+        out.member(name, len(source), io.BytesIO(source), mtime, header_frame)
     else:
         with _Source(source) as fh:
-            out.member(name, size, fh, mtime)
+            out.member(name, size, fh, mtime, header_frame)
 
 
 @contextlib.contextmanager
@@ -424,17 +510,51 @@ class _FrameWriter:
                 self.frame.close()  # ends the frame (with closefd=False, not the file)
             self.frame = None
 
-    def member(self, name: str, size: int, fh: IO[bytes], mtime: int) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = size, 0o644, mtime
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    def member(self, name: str, size: int, fh: IO[bytes], mtime: int,
+               header_frame: bool = False) -> None:
+        """Write a member; with ``header_frame``, its tar header in a frame of its own
+        (:meth:`header_frame`), as format 4 writes weights."""
+        header = _tar_header(name, size, mtime)
         padding = -size % tarfile.BLOCKSIZE
         kind = "weights" if name.startswith("weights/") else \
             "head" if name in (MANIFEST, SIGNATURE) else "code"
+        if header_frame:
+            self.header_frame(header)
         self._frame_for(kind)
-        self._put(header)
+        if not header_frame:
+            self._put(header)
+        self.data(name, size, fh)
+        self._put(b"\0" * padding)
+        self.offset += len(header) + size + padding
+
+    def header_frame(self, header: bytes) -> int:
+        """Write a member's tar header alone, in a frame of one stored block, which is
+        as long whatever the header holds; return the frame's offset in the file. Format 4
+        writes a weight's header so, first with a placeholder while the weight's bytes
+        (and so its digest, its name) are still arriving, then filled in (:meth:`patch`)."""
+        self.close_frame()
+        at = self.out.written
+        self.out.write(_stored_frame(header))
+        return at
+
+    def patch(self, at: int, header: bytes) -> None:
+        """Fill in the header frame written at ``at`` (a header of the same length)."""
+        self.out.flush()  # else the buffer could later write the placeholder over it
+        os.pwrite(self.out.fileno(), _stored_frame(header), at)
+
+    def mark(self) -> Tuple[int, int]:
+        """Where the file and the archive are, between members, for :meth:`rollback`."""
+        self.close_frame()
+        return self.out.written, self.offset
+
+    def rollback(self, mark: Tuple[int, int]) -> None:
+        """Forget everything written since ``mark``: the open frame, and the file's
+        bytes after it."""
+        self.frame = None  # dropped unclosed: it writes nothing more
+        self.out.truncate(mark[0])
+        self.offset = mark[1]
+
+    def data(self, name: str, size: int, fh: IO[bytes]) -> None:
         copied = 0
         for block in iter(lambda: fh.read(CHUNK), b""):
             self._put(block)
@@ -444,8 +564,6 @@ class _FrameWriter:
         if copied != size:
             raise ValueError(f"member {name} changed while packing: {copied} bytes, "
                              f"expected {size}")
-        self._put(b"\0" * padding)
-        self.offset += len(header) + size + padding
 
     def end(self) -> None:
         """The end-of-archive blocks, padded to a whole record as tar writes it."""
@@ -455,6 +573,25 @@ class _FrameWriter:
         self._frame_for("end")
         self._put(b"\0" * end)
         self.close_frame()
+
+
+def _tar_header(name: str, size: int, mtime: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _stored_frame(data: bytes) -> bytes:
+    """A zstd frame holding ``data`` (256 to 65,791 bytes) as one stored (raw) block:
+    its length depends only on the data's, so it can be written again in place. Its
+    header says the content size (2 bytes, minus 256; single segment) and carries no
+    checksum, the frame holding only a tar header, which has its own."""
+    if not 256 <= len(data) < 65792:
+        raise ValueError(f"a stored frame holds 256 to 65,791 bytes, not {len(data)}")
+    return ZSTD_MAGIC + b"\x60" + (len(data) - 256).to_bytes(2, "little") + \
+        (len(data) << 3 | 1).to_bytes(3, "little") + data
 
 
 FRAME_END = 64  # a frame's header, its last block's header and its checksum, and more

@@ -109,7 +109,8 @@ def url_basename(url: str) -> str:
 
 
 def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
-             progress: bool = True, batch: Batch | None = None) -> WeightFile:
+             progress: bool = True, batch: Batch | None = None,
+             growth: Growth | None = None) -> WeightFile:
     """Download ``url`` to ``dest``, resuming after dropped connections, hashing as it goes.
 
     ``dest`` appears only when the whole file has arrived. A partial download is
@@ -124,6 +125,7 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
         retries: attempts after the first, on a dropped connection or a 5xx or 429.
         timeout: seconds to wait for the server, per attempt.
         progress: show a progress bar.
+        growth: told of every block written to the part file (an HTTP(S) download's).
 
     Returns:
         The :class:`WeightFile` file, with its size and sha256.
@@ -142,7 +144,7 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
         raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}; mirror "
                                  f"downloads {', '.join(SCHEMES)} and s3 URLs and absolute "
                                  f"paths")
-    hashed = _Hashed(part, url)
+    hashed = _Hashed(part, url, growth if scheme in SCHEMES else None)
     if scheme in SCHEMES:
         if hashed.validator is None and os.path.exists(part):
             os.unlink(part)  # bytes of a file no validator names: never resumed into
@@ -154,12 +156,47 @@ def download(url: str, dest: str, *, retries: int = 4, timeout: float = 30.0,
     return WeightFile(url, dest, hashed.size, hashed.digest.hexdigest())
 
 
+class Growth:
+    """One download's bytes as they arrive, for a reader that follows them (a streamed
+    pack compresses a weight while it downloads): the part file, how many of its
+    bytes are written and hashed, and a generation that moves whenever they start
+    over (a server that cannot resume), which voids whatever was read before."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.part: str | None = None
+        self.size = 0
+        self.generation = 0
+        self.done = False
+
+    def grew(self, part: str, size: int, over: bool) -> None:
+        with self._cond:
+            self.part, self.size = part, size
+            self.generation += over
+            self._cond.notify_all()
+
+    def end(self, *_: Any) -> None:
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+
+    def wait(self, beyond: int, generation: int | None,
+             timeout: float = 0.5) -> Tuple[str | None, int, int, bool]:
+        """(part, size, generation, done) once there are more than ``beyond`` bytes, the
+        generation is not ``generation`` (None: any), or the download ended; at the
+        latest after ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.done or self.size > beyond or (
+                generation is not None and self.generation != generation), timeout)
+            return self.part, self.size, self.generation, self.done
+
+
 class _Hashed:
     """The sha256 of a partial download, kept up to date as blocks arrive, and the
     validator of the file those bytes are the start of, kept beside the part file."""
 
-    def __init__(self, part: str, source: str) -> None:
-        self.part, self.source = part, source
+    def __init__(self, part: str, source: str, growth: Growth | None = None) -> None:
+        self.part, self.source, self.growth = part, source, growth
         self._reset(None)
         try:
             with open(part + ".json") as fh:
@@ -172,6 +209,8 @@ class _Hashed:
     def _reset(self, validator: str | None) -> None:
         self.digest, self.size = hashlib.sha256(), 0
         self.validator = validator  # ETag or Last-Modified of the bytes so far
+        if self.growth is not None:
+            self.growth.grew(self.part, 0, over=True)
 
     def restart(self, validator: str | None) -> None:
         """The bytes start again from 0, of the file ``validator`` names."""
@@ -187,8 +226,11 @@ class _Hashed:
         self._reset(None)
 
     def update(self, block: bytes) -> None:
+        """``block`` is in the part file now (written and flushed), after the others."""
         self.digest.update(block)
         self.size += len(block)
+        if self.growth is not None:
+            self.growth.grew(self.part, self.size, over=False)
 
     def catch_up(self, path: str) -> None:
         """Make the digest cover exactly the file at ``path`` (it already does unless a
@@ -390,6 +432,8 @@ def _receive(url: str, response: http.client.HTTPResponse, part: str, have: int,
                     break
                 block = memoryview(buffer)[:n]
                 out.write(block)
+                if hashed.growth is not None:
+                    out.flush()  # in the file before the reader following it is told
                 hashed.update(block)  # sha256 on the fly: the file is read once
                 received += n
                 bar.update(n)
@@ -431,7 +475,8 @@ class DownloadCache:
         return os.path.join(self.root, key + ".data"), os.path.join(self.root, key + ".json")
 
     def fetch(self, url: str, source: str, progress: bool = True,
-              expect: str | None = None, batch: Batch | None = None) -> WeightFile:
+              expect: str | None = None, batch: Batch | None = None,
+              growth: Growth | None = None) -> WeightFile:
         """The file for ``url``: from the cache when its bytes still match what was
         recorded (and ``expect``, a sha256, if given), else downloaded from ``source``
         (``url`` itself, or where a rewrite points it), resuming what an earlier run
@@ -443,7 +488,7 @@ class DownloadCache:
         if local is not None:
             return _in_place(url, local, stop)
         while True:
-            got = self._fetch(url, source, progress, expect, stop)
+            got = self._fetch(url, source, progress, expect, stop, growth)
             if self.keep is None:
                 return got
             # Kept (a shared lock) until the pack is done: clean leaves it alone. A
@@ -453,7 +498,7 @@ class DownloadCache:
                 return got
 
     def _fetch(self, url: str, source: str, progress: bool, expect: str | None,
-               batch: Batch) -> WeightFile:
+               batch: Batch, growth: Growth | None) -> WeightFile:
         data, record = self._paths(url)
         cached = None if self.refresh else self._check(url, data, record, expect)
         if cached:
@@ -468,7 +513,7 @@ class DownloadCache:
                     return cached
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record)  # data is about to be replaced
-                got = download(source, data, progress=progress, batch=batch)
+                got = download(source, data, progress=progress, batch=batch, growth=growth)
                 write_atomic(record, json.dumps({"url": url, "sha256": got.sha256,
                                                  "size": got.size}).encode())
         except OSError as e:
@@ -581,12 +626,39 @@ def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str],
     return {got.url: got for got in fetch_each(urls, cache, source, jobs, progress, expect)}
 
 
+@dataclass(frozen=True)
+class Arriving:
+    """A download under way: its bytes as they arrive (``growth``), and its
+    :class:`WeightFile` once whole (``result()``, which waits for it and raises its
+    :class:`DownloadError`)."""
+
+    url: str
+    growth: Growth
+    future: Future
+
+    def result(self) -> WeightFile:
+        return self.future.result()
+
+
 def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
                jobs: int = 4, progress: bool = True,
                expect: Mapping[str, str] | None = None) -> Iterator[WeightFile]:
     """As :func:`fetch_all`, but each :class:`WeightFile` is given, in the order of
     ``urls``, as soon as it and those before it have arrived, while the later ones
     go on downloading: pack compresses one while the next arrive."""
+    with contextlib.closing(fetch_arriving(urls, cache, source, jobs, progress,
+                                           expect)) as arrivals:
+        for arriving in arrivals:
+            yield arriving.result()  # its error closes them all (the first is the answer)
+
+
+def fetch_arriving(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
+                   jobs: int = 4, progress: bool = True,
+                   expect: Mapping[str, str] | None = None) -> Iterator[Arriving]:
+    """As :func:`fetch_each`, but each download is given, in the order of ``urls``, as
+    soon as the caller asks for it, whole or not: a streamed pack compresses its bytes
+    as they arrive. Closing the iterator (after an error, or Ctrl-C) stops every
+    download."""
     expect = expect or {}
     done: List[str] = []
     # One bar of bytes (rate, ETA) at any -j; a bar per file too with -j 1
@@ -598,14 +670,16 @@ def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str]
             done.append("")
             bar.set_description(f"weights {len(done)}/{len(urls)}")
 
+        growths = [Growth() for _ in urls]
         futures = _on_daemons([functools.partial(
-            cache.fetch, u, source(u), progress and jobs == 1, expect.get(u), batch)
-            for u in urls], jobs)
-        for future in futures:
+            cache.fetch, u, source(u), progress and jobs == 1, expect.get(u), batch, g)
+            for u, g in zip(urls, growths)], jobs)
+        for future, growth in zip(futures, growths):
             future.add_done_callback(finished)
+            future.add_done_callback(growth.end)
         try:
-            for future in futures:
-                yield future.result()
+            for url, growth, future in zip(urls, growths, futures):
+                yield Arriving(url, growth, future)
         except BaseException:  # Ctrl-C, GeneratorExit: a caller that stops stops them all
             for future in futures:  # the first failure is the answer
                 future.cancel()

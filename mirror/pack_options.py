@@ -120,8 +120,8 @@ class PackOptions:
         ("--sign",), "Sign the bundle with this private key (see mirror keygen).", path=True,
         exists=True))
     stream: bool = _option(False, Flag(
-        ("--stream",), "Compress each weight into the bundle as soon as it has arrived, "
-                       "while the next ones download, and write the manifest last (format "
+        ("--stream",), "Compress each weight into the bundle as its bytes arrive, while "
+                       "the next ones download, and write the manifest last (format "
                        "4): faster over a slow network; such a bundle cannot be installed "
                        "from a pipe, nor by mirror 0.1. Only to a whole file, not a delta."),
         recipe="stream")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, Sequence, Set, Tuple
@@ -20,7 +21,7 @@ from . import __version__, bundle, confine
 from .config import settings
 from .delta import Baseline, make_delta
 from .discovery import coverage, discover
-from .download import DownloadCache, fetch_each
+from .download import Arriving, DownloadCache, fetch_arriving
 from .errors import (
     LockMismatchError,
     MirrorError,
@@ -460,12 +461,15 @@ class _Packer:
                 self.sources[objects_member(commit)] = snap.objects
         # self.keep: the download cache's files stay locked until the bundle is written
         with self.keep, self._writing(), self._streamed() as streamed:
-            fetched = []
-            for got in self._fetch({w.url for w in held}):
-                fetched.append(self._weight(got))
-                if streamed is not None and weight_member(got.sha256) not in streamed.sources:
-                    streamed.add(weight_member(got.sha256),
-                                 self.sources[weight_member(got.sha256)], got.size)
+            fetched: List[WeightEntry] = []
+            with contextlib.closing(self._fetch({w.url for w in held})) as arrivals:
+                for arriving in arrivals:
+                    if streamed is None:
+                        fetched.append(self._weight(arriving.result()))
+                    else:  # compressed into the bundle as its bytes arrive
+                        streamed.add_arriving(arriving.growth,
+                                              functools.partial(self._arrived, arriving,
+                                                                fetched))
             weights = sorted(fetched + held, key=lambda w: w.url)
             manifest = Manifest(tuple(self.repos[k].entry() for k in sorted(self.repos)),
                                 tuple(weights), tool=f"mirror {__version__}",
@@ -525,16 +529,24 @@ class _Packer:
                                     tuple(sorted(set(self.weight_refs[url])))))
         return held
 
-    def _fetch(self, held: Set[str]) -> Iterator[WeightFile]:
+    def _fetch(self, held: Set[str]) -> Iterator[Arriving]:
         """Every weight but the ``held`` URLs, downloaded or from the cache, in URL
-        order, each as soon as it (and those before it) arrived."""
+        order, each as soon as asked for, while it and the later ones download."""
         opts = self.opts
         urls = sorted(set(self.weight_refs) - held)
         self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
-        return fetch_each(urls, DownloadCache(opts.cache_dir, opts.refresh, self.keep),
-                          self.rewrite,
-                          jobs=opts.jobs, progress=opts.progress,
-                          expect=self.pins.weights if self.pins else None)
+        return fetch_arriving(urls, DownloadCache(opts.cache_dir, opts.refresh, self.keep),
+                              self.rewrite,
+                              jobs=opts.jobs, progress=opts.progress,
+                              expect=self.pins.weights if self.pins else None)
+
+    def _arrived(self, arriving: Arriving, fetched: List[WeightEntry]
+                 ) -> Tuple[str, bundle.Source, int, str]:
+        """A streamed weight, whole: checked, and its member for the bundle."""
+        got = arriving.result()
+        fetched.append(self._weight(got))
+        member = weight_member(got.sha256)
+        return member, self.sources[member], got.size, got.sha256
 
     @contextlib.contextmanager
     def _streamed(self) -> Iterator[bundle.StreamedWriter | None]:

@@ -442,16 +442,18 @@ def main() -> None:
             print("\n".join(table[-6:]), flush=True)
 
             if args.rate_mb:
-                os.makedirs(os.path.join(work, "network"))
-                nw = bench_network(os.path.join(work, "network"), per_file, 5, args.rate_mb)
                 link = f"a {args.rate_mb} MB/s link"
-                table += [row(f"pack {nw['mib']} MiB over {link}{how} (median of 5)",
-                              f"{nw[k]['s']:.2f} s",
-                              f"`curl` of the weights, 4 at once: {nw['download_s']:.2f} s",
-                              nw[k]["ratio"], "1.05", f"{nw[k]['rss_mb']:.0f} MiB")
-                          for k, how in (("pack", ""), ("stream", ", `--stream`"),
-                                         ("stream_j2", ", `--stream -j 2`"))]
-                print("\n".join(table[-3:]), flush=True)
+                for files in (args.files, 1):  # the weights in files of per_file, or one
+                    nw = bench_network(os.path.join(work, f"network-{files}"),
+                                       args.size_mb // files, 5, args.rate_mb, files)
+                    table += [row(f"pack {nw['mib']} MiB in {files} file(s) over {link}{how} "
+                                  f"(median of 5)", f"{nw[k]['s']:.2f} s",
+                                  f"`curl` of the weights, 4 at once: "
+                                  f"{nw['download_s']:.2f} s",
+                                  nw[k]["ratio"], "1.05", f"{nw[k]['rss_mb']:.0f} MiB")
+                              for k, how in (("pack", ""), ("stream", ", `--stream`"),
+                                             ("stream_j2", ", `--stream -j 2`"))]
+                    print("\n".join(table[-3:]), flush=True)
 
             os.makedirs(os.path.join(work, "registry"))
             rg = bench_registry(os.path.join(work, "registry"), args.size_mb, 5)

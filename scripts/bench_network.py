@@ -1,6 +1,6 @@
 """Packing over a link of limited speed: pack against the download alone.
 
-A repo names 8 weights of --weight-mb each, served on loopback by a server whose
+A repo names --files weights of --weight-mb each, served on loopback by a server whose
 answers together send at most --rate-mb MB/s (a shared link, as a real one is). Then,
 interleaved, --runs times, each into an empty download cache:
 - the download alone: `curl` of every weight into a folder, 4 at once (pack's -j);
@@ -35,9 +35,11 @@ from bench_tools import MIRROR, timed  # noqa: E402
 from tests.upstream import GitServer, WeightServer  # noqa: E402
 
 
-def bench(work: str, per_weight_mb: int = 128, runs: int = 5, rate_mb: int = 200) -> dict:
+def bench(work: str, per_weight_mb: int = 128, runs: int = 5, rate_mb: int = 200,
+          files: int = 8) -> dict:
+    os.makedirs(work, exist_ok=True)
     with WeightServer() as weights, GitServer(os.path.join(work, "git")) as server:
-        urls = [_weight(weights, f"n/w{i}.pkl", per_weight_mb, i) for i in range(8)]
+        urls = [_weight(weights, f"n/w{i}.pkl", per_weight_mb, i) for i in range(files)]
         _repo(os.path.join(work, "git"), work, "net", urls)
         weights.rate = rate_mb * 1000 * 1000
         env = dict(os.environ, MGE_MIRROR_DOWNLOADS=os.path.join(work, "dl"))
@@ -57,7 +59,7 @@ def bench(work: str, per_weight_mb: int = 128, runs: int = 5, rate_mb: int = 200
                     if os.path.exists(os.path.join(work, old)):
                         os.unlink(os.path.join(work, old))
                 times.append(timed(cmd, env=env))
-        out = {"mib": 8 * per_weight_mb, "rate_mb_s": rate_mb,
+        out = {"mib": files * per_weight_mb, "files": files, "rate_mb_s": rate_mb,
                "download_s": statistics.median(t for t, _ in alone)}
         for name, times in (("pack", default), ("stream", streamed), ("stream_j2", two)):
             out[name] = {"s": statistics.median(t for t, _ in times),
@@ -70,13 +72,15 @@ def bench(work: str, per_weight_mb: int = 128, runs: int = 5, rate_mb: int = 200
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weight-mb", type=int, default=128, help="MiB of each of 8 weights")
+    parser.add_argument("--weight-mb", type=int, default=128, help="MiB of each weight")
+    parser.add_argument("--files", type=int, default=8, help="weights")
     parser.add_argument("--rate-mb", type=int, default=200, help="the link's MB/s")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="mirror-bench-network-")
     try:
-        print(json.dumps(bench(work, args.weight_mb, args.runs, args.rate_mb), indent=1))
+        print(json.dumps(bench(work, args.weight_mb, args.runs, args.rate_mb, args.files),
+                         indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

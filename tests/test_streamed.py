@@ -3,6 +3,7 @@ writes the manifest last, behind a first frame that points to it. Readers still 
 and check the manifest first, tar and zstd read the file as any bundle, pipes are
 refused with what to do, and a pointer or layout that lies is refused."""
 
+import hashlib
 import io
 import json
 import os
@@ -90,6 +91,77 @@ def test_the_same_inputs_give_the_same_bytes(upstream, streamed, tmp_path):
     finally:
         del os.environ["SOURCE_DATE_EPOCH"]
     assert outs[0] == outs[1] and not again.exists()
+
+
+@pytest.fixture
+def slow_link():
+    """A weight server whose answers share 8 MB/s: a 4 MiB weight takes half a second."""
+    from tests.upstream import WeightServer
+
+    with WeightServer() as server:
+        server.rate = 8_000_000
+        yield server
+
+
+def _pack_streamed(upstream, out, urls, cache, jobs=1):
+    return pack([upstream.spec(":v1.0")], str(out), PackOptions(
+        git_host=upstream.git.host, protocol="http", progress=False, stream=True,
+        jobs=jobs, cache_dir=str(cache), extra_weights=urls))
+
+
+def test_a_weight_is_compressed_while_it_downloads(upstream, slow_link, tmp_path, caplog,
+                                                    monkeypatch):
+    """Each weight is compressed into the bundle as its bytes arrive, its header filled
+    in at the end: the bundle is byte for byte the one packed from whole files."""
+    import random
+
+    rng = random.Random(4)
+    data = [rng.randbytes(4 << 20), rng.randbytes(3 << 20)]
+    urls = [slow_link.add(f"big/w{i}.bin", d) for i, d in enumerate(data)]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    caplog.set_level("DEBUG", logger="mirror.bundle")
+    _pack_streamed(upstream, tmp_path / "live.hub", urls, tmp_path / "cache")
+    followed = [r.getMessage() for r in caplog.records if "arrived" in r.getMessage()]
+    for d in data:
+        assert f"weights/{hashlib.sha256(d).hexdigest()}: compressed as its bytes " \
+               f"arrived" in followed
+    caplog.clear()
+    _pack_streamed(upstream, tmp_path / "cached.hub", urls, tmp_path / "cache")
+    assert [r.getMessage() for r in caplog.records
+            if "compressed as its bytes arrived" in r.getMessage()] == []
+    live, cached = (open(tmp_path / n, "rb").read() for n in ("live.hub", "cached.hub"))
+    assert live == cached
+    _, members = bundle.read_all(str(tmp_path / "live.hub"))
+    for d in data:
+        assert members[bundle.weight_member(hashlib.sha256(d).hexdigest())] == d
+
+
+def test_a_weight_whose_download_starts_over_is_packed_whole(upstream, slow_link, tmp_path,
+                                                              caplog, monkeypatch):
+    """Half a weight arrives and is compressed; then the server has other bytes and the
+    download starts over: what was compressed is dropped, and the bundle holds the new
+    bytes, as a pack from the whole file would."""
+    import random
+
+    rng = random.Random(5)
+    old, new = rng.randbytes(4 << 20), rng.randbytes(4 << 20)
+    url = slow_link.add("big/republished.bin", old)
+    slow_link.change_midway("big/republished.bin", new)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    caplog.set_level("DEBUG", logger="mirror.bundle")
+    report = _pack_streamed(upstream, tmp_path / "live.hub", [url], tmp_path / "cache")
+    member = bundle.weight_member(hashlib.sha256(new).hexdigest())
+    assert [w.sha256 for w in report.weights if w.url == url] == [hashlib.sha256(new)
+                                                                   .hexdigest()]
+    assert f"{member}: not compressed as it arrived (its download started over)" in \
+        [r.getMessage() for r in caplog.records]
+    _pack_streamed(upstream, tmp_path / "cached.hub", [url], tmp_path / "cache")
+    assert open(tmp_path / "live.hub", "rb").read() == open(tmp_path / "cached.hub",
+                                                             "rb").read()
+    assert bundle.verify(str(tmp_path / "live.hub"), allow_unsafe_pickle=True).manifest \
+        == bundle.read_manifest(str(tmp_path / "cached.hub"))
+    _, members = bundle.read_all(str(tmp_path / "live.hub"))
+    assert members[member] == new and old not in members.values()
 
 
 def test_a_pipe_is_told_what_to_do_and_a_manifest_first_bundle_pipes(upstream, streamed, tmp_path):

@@ -9,7 +9,7 @@ from typing import Dict
 
 from ._http import LoopbackServer, QuietHandler
 
-FAULTS = ("404", "500", "drop", "slow", "stall")
+FAULTS = ("404", "500", "drop", "slow", "stall", "change")
 
 
 class _WeightHandler(QuietHandler):
@@ -71,6 +71,17 @@ class _WeightHandler(QuietHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
+        if fault == "change":
+            # Send half, pause, then republish other bytes at the path and cut the
+            # connection: the client's retry finds another file than its part began.
+            half = body[: len(body) // 2]
+            server.throttled(self.wfile, half) if server.rate else self.wfile.write(half)
+            self.wfile.flush()
+            time.sleep(server.change_pause)
+            server.files[path] = server.changes.pop(path)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         if fault == "stall":
             # Send half, then hold the connection open without a byte more (a client
             # must be able to give up, or be interrupted, meanwhile).
@@ -101,7 +112,8 @@ class WeightServer(LoopbackServer):
 
     ``fault(path, kind, times)`` makes the next ``times`` requests for ``path``
     fail as ``kind``: ``404``, ``500``, ``drop`` (half the body, then the
-    connection closes) or ``slow`` (the body in small delayed pieces). ``rate``
+    connection closes), ``slow`` (the body in small delayed pieces) or ``change``
+    (:meth:`change_midway`). ``rate``
     limits the bytes per second of all answers together.
     """
 
@@ -120,6 +132,8 @@ class WeightServer(LoopbackServer):
         # Bytes per second that every answer together may send (0: as fast as it can):
         # a link of that speed, shared as a real one is, for the benchmarks.
         self.rate = 0
+        self.changes: Dict[str, bytes] = {}  # what a "change" fault republishes
+        self.change_pause = 0.3
         self._sent_until = 0.0  # when the link is free again
         self._link = threading.Lock()
 
@@ -160,6 +174,13 @@ class WeightServer(LoopbackServer):
         if kind not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}")
         self.faults[path], self.fault_budget[path] = kind, times
+
+    def change_midway(self, path: str, data: bytes) -> None:
+        """The next answer for ``path`` sends half its bytes, then ``data`` replaces
+        them (another ETag) and the connection is cut."""
+        path = "/" + path.lstrip("/")
+        self.changes[path] = data
+        self.fault(path, "change", times=1)
 
     def url(self, path: str) -> str:
         return self.base_url + "/" + path.lstrip("/")
