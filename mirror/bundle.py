@@ -16,6 +16,7 @@ Members::
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -308,13 +309,16 @@ class StreamedWriter:
                 if generation is not None and now != generation:
                     void = "its download started over"
                     break
+                if size >= USTAR_MAX_SIZE:  # its header will be longer: not worth going on
+                    void = "its header is too long to fill in"
+                    break
                 if size > taken:
                     try:
                         fh = fh or stack.enter_context(open(part, "rb"))
-                    except OSError:
-                        void = "it was whole before it was reached"
+                        block = fh.read(min(CHUNK, size - taken))
+                    except OSError as e:  # renamed whole meanwhile, or unreadable
+                        void = f"its part file: {e.strerror or e}"
                         break
-                    block = fh.read(min(CHUNK, size - taken))
                     if not block:
                         void = "its part file is shorter than its download says"
                         break
@@ -443,7 +447,8 @@ def bundle_id(manifest_bytes: bytes) -> str:
 
 class _FrameWriter:
     """Writes the tar stream as zstd frames: the manifest (and signature) alone in the
-    first, code members together in one frame per run of them, each weight alone.
+    first, code members together in one frame per run of them, each weight alone (in
+    format 4, its tar header in a stored frame of its own before it).
 
     Concatenated frames decode as one stream, so ``zstd -d | tar -x`` and
     ``tar --zstd`` read the bundle as usual. The manifest alone in the first frame
@@ -457,8 +462,10 @@ class _FrameWriter:
         self.bar = bar  # a progress bar of member bytes written, if any
         self.pending = 0  # bytes the open frame took since zstd last wrote all it had
         self.taken = 0  # bytes the open frame took
-        # Every frame carries zstd's checksum, so accidental damage anywhere (the
-        # manifest included, which no digest of its own covers) fails to decompress.
+        # Every compressed frame carries zstd's checksum, so accidental damage anywhere
+        # (the manifest included, which no digest of its own covers) fails to
+        # decompress; format 4's stored header frames hold only a tar header, which
+        # has its own checksum and must name a member the manifest lists.
         self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1,
                                                 write_checksum=True)
         self.code = zstandard.ZstdCompressor(level=CODE_LEVEL, write_checksum=True)
@@ -540,7 +547,9 @@ class _FrameWriter:
     def patch(self, at: int, header: bytes) -> None:
         """Fill in the header frame written at ``at`` (a header of the same length)."""
         self.out.flush()  # else the buffer could later write the placeholder over it
-        os.pwrite(self.out.fileno(), _stored_frame(header), at)
+        frame = _stored_frame(header)
+        if os.pwrite(self.out.fileno(), frame, at) != len(frame):
+            raise OSError(errno.EIO, "a short write filling in a header")
 
     def mark(self) -> Tuple[int, int]:
         """Where the file and the archive are, between members, for :meth:`rollback`."""
@@ -573,6 +582,9 @@ class _FrameWriter:
         self._frame_for("end")
         self._put(b"\0" * end)
         self.close_frame()
+
+
+USTAR_MAX_SIZE = 8 ** 11  # a larger member's size needs a PAX record: a longer header
 
 
 def _tar_header(name: str, size: int, mtime: int) -> bytes:

@@ -95,11 +95,12 @@ def test_the_same_inputs_give_the_same_bytes(upstream, streamed, tmp_path):
 
 @pytest.fixture
 def slow_link():
-    """A weight server whose answers share 8 MB/s: a 4 MiB weight takes half a second."""
+    """A weight server whose answers share 4 MB/s: a 4 MiB weight takes a second, far
+    longer than the packer needs to reach it."""
     from tests.upstream import WeightServer
 
     with WeightServer() as server:
-        server.rate = 8_000_000
+        server.rate = 4_000_000
         yield server
 
 
@@ -116,15 +117,18 @@ def test_a_weight_is_compressed_while_it_downloads(upstream, slow_link, tmp_path
     import random
 
     rng = random.Random(4)
-    data = [rng.randbytes(4 << 20), rng.randbytes(3 << 20)]
+    data = [rng.randbytes(4 << 20), rng.randbytes(4 << 20)]
     urls = [slow_link.add(f"big/w{i}.bin", d) for i, d in enumerate(data)]
+    urls.append(slow_link.add("big/w9-same-as-w0.bin", data[0]))  # one member, two URLs
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     caplog.set_level("DEBUG", logger="mirror.bundle")
     _pack_streamed(upstream, tmp_path / "live.hub", urls, tmp_path / "cache")
     followed = [r.getMessage() for r in caplog.records if "arrived" in r.getMessage()]
-    for d in data:
-        assert f"weights/{hashlib.sha256(d).hexdigest()}: compressed as its bytes " \
-               f"arrived" in followed
+    first = f"weights/{hashlib.sha256(data[0]).hexdigest()}"
+    assert followed.count(f"{first}: compressed as its bytes arrived") == 1
+    assert f"{first}: not compressed as it arrived (already in the bundle)" in followed
+    assert f"weights/{hashlib.sha256(data[1]).hexdigest()}: compressed as its bytes " \
+           f"arrived" in followed
     caplog.clear()
     _pack_streamed(upstream, tmp_path / "cached.hub", urls, tmp_path / "cache")
     assert [r.getMessage() for r in caplog.records
