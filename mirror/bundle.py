@@ -297,7 +297,7 @@ class StreamedWriter:
         """
         mark = self.out.mark()
         at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
-        self.out._frame_for("weights")
+        self.out._frame_for("weights", self.out.following)
         digest, taken, generation = hashlib.sha256(), 0, None
         void = ""  # why what was read cannot be kept
         with contextlib.ExitStack() as stack:
@@ -468,14 +468,19 @@ class _FrameWriter:
         # has its own checksum and must name a member the manifest lists.
         self.weights = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=-1,
                                                 write_checksum=True)
+        # A weight followed as it downloads needs only the link's pace: one worker
+        # leaves the other core to receiving (zstd writes the same bytes for any
+        # number of workers from one up).
+        self.following = zstandard.ZstdCompressor(level=WEIGHTS_LEVEL, threads=1,
+                                                  write_checksum=True)
         self.code = zstandard.ZstdCompressor(level=CODE_LEVEL, write_checksum=True)
         self.frame: Any = None  # the open frame's stream writer
         self.frame_kind = ""
 
-    def _frame_for(self, kind: str) -> Any:
+    def _frame_for(self, kind: str, cctx: Any = None) -> Any:
         if self.frame is None or kind != self.frame_kind or kind == "weights":
             self.close_frame()
-            cctx = self.weights if kind == "weights" else self.code
+            cctx = cctx or (self.weights if kind == "weights" else self.code)
             self.frame, self.frame_kind = cctx.stream_writer(self.out, closefd=False), kind
             self.pending = self.taken = 0
         return self.frame
