@@ -642,11 +642,11 @@ class Transaction:
             store_policy = self.store.policy
             trusted = set(store_policy.keys()) if store_policy.required else self.trusted_ids
             seeds = reconcile(self.store, home, versions, trusted)
-            # What this bundle leaves unseeded is said; what other bundles left out is
-            # counted (it was said when they were installed; `mirror seed` lists it).
-            mine = tuple(f"{r.id.label}:" for r in self.manifest.repos) + \
-                tuple(f"weight {w.url}:" for w in self.manifest.weights)
-            own = [u for u in seeds.unseeded if u.startswith(mine)]
+            # What this bundle's repos and weights leave unseeded is said; the rest of
+            # the store's is counted (`mirror seed` lists it).
+            mine = {self.store.layout.repo(r.id.host, r.id.owner, r.id.name).path
+                    for r in self.manifest.repos} | {w.url for w in self.manifest.weights}
+            own = [u for u in seeds.unseeded if u.about in mine]
             others = len(seeds.unseeded) - len(own)
             self.report.megengine_cache = replace(seeds, unseeded=own).lines() + (
                 [f"{others} other ref(s), commit(s) or weight(s) of the store stay unseeded "

@@ -65,6 +65,15 @@ class Wanted:
     record: SnapshotRecord | None = None
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """A seed the store calls for but leaves out: whom it is about (a repo's folder in
+    the store, or a weight's URL), and why, as one line."""
+
+    about: str
+    why: str
+
+
 @dataclass
 class SeedReport:
     """What :func:`reconcile` did to one MegEngine home."""
@@ -73,24 +82,25 @@ class SeedReport:
     seeded: List[str] = field(default_factory=list)  # made, moved or repaired
     kept: int = 0  # already as wanted
     removed: List[str] = field(default_factory=list)  # the store's, no longer wanted
-    unseeded: List[str] = field(default_factory=list)  # "label: why" of those left out
+    unseeded: List[LeftOut] = field(default_factory=list)  # "label: why" of those left out
     foreign: List[str] = field(default_factory=list)  # paths MegEngine made, left alone
     bytes_freed: int = 0  # by removed seeds that were copies
 
     def lines(self) -> List[str]:
         """One line per change or refusal, as install and ``mirror seed`` print them."""
         return (self.seeded + [f"removed seed {r}" for r in self.removed]
-                + [f"not seeded {u}" for u in self.unseeded]
+                + [f"not seeded {u.why}" for u in self.unseeded]
                 + self.foreign)
 
     def to_json(self) -> JsonObject:
         return {"megengine_home": self.megengine_home, "seeded": self.seeded,
-                "kept": self.kept, "removed": self.removed, "unseeded": self.unseeded,
+                "kept": self.kept, "removed": self.removed,
+                "unseeded": [u.why for u in self.unseeded],
                 "foreign": self.foreign, "bytes_freed": self.bytes_freed}
 
 
 def wanted(store: Store, megengine_home: str, versions: Sequence[str],
-           trusted: Set[str] | None = None) -> Tuple[Dict[str, Wanted], List[str]]:
+           trusted: Set[str] | None = None) -> Tuple[Dict[str, Wanted], List[LeftOut]]:
     """Every seed the store calls for in the MegEngine cache at ``megengine_home``, by
     path, and why each one it leaves out is left out.
 
@@ -103,17 +113,17 @@ def wanted(store: Store, megengine_home: str, versions: Sequence[str],
     cache = MegEngineLayout(megengine_home)
     pins = store.url_pins()
     out: Dict[str, Wanted] = {}
-    left_out: List[str] = []
+    left_out: List[LeftOut] = []
     for url, pin in sorted(pins.items()):
         if isinstance(pin, AmbiguousWeightError):
-            left_out.append(f"weight {url}: {pin}")
+            left_out.append(LeftOut(url, f"weight {url}: {pin}"))
         else:
             out[cache.weight(url)] = Wanted(Seed("weight", cache.weight(url), pin.sha256, url))
     for repo in store.layout.all_repos():
         try:
             ident = store.repo_id(repo)
         except StoreError as e:
-            left_out.append(str(e))
+            left_out.append(LeftOut(repo.path, str(e)))
             continue
         refs, commits = store.refs(repo), set(store.commits(repo))
         keys: Dict[Tuple[str, str, str | None], Tuple[str, str]] = {}  # key -> commit, label
@@ -126,7 +136,7 @@ def wanted(store: Store, megengine_home: str, versions: Sequence[str],
         for (branch, _, with_commit), (commit, label) in sorted(keys.items()):
             why, record = _why_not(store, repo, commit, trusted, pins)
             if why:
-                left_out.append(f"{label}: {why}")
+                left_out.append(LeftOut(repo.path, f"{label}: {why}"))
                 continue
             for version in versions:
                 path = cache.repo(version, ident.owner, ident.name, branch, with_commit)

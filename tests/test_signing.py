@@ -148,8 +148,8 @@ def test_under_a_policy_stock_megengine_gets_only_signed_code(master_bundle, key
     from mirror.megengine_cache import reconcile
 
     report = reconcile(Store(), str(tmp_path / "mge2"), ["1.13.0"])
-    assert report.unseeded and all("its bundle was not signed by a trusted key" in line
-                                   for line in report.unseeded)
+    assert report.unseeded and all("its bundle was not signed by a trusted key" in u.why
+                                   for u in report.unseeded)
     assert not os.path.exists(tmp_path / "mge2" / "hub")
     assert len(os.listdir(tmp_path / "mge2" / "serialized")) == 2  # weights: no code runs
     # And source="auto" does not fall back to the network: only the store answers.
