@@ -67,7 +67,6 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
     Member,
     SnapshotEntry,
     code_member,
-    file_stamp,
     weight_member,
 )
 from .parts import BundleInput, Parts, PartWriter, Remote, Unparted
@@ -122,11 +121,12 @@ def _plain_file(info: tarfile.TarInfo) -> bool:
 @dataclass(frozen=True)
 class LocalFile:
     """A member's bytes in a file that was hashed where it is, not copied (a weight
-    given by its local path): its ``stamp`` (:func:`file_stamp`) must still hold once
-    the member is written, or the bundle would hold bytes other than its digest's."""
+    given by its local path). Anyone may write to it meanwhile, and a write through
+    a mapping need not even change its times: so the bytes are hashed again as they
+    are written into the bundle, and must be those of ``sha256``."""
 
     path: str
-    stamp: Tuple[int, ...]
+    sha256: str
 
 
 # the member's bytes, or the path of a file holding them
@@ -415,7 +415,8 @@ class SourceError(Exception):
 class _Source:
     def __init__(self, source: str | LocalFile):
         self.path = source.path if isinstance(source, LocalFile) else source
-        self.stamp = source.stamp if isinstance(source, LocalFile) else None
+        self.expect = source.sha256 if isinstance(source, LocalFile) else None
+        self.digest = hashlib.sha256() if self.expect is not None else None
         try:
             self.fh = open(self.path, "rb")
         except OSError as e:
@@ -425,19 +426,20 @@ class _Source:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            if exc[0] is None and self.stamp is not None and \
-                    file_stamp(os.fstat(self.fh.fileno())) != self.stamp:
-                raise SourceError(self.path, "it changed after it was hashed; pack again "
-                                             "once it is written")
-        finally:
-            self.fh.close()
+        self.fh.close()
+        if exc[0] is None and self.digest is not None and \
+                self.digest.hexdigest() != self.expect:
+            raise SourceError(self.path, "it changed after it was hashed; pack again once "
+                                         "it is written")
 
     def read(self, n: int) -> bytes:
         try:
-            return self.fh.read(n)
+            block = self.fh.read(n)
         except OSError as e:
             raise SourceError(self.path, e) from None
+        if self.digest is not None:
+            self.digest.update(block)
+        return block
 
 
 def bundle_id(manifest_bytes: bytes) -> str:

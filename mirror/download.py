@@ -34,7 +34,7 @@ from .config import proxy_for, settings
 from .errors import DownloadError, explained
 from .hashing import CHUNK, sha256_bytes, sha256_file
 from .locking import locked
-from .model import WeightFile, file_stamp
+from .model import WeightFile
 
 log = logging.getLogger(__name__)
 
@@ -265,28 +265,33 @@ def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
 
 
 def _local_file(source: str) -> str | None:
-    """The regular file on this host that ``source`` (a path or a ``file:`` URL) names,
-    or None: it is read where it is, never copied into the download cache."""
+    """The file on this host that ``source`` (a path or a ``file:`` URL) names, or
+    None: it is read where it is, never copied into the download cache."""
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        path = urllib.request.url2pathname(parsed.path)
-    elif parsed.scheme == "" and os.path.isabs(source):
-        path = source
-    else:
-        return None
-    try:
-        return path if stat.S_ISREG(os.stat(path).st_mode) else None  # a FIFO is copied
-    except OSError:
-        return None  # the download says what is wrong with it
+        # urllib reads "?" and "#" as part of the name: so does this
+        return urllib.request.url2pathname(urllib.request.Request(source).selector)
+    if parsed.scheme == "" and os.path.isabs(source):
+        return source
+    return None
+
+
+def _stamp(st: os.stat_result) -> Tuple[int, ...]:
+    """What changes when a file's bytes may have: its identity, size and times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _in_place(url: str, path: str, batch: Batch) -> WeightFile:
     """A local file, hashed where it is. A copy would cost a second write of every
-    byte (and its flush, which the bundle's fsync waits for); instead the bundle
-    writer checks that the file's :func:`file_stamp` still holds once it is packed."""
+    byte (and its flush, which the bundle's fsync waits for), and the space; the
+    bundle writer hashes the bytes again as it packs them (:class:`bundle.LocalFile`)."""
     try:
-        with open(path, "rb") as fh:
+        # Not blocked by a FIFO put there meanwhile, which is then refused
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as fh:
             before = os.fstat(fh.fileno())
+            if not stat.S_ISREG(before.st_mode):
+                raise DownloadError(path, "not a regular file")
             batch.expect(before.st_size)
             digest, size = hashlib.sha256(), 0
             for block in iter(lambda: fh.read(CHUNK), b""):
@@ -298,10 +303,10 @@ def _in_place(url: str, path: str, batch: Batch) -> WeightFile:
             after = os.fstat(fh.fileno())
     except OSError as e:
         raise DownloadError(path, e.strerror or str(e)) from None
-    if file_stamp(after) != file_stamp(before) or size != before.st_size:
+    if _stamp(after) != _stamp(before) or size != before.st_size:
         raise DownloadError(path, "it changed while it was read; pack again once it is "
                                   "written")
-    return WeightFile(url, path, size, digest.hexdigest(), stamp=file_stamp(before))
+    return WeightFile(url, path, size, digest.hexdigest(), in_place=True)
 
 
 def _copy_local(path: str, part: str) -> None:

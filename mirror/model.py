@@ -15,7 +15,6 @@ The JSON shapes are documented in ``docs/bundle-format.md``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Tuple, TypeVar
 
@@ -731,20 +730,14 @@ class WeightFile:
     """A weight file on local disk (downloaded on the packing host, or a blob in the
     store), found by the URL the code asks for, with its verified size and sha256.
 
-    ``stamp`` is set for a file read where it is (a local path that pack does not
-    copy): what ``os.stat`` said of it when it was hashed, which must still hold once
-    its bytes are packed (:func:`file_stamp`)."""
+    ``in_place``: a local file read where it is, not copied into the download cache,
+    which anyone may change: its bytes are hashed again as they are packed."""
 
     url: str
     path: str
     size: int
     sha256: str
-    stamp: Tuple[int, ...] | None = None
-
-
-def file_stamp(st: os.stat_result) -> Tuple[int, ...]:
-    """What changes when a file's bytes may have: its identity, size and times."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    in_place: bool = False
 
 
 # --- the store's records ------------------------------------------------------------

@@ -579,8 +579,8 @@ class _Packer:
         unsafe = unsafe_globals(got.path)
         if unsafe and not self.opts.allow_unsafe_pickle:
             raise UnsafePickleError(f"weight {got.url}", unsafe)
-        self.sources[weight_member(got.sha256)] = got.path if got.stamp is None else \
-            bundle.LocalFile(got.path, got.stamp)
+        self.sources[weight_member(got.sha256)] = bundle.LocalFile(got.path, got.sha256) \
+            if got.in_place else got.path
         return WeightEntry(got.url, got.size, got.sha256,
                            tuple(sorted(set(self.weight_refs[got.url]))))
 

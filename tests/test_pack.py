@@ -126,44 +126,38 @@ def test_a_source_that_cannot_be_read_is_named_and_nothing_is_written(tmp_path):
 
 def test_a_local_file_that_changes_after_it_was_hashed_is_never_packed(tmp_path):
     """A weight given by its local path is read where it is, not copied: if it is
-    replaced or rewritten between its hash and its packing, the bundle (which would
-    hold other bytes than its digest's) is not written."""
-    from mirror.model import file_stamp
-
+    replaced or rewritten between its hash and its packing, even with its times put
+    back (as a write through a mapping leaves them), the bundle, which would hold
+    other bytes than its digest's, is not written."""
     data = b"weights v1"
     sha = hashlib.sha256(data).hexdigest()
     manifest = Manifest.from_json({
         "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION, "repos": [],
         "weights": [{"url": "/data/w.pkl", "sha256": sha, "size": len(data)}]})
     src = tmp_path / "w.pkl"
-    src.write_bytes(data)
-    stamp = file_stamp(os.stat(src))
     out = tmp_path / "out"
     out.mkdir()
+    sources = {bundle.weight_member(sha): bundle.LocalFile(str(src), sha)}
     # replaced (a new file renamed over it), same size
     (tmp_path / "new").write_bytes(b"weights v2")
     os.replace(tmp_path / "new", src)
     with pytest.raises(bundle.SourceError) as e:
-        bundle.write(str(out / "x.hub"), manifest,
-                     {bundle.weight_member(sha): bundle.LocalFile(str(src), stamp)})
+        bundle.write(str(out / "x.hub"), manifest, sources)
     assert str(e.value) == (f"cannot read {src}: it changed after it was hashed; pack "
                             f"again once it is written")
     assert os.listdir(out) == []
-    # rewritten in place, same size: its modification time moved
+    # rewritten in place, same size, its times as they were
     src.write_bytes(data)
-    stamp = file_stamp(os.stat(src))
+    before = os.stat(src)
     with open(src, "r+b") as fh:
         fh.write(b"W")
-    st = os.stat(src)
-    os.utime(src, ns=(st.st_atime_ns, stamp[3] + 1_000_000))  # past the clock's tick
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(bundle.SourceError):
-        bundle.write(str(out / "x.hub"), manifest,
-                     {bundle.weight_member(sha): bundle.LocalFile(str(src), stamp)})
+        bundle.write(str(out / "x.hub"), manifest, sources)
     assert os.listdir(out) == []
     # unchanged: written, and it verifies
     src.write_bytes(data)
-    bundle.write(str(out / "x.hub"), manifest, {
-        bundle.weight_member(sha): bundle.LocalFile(str(src), file_stamp(os.stat(src)))})
+    bundle.write(str(out / "x.hub"), manifest, sources)
     assert bundle.verify(str(out / "x.hub")).manifest == manifest
 
 
@@ -194,6 +188,32 @@ def test_a_local_weight_is_packed_from_where_it_is_not_copied(upstream, tmp_path
     _, members = bundle.read_all(out)
     for path, url in ((a, str(a)), (b, b.as_uri())):
         assert members[bundle.weight_member(got[url])] == path.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "fifo", "file-url"])
+def test_a_local_weight_that_is_not_a_file_fails_at_once_naming_it(upstream, tmp_path, kind):
+    """A path or file: URL that is missing, a folder or a FIFO (which a read would
+    wait on forever) fails the pack at once, naming it; nothing is written."""
+    import time
+
+    from mirror.errors import DownloadError
+
+    path = tmp_path / "w.pkl"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    url = path.as_uri() if kind == "file-url" else str(path)
+    reason = {"missing": "No such file or directory", "file-url": "No such file or "
+              "directory", "folder": "Is a directory"}.get(kind, "not a regular file")
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as e:
+        pack([upstream.spec(":v1.0")], str(tmp_path / "x.hub"), PackOptions(
+            git_host=upstream.git.host, protocol="http", progress=False,
+            cache_dir=str(tmp_path / "cache"), extra_weights=[url]))
+    assert str(e.value) == f"download failed: {path}: {reason}"
+    assert time.monotonic() - started < 5  # no retries
+    assert not (tmp_path / "x.hub").exists()
 
 
 def test_unknown_ref_names_the_ref_and_what_exists(upstream, tmp_path):
