@@ -269,7 +269,7 @@ def _local_file(source: str) -> str | None:
     None: it is read where it is, never copied into the download cache."""
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        # urllib reads "?" and "#" as part of the name: so does this
+        # the file urllib would open: "?" is part of its name, "#" ends it
         return urllib.request.url2pathname(urllib.request.Request(source).selector)
     if parsed.scheme == "" and os.path.isabs(source):
         return source
