@@ -117,7 +117,6 @@ def _plain_file(info: tarfile.TarInfo) -> bool:
 # --- writing -----------------------------------------------------------------
 
 
-
 @dataclass(frozen=True)
 class LocalFile:
     """A member's bytes in a file that was hashed where it is, not copied (a weight

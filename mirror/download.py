@@ -485,7 +485,8 @@ class DownloadCache:
         """The file for ``url``: from the cache when its bytes still match what was
         recorded (and ``expect``, a sha256, if given), else downloaded from ``source``
         (``url`` itself, or where a rewrite points it), resuming what an earlier run
-        left (:func:`download`).
+        left (:func:`download`), ``growth`` told of its bytes as they arrive. A
+        local file (a path, a ``file:`` URL) is hashed where it is, not cached.
 
         Raises :class:`DownloadError`, also when the cache cannot be written."""
         stop = batch if batch is not None else Batch()

@@ -82,7 +82,7 @@ class SeedReport:
     seeded: List[str] = field(default_factory=list)  # made, moved or repaired
     kept: int = 0  # already as wanted
     removed: List[str] = field(default_factory=list)  # the store's, no longer wanted
-    unseeded: List[LeftOut] = field(default_factory=list)  # "label: why" of those left out
+    unseeded: List[LeftOut] = field(default_factory=list)  # those left out, and why
     foreign: List[str] = field(default_factory=list)  # paths MegEngine made, left alone
     bytes_freed: int = 0  # by removed seeds that were copies
 
