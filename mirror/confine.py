@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import resource
 import signal
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 CGROUP_V2 = "cgroup v2 memory.max"
 CGROUP_V1 = "cgroup v1 memory.limit_in_bytes"
@@ -146,14 +147,22 @@ def _parents() -> Iterator[Tuple[str, str, object]]:
     mounts = _mounts()
     for hierarchy, controllers, path in _own_groups():
         if hierarchy == "0":
-            for mount in mounts.get("cgroup2", []):
-                parent = os.path.join(mount, path.lstrip("/"))
+            for parent in _under(mounts.get("cgroup2", []), path):
                 enabled = (_read(parent, "cgroup.subtree_control") or "").split()
                 if "memory" in enabled:
                     yield CGROUP_V2, parent, _v2_files
         elif "memory" in controllers.split(","):
-            for mount in mounts.get("memory", []):
-                yield CGROUP_V1, os.path.join(mount, path.lstrip("/")), _v1_files
+            for parent in _under(mounts.get("memory", []), path):
+                yield CGROUP_V1, parent, _v1_files
+
+
+def _under(mounts: List[Tuple[str, str]], path: str) -> Iterator[str]:
+    """The folder of the group ``path`` (as /proc/self/cgroup names it) through each
+    mount (root, mount point) that shows it: a container's runtime mounts the
+    hierarchy from its own group, so that group is the mount's root, not ``/``."""
+    for root, point in mounts:
+        if root == "/" or path == root or path.startswith(root.rstrip("/") + "/"):
+            yield os.path.join(point, path[len(root.rstrip("/")):].lstrip("/"))
 
 
 def _own_groups() -> List[Tuple[str, str, str]]:
@@ -165,23 +174,35 @@ def _own_groups() -> List[Tuple[str, str, str]]:
         return []
 
 
-def _mounts() -> dict:
-    """cgroup2 mount points, and v1 hierarchies by controller ("memory")."""
-    out: dict = {}
+def _mounts() -> Dict[str, List[Tuple[str, str]]]:
+    """cgroup2 mounts, and v1 hierarchies by controller ("memory"): each as (the
+    group it shows as its root, its mount point), from /proc/self/mountinfo."""
+    out: Dict[str, List[Tuple[str, str]]] = {}
     try:
-        with open("/proc/mounts") as fh:
+        with open("/proc/self/mountinfo") as fh:
             for line in fh:
+                # ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
                 fields = line.split()
-                if len(fields) < 4:
+                if "-" not in fields[6:]:
                     continue
-                if fields[2] == "cgroup2":
-                    out.setdefault("cgroup2", []).append(fields[1])
-                elif fields[2] == "cgroup":
-                    for option in fields[3].split(","):
-                        out.setdefault(option, []).append(fields[1])
+                dash = fields.index("-", 6)
+                if len(fields) < dash + 4:
+                    continue
+                root, point = (_unescape(f) for f in fields[3:5])
+                kind, options = fields[dash + 1], fields[dash + 3]
+                if kind == "cgroup2":
+                    out.setdefault("cgroup2", []).append((root, point))
+                elif kind == "cgroup":
+                    for option in options.split(","):
+                        out.setdefault(option, []).append((root, point))
     except OSError:
         pass
     return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes a space, tab, newline or backslash in a path as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _read(folder: str, name: str) -> str | None:

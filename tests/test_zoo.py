@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from mirror import confine
 from mirror.errors import MirrorError
 from mirror.packer import PackOptions, pack
-from tests.conftest import MIRROR, manifest_json, run
+from tests.conftest import MIRROR, ROOT, manifest_json, run
 from tests.test_trace import _file_repo
 from tests.upstream import zoo
 
@@ -159,6 +161,39 @@ def test_which_limit_is_in_force_is_said(tmp_path):
         if limit.group:
             assert os.path.isdir(limit.group)
     assert limit.group is None or not os.path.exists(limit.group)
+
+
+def test_a_hierarchy_mounted_from_its_own_group_as_in_a_container_is_used(tmp_path):
+    """A container's runtime mounts the memory hierarchy from the container's group G:
+    /proc/self/cgroup names /G, and the mount's root is /G, not /. The limit is
+    still a child group of G (found through /proc/self/mountinfo), not the
+    address-space fallback. Made here for real: G a group of this one, bind-mounted
+    over the hierarchy in a mount namespace of its own."""
+    with open("/proc/self/mountinfo") as fh:  # ... ROOT POINT OPTIONS ... - cgroup SRC OPTS
+        points = [f[4] for f in map(str.split, fh) if f[3] == "/" and
+                  f[-3:-1] == ["cgroup", "cgroup"] and "memory" in f[-1].split(",")]
+    with open("/proc/self/cgroup") as fh:
+        own = [line.split(":", 2)[2].strip() for line in fh
+               if "memory" in line.split(":", 2)[1].split(",")]
+    assert os.geteuid() == 0 and points and own, \
+        "needs root and a cgroup v1 memory hierarchy, which this machine has"
+    group = os.path.join(points[0], own[0].lstrip("/"), f"mirror-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        script = (f"set -e; echo $$ > {group}/cgroup.procs; "
+                  f"mount --bind {group} {points[0]}; exec {sys.executable} -c '"
+                  f"from mirror import confine\n"
+                  f"with confine.confined(1 << 30) as c: print(c.how); print(c.group)'")
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 0, r.stderr
+        how, folder = r.stdout.splitlines()
+        assert how == confine.CGROUP_V1
+        assert os.path.dirname(folder) == points[0]  # G, as the namespace sees it
+        assert os.listdir(group) and not any(n.startswith("mirror-trace-")
+                                             for n in os.listdir(group))  # removed
+    finally:
+        os.rmdir(group)
 
 
 @pytest.mark.parametrize("cgroup", [True, False])
