@@ -704,8 +704,6 @@ def _age(seconds: float) -> str:
 
 
 def _print_downloads(entries: Sequence[Any], verb: str) -> None:
-    import time
-
     for e in entries:
         click.echo(f"{iec(e.size):>10}  {_age(time.time() - e.modified):>5}  "
                    f"{'whole' if e.complete else 'part':5}  {e.url}")

@@ -620,18 +620,6 @@ def clean_downloads(root: str | None = None, partial_only: bool = False,
     return removed
 
 
-def fetch_all(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
-              jobs: int = 4, progress: bool = True,
-              expect: Mapping[str, str] | None = None) -> Dict[str, WeightFile]:
-    """Download ``urls`` (each from ``source(url)``), ``jobs`` at a time, through ``cache``.
-
-    ``expect`` maps a URL to the sha256 a lock pins: a cached file with other bytes
-    is downloaded again. Returns URL -> :class:`WeightFile`. Raises the first
-    :class:`DownloadError`, after cancelling the downloads not yet started.
-    """
-    return {got.url: got for got in fetch_each(urls, cache, source, jobs, progress, expect)}
-
-
 @dataclass(frozen=True)
 class Arriving:
     """A download under way: its bytes as they arrive (``growth``), and its
@@ -646,25 +634,17 @@ class Arriving:
         return self.future.result()
 
 
-def fetch_each(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
-               jobs: int = 4, progress: bool = True,
-               expect: Mapping[str, str] | None = None) -> Iterator[WeightFile]:
-    """As :func:`fetch_all`, but each :class:`WeightFile` is given, in the order of
-    ``urls``, as soon as it and those before it have arrived, while the later ones
-    go on downloading: pack compresses one while the next arrive."""
-    with contextlib.closing(fetch_arriving(urls, cache, source, jobs, progress,
-                                           expect)) as arrivals:
-        for arriving in arrivals:
-            yield arriving.result()  # its error closes them all (the first is the answer)
-
-
 def fetch_arriving(urls: Sequence[str], cache: DownloadCache, source: Callable[[str], str],
                    jobs: int = 4, progress: bool = True,
                    expect: Mapping[str, str] | None = None) -> Iterator[Arriving]:
-    """As :func:`fetch_each`, but each download is given, in the order of ``urls``, as
-    soon as the caller asks for it, whole or not: a streamed pack compresses its bytes
-    as they arrive. Closing the iterator (after an error, or Ctrl-C) stops every
-    download."""
+    """Download ``urls`` (each from ``source(url)``), ``jobs`` at a time, through
+    ``cache``, each given in the order of ``urls`` as soon as the caller asks for it,
+    whole or not (:class:`Arriving`): pack checks each as the later ones download,
+    and a streamed pack compresses its bytes as they arrive.
+
+    ``expect`` maps a URL to the sha256 a lock pins: a cached file with other bytes
+    is downloaded again. Closing the iterator (after the first error, or Ctrl-C)
+    stops every download."""
     expect = expect or {}
     done: List[str] = []
     # One bar of bytes (rate, ETA) at any -j; a bar per file too with -j 1

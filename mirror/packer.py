@@ -345,9 +345,8 @@ class _Packer:
                                   resolved_at=settings().now(), fetched_from=fetch_url,
                                   target=resolved.target if resolved.target != resolved.commit
                                   else None))  # an annotated tag's own id
-        self.report.refs.append(PackedRef(f"{spec.host}/{spec.owner}/{spec.name}",
-                                          resolved.kind, resolved.name, resolved.commit,
-                                          text, spec.repo))
+        self.report.refs.append(PackedRef(spec.full, resolved.kind, resolved.name,
+                                          resolved.commit, text, spec.repo))
 
     def _weights(self, spec: RepoSpec, snap: Snapshot, entries: Tuple[str, ...]) -> _Found:
         """What the whole snapshot, or ``entries``, download and load."""
@@ -411,7 +410,7 @@ class _Packer:
             self.log(f"warning: {label} loads {', '.join(found.nested)} through "
                      f"megengine.hub.load; pack them with --follow-nested")
         traced = found.trace.weights if found.trace else {}
-        repo = f"{spec.host}/{spec.owner}/{spec.name}"
+        repo = spec.full
         for entry, cause in (found.trace.errors if found.trace else {}).items():
             self.report.untraced.append(Untraced(repo, commit, entry, cause, label))
         for entry, urls in found.coverage.items():

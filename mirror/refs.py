@@ -109,6 +109,11 @@ class RepoSpec:
         """``owner/name``, as MegEngine's ``repo_info`` spells it."""
         return f"{self.owner}/{self.name}"
 
+    @property
+    def full(self) -> str:
+        """``host/owner/name``, as :attr:`RepoId.full` (and JSON output) names a repo."""
+        return f"{self.host}/{self.repo}"
+
     def url(self, protocol: str = "https") -> str:
         """The git remote URL of this repo over ``protocol``."""
         if protocol not in PROTOCOLS:

@@ -28,11 +28,8 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Set, Tuple
-
-from tqdm import tqdm
 
 from . import confine
 from .config import trace_environment
@@ -192,6 +189,11 @@ def trace(files: Iterable[TreeFile], label: str, entries: Iterable[str] | None =
         NotFoundError: ``entries`` names one that ``hubconf.py`` does not have (said
             before any entrypoint runs).
     """
+    # Here, not at the top: each traced entrypoint's child imports this module too
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
     _STOP.clear()
     with tempfile.TemporaryDirectory(prefix="mirror-trace-") as root:
         write_bytes(root, ((f.path, f.mode, f.data) for f in files))
@@ -420,10 +422,7 @@ class _Recorder:
                 if _out_of_memory(e, self.address_space):
                     self.errors[name] = OUT_OF_MEMORY
                     return
-                # Without the temporary path and object addresses, so that tracing the
-                # same code gives the same manifest.
-                text = re.sub(r"0x[0-9a-fA-F]+", "0x?", str(e)).replace(self.root, "<snapshot>")
-                failures.append(one_line(f"{type(e).__name__}: {text}"))
+                failures.append(one_line(f"{type(e).__name__}: {_scrubbed(e, self.root)}"))
             gc.collect()  # the first model is gone before the second is built
         if len(failures) == 2:
             self.errors[name] = failures[0]
@@ -492,6 +491,12 @@ def _child(root: str, out: str, entry: str | None, address_space: bool) -> None:
         json.dump(recorder.answer(names), fh)
 
 
+def _scrubbed(error: BaseException, root: str) -> str:
+    """``error``'s text without the temporary path and object addresses, so that
+    tracing the same code gives the same manifest."""
+    return re.sub(r"0x[0-9a-fA-F]+", "0x?", str(error)).replace(root, "<snapshot>")
+
+
 _FILLS = ("fill_", "normal_", "uniform_", "xavier_normal_", "xavier_uniform_",
           "msra_normal_", "msra_uniform_", "zeros_", "ones_")
 
@@ -512,9 +517,8 @@ def _main(argv: List[str]) -> None:
             confine.enter(limit, "")
         _child(root, out, options.get("--entry"), not group)
     except BaseException as e:  # noqa: BLE001  (the parent reports it by name)
-        text = re.sub(r"0x[0-9a-fA-F]+", "0x?", str(e)).replace(root, "<snapshot>")
         with open(out, "w") as fh:
-            json.dump({"fatal": f"{type(e).__name__}: {text}"}, fh)
+            json.dump({"fatal": f"{type(e).__name__}: {_scrubbed(e, root)}"}, fh)
 
 
 if __name__ == "__main__":
