@@ -259,12 +259,12 @@ class StreamedWriter:
     then weights in the manifest's order; :meth:`finish` checks that they were.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, bar: Any = None):
         self.path = path
         self._files = contextlib.ExitStack()
         self.raw = self._files.enter_context(atomic_file(path))
         self.raw.write(_pointer(0, 0))
-        self.out = _FrameWriter(self.raw)
+        self.out = _FrameWriter(self.raw, bar=bar)  # ``bar``: of the bytes compressed
         self.sources: Dict[str, Source] = {}
         self.names: List[str] = []
 
@@ -337,18 +337,57 @@ class StreamedWriter:
                         "its header is too long to fill in" if len(header) !=
                         tarfile.BLOCKSIZE else "")
         if not void:
-            self.out._put(b"\0" * (-size % tarfile.BLOCKSIZE))
-            self.out.close_frame()
-            self.out.patch(at, header)
-            self.out.offset += len(header) + size + (-size % tarfile.BLOCKSIZE)
-            self.sources[name] = source
-            self.names.append(name)
+            self._filled_in(at, header, name, source, size)
             log.debug("%s: compressed as its bytes arrived", name)
             return
         log.debug("%s: not compressed as it arrived (%s)", name, void)
         self.out.rollback(mark)
         if name not in self.sources:
             self.add(name, source, size)
+
+    def add_read(self, path: str, fh: IO[bytes]) -> Tuple[str, int]:
+        """Compress a weight into the bundle from ``fh`` (a local file's, read where it
+        is), hashing it on the way, and return its sha256 and size: one read of its
+        bytes, where a bundle whose manifest comes first must hash them before. Its
+        tar header, which names it by that digest, is filled in at the end; bytes the
+        bundle holds already are dropped again."""
+        mark = self.out.mark()
+        at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
+        self.out._frame_for("weights")
+        digest, size = hashlib.sha256(), 0
+
+        def read() -> bytes:  # an error of the file read, told apart from the bundle's
+            try:
+                return fh.read(CHUNK)
+            except OSError as e:
+                raise SourceError(path, e) from None
+
+        for block in iter(read, b""):
+            digest.update(block)
+            self.out._put(block)
+            size += len(block)
+            if self.out.bar is not None:
+                self.out.bar.update(len(block))
+        sha256 = digest.hexdigest()
+        name, header = weight_member(sha256), _tar_header(weight_member(sha256), size, 0)
+        if name in self.sources or len(header) != tarfile.BLOCKSIZE:
+            self.out.rollback(mark)  # a duplicate, or a header too long to fill in
+            if name not in self.sources:
+                self.add(name, LocalFile(path, sha256), size)
+        else:
+            self._filled_in(at, header, name, LocalFile(path, sha256), size)
+        return sha256, size
+
+    def _filled_in(self, at: int, header: bytes, name: str, source: Source,
+                   size: int) -> None:
+        """End a weight whose bytes went in after a placeholder header at ``at``: its
+        padding, its frame, and the header that names it."""
+        self.out._put(b"\0" * (-size % tarfile.BLOCKSIZE))
+        self.out.close_frame()
+        self.out.patch(at, header)
+        self.out.offset += len(header) + size + (-size % tarfile.BLOCKSIZE)
+        self.sources[name] = source
+        self.names.append(name)
 
     def finish(self, manifest: Manifest, sign: Callable[..., bytes] | None = None,
                manifest_bytes: bytes | None = None, signature: bytes | None = None) -> str:

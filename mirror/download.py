@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -264,7 +264,7 @@ def _fetch_with_retries(url: str, part: str, retries: int, timeout: float,
                              f"{'s' if retries else ''})")
 
 
-def _local_file(source: str) -> str | None:
+def local_file(source: str) -> str | None:
     """The file on this host that ``source`` (a path or a ``file:`` URL) names, or
     None: it is read where it is, never copied into the download cache."""
     parsed = urllib.parse.urlparse(source)
@@ -281,31 +281,48 @@ def _stamp(st: os.stat_result) -> Tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+@contextlib.contextmanager
+def reading_in_place(path: str) -> Iterator[IO[bytes]]:
+    """A local weight's file, open to be read once, where it is: a regular file (a
+    FIFO put there meanwhile is refused, not waited on), which must not change
+    while it is read. The caller reads it to its end.
+
+    Raises :class:`DownloadError` naming ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise DownloadError(path, e.strerror or str(e)) from None
+    try:
+        fh = open(fd, "rb")  # a folder is refused here
+    except OSError as e:
+        os.close(fd)
+        raise DownloadError(path, e.strerror or str(e)) from None
+    with fh:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise DownloadError(path, "not a regular file")
+        yield fh
+        if _stamp(os.fstat(fd)) != _stamp(before) or fh.tell() != before.st_size:
+            raise DownloadError(path, "it changed while it was read; pack again once it "
+                                      "is written")
+
+
 def _in_place(url: str, path: str, batch: Batch) -> WeightFile:
     """A local file, hashed where it is. A copy would cost a second write of every
     byte (and its flush, which the bundle's fsync waits for), and the space; the
     bundle writer hashes the bytes again as it packs them (:class:`bundle.LocalFile`)."""
-    try:
-        # Not blocked by a FIFO put there meanwhile, which is then refused
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as fh:
-            before = os.fstat(fh.fileno())
-            if not stat.S_ISREG(before.st_mode):
-                raise DownloadError(path, "not a regular file")
-            batch.expect(before.st_size)
-            digest, size = hashlib.sha256(), 0
+    with reading_in_place(path) as fh:
+        batch.expect(os.fstat(fh.fileno()).st_size)
+        digest, size = hashlib.sha256(), 0
+        try:
             for block in iter(lambda: fh.read(CHUNK), b""):
                 if batch:
                     raise Interrupted(url)
                 digest.update(block)
                 size += len(block)
                 batch.advance(len(block))
-            after = os.fstat(fh.fileno())
-    except OSError as e:
-        raise DownloadError(path, e.strerror or str(e)) from None
-    if _stamp(after) != _stamp(before) or size != before.st_size:
-        raise DownloadError(path, "it changed while it was read; pack again once it is "
-                                  "written")
+        except OSError as e:
+            raise DownloadError(path, e.strerror or str(e)) from None
     return WeightFile(url, path, size, digest.hexdigest(), in_place=True)
 
 
@@ -490,7 +507,7 @@ class DownloadCache:
 
         Raises :class:`DownloadError`, also when the cache cannot be written."""
         stop = batch if batch is not None else Batch()
-        local = _local_file(source)
+        local = local_file(source)
         if local is not None:
             return _in_place(url, local, stop)
         while True:

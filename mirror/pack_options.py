@@ -121,7 +121,8 @@ class PackOptions:
         exists=True))
     stream: bool = _option(False, Flag(
         ("--stream",), "Compress each weight into the bundle as its bytes arrive, while "
-                       "the next ones download, and write the manifest last (format "
+                       "the next ones download (a local file: as it is read, once), and "
+                       "write the manifest last (format "
                        "4): faster over a slow network; such a bundle cannot be installed "
                        "from a pipe, nor by mirror 0.1. Only to a whole file, not a delta."),
         recipe="stream")

@@ -17,11 +17,13 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
+from tqdm import tqdm
+
 from . import __version__, bundle, confine
 from .config import settings
 from .delta import Baseline, make_delta
 from .discovery import coverage, discover
-from .download import Arriving, DownloadCache, fetch_arriving
+from .download import Arriving, DownloadCache, fetch_arriving, local_file, reading_in_place
 from .errors import (
     LockMismatchError,
     MirrorError,
@@ -58,7 +60,7 @@ from .parts import split_size
 from .pins import LockChange, Pins
 from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
-from .safety import unsafe_globals
+from .safety import unsafe_globals, unsafe_in
 from .signing import load_keys, load_private, sign
 from .sizes import iec, parse_size
 from .trace import IMPORT, NestedCall, Trace, TraceLimits, trace
@@ -67,6 +69,14 @@ __all__ = ["PackOptions", "PackReport", "pack"]
 
 DEFAULT_OPTIONS = PackOptions()
 Follow = Tuple[str, Tuple[str, ...]]  # a spec still to pack, and the entries it needs
+
+
+@dataclass(frozen=True)
+class _Local:
+    """A weight in a local file, read only as it is packed."""
+
+    url: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -461,9 +471,13 @@ class _Packer:
         # self.keep: the download cache's files stay locked until the bundle is written
         with self.keep, self._writing(), self._streamed() as streamed:
             fetched: List[WeightEntry] = []
-            with contextlib.closing(self._fetch({w.url for w in held})) as arrivals:
+            with contextlib.closing(self._fetch({w.url for w in held},
+                                                streamed is not None)) as arrivals:
                 for arriving in arrivals:
-                    if streamed is None:
+                    if isinstance(arriving, _Local):
+                        assert streamed is not None
+                        fetched.append(self._read_local(arriving, streamed))
+                    elif streamed is None:
                         fetched.append(self._weight(arriving.result()))
                     else:  # compressed into the bundle as its bytes arrive
                         streamed.add_arriving(arriving.growth,
@@ -528,16 +542,38 @@ class _Packer:
                                     tuple(sorted(set(self.weight_refs[url])))))
         return held
 
-    def _fetch(self, held: Set[str]) -> Iterator[Arriving]:
+    def _fetch(self, held: Set[str], streamed: bool) -> Iterator[Arriving | _Local]:
         """Every weight but the ``held`` URLs, downloaded or from the cache, in URL
-        order, each as soon as asked for, while it and the later ones download."""
+        order, each as soon as asked for, while it and the later ones download. A
+        ``streamed`` bundle reads a local file only once, as it compresses it: such a
+        file comes as :class:`_Local`, unread."""
         opts = self.opts
         urls = sorted(set(self.weight_refs) - held)
-        self.log(f"fetching {len(urls)} weights ({opts.jobs} at a time)")
-        return fetch_arriving(urls, DownloadCache(opts.cache_dir, opts.refresh, self.keep),
-                              self.rewrite,
-                              jobs=opts.jobs, progress=opts.progress,
-                              expect=self.pins.weights if self.pins else None)
+        local = {u: p for u in urls if streamed and (p := local_file(self.rewrite(u)))}
+        fetched = [u for u in urls if u not in local]
+        self.log(f"fetching {len(fetched)} weights ({opts.jobs} at a time)" +
+                 (f", reading {len(local)} local files" if local else ""))
+        arrivals = fetch_arriving(fetched, DownloadCache(opts.cache_dir, opts.refresh,
+                                                         self.keep),
+                                  self.rewrite, jobs=opts.jobs, progress=opts.progress,
+                                  expect=self.pins.weights if self.pins else None)
+        with contextlib.closing(arrivals):  # closed early, it stops every download
+            ahead = [next(arrivals)] if fetched else []  # the downloads start now
+            for url in urls:
+                yield _Local(url, local[url]) if url in local else \
+                    ahead.pop() if ahead else next(arrivals)
+
+    def _read_local(self, local: _Local, streamed: bundle.StreamedWriter) -> WeightEntry:
+        """A local weight, hashed as it is compressed into ``streamed``: one read."""
+        with reading_in_place(local.path) as fh:
+            try:  # the bytes packed, not those of a file renamed over them later
+                unsafe = unsafe_in(fh)
+                fh.seek(0)
+            except OSError as e:
+                raise bundle.SourceError(local.path, e) from None
+            sha256, size = streamed.add_read(local.path, fh)
+        return self._weight(WeightFile(local.url, local.path, size, sha256, in_place=True),
+                            unsafe)
 
     def _arrived(self, arriving: Arriving, fetched: List[WeightEntry]
                  ) -> Tuple[str, bundle.Source, int, str]:
@@ -557,7 +593,9 @@ class _Packer:
                 self.baseline is not None:
             yield None
             return
-        with bundle.StreamedWriter(output) as streamed:
+        with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="write", leave=False,
+                  disable=not opts.progress or None) as bar, \
+                bundle.StreamedWriter(output, bar) as streamed:
             for name in sorted(n for n in self.sources if not n.startswith("weights/")):
                 streamed.add(name, self.sources[name], len(self.sources[name]),
                              self.mtimes.get(name, 0))
@@ -570,12 +608,12 @@ class _Packer:
         # (a split bundle's table of parts is signed too, for its purpose)
         return lambda data, purpose=None: sign(key, data, purpose)
 
-    def _weight(self, got: WeightFile) -> WeightEntry:
+    def _weight(self, got: WeightFile, unsafe: List[str] | None = None) -> WeightEntry:
         """The manifest's entry of a downloaded weight, once its pin and its pickle's
-        imports are checked."""
+        imports (``unsafe``, if its file was scanned already) are checked."""
         if self.enforce:
             self.enforce.check_weight(got.url, got.sha256)
-        unsafe = unsafe_globals(got.path)
+        unsafe = unsafe_globals(got.path) if unsafe is None else unsafe
         if unsafe and not self.opts.allow_unsafe_pickle:
             raise UnsafePickleError(f"weight {got.url}", unsafe)
         self.sources[weight_member(got.sha256)] = bundle.LocalFile(got.path, got.sha256) \

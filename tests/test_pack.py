@@ -190,10 +190,13 @@ def test_a_local_weight_is_packed_from_where_it_is_not_copied(upstream, tmp_path
         assert members[bundle.weight_member(got[url])] == path.read_bytes()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["", "stream"])
 @pytest.mark.parametrize("kind", ["missing", "folder", "fifo", "file-url"])
-def test_a_local_weight_that_is_not_a_file_fails_at_once_naming_it(upstream, tmp_path, kind):
+def test_a_local_weight_that_is_not_a_file_fails_at_once_naming_it(upstream, tmp_path, kind,
+                                                                   stream):
     """A path or file: URL that is missing, a folder or a FIFO (which a read would
-    wait on forever) fails the pack at once, naming it; nothing is written."""
+    wait on forever) fails the pack at once, naming it; nothing is written. The
+    same where a --stream pack reads it only as it compresses it."""
     import time
 
     from mirror.errors import DownloadError
@@ -210,7 +213,7 @@ def test_a_local_weight_that_is_not_a_file_fails_at_once_naming_it(upstream, tmp
     with pytest.raises(DownloadError) as e:
         pack([upstream.spec(":v1.0")], str(tmp_path / "x.hub"), PackOptions(
             git_host=upstream.git.host, protocol="http", progress=False,
-            cache_dir=str(tmp_path / "cache"), extra_weights=[url]))
+            cache_dir=str(tmp_path / "cache"), extra_weights=[url], stream=stream))
     assert str(e.value) == f"download failed: {path}: {reason}"
     assert time.monotonic() - started < 5  # no retries
     assert not (tmp_path / "x.hub").exists()

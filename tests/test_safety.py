@@ -68,10 +68,16 @@ def test_large_arrays_are_skipped_not_read(tmp_path):
                                       "numpy.dtype"]
 
 
-def test_pack_refuses_an_unsafe_weight_unless_allowed(upstream, tmp_path):
-    url = upstream.weights.add("evil/model.pkl", pickle.dumps(Evil(), protocol=4))
+@pytest.mark.parametrize("where", ["http", "local-stream"])
+def test_pack_refuses_an_unsafe_weight_unless_allowed(upstream, tmp_path, where):
+    """Downloaded, or a local file that --stream reads only as it packs it."""
+    evil = pickle.dumps(Evil(), protocol=4)
+    if where == "http":
+        url, flags = upstream.weights.add("evil/model.pkl", evil), []
+    else:
+        url, flags = _file(tmp_path, evil), ["--stream"]
     args = ["pack", upstream.spec(":v1.0"), "-o", str(tmp_path / "x.hub"), "--git-host",
-            upstream.git.host, "--protocol", "http", "-q", "--weights", url]
+            upstream.git.host, "--protocol", "http", "-q", "--weights", url] + flags
     r = run(MIRROR + args)
     assert r.returncode == 5  # refused by the pickle policy
     assert r.stderr.strip() == (

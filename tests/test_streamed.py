@@ -168,6 +168,49 @@ def test_a_weight_whose_download_starts_over_is_packed_whole(upstream, slow_link
     assert members[member] == new and old not in members.values()
 
 
+def _bytes_read() -> int:
+    """What this process has read so far, through any file (``rchar``)."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+def test_a_local_weight_is_read_once_as_it_is_compressed(upstream, tmp_path, monkeypatch):
+    """A weight given by its path is read once: hashed as it is compressed into the
+    bundle, its header filled in after. The same bytes at a second path are read,
+    then dropped again. The bundle is byte for byte the one made when each file is
+    hashed first and read again to be packed."""
+    import random
+
+    import mirror.packer
+
+    rng = random.Random(6)
+    data = [rng.randbytes(8 << 20), rng.randbytes(8 << 20)]
+    paths = [tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c-same-as-a.bin"]
+    for path, d in zip(paths, data + data[:1]):
+        path.write_bytes(d)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    read = []
+    for name in ("once.hub", "twice.hub"):
+        if name == "twice.hub":  # as before: hashed where it is, then read again
+            monkeypatch.setattr(mirror.packer, "local_file", lambda source: None)
+        before = _bytes_read()
+        report = _pack_streamed(upstream, tmp_path / name, [str(p) for p in paths],
+                                tmp_path / "cache", jobs=4)
+        read.append(_bytes_read() - before)
+    weights = 24 << 20  # the three files
+    assert weights <= read[0] < weights + (2 << 20)
+    assert read[1] >= weights + (16 << 20)  # and a's and b's bytes again
+    once, twice = (open(tmp_path / n, "rb").read() for n in ("once.hub", "twice.hub"))
+    assert once == twice
+    assert {w.url: w.sha256 for w in report.weights if w.url.startswith("/")} == {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    _, members = bundle.read_all(str(tmp_path / "once.hub"))
+    for d in data:
+        assert members[bundle.weight_member(hashlib.sha256(d).hexdigest())] == d
+    assert len([m for m in members if m.startswith("weights/")]) == 2 + len(
+        [w for w in report.weights if not w.url.startswith("/")])
+
+
 def test_a_pipe_is_told_what_to_do_and_a_manifest_first_bundle_pipes(upstream, streamed, tmp_path):
     path, _ = streamed
     env = _env(tmp_path)
