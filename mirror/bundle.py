@@ -71,7 +71,7 @@ from .model import (  # noqa: F401  (the format's names, re-exported for readers
 )
 from .parts import BundleInput, Parts, PartWriter, Remote, Unparted
 from .parts import reserve_for as parts_reserve
-from .safety import BlockReader, PickleScans
+from .safety import BlockReader, PickleScans, unsafe_in
 from .signing import PARTS_TABLE
 
 if TYPE_CHECKING:
@@ -345,16 +345,23 @@ class StreamedWriter:
         if name not in self.sources:
             self.add(name, source, size)
 
-    def add_read(self, path: str, fh: IO[bytes]) -> Tuple[str, int]:
+    def add_read(self, path: str, fh: IO[bytes], size: int) -> Tuple[str, int, List[str]]:
         """Compress a weight into the bundle from ``fh`` (a local file's, read where it
-        is), hashing it on the way, and return its sha256 and size: one read of its
-        bytes, where a bundle whose manifest comes first must hash them before. Its
-        tar header, which names it by that digest, is filled in at the end; bytes the
-        bundle holds already are dropped again."""
-        mark = self.out.mark()
-        at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
-        self.out._frame_for("weights")
-        digest, size = hashlib.sha256(), 0
+        is, ``size`` bytes long when opened), hashing it and scanning its pickle on
+        the way: one read of its bytes, where a bundle whose manifest comes first must
+        hash them before. Return its sha256, its size and what its pickle would
+        import that MegEngine weights never do (:func:`mirror.safety.unsafe_in`).
+
+        Its tar header, which names it by that digest, is filled in at the end; bytes
+        the bundle holds already are dropped again. A weight too large for a 512-byte
+        header is only hashed and scanned here, then added from its file (which must
+        still hold those bytes)."""
+        whole = size >= USTAR_MAX_SIZE  # its header will be longer: added after
+        if not whole:
+            mark = self.out.mark()
+            at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
+            self.out._frame_for("weights")
+        digest, got = hashlib.sha256(), 0
 
         def read() -> bytes:  # an error of the file read, told apart from the bundle's
             try:
@@ -362,21 +369,31 @@ class StreamedWriter:
             except OSError as e:
                 raise SourceError(path, e) from None
 
-        for block in iter(read, b""):
-            digest.update(block)
-            self.out._put(block)
-            size += len(block)
-            if self.out.bar is not None:
-                self.out.bar.update(len(block))
+        def passing() -> Iterator[bytes]:
+            nonlocal got
+            for block in iter(read, b""):
+                digest.update(block)
+                got += len(block)
+                if not whole:
+                    self.out._put(block)
+                    if self.out.bar is not None:
+                        self.out.bar.update(len(block))
+                yield block
+
+        blocks = passing()
+        unsafe = unsafe_in(BlockReader(blocks))  # the very bytes packed
+        for _ in blocks:  # what the scan did not read
+            pass
         sha256 = digest.hexdigest()
-        name, header = weight_member(sha256), _tar_header(weight_member(sha256), size, 0)
-        if name in self.sources or len(header) != tarfile.BLOCKSIZE:
-            self.out.rollback(mark)  # a duplicate, or a header too long to fill in
+        name, header = weight_member(sha256), _tar_header(weight_member(sha256), got, 0)
+        if whole or name in self.sources or len(header) != tarfile.BLOCKSIZE:
+            if not whole:
+                self.out.rollback(mark)  # a duplicate, or a file that grew past 8 GiB
             if name not in self.sources:
-                self.add(name, LocalFile(path, sha256), size)
+                self.add(name, LocalFile(path, sha256), got)
         else:
-            self._filled_in(at, header, name, LocalFile(path, sha256), size)
-        return sha256, size
+            self._filled_in(at, header, name, LocalFile(path, sha256), got)
+        return sha256, got, unsafe
 
     def _filled_in(self, at: int, header: bytes, name: str, source: Source,
                    size: int) -> None:

@@ -282,10 +282,10 @@ def _stamp(st: os.stat_result) -> Tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def reading_in_place(path: str) -> Iterator[IO[bytes]]:
-    """A local weight's file, open to be read once, where it is: a regular file (a
-    FIFO put there meanwhile is refused, not waited on), which must not change
-    while it is read. The caller reads it to its end.
+def reading_in_place(path: str) -> Iterator[Tuple[IO[bytes], int]]:
+    """A local weight's file, open to be read once, where it is, and its size: a
+    regular file (a FIFO put there meanwhile is refused, not waited on), which must
+    not change while it is read. The caller reads it to its end.
 
     Raises :class:`DownloadError` naming ``path``."""
     try:
@@ -298,21 +298,28 @@ def reading_in_place(path: str) -> Iterator[IO[bytes]]:
         os.close(fd)
         raise DownloadError(path, e.strerror or str(e)) from None
     with fh:
-        before = os.fstat(fd)
+        before = _fstat(path, fd)
         if not stat.S_ISREG(before.st_mode):
             raise DownloadError(path, "not a regular file")
-        yield fh
-        if _stamp(os.fstat(fd)) != _stamp(before) or fh.tell() != before.st_size:
+        yield fh, before.st_size
+        if _stamp(_fstat(path, fd)) != _stamp(before) or fh.tell() != before.st_size:
             raise DownloadError(path, "it changed while it was read; pack again once it "
                                       "is written")
+
+
+def _fstat(path: str, fd: int) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as e:
+        raise DownloadError(path, e.strerror or str(e)) from None
 
 
 def _in_place(url: str, path: str, batch: Batch) -> WeightFile:
     """A local file, hashed where it is. A copy would cost a second write of every
     byte (and its flush, which the bundle's fsync waits for), and the space; the
     bundle writer hashes the bytes again as it packs them (:class:`bundle.LocalFile`)."""
-    with reading_in_place(path) as fh:
-        batch.expect(os.fstat(fh.fileno()).st_size)
+    with reading_in_place(path) as (fh, expected):
+        batch.expect(expected)
         digest, size = hashlib.sha256(), 0
         try:
             for block in iter(lambda: fh.read(CHUNK), b""):

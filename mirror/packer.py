@@ -60,7 +60,7 @@ from .parts import split_size
 from .pins import LockChange, Pins
 from .refs import DEFAULT_HOST, RepoSpec, ResolvedRef, check_host
 from .rewrites import Rewrites
-from .safety import unsafe_globals, unsafe_in
+from .safety import unsafe_globals
 from .signing import load_keys, load_private, sign
 from .sizes import iec, parse_size
 from .trace import IMPORT, NestedCall, Trace, TraceLimits, trace
@@ -565,13 +565,8 @@ class _Packer:
 
     def _read_local(self, local: _Local, streamed: bundle.StreamedWriter) -> WeightEntry:
         """A local weight, hashed as it is compressed into ``streamed``: one read."""
-        with reading_in_place(local.path) as fh:
-            try:  # the bytes packed, not those of a file renamed over them later
-                unsafe = unsafe_in(fh)
-                fh.seek(0)
-            except OSError as e:
-                raise bundle.SourceError(local.path, e) from None
-            sha256, size = streamed.add_read(local.path, fh)
+        with reading_in_place(local.path) as (fh, size):
+            sha256, size, unsafe = streamed.add_read(local.path, fh, size)
         return self._weight(WeightFile(local.url, local.path, size, sha256, in_place=True),
                             unsafe)
 

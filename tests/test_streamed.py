@@ -174,32 +174,49 @@ def _bytes_read() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
 
 
-def test_a_local_weight_is_read_once_as_it_is_compressed(upstream, tmp_path, monkeypatch):
+@pytest.mark.parametrize("header_limit", [None, 4 << 20], ids=["", "past-header-limit"])
+def test_a_local_weight_is_read_once_as_it_is_compressed(upstream, tmp_path, monkeypatch,
+                                                         header_limit):
     """A weight given by its path is read once: hashed as it is compressed into the
     bundle, its header filled in after. The same bytes at a second path are read,
     then dropped again. The bundle is byte for byte the one made when each file is
-    hashed first and read again to be packed."""
+    hashed first and read again to be packed. A weight too large for a 512-byte
+    header (8 GiB; here the limit is lowered) is hashed first, then packed: read
+    twice, never compressed twice."""
     import random
 
     import mirror.packer
 
+    if header_limit:
+        monkeypatch.setattr(bundle, "USTAR_MAX_SIZE", header_limit)
     rng = random.Random(6)
     data = [rng.randbytes(8 << 20), rng.randbytes(8 << 20)]
     paths = [tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c-same-as-a.bin"]
     for path, d in zip(paths, data + data[:1]):
         path.write_bytes(d)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    read = []
+    compressed = []  # bytes given to zstd, counted on their way
+    put = bundle._FrameWriter._put
+    monkeypatch.setattr(bundle._FrameWriter, "_put",
+                        lambda self, data: compressed.append(len(data)) or put(self, data))
+    read, given = [], []
     for name in ("once.hub", "twice.hub"):
         if name == "twice.hub":  # as before: hashed where it is, then read again
             monkeypatch.setattr(mirror.packer, "local_file", lambda source: None)
         before = _bytes_read()
+        compressed.clear()
         report = _pack_streamed(upstream, tmp_path / name, [str(p) for p in paths],
                                 tmp_path / "cache", jobs=4)
         read.append(_bytes_read() - before)
+        given.append(sum(compressed))
     weights = 24 << 20  # the three files
-    assert weights <= read[0] < weights + (2 << 20)
+    once = weights + (16 << 20 if header_limit else 0)  # a's and b's again, if too large
+    assert once <= read[0] < once + (2 << 20)
     assert read[1] >= weights + (16 << 20)  # and a's and b's bytes again
+    # a's and b's bytes are compressed once each; c's too, then dropped, unless they
+    # were only hashed first
+    work = (16 << 20) + (0 if header_limit else 8 << 20)
+    assert work <= given[0] < work + (1 << 20)
     once, twice = (open(tmp_path / n, "rb").read() for n in ("once.hub", "twice.hub"))
     assert once == twice
     assert {w.url: w.sha256 for w in report.weights if w.url.startswith("/")} == {
