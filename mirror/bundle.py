@@ -252,8 +252,9 @@ class StreamedWriter:
     after them. The file opens with a small skippable frame, filled in last, that
     says where the manifest's frame is: a reader still reads (and checks, and under
     a trust policy verifies the signature of) the manifest before any other member,
-    by seeking, and ``tar`` and ``zstd`` pass over it. So it is only for a file; a
-    pipe, or a bundle in parts, gets the manifest first (format 2).
+    by seeking (in a registry's blob, by a range request), and ``tar`` and ``zstd``
+    pass over it. So it is only for a file; a pipe, or a bundle in parts, gets the
+    manifest first (format 2).
 
     Members are added in :meth:`Manifest.member_order`: code and git objects by name,
     then weights in the manifest's order; :meth:`finish` checks that they were.
@@ -795,29 +796,36 @@ def _open(path: BundleInput, files: contextlib.ExitStack
         return Unparted([("stdin" if path == STREAM else str(path), lambda: fh)], str(path)), \
             total, None
     if start == POINTER_MAGIC:
-        if total is None or isinstance(path, Remote):
+        if total is None:
             raise BundleError(str(path), "its manifest is at its end (format 4, pack "
                                          "--stream): it cannot be read in one pass from a "
                                          "pipe; install the file, or pack it without "
                                          "--stream")
-        return fh, total, _streamed_head(str(path), fh)
+        if isinstance(path, Remote):  # its head fetched apart, the stream read on
+            return fh, total, _streamed_head(str(path), fh, total, path.read_at)
+        return fh, total, _streamed_head(str(path), fh, total)
     return fh, total, None
 
 
-def _streamed_head(path: str, fh: IO[bytes]) -> Tuple[Head, bytes]:
+def _streamed_head(path: str, fh: IO[bytes], size: int,
+                   read_at: Callable[[int, int], bytes] | None = None) -> Tuple[Head, bytes]:
     """Format 4's head: the manifest (and signature) in the frame the first frame points
-    to, checked as the stream's are; and the pointer frame's bytes. ``fh`` is left at
-    the first member's frame."""
+    to, checked as the stream's are; and the pointer frame's bytes. ``fh``, a file
+    of ``size`` bytes, is left at the first member's frame. ``read_at(offset,
+    length)`` reads the manifest's frame where ``fh`` cannot seek (a registry's
+    blob, by range); else ``fh`` seeks to it, and back."""
     pointer = fh.read(POINTER_SIZE)
-    size = os.fstat(fh.fileno()).st_size
     offset = int.from_bytes(pointer[-16:-8], "little")
     length = int.from_bytes(pointer[-8:], "little")
     if len(pointer) != POINTER_SIZE or pointer != _pointer(offset, length) or \
             not POINTER_SIZE <= offset <= size - length or \
             not 0 < length <= MAX_MANIFEST_BYTES + MAX_HEADER_BYTES:
         raise BundleError(path, "its first frame does not point to a manifest in the file")
-    fh.seek(offset)
-    frame = fh.read(length)
+    if read_at is None:
+        fh.seek(offset)
+        frame = fh.read(length)
+    else:
+        frame = read_at(offset, length)
     walker = _FrameWalker(path, offset)  # whole standard frames, and only one
     walker.feed(frame)
     walker.end()
@@ -846,11 +854,13 @@ def _streamed_head(path: str, fh: IO[bytes]) -> Tuple[Head, bytes]:
         raise BundleError(path, f"the manifest's frame (byte {offset}) is unreadable "
                                 f"({type(e).__name__}: {e})") from None
     manifest = manifest_from_bytes(path, manifest_bytes)
-    detached = signature is None and os.path.exists(path + ".sig")
+    # BUNDLE.sig beside a file (a registry's comes with its artifact: see read)
+    detached = signature is None and read_at is None and os.path.exists(path + ".sig")
     if detached:
         with open(path + ".sig", "rb") as sig:
             signature = sig.read(MAX_SIGNATURE_BYTES)
-    fh.seek(POINTER_SIZE)
+    if read_at is None:
+        fh.seek(POINTER_SIZE)
     return Head(manifest, manifest_bytes, signature, detached), pointer
 
 
@@ -1489,7 +1499,8 @@ def read_manifest_bytes(path: BundleInput) -> bytes:
     try:
         with open(path, "rb") as fh:
             if fh.peek(4)[:4] == POINTER_MAGIC:  # format 4: where the first frame points
-                return _streamed_head(path, fh)[0].manifest_bytes
+                return _streamed_head(path, fh, os.fstat(fh.fileno()).st_size)[0] \
+                    .manifest_bytes
             return _first_manifest(path, fh)
     except OSError as e:
         raise unreadable_bundle(path, e) from None

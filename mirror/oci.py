@@ -168,11 +168,6 @@ def push(paths: Sequence[str], target: str, connection: Connection = HTTPS,
         raise OCIReferenceError(target, "push stores a tag; name one, not a digest")
     given = _bundle_files(paths)
     files = given.paths if isinstance(given, Parts) else [given]
-    with open(files[0], "rb") as fh:
-        if fh.read(4) == bundle.POINTER_MAGIC:
-            raise BundleError(files[0], "it is format 4 (pack --stream), whose manifest is "
-                                        "at its end; a registry is read in one pass: pack "
-                                        "it without --stream")
     manifest_bytes = bundle.read_manifest_bytes(given)
     manifest = bundle.manifest_from_bytes(str(given), manifest_bytes)  # read once
     signature = files[0] + ".sig" if not isinstance(given, Parts) and \
@@ -359,6 +354,25 @@ class RegistrySource(Remote):
         self.file_name = first.rsplit(".", 1)[0] if len(self.artifact.layers) > 1 else first
         self._layers = _Layers(registry, self.artifact.layers)
         return io.BufferedReader(self._layers, CHUNK)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` of a bundle in one layer, by range: format 4's
+        manifest, at its end, read before the stream. Not checked against the layer's
+        digest here: the stream, read on, holds the same frame, which must be the same
+        bytes (and the layer's digest is checked at its end)."""
+        assert self.artifact is not None and self._layers is not None
+        if len(self.artifact.layers) != 1:
+            raise BundleError(str(self), f"format 4 (pack --stream) is one file, not "
+                                         f"{len(self.artifact.layers)} layers")
+        layer = self.artifact.layers[0]
+        got = bytearray()
+        with contextlib.closing(self._layers.registry.blob_chunks(
+                layer.digest, offset, f"the manifest of layer {layer.title}")) as chunks:
+            for chunk in chunks:
+                got += chunk[:length - len(got)]
+                if len(got) == length:
+                    break
+        return bytes(got)
 
     def explain(self) -> None:
         """Bytes that did not read as a bundle: where the layer they came in does not

@@ -306,6 +306,12 @@ class Remote:
     def open(self) -> IO[bytes]:
         raise NotImplementedError
 
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``, apart from the stream ``open`` gives (format
+        4's manifest, at its end, is read first so): where the source can."""
+        raise BundleError(str(self), "its manifest is at its end (format 4, pack "
+                                     "--stream), and it cannot be read apart here")
+
     def explain(self) -> None:
         """After the bytes read were found bad: raise the error that says the source
         damaged them on the way, if it can tell (a registry's blob digest)."""

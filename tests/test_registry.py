@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -77,6 +78,16 @@ def split(upstream, tmp_path_factory):
     return pack([upstream.spec()], str(root / "m.hub"), opts)
 
 
+@pytest.fixture(scope="module")
+def streamed_bundle(upstream, tmp_path_factory):
+    """master packed with --stream: format 4, its manifest at its end."""
+    out = tmp_path_factory.mktemp("streamed-for-registry") / "s.hub"
+    pack([upstream.spec()], str(out), PackOptions(
+        git_host=upstream.git.host, protocol="http", progress=False, stream=True))
+    assert out.read_bytes()[:4] == bundle.POINTER_MAGIC
+    return str(out)
+
+
 @pytest.fixture()
 def memo(tmp_path, monkeypatch):
     """push's digest memo, fresh for each test (it lives in the user's cache)."""
@@ -86,6 +97,17 @@ def memo(tmp_path, monkeypatch):
 def _env(tmp_path, name="store"):
     return dict(os.environ, MGE_MIRROR_HOME=str(tmp_path / name),
                 MGE_HOME=str(tmp_path / f"{name}-mge"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+
+def _put_blob(server, name, data):
+    """Upload ``data`` as a blob of repository ``name`` (in one request); its digest."""
+    r = requests.post(f"{server.url}/v2/{name}/blobs/uploads/", timeout=10)
+    r.raise_for_status()
+    digest = sha256_digest(data)
+    requests.put(requests.compat.urljoin(r.url, r.headers["Location"]), timeout=30,
+                 params={"digest": digest}, data=data,
+                 headers={"Content-Type": "application/octet-stream"}).raise_for_status()
+    return digest
 
 
 def _manifest(server, name, tag, **kw):
@@ -139,6 +161,61 @@ def test_push_pull_install_then_load_with_no_network(registry, master_bundle, tm
     assert r.returncode == 0, r.stderr
     url = upstream.demo.urls[upstream.demo.branches["master"]]["mlp"]
     assert same_weights(json.loads(r.stdout.splitlines()[-1]), upstream.demo.weights[url])
+
+
+def test_a_streamed_bundle_goes_through_a_registry(registry, upstream, master_bundle,
+                                                   streamed_bundle, tmp_path, memo):
+    """A format 4 bundle (pack --stream), its manifest at its end, is pushed as it is:
+    install reads that manifest first, by range, then the layer once, in order; the
+    store is the one the file makes, and loads with no network; pull gives back its
+    bytes. One whose first frame lies is refused as the file is, the store unchanged."""
+    from tests.test_streamed import _frames, _pointed
+
+    out = Path(streamed_bundle)
+    ref = registry.ref("models/streamed:v1")
+    env = _env(tmp_path)
+    r = run(MIRROR + ["push", str(out), ref, "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    for command in (["verify"], ["install", "--no-megengine-cache"]):
+        r = run(MIRROR + command + [ref, "--plain-http"], env=env)
+        assert r.returncode == 0, r.stderr
+    alone = _env(tmp_path, "alone")
+    assert run(MIRROR + ["install", "--no-megengine-cache", str(out)],
+               env=alone).returncode == 0
+    assert store_content(env["MGE_MIRROR_HOME"]) == store_content(alone["MGE_MIRROR_HOME"])
+    r = run([sys.executable, "-c", LOAD_MLP], env=env, netns=True)
+    assert r.returncode == 0, r.stderr
+    url = upstream.demo.urls[upstream.demo.branches["master"]]["mlp"]
+    assert same_weights(json.loads(r.stdout.splitlines()[-1]), upstream.demo.weights[url])
+    oci.pull(ref, str(tmp_path / "pulled.hub"), connection=PLAIN)
+    assert (tmp_path / "pulled.hub").read_bytes() == out.read_bytes()
+
+    data = out.read_bytes()
+    frames = _frames(data)
+    head_at, head_len = frames[-2]  # the manifest's frame, then the end of the archive
+    lying = _env(tmp_path, "lying")
+    assert run(MIRROR + ["install", "--no-megengine-cache", master_bundle],
+               env=lying).returncode == 0
+    before = tree_digest(lying["MGE_MIRROR_HOME"])
+    _, artifact = _manifest(registry, "models/streamed", "v1")
+    for name, content, said in (
+            ("outside", _pointed(data, len(data) - 10, 100),
+             "its first frame does not point to a manifest in the file"),
+            ("code", _pointed(data, *frames[0]), "first member must be manifest.json"),
+            ("half", _pointed(data, head_at, head_len - 5), "truncated")):
+        # as a registry could hold it (mirror push reads the manifest, and refuses it)
+        artifact["layers"][0].update(digest=_put_blob(registry, "models/streamed", content),
+                                     size=len(content))
+        requests.put(f"{registry.url}/v2/models/streamed/manifests/{name}", timeout=10,
+                     data=json.dumps(artifact).encode(),
+                     headers={"Content-Type": artifact["mediaType"]}).raise_for_status()
+        lie = registry.ref(f"models/streamed:{name}")
+        r = run(MIRROR + ["install", lie, "--plain-http"], env=lying)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 3 and len(lines) == 1, (name, r.stderr)
+        assert lines[0].startswith(f"Error: bad bundle {lie}: ") and said in lines[0], \
+            (name, lines)
+        assert tree_digest(lying["MGE_MIRROR_HOME"]) == before, name
 
 
 def test_the_artifact_is_what_oras_pulls(registry, split, tmp_path, memo):
@@ -464,17 +541,21 @@ def test_bearer_token_flow(token_registry, master_bundle, tmp_path):
 # --- signatures ------------------------------------------------------------------------------
 
 
-def test_a_signature_survives_the_round_trip(registry, master_bundle, tmp_path, memo):
+@pytest.mark.parametrize("layout", ["manifest-first", "streamed"])
+def test_a_signature_survives_the_round_trip(registry, master_bundle, streamed_bundle,
+                                             tmp_path, memo, layout):
+    """Also for format 4 (pack --stream), whose manifest is read first by range."""
     keys = keypairs(tmp_path, ("release",))
     signed = tmp_path / "signed.hub"
-    shutil.copy(master_bundle, signed)
+    shutil.copy(master_bundle if layout == "manifest-first" else streamed_bundle, signed)
     r = run(MIRROR + ["sign", str(signed), "--key", keys["release"][0]])
     assert r.returncode == 0, r.stderr
-    pushed = oci.push([str(signed)], registry.ref("models/signed:v1"), PLAIN)
+    pushed = oci.push([str(signed)], registry.ref(f"models/signed:{layout}"), PLAIN)
     assert pushed.layers == 2  # the bundle, and BUNDLE.sig beside it
     oci.push([master_bundle], registry.ref("models/unsigned:v1"), PLAIN)
 
-    got = oci.pull(registry.ref("models/signed:v1"), str(tmp_path / "p.hub"), connection=PLAIN)
+    got = oci.pull(registry.ref(f"models/signed:{layout}"), str(tmp_path / "p.hub"),
+                   connection=PLAIN)
     assert got.files == (str(tmp_path / "p.hub"), str(tmp_path / "p.hub.sig"))
     r = run(MIRROR + ["verify", str(tmp_path / "p.hub"), "--trusted-key", keys["release"][1]])
     assert r.returncode == 0 and r.stdout.strip().endswith(f"signed by {keys['release'][2]}")
@@ -482,8 +563,8 @@ def test_a_signature_survives_the_round_trip(registry, master_bundle, tmp_path, 
     home = str(tmp_path / "store")
     policy = InstallOptions(trusted_keys=(keys["release"][1],), require_signature=True,
                             registry=PLAIN)
-    report = install(oci.RegistrySource(registry.ref("models/signed:v1"), PLAIN), home,
-                     policy)
+    report = install(oci.RegistrySource(registry.ref(f"models/signed:{layout}"), PLAIN),
+                     home, policy)
     assert report.signed_by == keys["release"][2]
 
     other = str(tmp_path / "other")
