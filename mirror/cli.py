@@ -74,14 +74,15 @@ def _emit(name: str, obj: Dict[str, Any], err: bool = False) -> None:
 
 
 def error_json(error: click.ClickException) -> Dict[str, Any]:
-    """An error as ``--json`` prints it on stderr: its type, exit code and message, and
-    the context the error carries (repo, ref, path, URL...)."""
+    """An error as ``--json`` shows it (the ``error`` of schema ``error`` on stderr, or
+    of a bundle that failed): its type, exit code and message, and the context the
+    error carries (repo, ref, path, URL...)."""
     cause = getattr(error, "error", None)
     context = {k: v for k, v in vars(cause).items() if not k.startswith("_") and
                isinstance(v, (str, int, float, bool, list))} if cause is not None else {}
-    return {"schema": schema("error"), "error": {
-        "type": type(cause or error).__name__.lstrip("_"), "exit_code": int(error.exit_code),
-        "message": error.format_message(), "context": context}}
+    return {"type": type(cause or error).__name__.lstrip("_"),
+            "exit_code": int(error.exit_code), "message": error.format_message(),
+            "context": context}
 
 
 def _wants_json(args: Sequence[str]) -> bool:
@@ -118,7 +119,7 @@ class _Mirror(click.Group):
             done = super().main(args, prog_name, complete_var, False, **extra)
         except click.ClickException as e:
             if _wants_json(args):
-                click.echo(json.dumps(error_json(e), indent=1, default=str), err=True)
+                _emit("error", {"error": error_json(e)}, err=True)
             else:
                 e.show()
             sys.exit(e.exit_code)
@@ -404,7 +405,7 @@ def install(bundle_paths, force, mge_versions, no_megengine_cache, allow_unsafe_
         _emit("install", {"bundles": [
             o.report.to_json() if o.report else
             {"bundle": o.bundle, "ok": False,
-             "error": error_json(_Failure(o.error))["error"]} for o in outcomes],
+             "error": error_json(_Failure(o.error))} for o in outcomes],
             "installed": len(outcomes) - len(failed), "failed": len(failed)})
     else:
         for o in outcomes:
