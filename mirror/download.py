@@ -631,17 +631,37 @@ def clean_downloads(root: str | None = None, partial_only: bool = False,
                 (older_than is not None and now - entry.modified < older_than):
             continue
         data = entry.path[:-len(PART)] if not entry.complete else entry.path
-        try:
-            with locked(data + ".lock", wait=False):
-                if not dry_run:
-                    for path in ((data, data[:-len(".data")] + ".json") if entry.complete
-                                 else (entry.path, entry.path + ".json")):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-        except BlockingIOError:
+        if not _remove_locked(data, (data, data[:-len(".data")] + ".json") if entry.complete
+                              else (entry.path, entry.path + ".json"), dry_run):
             continue  # being downloaded now
         removed.append(entry)
+    if not dry_run:  # the locks of what is gone (and of downloads that never began)
+        root = root or default_cache_dir()
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(root):
+                data = os.path.join(root, name[:-len(".lock")])
+                if name.endswith(".data.lock") and not os.path.exists(data) and \
+                        not os.path.exists(data + PART):
+                    _remove_locked(data, (), dry_run)
     return removed
+
+
+def _remove_locked(data: str, paths: Sequence[str], dry_run: bool) -> bool:
+    """Remove ``paths`` of the entry ``data``, and its lock file once nothing of it is
+    left, holding that lock (which :func:`locked` allows); False if a pack holds it."""
+    lock = data + ".lock"
+    try:
+        with locked(lock, wait=False):
+            if dry_run:
+                return True
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            if not os.path.exists(data) and not os.path.exists(data + PART):
+                os.unlink(lock)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -148,10 +148,50 @@ def test_downloads_list_and_clean(upstream, big, tmp_path):
     assert [e["path"] for e in json.loads(r.stdout)["downloads"]] == [_part(tmp_path, url)]
     assert not os.path.exists(_part(tmp_path, url) + ".json")
     assert [e.complete for e in list_downloads(root)] == [True] * len(whole)
+    assert sorted(os.listdir(root)) == sorted(  # the part's lock went with it
+        n for e in whole for n in (os.path.basename(e["path"]),
+                                   os.path.basename(e["path"])[:-len(".data")] + ".json",
+                                   os.path.basename(e["path"]) + ".lock"))
     assert clean_downloads(root, older_than=3600) == []  # all of them are new
+    orphan = os.path.join(root, "0" * 64 + ".data.lock")  # a download that never began
+    open(orphan, "w").close()
     r = run(MIRROR + ["downloads", "clean"], env=env)
     assert r.returncode == 0 and list_downloads(root) == []
-    assert sorted(n for n in os.listdir(root) if not n.endswith(".lock")) == []
+    assert os.listdir(root) == []  # their locks too
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_held_twice(tmp_path):
+    """The download cache's clean removes a lock file while it holds it: whoever was
+    waiting on that file takes the lock on the file at its path again, so it and a
+    newcomer never both hold one."""
+    import threading
+    import time
+
+    lock = str(tmp_path / "x.data.lock")
+    held = threading.Event()
+    got = []
+
+    def waiter():
+        held.wait(5)
+        with locked(lock):  # the file at the path is the one it holds: none can take it
+            try:
+                with locked(lock, wait=False):
+                    got.append("taken twice")
+            except BlockingIOError:
+                got.append("held")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with locked(lock):
+        first = os.stat(lock).st_ino
+        held.set()
+        time.sleep(0.3)  # the waiter is in flock on this file now
+        os.unlink(lock)
+        with locked(lock, wait=False):  # a newcomer: the file at the path is free
+            newcomer = os.stat(lock).st_ino
+    thread.join(10)
+    assert not thread.is_alive()
+    assert newcomer != first and got == ["held"]
 
 
 def test_a_pack_in_a_terminal_shows_one_bar_of_bytes_at_any_jobs(upstream, big, tmp_path):
