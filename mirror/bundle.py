@@ -91,6 +91,9 @@ MAX_MANIFEST_BYTES = 64 << 20
 # bundles stay byte-identical across machines.
 WEIGHTS_LEVEL, CODE_LEVEL = 1, 9
 MAX_HEADER_BYTES = 1 << 20  # long names and PAX records: a bundle's are a few KiB
+# what format 4's manifest frame may hold: the manifest and its signature, their tar
+# headers, and the padding after each
+HEAD_MAX = MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + MAX_HEADER_BYTES + 2 * 512
 
 # What tarfile raises on malformed header fields, headers cut short, or thousands of
 # chained headers: all of them a bad bundle, never a traceback.
@@ -802,7 +805,11 @@ def _open(path: BundleInput, files: contextlib.ExitStack
                                          "pipe; install the file, or pack it without "
                                          "--stream")
         if isinstance(path, Remote):  # its head fetched apart, the stream read on
-            return fh, total, _streamed_head(str(path), fh, total, path.read_at)
+            try:
+                return fh, total, _streamed_head(str(path), fh, total, path.read_at)
+            except BundleError:  # read before the layer's digest could be checked
+                path.explain()  # the registry's damaged copy, where that is the cause
+                raise
         return fh, total, _streamed_head(str(path), fh, total)
     return fh, total, None
 
@@ -834,7 +841,10 @@ def _streamed_head(path: str, fh: IO[bytes], size: int,
                                 f"{walker.frames} zstd frames, not one")
     try:
         data = zstandard.ZstdDecompressor().stream_reader(
-            io.BytesIO(frame), read_across_frames=False).read(length * 64 + (1 << 20))
+            io.BytesIO(frame), read_across_frames=False).read(HEAD_MAX + 1)
+        if len(data) > HEAD_MAX:  # a frame a few KiB long can hold gigabytes of zeros
+            raise BundleError(path, f"the manifest's frame (byte {offset}) holds more than "
+                                    f"a manifest and its signature")
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             manifest_bytes = tar.extractfile(_manifest_member(path, tar)).read()
             info = tar.next()

@@ -356,23 +356,19 @@ class RegistrySource(Remote):
         return io.BufferedReader(self._layers, CHUNK)
 
     def read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset`` of a bundle in one layer, by range: format 4's
-        manifest, at its end, read before the stream. Not checked against the layer's
-        digest here: the stream, read on, holds the same frame, which must be the same
-        bytes (and the layer's digest is checked at its end)."""
+        """``length`` bytes from ``offset`` of a bundle in one layer, by a range request:
+        format 4's manifest frame, at its end, read before the stream. Not checked
+        against the layer's digest here: the stream, read on, ends with the same
+        manifest (and signature), or is refused, and the layer's digest is checked
+        at its end."""
         assert self.artifact is not None and self._layers is not None
         if len(self.artifact.layers) != 1:
-            raise BundleError(str(self), f"format 4 (pack --stream) is one file, not "
-                                         f"{len(self.artifact.layers)} layers")
+            raise BundleError(str(self), f"its first layer opens as a bundle packed with "
+                                         f"--stream, which is pushed as one layer; it has "
+                                         f"{len(self.artifact.layers)}")
         layer = self.artifact.layers[0]
-        got = bytearray()
-        with contextlib.closing(self._layers.registry.blob_chunks(
-                layer.digest, offset, f"the manifest of layer {layer.title}")) as chunks:
-            for chunk in chunks:
-                got += chunk[:length - len(got)]
-                if len(got) == length:
-                    break
-        return bytes(got)
+        return self._layers.registry.blob_range(layer.digest, offset, length,
+                                                f"the manifest of layer {layer.title}")
 
     def explain(self) -> None:
         """Bytes that did not read as a bundle: where the layer they came in does not

@@ -291,6 +291,23 @@ class Registry:
             finally:
                 r.close()
 
+    def blob_range(self, digest: str, offset: int, length: int, what: str) -> bytes:
+        """``length`` bytes of blob ``digest`` from ``offset``, by a range request, not
+        checked against the digest (the caller binds them otherwise). A registry that
+        ignores the range is refused, not read past: it would send the whole blob."""
+        with self.stream("GET", f"blobs/{digest}", expect=(200, 206), what=what,
+                         headers={"Range": f"bytes={offset}-{offset + length - 1}"}) as r:
+            if r.status_code != 206:
+                raise self.error("protocol", f"{what}: the registry ignores range requests, "
+                                             f"which a bundle packed with --stream needs "
+                                             f"(its manifest is at its end): mirror pull it, "
+                                             f"then install the file")
+            data = self._read(r, length, what)
+        if len(data) != length:
+            raise self.error("protocol", f"{what}: the answer is {len(data)} bytes, not the "
+                                         f"{length} asked for")
+        return data
+
     def verified_blob(self, digest: str, size: int, what: str, start: int = 0,
                       hashed: Any = None) -> Iterator[bytes]:
         """The bytes of blob ``digest`` from byte ``start`` (``hashed``, a sha256, has

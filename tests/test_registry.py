@@ -217,6 +217,26 @@ def test_a_streamed_bundle_goes_through_a_registry(registry, upstream, master_bu
             (name, lines)
         assert tree_digest(lying["MGE_MIRROR_HOME"]) == before, name
 
+    # the registry's copy damaged inside the manifest's frame, which is read before the
+    # layer's digest can be checked: the registry is named, as for any damaged layer
+    layer = artifact["layers"][0]
+    artifact["layers"][0].update(digest=_put_blob(registry, "models/streamed", data),
+                                 size=len(data))
+    requests.put(f"{registry.url}/v2/models/streamed/manifests/damaged", timeout=10,
+                 data=json.dumps(artifact).encode(),
+                 headers={"Content-Type": artifact["mediaType"]}).raise_for_status()
+    stored = registry.blob_file(layer["digest"])
+    damaged = bytearray(data)
+    damaged[head_at + head_len // 2] ^= 0xFF
+    with open(stored, "wb") as fh:
+        fh.write(damaged)
+    r = run(MIRROR + ["install", registry.ref("models/streamed:damaged"), "--plain-http"],
+            env=lying)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        f"Error: registry {registry.ref('models/streamed:damaged')}: damaged: layer "), \
+        r.stderr
+    assert tree_digest(lying["MGE_MIRROR_HOME"]) == before
+
 
 def test_the_artifact_is_what_oras_pulls(registry, split, tmp_path, memo):
     shuffled = list(split.parts)
@@ -720,6 +740,10 @@ def test_a_config_that_is_not_the_bundles_manifest_is_refused_by_pull(
     ("annotations-not-an-object", 3, "blob '{layer}''s annotations are not an object"),
     ("nested", 3, "its OCI manifest is not JSON"),
     ("bad-gzip", 1, "protocol: layer b.hub: "),
+    # a bundle packed with --stream has its manifest at its end, read by range first
+    ("ignores-range", 1, "protocol: the manifest of layer b.hub: the registry ignores "
+                         "range requests, which a bundle packed with --stream needs (its "
+                         "manifest is at its end): mirror pull it, then install the file"),
     # tokens renewed as they expire: the client gets past the registry to the bytes
     ("token-per-request", 3, "not a zstd frame at byte 0"),
 ])

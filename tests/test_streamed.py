@@ -294,6 +294,8 @@ def test_pointers_and_layouts_that_lie_are_refused(streamed, master_bundle, tmp_
     first = bundle.read_manifest_bytes(master_bundle)
     v2_frame = zstandard.ZstdCompressor(write_checksum=True).compress(_tar_member(
         "manifest.json", first))
+    bomb = zstandard.ZstdCompressor(write_checksum=True).compress(
+        bytes(bundle.HEAD_MAX + (1 << 20)))
     cases = {
         "outside the file": (_pointed(data, len(data) - 10, 100),
                              "its first frame does not point to a manifest in the file"),
@@ -308,6 +310,9 @@ def test_pointers_and_layouts_that_lie_are_refused(streamed, master_bundle, tmp_
             + v2_frame + data[frames[-1][0]:], "layout and version disagree"),
         "a format-4 manifest first": (_manifest_first(data, frames),
                                       "layout and version disagree"),
+        # a few KiB that decompress to more than any manifest: refused, not held
+        "a bomb": (_pointed(data[:head_at], head_at, len(bomb)) + bomb + data[head_at:],
+                   "holds more than a manifest and its signature"),
     }
     for name, (content, expected) in cases.items():
         bad.write_bytes(content)

@@ -10,25 +10,30 @@ import itertools
 import json
 from typing import List, Tuple
 
+from mirror.bundle import POINTER_SIZE, _pointer
+
 from ._http import LoopbackServer, QuietHandler
 
 LAYER = b"x" * 1000  # not a bundle: what a test reaches past the registry checks
 LAYER_DIGEST = "sha256:" + hashlib.sha256(LAYER).hexdigest()
+# opens as a bundle packed with --stream: a pointer to a manifest frame near its end
+STREAMED = _pointer(POINTER_SIZE + 60, 100) + b"x" * 200
 CONFIG = b"{}"
 CONFIG_DIGEST = "sha256:" + hashlib.sha256(CONFIG).hexdigest()
 MODES = ("scope-loop", "token-bomb", "error-bomb", "errors-not-a-list", "manifest-cut",
          "annotations-not-an-object", "nested", "bad-gzip", "token-per-request",
-         "location-elsewhere")
+         "location-elsewhere", "ignores-range")
 
 
-def manifest(annotations=None) -> bytes:
+def manifest(annotations=None, layer: bytes = LAYER) -> bytes:
     return json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "artifactType": "application/vnd.megengine.mirror.bundle.v2",
         "config": {"mediaType": "application/vnd.megengine.mirror.manifest.v1+json",
                    "digest": CONFIG_DIGEST, "size": len(CONFIG)},
         "layers": [{"mediaType": "application/vnd.megengine.mirror.bundle.layer.v1.tar+zstd",
-                    "digest": LAYER_DIGEST, "size": len(LAYER),
+                    "digest": "sha256:" + hashlib.sha256(layer).hexdigest(),
+                    "size": len(layer),
                     "annotations": annotations if annotations is not None else
                     {"org.opencontainers.image.title": "b.hub"}}]}).encode()
 
@@ -96,10 +101,14 @@ class _Handler(QuietHandler):
                 return self._send(200, manifest(["x"]))
             if mode == "nested":
                 return self._send(200, b"[" * 100000 + b"]" * 100000)
+            if mode == "ignores-range":
+                return self._send(200, manifest(layer=STREAMED))
             return self._send(200, manifest())
         if "/blobs/" in self.path:
             if mode == "bad-gzip":
                 return self._send(200, b"not gzip at all", [("Content-Encoding", "gzip")])
+            if mode == "ignores-range":  # the whole blob, whatever Range asks
+                return self._send(200, STREAMED)
             return self._send(200, CONFIG if self.path.endswith(CONFIG_DIGEST) else LAYER)
         return self._send(404, b"{}")
 
