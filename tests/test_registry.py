@@ -225,13 +225,17 @@ def test_a_streamed_bundle_goes_through_a_registry(registry, upstream, master_bu
     requests.put(f"{registry.url}/v2/models/streamed/manifests/damaged", timeout=10,
                  data=json.dumps(artifact).encode(),
                  headers={"Content-Type": artifact["mediaType"]}).raise_for_status()
-    stored = registry.blob_file(layer["digest"])
+    stored = registry.blob_file(layer["digest"])  # the module's other tests share it
     damaged = bytearray(data)
     damaged[head_at + head_len // 2] ^= 0xFF
-    with open(stored, "wb") as fh:
-        fh.write(damaged)
-    r = run(MIRROR + ["install", registry.ref("models/streamed:damaged"), "--plain-http"],
-            env=lying)
+    try:
+        with open(stored, "wb") as fh:
+            fh.write(damaged)
+        r = run(MIRROR + ["install", registry.ref("models/streamed:damaged"),
+                          "--plain-http"], env=lying)
+    finally:
+        with open(stored, "wb") as fh:
+            fh.write(data)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         f"Error: registry {registry.ref('models/streamed:damaged')}: damaged: layer "), \
         r.stderr
