@@ -194,9 +194,12 @@ def test_a_lock_file_removed_by_its_holder_is_never_held_twice(tmp_path):
     assert newcomer != first and got == ["held"]
 
 
-def test_a_pack_in_a_terminal_shows_one_bar_of_bytes_at_any_jobs(upstream, big, tmp_path):
-    """stderr a terminal (a pty): a bar of bytes with its rate, at -j 4; not a pty (every
-    other test): nothing but the report."""
+@pytest.mark.parametrize("stream", [False, True], ids=["", "stream"])
+def test_a_pack_in_a_terminal_shows_one_bar_of_bytes_at_any_jobs(upstream, big, tmp_path,
+                                                                 stream):
+    """stderr a terminal (a pty): a bar of bytes with its rate, at -j 4, and one of the
+    bytes written (with --stream, as they arrive); not a pty (every other test):
+    nothing but the report."""
     import fcntl
     import pty
     import struct
@@ -208,7 +211,8 @@ def test_a_pack_in_a_terminal_shows_one_bar_of_bytes_at_any_jobs(upstream, big, 
     # a terminal 100 columns wide (a new pty is 0 by 0, and tqdm would draw nothing)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     cmd = MIRROR + ["pack", upstream.spec(), "--git-host", upstream.git.host, "--protocol",
-                    "http", "--weights", url, "-o", str(tmp_path / "t.hub"), "-j", "4"]
+                    "http", "--weights", url] + (["--stream"] if stream else []) + [
+                        "-o", str(tmp_path / "t.hub"), "-j", "4"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=slave)
     os.close(slave)
