@@ -130,14 +130,21 @@ def settings(env: Mapping[str, str] | None = None) -> Settings:
 # --- registry credentials --------------------------------------------------------
 
 
+# A credential helper's username for an identity token (docker's convention)
+TOKEN_USERNAME = "<token>"
+
+
 @dataclass(frozen=True)
 class Credentials:
     """A username and password (or token) for one registry, and where they came from:
-    an error that says "unauthorized" names the source, so the user knows what to fix."""
+    an error that says "unauthorized" names the source, so the user knows what to fix.
+    ``identity_token``: an OAuth2 refresh token that ``docker login`` stored in place
+    of a password (``identitytoken``), which only the registry's token service takes."""
 
     username: str
     password: str = field(repr=False)
     source: str
+    identity_token: str | None = field(default=None, repr=False)
 
 
 def registry_credentials(host: str, env: Mapping[str, str] | None = None
@@ -178,6 +185,9 @@ def registry_credentials(host: str, env: Mapping[str, str] | None = None
     if not isinstance(entry, dict):
         return None
     where = f"{s.docker_config} (auths.{host})"
+    if entry.get("identitytoken"):
+        return Credentials(str(entry.get("username") or TOKEN_USERNAME), "", where,
+                           identity_token=str(entry["identitytoken"]))
     if entry.get("username") and entry.get("password"):
         return Credentials(str(entry["username"]), str(entry["password"]), where)
     if entry.get("auth"):
@@ -209,6 +219,8 @@ def _credential_helper(helper: str, host: str, config: str, env: Mapping[str, st
         return None  # the helper knows no credentials for this host
     try:
         answer = json.loads(done.stdout)
+        if answer["Username"] == TOKEN_USERNAME:  # its secret is an identity token
+            return Credentials(TOKEN_USERNAME, "", program, identity_token=str(answer["Secret"]))
         return Credentials(str(answer["Username"]), str(answer["Secret"]), program)
     except (ValueError, KeyError, TypeError):
         raise ConfigError(config, f"{program} answered what is not its JSON") from None

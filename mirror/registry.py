@@ -158,6 +158,11 @@ class Registry:
                 raise self.error("unauthorized", f"{self.ref.host} asks for a username and "
                                                  f"password, and none is configured "
                                                  f"({_WHERE_CREDENTIALS})")
+            if credentials.identity_token is not None:
+                raise self.error("unauthorized", f"{self.ref.host} asks for a username and "
+                                                 f"password, and {credentials.source} holds "
+                                                 f"an identity token, which only a token "
+                                                 f"service takes")
             self._authorization = requests.auth._basic_auth_str(credentials.username,
                                                                 credentials.password)
             return True
@@ -169,13 +174,23 @@ class Registry:
                                              f"over plain HTTP: the credentials are not sent "
                                              f"there without --plain-http")
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
-        auth = (credentials.username, credentials.password) if credentials else None
         what = f"the token service {realm}"
-        with self._send("GET", realm, {"params": query, "auth": auth}, what) as r:
-            if r.status_code in (401, 403):
-                raise self.error("unauthorized", f"{what} refused " + (
-                    f"the credentials from {credentials.source}" if credentials else
-                    f"an anonymous login ({_WHERE_CREDENTIALS})"))
+        if credentials is not None and credentials.identity_token is not None:
+            # OAuth2, as docker does with one: the refresh token for an access token
+            form = dict(query, grant_type="refresh_token", client_id="mirror",
+                        refresh_token=credentials.identity_token)
+            request: Dict[str, Any] = {"data": form}
+            method, refused = "POST", f"the identity token from {credentials.source}"
+            refusals: Tuple[int, ...] = (400, 401, 403)  # OAuth2's "invalid_grant" is a 400
+        else:
+            auth = (credentials.username, credentials.password) if credentials else None
+            request = {"params": query, "auth": auth}
+            method, refused = "GET", f"the credentials from {credentials.source}" \
+                if credentials else f"an anonymous login ({_WHERE_CREDENTIALS})"
+            refusals = (401, 403)
+        with self._send(method, realm, request, what) as r:
+            if r.status_code in refusals:
+                raise self.error("unauthorized", f"{what} refused {refused}")
             body = self._read(r, ANSWER_MAX, what)
         token = None
         with contextlib.suppress(ValueError, RecursionError, AttributeError):

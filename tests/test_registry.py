@@ -29,6 +29,7 @@ from tests.upstream.tls import make_certificates
 
 PLAIN = Connection(plain_http=True)
 USERS = {"alice": "wonderland"}
+IDENTITY_TOKEN = "rt-alice-0f3c"  # what docker login stores for an OAuth2 login
 
 LOAD_MLP = """
 import json, sys
@@ -61,7 +62,7 @@ def secure(tmp_path_factory):
 def token_registry(tmp_path_factory):
     """Behind the distribution spec's Bearer token flow, with its own token service."""
     root = str(tmp_path_factory.mktemp("token-registry"))
-    tokens = TokenServer(root, USERS).start()
+    tokens = TokenServer(root, USERS, refresh_tokens={IDENTITY_TOKEN: "alice"}).start()
     server = RegistryServer(root, token=tokens).start()
     yield server, tokens
     server.stop()
@@ -562,6 +563,35 @@ def test_bearer_token_flow(token_registry, master_bundle, tmp_path):
         f"(UNAUTHORIZED: authentication required)")
 
 
+def test_an_identity_token_is_traded_for_an_access_token(token_registry, master_bundle,
+                                                          tmp_path):
+    """``docker login`` to a registry with an OAuth2 login stores an ``identitytoken``
+    (a refresh token), not a password: it goes to the token service in docker's POST,
+    for an access token; a wrong one is refused, naming where it came from."""
+    server, tokens = token_registry
+    target = server.ref("models/oauth:v1")
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    config = docker / "config.json"
+    config.write_text(json.dumps({"auths": {server.host: {
+        "auth": "PHRva2VuPjo=", "identitytoken": IDENTITY_TOKEN}}}))  # "<token>:"
+    env = dict(_env(tmp_path), DOCKER_CONFIG=str(docker))
+    r = run(MIRROR + ["push", master_bundle, target, "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    r = run(MIRROR + ["install", target, "--plain-http"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert ("alice", ["repository:models/oauth:pull"]) in tokens.issued
+
+    config.write_text(json.dumps({"auths": {server.host: {"identitytoken": "expired"}}}))
+    wrong = dict(env, MGE_MIRROR_HOME=str(tmp_path / "wrong"))
+    r = run(MIRROR + ["install", target, "--plain-http"], env=wrong)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: registry {target}: unauthorized: the token service {tokens.base_url}/token "
+        f"refused the identity token from {config} (auths.{server.host})")
+    assert not os.path.exists(tmp_path / "wrong" / "repos")
+
+
 # --- signatures ------------------------------------------------------------------------------
 
 
@@ -643,6 +673,17 @@ def test_credentials_are_found_as_docker_finds_them(tmp_path):
     config.write_text(json.dumps({"credsStore": "site"}))
     assert registry_credentials("reg.site:5000", env).username == "bot"
     assert registry_credentials("other:5000", env) is None  # the helper knows it not
+
+    # docker's convention: a helper that answers "<token>" gives an identity token
+    helper.write_text('#!/bin/sh\nread host\n'
+                      'echo \'{"ServerURL":"reg.site:5000","Username":"<token>","Secret":"rt"}\'\n')
+    found = registry_credentials("reg.site:5000", env)
+    assert (found.username, found.password, found.identity_token) == ("<token>", "", "rt")
+    assert "rt" not in repr(found).replace("docker-credential-site", "")
+    config.write_text(json.dumps({"auths": {"reg.site:5000": {
+        "auth": base64.b64encode(b"<token>:").decode(), "identitytoken": "rt2"}}}))
+    found = registry_credentials("reg.site:5000", env)
+    assert (found.username, found.identity_token) == ("<token>", "rt2")
 
     config.write_text(json.dumps({"credsStore": "missing"}))
     with pytest.raises(ConfigError, match="docker-credential-missing is not on PATH"):

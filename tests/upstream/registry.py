@@ -121,25 +121,44 @@ def _b64url(data: bytes) -> str:
 
 class _TokenHandler(QuietHandler):
     """GET /token?service=&scope=...: a JWT for the scopes asked, to a user whose Basic
-    credentials match (anonymous users get a token granting nothing)."""
+    credentials match (anonymous users get a token granting nothing). POST /token, the
+    OAuth2 form docker sends with an identity token (``grant_type=refresh_token``): the
+    same, to the user a known refresh token stands for."""
+
+    def _refuse(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802
-        server: TokenServer = self.server.owner
         from urllib.parse import parse_qs, urlparse
 
+        server: TokenServer = self.server.owner
         query = parse_qs(urlparse(self.path).query)
         user = None
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Basic "):
             name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
             if server.users.get(name) != password:
-                body = b'{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}'
-                self.send_response(401)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
+                return self._refuse(401, b'{"errors":[{"code":"UNAUTHORIZED",'
+                                         b'"message":"bad credentials"}]}')
             user = name
+        self._grant(user, query)
+
+    def do_POST(self) -> None:  # noqa: N802
+        from urllib.parse import parse_qs
+
+        server: TokenServer = self.server.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(min(length, 1 << 16)).decode())
+        token = (form.get("refresh_token") or [""])[0]
+        if form.get("grant_type") != ["refresh_token"] or token not in server.refresh_tokens:
+            return self._refuse(400, b'{"error":"invalid_grant"}')
+        self._grant(server.refresh_tokens[token], form, oauth=True)
+
+    def _grant(self, user, query, oauth: bool = False) -> None:
+        server: TokenServer = self.server.owner
         access = []
         for scope in query.get("scope", []):
             kind, _, rest = scope.partition(":")
@@ -147,8 +166,9 @@ class _TokenHandler(QuietHandler):
             if user:
                 access.append({"type": kind, "name": name, "actions": actions.split(",")})
         server.issued.append((user, query.get("scope", [])))
-        body = json.dumps({"token": server.token(user or "", access),
-                           "expires_in": 300}).encode()
+        token = server.token(user or "", access)
+        body = json.dumps({"access_token": token, "expires_in": 300} if oauth else
+                          {"token": token, "expires_in": 300}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -164,9 +184,11 @@ class TokenServer(LoopbackServer):
     service = "mirror-test-registry"
     issuer = "mirror-test-token-issuer"
 
-    def __init__(self, folder: str, users: Dict[str, str]):
+    def __init__(self, folder: str, users: Dict[str, str],
+                 refresh_tokens: Dict[str, str] | None = None):
         super().__init__(_TokenHandler)
         self.users = users
+        self.refresh_tokens = refresh_tokens or {}  # an identity token -> its user
         self.issued: List = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.cert = certificate("mirror test token issuer", self.key, None, None, ca=True)
