@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import socket
 import stat
@@ -522,10 +523,13 @@ class DownloadCache:
             if self.keep is None:
                 return got
             # Kept (a shared lock) until the pack is done: clean leaves it alone. A
-            # clean between the download and this lock is seen, and it is fetched again.
-            self.keep.enter_context(_lock(got.path + ".lock", stop, shared=True))
-            if os.path.exists(got.path):
-                return got
+            # clean between the download and this lock is seen, and it is fetched again,
+            # the lock let go first (the download's own exclusive lock would wait on it).
+            with contextlib.ExitStack() as held:
+                held.enter_context(_lock(got.path + ".lock", stop, shared=True))
+                if os.path.exists(got.path):
+                    self.keep.enter_context(held.pop_all())
+                    return got
 
     def _fetch(self, url: str, source: str, progress: bool, expect: str | None,
                batch: Batch, growth: Growth | None) -> WeightFile:
@@ -637,13 +641,20 @@ def clean_downloads(root: str | None = None, partial_only: bool = False,
         removed.append(entry)
     if not dry_run:  # the locks of what is gone (and of downloads that never began)
         root = root or default_cache_dir()
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(root):
-                data = os.path.join(root, name[:-len(".lock")])
-                if name.endswith(".data.lock") and not os.path.exists(data) and \
-                        not os.path.exists(data + PART):
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            data = os.path.join(root, name[:-len(".lock")])
+            if _LOCK_NAME.fullmatch(name) and os.path.isfile(data + ".lock") and \
+                    not os.path.exists(data) and not os.path.exists(data + PART):
+                with contextlib.suppress(OSError):  # a lock file is no content: kept
                     _remove_locked(data, (), dry_run)
     return removed
+
+
+_LOCK_NAME = re.compile(r"[0-9a-f]{64}\.data\.lock")  # DownloadCache._paths's, locked
 
 
 def _remove_locked(data: str, paths: Sequence[str], dry_run: bool) -> bool:
@@ -658,7 +669,8 @@ def _remove_locked(data: str, paths: Sequence[str], dry_run: bool) -> bool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             if not os.path.exists(data) and not os.path.exists(data + PART):
-                os.unlink(lock)
+                with contextlib.suppress(OSError):  # (a lock file is no content)
+                    os.unlink(lock)
     except BlockingIOError:
         return False
     return True

@@ -11,6 +11,8 @@ import fcntl
 import os
 from typing import Iterator
 
+RETRIES = 100  # a lock file removed under its waiter this often in a row: not a race
+
 
 @contextlib.contextmanager
 def locked(path: str, shared: bool = False, wait: bool = True) -> Iterator[None]:
@@ -24,10 +26,11 @@ def locked(path: str, shared: bool = False, wait: bool = True) -> Iterator[None]
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
-    while True:
+    for attempt in range(RETRIES + 1):
         with open(path, "a") as fh:
             fcntl.flock(fh.fileno(), flags)
-            if _same_file(fh.fileno(), path):
+            # (a filesystem whose stat and fstat never agree is given the lock at last)
+            if _same_file(fh.fileno(), path) or attempt == RETRIES:
                 yield  # closing the file releases the lock
                 return
 

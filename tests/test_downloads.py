@@ -155,9 +155,12 @@ def test_downloads_list_and_clean(upstream, big, tmp_path):
     assert clean_downloads(root, older_than=3600) == []  # all of them are new
     orphan = os.path.join(root, "0" * 64 + ".data.lock")  # a download that never began
     open(orphan, "w").close()
+    odd = ["f" * 64 + ".data.lock", "notes.data.lock"]  # not the cache's: left alone
+    os.mkdir(os.path.join(root, odd[0]))
+    open(os.path.join(root, odd[1]), "w").close()
     r = run(MIRROR + ["downloads", "clean"], env=env)
-    assert r.returncode == 0 and list_downloads(root) == []
-    assert os.listdir(root) == []  # their locks too
+    assert r.returncode == 0 and list_downloads(root) == [], r.stderr
+    assert sorted(os.listdir(root)) == odd  # the locks of what went, too
 
 
 def test_a_lock_file_removed_by_its_holder_is_never_held_twice(tmp_path):
@@ -288,3 +291,41 @@ def test_clean_leaves_what_a_running_pack_is_made_of(upstream, big, tmp_path):
         assert clean_downloads(root) == [] and os.path.exists(got.path)
     assert [e.path for e in clean_downloads(root)] == [got.path]
     assert not os.path.exists(got.path)
+
+
+def test_a_clean_between_the_cache_check_and_its_lock_is_fetched_again(upstream, tmp_path,
+                                                                        monkeypatch):
+    """`mirror downloads clean` removes a cached file after a pack has found it good but
+    before the pack has locked it: the pack lets go of the lock it took and downloads
+    the file again (it used to keep that lock, and wait forever on its own download's)."""
+    import contextlib
+    import threading
+
+    from mirror.download import Batch, Interrupted
+
+    data = random.Random(9).randbytes(1 << 20)
+    url = upstream.weights.add("race/cleaned.bin", data)
+    root = str(tmp_path / "dl")
+    DownloadCache(root).fetch(url, url, progress=False)  # cached
+    found = []
+    real = DownloadCache._fetch
+
+    def cleaned_after(self, *args):
+        got = real(self, *args)
+        if not found:  # as a clean in another process would, at the worst moment
+            assert [e.url for e in clean_downloads(root)] == [url]
+        found.append(got)
+        return got
+
+    monkeypatch.setattr(DownloadCache, "_fetch", cleaned_after)
+    batch = Batch()
+    timer = threading.Timer(20, batch.stop)  # a hang ends as Interrupted, not forever
+    timer.start()
+    try:
+        with contextlib.ExitStack() as keep:
+            got = DownloadCache(root, keep=keep).fetch(url, url, progress=False, batch=batch)
+            assert open(got.path, "rb").read() == data and len(found) == 2
+    except Interrupted:
+        pytest.fail("the pack waited on its own lock")
+    finally:
+        timer.cancel()
