@@ -546,12 +546,8 @@ def test_bearer_token_flow(token_registry, master_bundle, tmp_path):
 
     wrong = dict(env, MGE_MIRROR_REGISTRY_PASSWORD="guess",
                  MGE_MIRROR_HOME=str(tmp_path / "wrong"))
-    r = run(MIRROR + ["install", target, "--plain-http"], env=wrong)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == (
-        f"Error: registry {target}: unauthorized: the token service {tokens.base_url}/token "
-        f"refused the credentials from MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
-    assert not os.path.exists(tmp_path / "wrong" / "repos")
+    _login_refused(target, wrong, f"the token service {tokens.base_url}/token refused the "
+                                  f"credentials from MGE_MIRROR_REGISTRY_USERNAME/_PASSWORD")
 
     # anonymous: a token that grants nothing, then the registry's refusal
     anonymous = dict(_env(tmp_path, "anon"), DOCKER_CONFIG=str(tmp_path / "nodocker"))
@@ -584,12 +580,16 @@ def test_an_identity_token_is_traded_for_an_access_token(token_registry, master_
 
     config.write_text(json.dumps({"auths": {server.host: {"identitytoken": "expired"}}}))
     wrong = dict(env, MGE_MIRROR_HOME=str(tmp_path / "wrong"))
-    r = run(MIRROR + ["install", target, "--plain-http"], env=wrong)
+    _login_refused(target, wrong, f"the token service {tokens.base_url}/token refused the "
+                                  f"identity token from {config} (auths.{server.host})")
+
+
+def _login_refused(target, env, said):
+    """An install whose login the registry refuses: one line, exit 1, no store made."""
+    r = run(MIRROR + ["install", target, "--plain-http"], env=env)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == (
-        f"Error: registry {target}: unauthorized: the token service {tokens.base_url}/token "
-        f"refused the identity token from {config} (auths.{server.host})")
-    assert not os.path.exists(tmp_path / "wrong" / "repos")
+    assert r.stderr.strip().splitlines()[-1] == f"Error: registry {target}: unauthorized: {said}"
+    assert not os.path.exists(os.path.join(env["MGE_MIRROR_HOME"], "repos"))
 
 
 # --- signatures ------------------------------------------------------------------------------
