@@ -654,7 +654,7 @@ def clean_downloads(root: str | None = None, partial_only: bool = False,
     return removed
 
 
-_LOCK_NAME = re.compile(r"[0-9a-f]{64}\.data\.lock")  # DownloadCache._paths's, locked
+_LOCK_NAME = re.compile(r"[0-9a-f]{64}\.data\.lock")  # an entry's: the sha256 of its URL
 
 
 def _remove_locked(data: str, paths: Sequence[str], dry_run: bool) -> bool:
