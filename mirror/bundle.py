@@ -298,9 +298,7 @@ class StreamedWriter:
         the bundle), what was written is dropped and the member is added from its
         whole file, or not at all if it is already in.
         """
-        mark = self.out.mark()
-        at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
-        self.out._frame_for("weights", self.out.following)
+        mark, at = self._placeholder(self.out.following)
         digest, taken, generation = hashlib.sha256(), 0, None
         void = ""  # why what was read cannot be kept
         with contextlib.ExitStack() as stack:
@@ -326,10 +324,8 @@ class StreamedWriter:
                         void = "its part file is shorter than its download says"
                         break
                     digest.update(block)
-                    self.out._put(block)
+                    self.out.put_data(block)
                     taken += len(block)
-                    if self.out.bar is not None:
-                        self.out.bar.update(len(block))
                 elif done:
                     break
         name, source, size, sha256 = arrived()
@@ -362,9 +358,7 @@ class StreamedWriter:
         still hold those bytes)."""
         whole = size >= USTAR_MAX_SIZE  # its header will be longer: added after
         if not whole:
-            mark = self.out.mark()
-            at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
-            self.out._frame_for("weights")
+            mark, at = self._placeholder()
         digest, got = hashlib.sha256(), 0
 
         def read() -> bytes:  # an error of the file read, told apart from the bundle's
@@ -379,9 +373,7 @@ class StreamedWriter:
                 digest.update(block)
                 got += len(block)
                 if not whole:
-                    self.out._put(block)
-                    if self.out.bar is not None:
-                        self.out.bar.update(len(block))
+                    self.out.put_data(block)
                 yield block
 
         blocks = passing()
@@ -389,7 +381,8 @@ class StreamedWriter:
         for _ in blocks:  # what the scan did not read
             pass
         sha256 = digest.hexdigest()
-        name, header = weight_member(sha256), _tar_header(weight_member(sha256), got, 0)
+        name = weight_member(sha256)
+        header = _tar_header(name, got, 0)
         if whole or name in self.sources or len(header) != tarfile.BLOCKSIZE:
             if not whole:
                 self.out.rollback(mark)  # a duplicate, or a file that grew past 8 GiB
@@ -398,6 +391,15 @@ class StreamedWriter:
         else:
             self._filled_in(at, header, name, LocalFile(path, sha256), got)
         return sha256, got, unsafe
+
+    def _placeholder(self, cctx: Any = None) -> Tuple[Tuple[int, int], int]:
+        """Start a weight whose name is not known yet: where to roll back to, and the
+        offset of its placeholder header frame (:meth:`_filled_in` fills it); its data
+        frame is open, compressed by ``cctx`` (default: every worker)."""
+        mark = self.out.mark()
+        at = self.out.header_frame(_tar_header(weight_member("0" * 64), 0, 0))
+        self.out._frame_for("weights", cctx)
+        return mark, at
 
     def _filled_in(self, at: int, header: bytes, name: str, source: Source,
                    size: int) -> None:
@@ -629,13 +631,17 @@ class _FrameWriter:
         self.out.truncate(mark[0])
         self.offset = mark[1]
 
+    def put_data(self, block: bytes) -> None:
+        """A block of a member's bytes into the open frame, counted on the bar."""
+        self._put(block)
+        if self.bar is not None:
+            self.bar.update(len(block))
+
     def data(self, name: str, size: int, fh: IO[bytes]) -> None:
         copied = 0
         for block in iter(lambda: fh.read(CHUNK), b""):
-            self._put(block)
+            self.put_data(block)
             copied += len(block)
-            if self.bar is not None:
-                self.bar.update(len(block))
         if copied != size:
             raise ValueError(f"member {name} changed while packing: {copied} bytes, "
                              f"expected {size}")
