@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Protocol, Tuple
+
+from .hubconf import HUBCONF, is_entrypoint
 
 # Names whose first argument is a URL the code will download (megengine/hub/hub.py).
 _DOWNLOADERS = {"pretrained", "load_serialized_obj_from_url"}
@@ -55,13 +57,30 @@ class Unresolved:
         return f"{self.location}: {self.expr}"
 
 
+@dataclass(frozen=True)
+class Definition:
+    """A function or class as a module binds it: the file that defines it, and its node."""
+
+    path: str
+    node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
+
+@dataclass(frozen=True)
+class Entrypoint:
+    """An entrypoint found without running hubconf: the file that defines it, and the
+    weight URLs its own ``@pretrained`` decorators and its body name."""
+
+    path: str
+    urls: Tuple[str, ...]
+
+
 class _NotConstant(Exception):
     pass
 
 
 def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
     """Evaluate an expression made of string constants, ``+``, ``%``, ``.format``,
-    f-strings, dict literals and subscripts, names looked up in ``env``."""
+    f-strings, tuple, list and dict literals and subscripts, names looked up in ``env``."""
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float)):
         return node.value
     if isinstance(node, ast.Name):
@@ -82,7 +101,7 @@ def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
             return left + right if isinstance(node.op, ast.Add) else left % right
         except (TypeError, ValueError, KeyError):
             raise _NotConstant from None
-    if isinstance(node, ast.Tuple):
+    if isinstance(node, (ast.Tuple, ast.List)):  # a list as a tuple: never changed here
         return tuple(_evaluate(e, env) for e in node.elts)
     if isinstance(node, ast.Dict):
         if any(k is None for k in node.keys):
@@ -145,6 +164,7 @@ class _Modules:
                                           if f.path.endswith(".py")}
         self._trees: Dict[str, ast.Module | None] = {}
         self._envs: Dict[str, Dict[str, Any]] = {}
+        self._callables: Dict[str, Dict[str, Definition]] = {}
         self._busy: set = set()
 
     def tree(self, path: str) -> ast.Module | None:
@@ -173,17 +193,26 @@ class _Modules:
         return None
 
     def env(self, path: str) -> Dict[str, Any]:
-        if path in self._envs:
-            return self._envs[path]
-        if path in self._busy:  # an import cycle: what is known so far
+        return self._once(self._envs, path, _module_constants)
+
+    def callables(self, path: str) -> Dict[str, Definition]:
+        """The functions and classes the module at ``path`` binds at top level, known
+        without running it (:func:`_module_callables`)."""
+        return self._once(self._callables, path, _module_callables)
+
+    def _once(self, done: Dict[str, Any], path: str,
+              read: Callable[[ast.Module, str, _Modules], Any]) -> Any:
+        if path in done:
+            return done[path]
+        if (read, path) in self._busy:  # an import cycle: what is known so far
             return {}
-        self._busy.add(path)
+        self._busy.add((read, path))
         tree = self.tree(path)
         try:
-            self._envs[path] = _module_constants(tree, path, self) if tree else {}
+            done[path] = read(tree, path, self) if tree else {}
         finally:
-            self._busy.discard(path)
-        return self._envs[path]
+            self._busy.discard((read, path))
+        return done[path]
 
 
 def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None = None) \
@@ -227,6 +256,37 @@ def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None
         for name in _bound_names(stmt):
             env.pop(name, None)
     return env
+
+
+def _module_callables(tree: ast.Module, path: str, modules: _Modules) -> Dict[str, Definition]:
+    """The functions and classes a module binds at top level, in order: those it
+    defines, and those ``from X import name`` takes from the repo's own modules
+    (following them there, through any module that imports them in turn; ``*``
+    takes the names ``__all__`` lists, else those not starting with ``_``). Any other
+    statement that binds a name makes it unknown: what it is is known only by
+    running the code (``pack --trace``)."""
+    out: Dict[str, Definition] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out[stmt.name] = Definition(path, stmt)
+            continue
+        if isinstance(stmt, ast.ImportFrom):
+            source = modules.path_of(path, stmt.module, stmt.level)
+            found = modules.callables(source) if source is not None else {}
+            for alias in stmt.names:
+                if alias.name == "*":
+                    listed = modules.env(source).get("__all__") if source else None
+                    listed = listed if isinstance(listed, tuple) else None
+                    out.update({k: v for k, v in found.items()
+                                if (k in listed if listed is not None else k[:1] != "_")})
+                elif alias.name in found:
+                    out[alias.asname or alias.name] = found[alias.name]
+                else:  # a submodule, a constant, or from outside the repo
+                    out.pop(alias.asname or alias.name, None)
+            continue
+        for name in _bound_names(stmt):
+            out.pop(name, None)
+    return out
 
 
 def _bound_names(node: ast.AST) -> List[str]:
@@ -275,6 +335,26 @@ def _callee_name(call: ast.Call) -> str | None:
     return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
 
 
+def _urls(modules: _Modules, path: str, node: ast.AST
+          ) -> Iterator[Tuple[ast.Call, ast.expr, str | None]]:
+    """Each downloader call below ``node`` (in the file at ``path``), its URL argument,
+    and that argument's value: None where it is not a constant known without running
+    the code (never guessed)."""
+    module_env = modules.env(path)
+    for call, local in _download_calls(node, frozenset()):
+        arg = call.args[0] if call.args else next(
+            (k.value for k in call.keywords if k.arg == "url"), None)
+        if arg is None:
+            continue
+        # A name a function binds itself (a parameter, say) is not the module's.
+        env = {k: v for k, v in module_env.items() if k not in local}
+        try:
+            url = _evaluate(arg, env)
+        except _EVAL_ERRORS:
+            url = None
+        yield call, arg, url if isinstance(url, str) else None
+
+
 def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresolved]]:
     """Every weight URL that the Python files of a snapshot pass to MegEngine's downloaders."""
     found: Dict[str, List[Location]] = {}
@@ -284,20 +364,9 @@ def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresol
         tree = modules.tree(path)
         if tree is None:
             continue
-        module_env = modules.env(path)
-        for node, local in _download_calls(tree, frozenset()):
-            # A name a function binds itself (a parameter, say) is not the module's.
-            env = {k: v for k, v in module_env.items() if k not in local}
-            arg = node.args[0] if node.args else next(
-                (k.value for k in node.keywords if k.arg == "url"), None)
-            if arg is None:
-                continue
-            loc = Location(path, node.lineno)
-            try:
-                url = _evaluate(arg, env)
-            except _EVAL_ERRORS:
-                url = None  # not a plain constant: reported below, never guessed
-            if isinstance(url, str):
+        for call, arg, url in _urls(modules, path, tree):
+            loc = Location(path, call.lineno)
+            if url is not None:
                 found.setdefault(url, []).append(loc)
             else:
                 unresolved.append(Unresolved(loc, ast.unparse(arg) if hasattr(ast, "unparse")
@@ -307,33 +376,28 @@ def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresol
     return weights, unresolved
 
 
-def coverage(files: Iterable[SourceFile]) -> Dict[str, List[str]]:
-    """Each function ``hubconf.py`` defines at top level, with the weight URLs that its
-    own ``@pretrained(...)`` decorators name, and then those its body downloads with a
-    URL known without running it (``hub.load_serialized_obj_from_url(URL)``, say).
+def coverage(files: Iterable[SourceFile]) -> Dict[str, Entrypoint]:
+    """The entrypoints ``hubconf.py`` binds that are known without running it, by
+    MegEngine's rule (:func:`mirror.hubconf.is_entrypoint`): each function or class it
+    defines or imports from the repo's own modules (:func:`_module_callables`; a
+    repo's hubconf often only imports them from a package tree), with the weight URLs
+    that its own ``@pretrained(...)`` decorators name, and then those its body
+    downloads with a URL known without running it (``hub.load_serialized_obj_from_url
+    (URL)``, say), each evaluated in the module that defines it.
 
-    ``megengine.hub.list`` also counts callables hubconf imports (classes, say); these
-    are the entrypoints a reader of the manifest can check without executing code.
+    ``megengine.hub.list`` also counts callables hubconf takes from elsewhere
+    (``functools.partial``, say) or makes by assignment; these are known only by
+    running it (``pack --trace``). What is here a reader of the manifest can check
+    without executing code.
     """
     modules = _Modules(files)
-    tree = modules.tree("hubconf.py")
-    if tree is None:
+    if modules.tree(HUBCONF) is None:
         return {}
-    env = modules.env("hubconf.py")
-    out: Dict[str, List[str]] = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                not node.name.startswith("_"):
-            urls: List[str] = []
-            calls = node.decorator_list + [c for stmt in node.body for c in ast.walk(stmt)]
-            for call in calls:
-                if isinstance(call, ast.Call) and _callee_name(call) in _DOWNLOADERS \
-                        and call.args:
-                    try:
-                        url = _evaluate(call.args[0], env)
-                    except _EVAL_ERRORS:  # a local name, say: discover() reports it
-                        continue
-                    if isinstance(url, str) and url not in urls:
-                        urls.append(url)
-            out[node.name] = urls
-    return dict(sorted(out.items()))
+    out: Dict[str, Entrypoint] = {}
+    for name, found in sorted(modules.callables(HUBCONF).items()):
+        if is_entrypoint(name):
+            urls = [u for _, _, u in _urls(modules, found.path,
+                                           ast.Module(body=[found.node], type_ignores=[]))
+                    if u is not None]
+            out[name] = Entrypoint(found.path, tuple(dict.fromkeys(urls)))
+    return out

@@ -17,9 +17,15 @@ from .importer import SnapshotCode, bind, spec_for
 HUBCONF = "hubconf.py"
 
 
+def is_entrypoint(name: str) -> bool:
+    """MegEngine's rule for the name of a callable of hubconf (``megengine.hub.list``)."""
+    return not name.startswith("__")
+
+
 def entrypoints(module: types.ModuleType) -> List[str]:
-    """MegEngine's rule (``megengine.hub.list``): every callable not named ``__*``."""
-    return [n for n in dir(module) if not n.startswith("__") and callable(getattr(module, n))]
+    """Every callable of ``module`` whose name :func:`is_entrypoint`, as
+    ``megengine.hub.list`` answers."""
+    return [n for n in dir(module) if is_entrypoint(n) and callable(getattr(module, n))]
 
 
 def exec_hubconf(code: SnapshotCode, keep_path: bool = False) -> types.ModuleType:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__, bundle, confine
 from .config import settings
 from .delta import Baseline, make_delta
-from .discovery import coverage, discover
+from .discovery import Entrypoint, coverage, discover
 from .download import Arriving, DownloadCache, fetch_arriving, local_file, reading_in_place
 from .errors import (
     LockMismatchError,
@@ -242,7 +242,7 @@ class _Found:
 
     kept: Dict[str, List[str]]  # URL -> where it is asked for, exclusions left out
     follow: List[Follow]  # nested loads to pack with --follow-nested
-    coverage: Dict[str, List[str]]  # entrypoint -> its @pretrained URLs
+    coverage: Dict[str, Entrypoint]  # what hubconf's entrypoints name, found statically
     excluded: List[str]
     unresolved: List[str]
     nested: List[str]  # specs the code loads
@@ -423,10 +423,10 @@ class _Packer:
         repo = spec.full
         for entry, cause in (found.trace.errors if found.trace else {}).items():
             self.report.untraced.append(Untraced(repo, commit, entry, cause, label))
-        for entry, urls in found.coverage.items():
-            asked = [a.url for a in traced.get(entry, ()) if a.url not in urls]
+        for entry, static in found.coverage.items():
+            asked = [a.url for a in traced.get(entry, ()) if a.url not in static.urls]
             self.report.coverage.append(EntryCoverage(repo, commit, entry,
-                                                      tuple(urls + asked), label))
+                                                      static.urls + tuple(asked), label))
         return found
 
     def _snapshot(self, snap: Snapshot, found: _Found) -> SnapshotEntry:
@@ -441,7 +441,7 @@ class _Packer:
             # traced: every callable, as megengine.hub.list names them
             entrypoints=tuple(sorted(set(found.coverage) | set(
                 found.trace.entries if found.trace else ()))),
-            coverage={e: tuple(urls) for e, urls in found.coverage.items()},
+            coverage={e: static.urls for e, static in found.coverage.items()},
             excluded=tuple(found.excluded), unresolved=tuple(found.unresolved),
             nested=tuple(found.nested),
             trace=found.trace.record() if found.trace is not None else None)
@@ -634,12 +634,13 @@ class _Packer:
 
 
 def _entry_weights(entries: Tuple[str, ...],
-                   entry_weights: Dict[str, List[str]]) -> Dict[str, List[str]]:
-    """URL -> where it is asked for, by the named entries' own decorators (what they
-    asked for when run is added from the trace, which checked their names and fails
-    the pack for one that could not run)."""
+                   entry_weights: Dict[str, Entrypoint]) -> Dict[str, List[str]]:
+    """URL -> where it is asked for, by the named entries' own decorators and bodies
+    (what they asked for when run is added from the trace, which checked their names
+    and fails the pack for one that could not run)."""
     urls: Dict[str, List[str]] = {}
     for entry in entries:
-        for u in entry_weights.get(entry, []):
-            urls.setdefault(u, []).append(f"hubconf.py (@pretrained of {entry})")
+        static = entry_weights.get(entry)
+        for u in static.urls if static else ():
+            urls.setdefault(u, []).append(f"{static.path} (entrypoint {entry})")
     return urls

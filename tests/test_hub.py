@@ -71,6 +71,10 @@ def test_without_pretrained_no_weights_are_read(upstream, installed):
 def test_list_and_help(installed):
     # MegEngine's rule: every callable not starting with "__", classes included.
     assert mirror.hub.list("demo/tinynets", source="local") == ENTRYPOINTS
+    # What pack recorded without running hubconf (mirror list --long shows it) is the
+    # same: hubconf imports MLP and SmallCNN from the repo's package.
+    snapshots = [s for r in Store(installed).repos() for s in r.snapshots]
+    assert len(snapshots) == 4 and all(list(s.entrypoints) == ENTRYPOINTS for s in snapshots)
     assert mirror.hub.help("demo/tinynets:v1.0", "mlp", source="local") == (
         "A two-layer perceptron over 8 features (revision 2).")
 

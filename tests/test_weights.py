@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mirror.discovery import discover
+from mirror.discovery import Entrypoint, coverage, discover
 from mirror.download import download
 from mirror.errors import DownloadError
 from mirror.git import TreeFile
@@ -73,6 +73,88 @@ def test_same_url_in_two_files_is_one_weight_with_both_locations():
     weights, _ = discover([_src("a.py", code), _src("pkg/b.py", "\n" + code)])
     assert len(weights) == 1
     assert [str(x) for x in weights[0].locations] == ["a.py:2", "pkg/b.py:3"]
+
+
+def test_entrypoints_a_hubconf_imports_from_its_package_tree_are_found_with_their_weights():
+    # megengine/models' shape: hubconf.py only imports, from a deep package tree,
+    # through packages that re-export; the decorators are where the functions are.
+    hubconf = '''
+from megengine import hub
+import official.vision.classification.resnet.model as R
+from functools import partial
+from official.vision.classification import resnet18, ResNet
+from official.vision.classification.resnet.model import resnet50 as r50
+from official.vision.detection.models import *
+from official.loops import looped
+from official.quantization import constant
+
+def _helper(): ...
+def __dunder(): ...
+class Local: ...
+mobilenet = partial(resnet18)  # callable, but only known by running it
+'''
+    model = '''
+from megengine import hub
+BASE = "https://data.example/models/"
+
+class ResNet:
+    def __init__(self, pretrained=False):
+        if pretrained:  # a constructor that downloads
+            hub.load_serialized_obj_from_url(BASE + "backbone.pkl")
+
+@hub.pretrained(
+    "https://data.example/models/weights/"
+    "resnet18_naiveaug_70312_78a63ca6.pkl"
+)
+def resnet18(**kwargs): ...
+
+@hub.pretrained(url=BASE + "resnet50.pkl")
+def resnet50(url=None, **kwargs):
+    return hub.load_serialized_obj_from_url(url)  # its own parameter: not the module's
+'''
+    detection = '''
+from megengine import hub
+__all__ = ["retinanet", "FCOS"]
+class FCOS: ...
+@hub.pretrained("https://data.example/models/retinanet.pkl")
+def retinanet(**kwargs): ...
+def unlisted(): ...
+'''
+    files = [_src("hubconf.py", hubconf), _src("official/__init__.py", ""),
+             _src("official/vision/__init__.py", ""),
+             _src("official/vision/classification/__init__.py",
+                  "from .resnet.model import resnet18, ResNet\n"),
+             _src("official/vision/classification/resnet/__init__.py", ""),
+             _src("official/vision/classification/resnet/model.py", model),
+             _src("official/vision/detection/models.py", detection),
+             _src("official/loops.py", "from official.loops2 import looped\n"),
+             _src("official/loops2.py", "from official.loops import looped\n"),
+             _src("official/quantization.py", "constant = 3\n")]
+    model_py = "official/vision/classification/resnet/model.py"
+    assert coverage(files) == {
+        # MegEngine's rule: every callable not named __*, classes included
+        "FCOS": Entrypoint("official/vision/detection/models.py", ()),
+        "Local": Entrypoint("hubconf.py", ()),
+        "ResNet": Entrypoint(model_py, ("https://data.example/models/backbone.pkl",)),
+        "_helper": Entrypoint("hubconf.py", ()),
+        "r50": Entrypoint(model_py, ("https://data.example/models/resnet50.pkl",)),
+        "resnet18": Entrypoint(model_py, (
+            "https://data.example/models/weights/resnet18_naiveaug_70312_78a63ca6.pkl",)),
+        "retinanet": Entrypoint("official/vision/detection/models.py",
+                                ("https://data.example/models/retinanet.pkl",)),
+    }
+    # Not listed: modules (R, hub), a constant, a cycle, and what only running tells
+    # (partial from outside the repo, mobilenet made by assignment).
+
+
+def test_a_name_hubconf_binds_again_is_what_it_was_bound_to_last():
+    hubconf = ("from models import a, b\n"
+               "a = 3\n"  # no longer the function
+               "def b(): ...\n")  # its own, and its own weights: none
+    models = ('from megengine import hub\n@hub.pretrained("https://h/a.pkl")\ndef a(): ...\n'
+              '@hub.pretrained("https://h/b.pkl")\ndef b(): ...\n')
+    assert coverage([_src("hubconf.py", hubconf), _src("models.py", models)]) == {
+        "b": Entrypoint("hubconf.py", ())}
 
 
 @pytest.fixture()
