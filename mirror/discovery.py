@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Protocol, Set, Tuple
 
+from .errors import InvalidRecordError
 from .hubconf import HUBCONF, is_entrypoint
+from .names import check_url_text
 
 # Names whose first argument is a URL the code will download (megengine/hub/hub.py).
 _DOWNLOADERS = {"pretrained", "load_serialized_obj_from_url"}
@@ -76,6 +78,11 @@ class Entrypoint:
 
 class _NotConstant(Exception):
     pass
+
+
+_ANY = "*"  # a module's key: names only running it tells may be bound too
+_DEPTH = 64  # modules deep that a chain of imports is followed
+_MATCH_CAPTURES = tuple(getattr(ast, n) for n in ("MatchAs", "MatchStar") if hasattr(ast, n))
 
 
 def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
@@ -164,7 +171,8 @@ class _Modules:
                                           if f.path.endswith(".py")}
         self._trees: Dict[str, ast.Module | None] = {}
         self._envs: Dict[str, Dict[str, Any]] = {}
-        self._callables: Dict[str, Dict[str, Definition]] = {}
+        self._callables: Dict[str, Dict[str, Definition | None]] = {}
+        self._exported: Dict[str, Tuple[str, ...] | None] = {}
         self._busy: set = set()
 
     def tree(self, path: str) -> ast.Module | None:
@@ -181,30 +189,57 @@ class _Modules:
         return sorted(p for p, data in self.sources.items() if any(w in data for w in wanted))
 
     def path_of(self, importer: str, module: str | None, level: int) -> str | None:
+        """The repo's file that ``from <level dots><module> import ...`` in the file
+        ``importer`` imports, or None (outside the repo, or an import Python refuses:
+        above the top-level package, or relative in a top-level module, as
+        ``hubconf.py`` is)."""
         parts = importer.split("/")[:-1] if level else []
-        if level > 1:
-            parts = parts[:len(parts) - (level - 1)] if len(parts) >= level - 1 else None
-        if parts is None:
+        if len(parts) < level:
             return None
+        parts = parts[:len(parts) - (level - 1)] if level else parts
         base = "/".join(parts + (module.split(".") if module else []))
-        for candidate in (base + ".py", base + "/__init__.py"):
+        for candidate in (base + "/__init__.py", base + ".py"):  # a package comes first
             if candidate.lstrip("/") in self.sources:
                 return candidate.lstrip("/")
+        return None
+
+    def exported(self, path: str) -> Tuple[str, ...] | None:
+        """The names ``from <module at path> import *`` binds: its ``__all__`` if one
+        constant assignment makes it, else those it binds not starting with ``_``;
+        None where only running it tells (``__all__`` made otherwise or changed, or a
+        ``*`` of its own from outside the repo)."""
+        if path not in self._exported:
+            self._exported[path] = self._star(path)
+        return self._exported[path]
+
+    def _star(self, path: str) -> Tuple[str, ...] | None:
+        tree, bound = self.tree(path), self.callables(path)
+        if tree is None or _ANY in bound:
+            return None
+        mentions = sum(isinstance(n, ast.Name) and n.id == "__all__" for n in ast.walk(tree))
+        if not mentions:
+            return tuple(k for k in bound if not k.startswith("_"))
+        listed = self.env(path).get("__all__")
+        if mentions == 1 and isinstance(listed, tuple) and \
+                all(isinstance(n, str) for n in listed):
+            return listed
         return None
 
     def env(self, path: str) -> Dict[str, Any]:
         return self._once(self._envs, path, _module_constants)
 
-    def callables(self, path: str) -> Dict[str, Definition]:
-        """The functions and classes the module at ``path`` binds at top level, known
-        without running it (:func:`_module_callables`)."""
+    def callables(self, path: str) -> Dict[str, Definition | None]:
+        """Every name the module at ``path`` binds at top level, to the function or
+        class it is known to be without running it, or None (:func:`_module_callables`)."""
         return self._once(self._callables, path, _module_callables)
 
     def _once(self, done: Dict[str, Any], path: str,
               read: Callable[[ast.Module, str, _Modules], Any]) -> Any:
         if path in done:
             return done[path]
-        if (read, path) in self._busy:  # an import cycle: what is known so far
+        # An import cycle: what is known so far; a chain deeper than Python's own
+        # stack would go: nothing (Python could not import it either).
+        if (read, path) in self._busy or len(self._busy) > _DEPTH:
             return {}
         self._busy.add((read, path))
         tree = self.tree(path)
@@ -215,18 +250,24 @@ class _Modules:
         return done[path]
 
 
-def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None = None) \
-        -> Dict[str, Any]:
+def _module_constants(tree: ast.Module, path: str, modules: _Modules) -> Dict[str, Any]:
     """Top-level ``NAME = <constant expression>`` assignments, in order, and constants
     imported from other modules of the repo."""
     env: Dict[str, Any] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.ImportFrom):
-            source = modules.path_of(path, stmt.module, stmt.level) if modules else None
+            source = modules.path_of(path, stmt.module, stmt.level)
             other = modules.env(source) if source is not None else {}
             for alias in stmt.names:
                 if alias.name == "*":
-                    env.update({k: v for k, v in other.items() if not k.startswith("_")})
+                    exported = modules.exported(source) if source is not None else None
+                    if exported is None:  # any name may be bound again: none is known
+                        env.clear()
+                    for k in exported or ():
+                        if k in other:
+                            env[k] = other[k]
+                        else:
+                            env.pop(k, None)
                 elif alias.name in other:
                     env[alias.asname or alias.name] = other[alias.name]
                 else:  # bound to something not known statically
@@ -234,7 +275,7 @@ def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None
             continue
         if isinstance(stmt, ast.Import):
             for alias in stmt.names:
-                source = modules.path_of(path, alias.name, 0) if modules else None
+                source = modules.path_of(path, alias.name, 0)
                 name = alias.asname or alias.name.split(".")[0]
                 if source is not None and alias.asname:
                     env[name] = _Namespace(modules.env(source))
@@ -255,52 +296,112 @@ def _module_constants(tree: ast.Module, path: str = "", modules: _Modules | None
         # if, for, try or with, a def or class) makes it unknown: never a stale value.
         for name in _bound_names(stmt):
             env.pop(name, None)
-    return env
+    rebound = _rebound_by_functions(tree)
+    return {} if rebound is None else {k: v for k, v in env.items() if k not in rebound}
 
 
-def _module_callables(tree: ast.Module, path: str, modules: _Modules) -> Dict[str, Definition]:
-    """The functions and classes a module binds at top level, in order: those it
-    defines, and those ``from X import name`` takes from the repo's own modules
-    (following them there, through any module that imports them in turn; ``*``
-    takes the names ``__all__`` lists, else those not starting with ``_``). Any other
-    statement that binds a name makes it unknown: what it is is known only by
-    running the code (``pack --trace``)."""
-    out: Dict[str, Definition] = {}
+def _module_callables(tree: ast.Module, path: str, modules: _Modules
+                      ) -> Dict[str, Definition | None]:
+    """Every name a module binds at top level, in order, to what it is known to be
+    without running it: a function or class it defines (undecorated, or decorated only
+    by MegEngine's ``pretrained``, which returns a function), or one that ``from X
+    import name`` or ``*`` takes from the repo's own modules, followed there. Any other
+    binding is None: what it is, only running the code tells (``pack --trace``); so
+    is every name a function rebinds (``global``), and a package's name that is also
+    one of its submodules (importing the submodule rebinds it). The key ``*`` says
+    that names only running it tells may be bound too (a ``*`` from outside the repo,
+    ``globals()``)."""
+    out: Dict[str, Definition | None] = {}
+    taken: Dict[str, str | None] = {}  # name -> the module a from-import took it from
     for stmt in tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            out[stmt.name] = Definition(path, stmt)
-            continue
-        if isinstance(stmt, ast.ImportFrom):
+            plain = all(isinstance(d, ast.Call) and _callee_name(d) == "pretrained"
+                        for d in stmt.decorator_list)
+            out[stmt.name] = Definition(path, stmt) if plain else None
+            taken[stmt.name] = None
+        elif isinstance(stmt, ast.ImportFrom):
             source = modules.path_of(path, stmt.module, stmt.level)
             found = modules.callables(source) if source is not None else {}
             for alias in stmt.names:
-                if alias.name == "*":
-                    listed = modules.env(source).get("__all__") if source else None
-                    listed = listed if isinstance(listed, tuple) else None
-                    out.update({k: v for k, v in found.items()
-                                if (k in listed if listed is not None else k[:1] != "_")})
-                elif alias.name in found:
-                    out[alias.asname or alias.name] = found[alias.name]
-                else:  # a submodule, a constant, or from outside the repo
-                    out.pop(alias.asname or alias.name, None)
-            continue
-        for name in _bound_names(stmt):
-            out.pop(name, None)
+                if alias.name != "*":
+                    out[alias.asname or alias.name] = found.get(alias.name)
+                    taken[alias.asname or alias.name] = source
+                    continue
+                exported = modules.exported(source) if source is not None else None
+                if exported is None:  # any name may be bound again
+                    out = dict.fromkeys(out)
+                    out[_ANY] = None
+                out.update({k: found.get(k) for k in exported or ()})
+                taken.update(dict.fromkeys(exported or (), source))
+        else:
+            out.update(dict.fromkeys(_bound_names(stmt)))
+            taken.update(dict.fromkeys(_bound_names(stmt)))
+    rebound = _rebound_by_functions(tree)
+    if rebound is None:
+        return {**dict.fromkeys(out), _ANY: None}
+    out.update(dict.fromkeys(rebound))
+    if path.rsplit("/", 1)[-1] == "__init__.py":
+        # A package's name that is also its submodule is that module once the submodule
+        # is imported (by anyone, at any time), unless bound after it by a from-import
+        # of the submodule itself (``from .resnet import resnet``), which imports it first.
+        for k in out:
+            sub = modules.path_of(path, k, 1)
+            if sub is not None and taken.get(k) != sub:
+                out[k] = None
     return out
 
 
+def _rebound_by_functions(tree: ast.Module) -> Set[str] | None:
+    """The module-level names its code may bind beyond its top-level statements: those
+    a ``global`` statement names; None for any name at all (it calls ``exec``, or uses
+    ``globals()``, ``vars()`` or ``locals()`` other than to read one name)."""
+    names: Set[str] = set()
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            names.update(node.names)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and (
+                node.func.id == "exec" or node.func.id in _NAMESPACES and not node.args
+                and not _read_only(node, parents)):
+            return None
+    return names
+
+
+_NAMESPACES = ("globals", "vars", "locals")
+_READS = ("get", "keys", "values", "items", "copy")
+
+
+def _read_only(namespace: ast.Call, parents: Dict[ast.AST, ast.AST]) -> bool:
+    """Whether ``globals()`` (say) is only read where it is called: ``globals()[name]``,
+    ``globals().get(name)``, ``name in globals()``."""
+    parent = parents.get(namespace)
+    if isinstance(parent, ast.Subscript):
+        return parent.value is namespace and isinstance(parent.ctx, ast.Load)
+    if isinstance(parent, ast.Attribute):
+        return parent.attr in _READS and isinstance(parents.get(parent), ast.Call)
+    return isinstance(parent, ast.Compare) and parent.left is not namespace
+
+
 def _bound_names(node: ast.AST) -> List[str]:
-    """Every name a statement binds at module level (its nested defs' bodies excluded)."""
+    """Every name a statement binds or unbinds in its scope (more, never fewer: the
+    bodies of defs nested below an ``if``, say, count too)."""
     names = []
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return [node.name]
     for child in ast.walk(node):
-        if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+        if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
             names.append(child.id)
         elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.append(child.name)
         elif isinstance(child, (ast.Import, ast.ImportFrom)):
             names += [a.asname or a.name.split(".")[0] for a in child.names]
+        elif isinstance(child, ast.ExceptHandler) and child.name:  # except E as name
+            names.append(child.name)
+        # match captures: case name, case [*rest], case {**rest}
+        for capture in (getattr(child, "name", None) if isinstance(child, _MATCH_CAPTURES)
+                        else None, getattr(child, "rest", None)):
+            if isinstance(capture, str):
+                names.append(capture)
     return names
 
 
@@ -321,13 +422,27 @@ def _download_calls(node: ast.AST, local: frozenset):
             params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
             body = ast.Module(body=child.body, type_ignores=[]) if isinstance(
                 child.body, list) else ast.Expression(child.body)
-            assigned = {n.id for n in ast.walk(body)
-                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-            yield from _download_calls(body, local | params | assigned)
+            yield from _download_calls(body, local | params | _bound_in(body))
+            continue
+        if isinstance(child, ast.ClassDef):
+            # Its body is a scope of its own: a name it binds is not the module's there
+            # (nor, to be safe, in its methods, which would see the module's).
+            for expr in child.decorator_list + child.bases + [k.value for k in
+                                                               child.keywords]:
+                yield from _download_calls(ast.Expression(expr), local)
+            body = ast.Module(body=child.body, type_ignores=[])
+            yield from _download_calls(body, local | _bound_in(body))
             continue
         if isinstance(child, ast.Call) and _callee_name(child) in _DOWNLOADERS:
             yield child, local
         yield from _download_calls(child, local)
+
+
+def _bound_in(scope: ast.AST) -> Set[str]:
+    """The names the statements of a function's or class's body bind (:func:`_bound_names`)."""
+    body = scope.body  # a lambda's is one expression
+    return {n for stmt in (body if isinstance(body, list) else [body])
+            for n in _bound_names(stmt)}
 
 
 def _callee_name(call: ast.Call) -> str | None:
@@ -364,7 +479,11 @@ def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresol
         tree = modules.tree(path)
         if tree is None:
             continue
-        for call, arg, url in _urls(modules, path, tree):
+        try:
+            calls = list(_urls(modules, path, tree))
+        except RecursionError:  # nested deeper than Python itself would compile
+            continue
+        for call, arg, url in calls:
             loc = Location(path, call.lineno)
             if url is not None:
                 found.setdefault(url, []).append(loc)
@@ -374,6 +493,15 @@ def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresol
     weights = [WeightRef(u, tuple(sorted(set(locs), key=lambda x: (x.path, x.line))))
                for u, locs in sorted(found.items())]
     return weights, unresolved
+
+
+def _url_text(url: str) -> bool:
+    """Whether a manifest may record ``url`` (:func:`mirror.names.check_url_text`)."""
+    try:
+        check_url_text(url, "URL")
+    except InvalidRecordError:
+        return False
+    return True
 
 
 def coverage(files: Iterable[SourceFile]) -> Dict[str, Entrypoint]:
@@ -395,9 +523,12 @@ def coverage(files: Iterable[SourceFile]) -> Dict[str, Entrypoint]:
         return {}
     out: Dict[str, Entrypoint] = {}
     for name, found in sorted(modules.callables(HUBCONF).items()):
-        if is_entrypoint(name):
-            urls = [u for _, _, u in _urls(modules, found.path,
-                                           ast.Module(body=[found.node], type_ignores=[]))
-                    if u is not None]
-            out[name] = Entrypoint(found.path, tuple(dict.fromkeys(urls)))
+        if found is None or not is_entrypoint(name):
+            continue
+        try:
+            urls = [u for _, _, u in _urls(modules, found.path, ast.Module(
+                body=[found.node], type_ignores=[])) if u is not None and _url_text(u)]
+        except RecursionError:  # nested deeper than Python itself would compile
+            urls = []
+        out[name] = Entrypoint(found.path, tuple(dict.fromkeys(urls)))
     return out

@@ -364,6 +364,8 @@ class _Packer:
         entry_weights = coverage(snap.files)
         tracing = opts.trace or opts.follow_nested or bool(entries)
         traced = self._trace(snap, label, entries) if tracing else None
+        if traced is not None:  # hubconf was imported: what it has is known, not read
+            entry_weights = {e: w for e, w in entry_weights.items() if e in traced.entries}
         if entries:
             urls, unresolved = _entry_weights(entries, entry_weights), []
         else:
@@ -439,8 +441,7 @@ class _Packer:
         return SnapshotEntry(
             snap.commit, snap.tree, snap.commit_time, tuple(files),
             # traced: every callable, as megengine.hub.list names them
-            entrypoints=tuple(sorted(set(found.coverage) | set(
-                found.trace.entries if found.trace else ()))),
+            entrypoints=tuple(sorted(found.trace.entries if found.trace else found.coverage)),
             coverage={e: static.urls for e, static in found.coverage.items()},
             excluded=tuple(found.excluded), unresolved=tuple(found.unresolved),
             nested=tuple(found.nested),

@@ -1,7 +1,10 @@
 """Weight discovery (static, over real source shapes) and download (real HTTP, real faults)."""
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -155,6 +158,114 @@ def test_a_name_hubconf_binds_again_is_what_it_was_bound_to_last():
               '@hub.pretrained("https://h/b.pkl")\ndef b(): ...\n')
     assert coverage([_src("hubconf.py", hubconf), _src("models.py", models)]) == {
         "b": Entrypoint("hubconf.py", ())}
+
+
+# Layouts where a name hubconf binds is not, or may not be, a function or class it can
+# see without running the code (found by attacking the static reading): never
+# claimed. With what the static reading says instead.
+NEVER_CLAIMED = {
+    "del": ({"hubconf.py": "def f(): ...\ndel f\n"}, []),
+    "except as": ({"hubconf.py": "def f(): ...\ntry:\n    1 / 0\n"
+                                 "except ZeroDivisionError as f:\n    pass\n"}, []),
+    "match capture": ({"hubconf.py": "def f(): ...\nmatch 1:\n    case f:\n        pass\n"},
+                      []),
+    "global in a function": ({"hubconf.py": "def f(): ...\ndef _r():\n    global f\n"
+                                            "    f = None\n_r()\n"}, ["_r"]),
+    "globals()": ({"hubconf.py": "def f(): ...\nglobals()['f'] = None\n"}, []),
+    "globals().update": ({"hubconf.py": "def f(): ...\nglobals().update(f=None)\n"}, []),
+    "globals() only read": ({"hubconf.py": "def f(): ...\ndef get(n):\n"
+                                           "    return globals()[n]\n"}, ["f", "get"]),
+    "a decorator other than pretrained": (
+        {"hubconf.py": "def register(fn):\n    pass\n@register\ndef f(): ...\n"},
+        ["register"]),
+    "* from outside the repo": ({"hubconf.py": "def e(): ...\nfrom math import *\n"}, []),
+    "* of a constant over it": ({"hubconf.py": "def f(): ...\nfrom other import *\n",
+                                 "other.py": "f = 3\n"}, []),
+    "__all__ changed": ({"hubconf.py": "from m import *\n",
+                         "m.py": "__all__ = ['a']\n__all__ += ['b']\n"
+                                 "def a(): ...\ndef b(): ...\ndef c(): ...\n"}, []),
+    "a package before a module": ({"hubconf.py": "from m import f\n",
+                                   "m.py": "def f(): ...\n", "m/__init__.py": "f = 1\n"},
+                                  []),
+    "a submodule over its package's function": (
+        {"hubconf.py": "from pkg import resnet\n",
+         "pkg/__init__.py": "def resnet(): ...\nfrom .resnet import helper\n",
+         "pkg/resnet.py": "def helper(): ...\n"}, []),
+    "a function from its own submodule": (
+        {"hubconf.py": "from pkg import resnet\n",
+         "pkg/__init__.py": "from .resnet import resnet\n",
+         "pkg/resnet.py": "def resnet(): ...\n"}, ["resnet"]),
+    "relative, in hubconf": ({"hubconf.py": "from .models import f\n",
+                              "models.py": "def f(): ...\n"}, None),
+    "relative, above the top": ({"hubconf.py": "from models.a import f\n",
+                                 "models/__init__.py": "", "models/a.py": "from ..x import f\n",
+                                 "x.py": "def f(): ...\n"}, None),
+}
+
+PYTHON_LISTS = """
+import importlib.util, json, sys
+out = {}
+for case, root in json.loads(sys.argv[1]).items():
+    sys.path.insert(0, root)
+    try:
+        spec = importlib.util.spec_from_file_location("hubconf.py", root + "/hubconf.py")
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        out[case] = sorted(n for n in dir(m) if not n.startswith("__") and callable(getattr(m, n)))
+    except Exception as e:
+        out[case] = None
+    sys.path.remove(root)
+    for name in [n for n in sys.modules if n in ("m", "other", "pkg", "models", "x")
+                 or n.startswith(("pkg.", "models."))]:
+        del sys.modules[name]
+print(json.dumps(out))
+"""
+
+
+def test_what_is_not_known_without_running_the_code_is_never_claimed(tmp_path):
+    roots = {}
+    for i, (case, (files, _)) in enumerate(NEVER_CLAIMED.items()):
+        roots[case] = str(tmp_path / str(i))
+        for path, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(roots[case], path)), exist_ok=True)
+            with open(os.path.join(roots[case], path), "w") as fh:
+                fh.write(text)
+    listed = json.loads(subprocess.run([sys.executable, "-c", PYTHON_LISTS, json.dumps(roots)],
+                                       capture_output=True, text=True, check=True).stdout)
+    for case, (files, expected) in NEVER_CLAIMED.items():
+        static = coverage([_src(p, t) for p, t in files.items()])
+        assert sorted(static) == (expected or []), case
+        if listed[case] is None:  # Python cannot import it: no hub.list either
+            assert expected is None, case
+        else:
+            assert set(static) <= set(listed[case]), case
+
+
+@pytest.mark.parametrize("code", [
+    # a class body is a scope of its own: its URL, not the module's, is the decorator's
+    "URL = 'https://module/x.pkl'\nclass Net:\n    URL = 'https://class/y.pkl'\n"
+    "    @hub.pretrained(URL)\n    def load(self): ...\n",
+    # a name a function imports is its own, not the module's constant
+    "URL = 'https://module/x.pkl'\ndef Net():\n    from other import URL\n"
+    "    return hub.load_serialized_obj_from_url(URL)\n",
+    "URL = 'https://module/x.pkl'\ndef Net():\n    try:\n        pass\n"
+    "    except Exception as URL:\n        return hub.load_serialized_obj_from_url(URL)\n",
+])
+def test_a_url_is_never_taken_from_the_wrong_scope(code):
+    files = [_src("hubconf.py", "from megengine import hub\n" + code),
+             _src("other.py", "URL = 'https://other/z.pkl'\n")]
+    assert coverage(files) == {"Net": Entrypoint("hubconf.py", ())}
+    assert "https://module/x.pkl" not in [w.url for w in discover(files)[0]]
+
+
+def test_deep_import_chains_and_expressions_end_without_an_error():
+    chain = [_src(f"m{i}.py", f"from m{i + 1} import f\n") for i in range(400)]
+    chain.append(_src("m400.py", "def f(): ...\n"))
+    deep = ("def g():\n    return hub.load_serialized_obj_from_url("
+            + "+".join(["'a'"] * 3000) + ")\n")
+    files = [_src("hubconf.py", "from megengine import hub\nfrom m0 import f\n" + deep)] + chain
+    assert sorted(coverage(files)) == ["g"]  # f: deeper than followed (Python fails too)
+    assert discover(files)[0] == []
 
 
 @pytest.fixture()
