@@ -226,21 +226,21 @@ class _Modules:
         return None
 
     def env(self, path: str) -> Dict[str, Any]:
-        return self._once(self._envs, path, _module_constants)
+        return self._once(self._envs, path, _module_constants, {})
 
     def callables(self, path: str) -> Dict[str, Definition | None]:
         """Every name the module at ``path`` binds at top level, to the function or
         class it is known to be without running it, or None (:func:`_module_callables`)."""
-        return self._once(self._callables, path, _module_callables)
+        return self._once(self._callables, path, _module_callables, {_ANY: None})
 
     def _once(self, done: Dict[str, Any], path: str,
-              read: Callable[[ast.Module, str, _Modules], Any]) -> Any:
+              read: Callable[[ast.Module, str, _Modules], Any], unknown: Any) -> Any:
         if path in done:
             return done[path]
-        # An import cycle: what is known so far; a chain deeper than Python's own
-        # stack would go: nothing (Python could not import it either).
-        if (read, path) in self._busy or len(self._busy) > _DEPTH:
+        if (read, path) in self._busy:  # an import cycle: what is known so far
             return {}
+        if len(self._busy) > _DEPTH:  # deeper than Python's own stack would go
+            return unknown
         self._busy.add((read, path))
         tree = self.tree(path)
         try:
