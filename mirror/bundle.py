@@ -627,7 +627,10 @@ class _FrameWriter:
     def rollback(self, mark: Tuple[int, int]) -> None:
         """Forget everything written since ``mark``: the open frame, and the file's
         bytes after it."""
-        self.frame = None  # dropped unclosed: it writes nothing more
+        # Ended, then cut off, never dropped mid-frame: a multi-threaded zstd context
+        # left with jobs on its workers crashes them (SIGSEGV, zstd 1.5.7) when its
+        # next frame starts, which here is the next weight's.
+        self.close_frame()
         self.out.truncate(mark[0])
         self.offset = mark[1]
 
