@@ -10,6 +10,7 @@ rather than guessed. Downloading what it finds is :mod:`mirror.download`'s job.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Protocol, Set, Tuple
 
@@ -76,12 +77,29 @@ class Entrypoint:
     urls: Tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Star:
+    """The names ``from X import *`` binds: ``sure`` ones, and ``maybe`` ones (a
+    package's submodules, once imported; what a dynamic ``__all__`` lists)."""
+
+    sure: Tuple[str, ...]
+    maybe: Tuple[str, ...]
+
+
 class _NotConstant(Exception):
     pass
 
 
-_ANY = "*"  # a module's key: names only running it tells may be bound too
+# Keys of a module's names (:meth:`_Modules.callables`), never identifiers: names only
+# running it tells may be bound too, by a ``*`` from outside the repo (_ANY), or by one
+# of the repo's own modules that was not read (an import cycle, too deep: _UNREAD).
+_ANY, _UNREAD = "*", "?"
 _DEPTH = 64  # modules deep that a chain of imports is followed
+_AUGMENTED = rb"([-+*/%&|^@]|<<|>>|//|\*\*)"  # x OP= y
+# Methods that change a list or dict in place.
+_MUTATORS = (b"append", b"extend", b"insert", b"update", b"setdefault", b"pop", b"popitem",
+             b"remove", b"clear", b"sort", b"reverse", b"__setitem__", b"__delitem__",
+             b"__iadd__", b"__ior__")
 _MATCH_CAPTURES = tuple(getattr(ast, n) for n in ("MatchAs", "MatchStar") if hasattr(ast, n))
 
 
@@ -172,7 +190,8 @@ class _Modules:
         self._trees: Dict[str, ast.Module | None] = {}
         self._envs: Dict[str, Dict[str, Any]] = {}
         self._callables: Dict[str, Dict[str, Definition | None]] = {}
-        self._exported: Dict[str, Tuple[str, ...] | None] = {}
+        self._exported: Dict[str, Star | None] = {}
+        self._mutated: Dict[str, bool] = {}
         self._busy: set = set()
 
     def tree(self, path: str) -> ast.Module | None:
@@ -203,27 +222,56 @@ class _Modules:
                 return candidate.lstrip("/")
         return None
 
-    def exported(self, path: str) -> Tuple[str, ...] | None:
-        """The names ``from <module at path> import *`` binds: its ``__all__`` if one
-        constant assignment makes it, else those it binds not starting with ``_``;
-        None where only running it tells (``__all__`` made otherwise or changed, or a
-        ``*`` of its own from outside the repo)."""
-        if path not in self._exported:
-            self._exported[path] = self._star(path)
+    def exported(self, path: str) -> Star | None:
+        """What ``from <module at path> import *`` binds (:class:`Star`); None where
+        only running it tells (a module read while it is being read, in an import
+        cycle, or past the depth followed)."""
+        if path in self._exported:
+            return self._exported[path]
+        if (_module_callables, path) in self._busy or len(self._busy) > _DEPTH:
+            return None  # not kept: known later, when the cycle is read from elsewhere
+        self._exported[path] = self._star(path)
         return self._exported[path]
 
-    def _star(self, path: str) -> Tuple[str, ...] | None:
+    def _star(self, path: str) -> Star | None:
         tree, bound = self.tree(path), self.callables(path)
-        if tree is None or _ANY in bound:
+        if tree is None or _UNREAD in bound:
             return None
-        mentions = sum(isinstance(n, ast.Name) and n.id == "__all__" for n in ast.walk(tree))
+        names = tuple(k for k in bound if k != _ANY)
+        # A package's submodules that anyone imported are its attributes too.
+        folder = path[:-len("__init__.py")] if path.rsplit("/", 1)[-1] == "__init__.py" \
+            else None
+        subs = tuple(sorted({p[len(folder):].split("/")[0].rsplit(".py", 1)[0]
+                             for p in self.sources if p.startswith(folder) and p != path}
+                            - set(names))) if folder is not None else ()
+        mentions = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "__all__"]
         if not mentions:
-            return tuple(k for k in bound if not k.startswith("_"))
+            return Star(tuple(k for k in names if not k.startswith("_")),
+                        tuple(k for k in subs if not k.startswith("_")))
+        # Known only if only top-level statements set it (``=``, ``+=``) to constants.
+        targets = {id(stmt.target if isinstance(stmt, (ast.AugAssign, ast.AnnAssign))
+                      else stmt.targets[0]) for stmt in tree.body
+                   if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign))}
         listed = self.env(path).get("__all__")
-        if mentions == 1 and isinstance(listed, tuple) and \
+        if all(id(n) in targets for n in mentions) and isinstance(listed, tuple) and \
                 all(isinstance(n, str) for n in listed):
-            return listed
-        return None
+            return Star(listed, ())
+        return Star((), names + subs)  # __all__ made as it runs: some of these
+
+    def mutated(self, name: str) -> bool:
+        """Whether any file of the repo may change in place a list or dict bound to
+        ``name`` (``name[k] = ...``, ``del name[k]``, ``name += ...``,
+        ``name.update(...)``, ``mod.name.append(...)``): read as text, in every file,
+        as another module may change it."""
+        if name not in self._mutated:
+            pattern = re.compile(
+                rb"(\bdel\s+(\w+\.)*%s\s*\[|\b%s\s*(\[[^\n]*?\]\s*%s?|%s)=(?!=)"
+                rb"|\b%s\s*\.\s*(%s)\s*\()" % (
+                    re.escape(name.encode()), re.escape(name.encode()), _AUGMENTED,
+                    _AUGMENTED, re.escape(name.encode()), b"|".join(_MUTATORS)))
+            self._mutated[name] = any(pattern.search(d) for d in self.sources.values()
+                                      if name.encode() in d)
+        return self._mutated[name]
 
     def env(self, path: str) -> Dict[str, Any]:
         return self._once(self._envs, path, _module_constants, {})
@@ -231,7 +279,8 @@ class _Modules:
     def callables(self, path: str) -> Dict[str, Definition | None]:
         """Every name the module at ``path`` binds at top level, to the function or
         class it is known to be without running it, or None (:func:`_module_callables`)."""
-        return self._once(self._callables, path, _module_callables, {_ANY: None})
+        return self._once(self._callables, path, _module_callables,
+                          {_ANY: None, _UNREAD: None})
 
     def _once(self, done: Dict[str, Any], path: str,
               read: Callable[[ast.Module, str, _Modules], Any], unknown: Any) -> Any:
@@ -260,14 +309,22 @@ def _module_constants(tree: ast.Module, path: str, modules: _Modules) -> Dict[st
             other = modules.env(source) if source is not None else {}
             for alias in stmt.names:
                 if alias.name == "*":
-                    exported = modules.exported(source) if source is not None else None
-                    if exported is None:  # any name may be bound again: none is known
+                    if source is None:
+                        # From outside the repo: taken to bind none of the repo's own
+                        # constant names (a module's public API is not BASE_URL).
+                        continue
+                    star = modules.exported(source)
+                    if star is None:  # any name may be bound again: none is known
                         env.clear()
-                    for k in exported or ():
+                        continue
+                    for k in star.sure:
                         if k in other:
                             env[k] = other[k]
                         else:
                             env.pop(k, None)
+                    for k in star.maybe:  # known only if it is the same either way
+                        if k in env and (k not in other or other[k] != env[k]):
+                            del env[k]
                 elif alias.name in other:
                     env[alias.asname or alias.name] = other[alias.name]
                 else:  # bound to something not known statically
@@ -291,6 +348,16 @@ def _module_constants(tree: ast.Module, path: str, modules: _Modules) -> Dict[st
                 env[name] = _evaluate(stmt.value, env)
             except _EVAL_ERRORS:
                 env.pop(name, None)
+            if isinstance(env.get(name), (tuple, dict)) and name != "__all__" and \
+                    modules.mutated(name):
+                del env[name]  # a list or dict that code may change before it is read
+            continue
+        if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name) and \
+                isinstance(stmt.op, ast.Add) and stmt.target.id == "__all__":
+            try:  # __all__ += [...]: read when a * import runs, after all of this
+                env["__all__"] = env["__all__"] + _evaluate(stmt.value, env)
+            except _EVAL_ERRORS:
+                env.pop("__all__", None)
             continue
         # Anything else that binds a name (x += ..., a, b = ..., a name set inside an
         # if, for, try or with, a def or class) makes it unknown: never a stale value.
@@ -327,18 +394,23 @@ def _module_callables(tree: ast.Module, path: str, modules: _Modules
                     out[alias.asname or alias.name] = found.get(alias.name)
                     taken[alias.asname or alias.name] = source
                     continue
-                exported = modules.exported(source) if source is not None else None
-                if exported is None:  # any name may be bound again
+                star = modules.exported(source) if source is not None else None
+                if star is None or _ANY in found:  # any name may be bound again
                     out = dict.fromkeys(out)
                     out[_ANY] = None
-                out.update({k: found.get(k) for k in exported or ()})
-                taken.update(dict.fromkeys(exported or (), source))
+                if star is None and source is not None:
+                    out[_UNREAD] = None
+                if star is not None:
+                    out.update({k: found.get(k) for k in star.sure})
+                    taken.update(dict.fromkeys(star.sure, source))
+                    out.update({k: None for k in star.maybe
+                                if out.get(k) is None or out[k] is not found.get(k)})
         else:
             out.update(dict.fromkeys(_bound_names(stmt)))
             taken.update(dict.fromkeys(_bound_names(stmt)))
     rebound = _rebound_by_functions(tree)
     if rebound is None:
-        return {**dict.fromkeys(out), _ANY: None}
+        return {**dict.fromkeys(out), _ANY: None, _UNREAD: None}  # it may bind any name
     out.update(dict.fromkeys(rebound))
     if path.rsplit("/", 1)[-1] == "__init__.py":
         # A package's name that is also its submodule is that module once the submodule
@@ -361,25 +433,44 @@ def _rebound_by_functions(tree: ast.Module) -> Set[str] | None:
         if isinstance(node, ast.Global):
             names.update(node.names)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and (
-                node.func.id == "exec" or node.func.id in _NAMESPACES and not node.args
-                and not _read_only(node, parents)):
+                node.func.id == "exec" and len(node.args) < 2  # else its own namespace
+                or node.func.id in _NAMESPACES and not node.args
+                and not _read_only(node, parents) and not _local(node, parents)):
             return None
     return names
 
 
 _NAMESPACES = ("globals", "vars", "locals")
 _READS = ("get", "keys", "values", "items", "copy")
+_PURE = ("list", "sorted", "dict", "set", "tuple", "len", "iter", "print", "repr", "str")
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+           ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
 def _read_only(namespace: ast.Call, parents: Dict[ast.AST, ast.AST]) -> bool:
     """Whether ``globals()`` (say) is only read where it is called: ``globals()[name]``,
-    ``globals().get(name)``, ``name in globals()``."""
+    ``globals().get(name)``, ``name in globals()``, ``for name in globals()``,
+    ``sorted(globals())``."""
     parent = parents.get(namespace)
     if isinstance(parent, ast.Subscript):
         return parent.value is namespace and isinstance(parent.ctx, ast.Load)
     if isinstance(parent, ast.Attribute):
         return parent.attr in _READS and isinstance(parents.get(parent), ast.Call)
+    if isinstance(parent, (ast.For, ast.comprehension)):
+        return parent.iter is namespace
+    if isinstance(parent, ast.Call):
+        return isinstance(parent.func, ast.Name) and parent.func.id in _PURE
     return isinstance(parent, ast.Compare) and parent.left is not namespace
+
+
+def _local(namespace: ast.Call, parents: Dict[ast.AST, ast.AST]) -> bool:
+    """Whether ``locals()`` or ``vars()`` is a function's or class's own namespace."""
+    if namespace.func.id == "globals":  # type: ignore[attr-defined]
+        return False
+    node = parents.get(namespace)
+    while node is not None and not isinstance(node, _SCOPES):
+        node = parents.get(node)
+    return node is not None
 
 
 def _bound_names(node: ast.AST) -> List[str]:
@@ -405,11 +496,13 @@ def _bound_names(node: ast.AST) -> List[str]:
     return names
 
 
-def _download_calls(node: ast.AST, local: frozenset):
+def _download_calls(node: ast.AST, local: frozenset, around: frozenset | None = None):
     """Each call of a downloader below ``node``, with the names bound locally around it.
 
     A function's decorators and defaults belong to the enclosing scope; its body
-    adds the function's parameters and the names it assigns.
+    adds the function's parameters and the names it binds. A class body is a scope
+    of its own, which its methods' bodies do not see (``around``: the names bound
+    around the class).
     """
     for child in ast.iter_child_nodes(node):
         if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
@@ -422,20 +515,19 @@ def _download_calls(node: ast.AST, local: frozenset):
             params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
             body = ast.Module(body=child.body, type_ignores=[]) if isinstance(
                 child.body, list) else ast.Expression(child.body)
-            yield from _download_calls(body, local | params | _bound_in(body))
+            seen = local if around is None else around
+            yield from _download_calls(body, seen | params | _bound_in(body))
             continue
         if isinstance(child, ast.ClassDef):
-            # Its body is a scope of its own: a name it binds is not the module's there
-            # (nor, to be safe, in its methods, which would see the module's).
             for expr in child.decorator_list + child.bases + [k.value for k in
                                                                child.keywords]:
                 yield from _download_calls(ast.Expression(expr), local)
             body = ast.Module(body=child.body, type_ignores=[])
-            yield from _download_calls(body, local | _bound_in(body))
+            yield from _download_calls(body, local | _bound_in(body), local)
             continue
         if isinstance(child, ast.Call) and _callee_name(child) in _DOWNLOADERS:
             yield child, local
-        yield from _download_calls(child, local)
+        yield from _download_calls(child, local, around)
 
 
 def _bound_in(scope: ast.AST) -> Set[str]:
@@ -481,15 +573,15 @@ def discover(files: Iterable[SourceFile]) -> Tuple[List[WeightRef], List[Unresol
             continue
         try:
             calls = list(_urls(modules, path, tree))
-        except RecursionError:  # nested deeper than Python itself would compile
+        except RecursionError:  # nested too deeply to read here: said, never skipped
+            unresolved.append(Unresolved(Location(path, 1), "(nested too deeply to read)"))
             continue
         for call, arg, url in calls:
             loc = Location(path, call.lineno)
             if url is not None:
                 found.setdefault(url, []).append(loc)
             else:
-                unresolved.append(Unresolved(loc, ast.unparse(arg) if hasattr(ast, "unparse")
-                                             else ast.dump(arg)))
+                unresolved.append(Unresolved(loc, _shown(arg)))
     weights = [WeightRef(u, tuple(sorted(set(locs), key=lambda x: (x.path, x.line))))
                for u, locs in sorted(found.items())]
     return weights, unresolved
@@ -502,6 +594,13 @@ def _url_text(url: str) -> bool:
     except InvalidRecordError:
         return False
     return True
+
+
+def _shown(expr: ast.expr) -> str:
+    try:
+        return ast.unparse(expr)
+    except RecursionError:
+        return "(an expression nested too deeply to show)"
 
 
 def coverage(files: Iterable[SourceFile]) -> Dict[str, Entrypoint]:

@@ -181,8 +181,11 @@ NEVER_CLAIMED = {
     "* from outside the repo": ({"hubconf.py": "def e(): ...\nfrom math import *\n"}, []),
     "* of a constant over it": ({"hubconf.py": "def f(): ...\nfrom other import *\n",
                                  "other.py": "f = 3\n"}, []),
+    "__all__ grown": ({"hubconf.py": "from m import *\n",
+                       "m.py": "__all__ = ['a']\n__all__ += ['b']\n"
+                               "def a(): ...\ndef b(): ...\ndef c(): ...\n"}, ["a", "b"]),
     "__all__ changed": ({"hubconf.py": "from m import *\n",
-                         "m.py": "__all__ = ['a']\n__all__ += ['b']\n"
+                         "m.py": "__all__ = ['a']\n__all__.append('c')\n"
                                  "def a(): ...\ndef b(): ...\ndef c(): ...\n"}, []),
     "a package before a module": ({"hubconf.py": "from m import f\n",
                                    "m.py": "def f(): ...\n", "m/__init__.py": "f = 1\n"},
@@ -265,7 +268,39 @@ def test_deep_import_chains_and_expressions_end_without_an_error():
             + "+".join(["'a'"] * 3000) + ")\n")
     files = [_src("hubconf.py", "from megengine import hub\nfrom m0 import f\n" + deep)] + chain
     assert sorted(coverage(files)) == ["g"]  # f: deeper than followed (Python fails too)
-    assert discover(files)[0] == []
+    weights, unresolved = discover(files)
+    # said, so the pack fails unless told otherwise: never a file silently passed over
+    assert (weights, [str(u) for u in unresolved]) == (
+        [], ["hubconf.py:1: (nested too deeply to read)"])
+
+
+@pytest.mark.parametrize("files, urls, unresolved", [
+    # a list or dict that code changes in place, here or in another module: not known
+    ({"m.py": "URLS = ['https://x/a']\nURLS[0] = 'https://y/a'\n@hub.pretrained(URLS[0])\n"
+              "def f(): ...\n"}, [], ["m.py:4: URLS[0]"]),
+    ({"m.py": "URLS = {'a': 'https://x/a'}\n@hub.pretrained(URLS['a'])\ndef f(): ...\n",
+      "n.py": "from m import URLS\nURLS.update(a='https://y/a')\n"}, [], ["m.py:3: URLS['a']"]),
+    # __all__ grown at the top level is still known; a * from it binds only what it lists
+    ({"m.py": "BASE = 'https://x/'\nfrom consts import *\n@hub.pretrained(BASE + 'r.pkl')\n"
+              "def f(): ...\n",
+      "consts.py": "__all__ = ['A']\n__all__ += ['B']\nA = B = 1\nBASE = 'https://other/'\n"},
+     ["https://x/r.pkl"], []),
+    # globals() only read (a registry lookup, megengine/models' __all__) changes nothing
+    ({"m.py": "BASE = 'https://x/'\n__all__ = [k for k in globals() if not k.startswith('_')]\n"
+              "@hub.pretrained(BASE + 'r.pkl')\ndef f(): ...\n"}, ["https://x/r.pkl"], []),
+    # a method sees the module's names, not its class body's
+    ({"m.py": "URLS = {'r': 'https://x/r.pkl'}\nclass Net:\n    URLS = URLS\n"
+              "    def load(self):\n        return hub.load_serialized_obj_from_url(URLS['r'])\n"},
+     ["https://x/r.pkl"], []),
+    # a * from outside the repo is taken to bind none of the repo's constant names
+    ({"m.py": "from const import BASE\nfrom megengine.module import *\n"
+              "@hub.pretrained(BASE + 'r.pkl')\ndef f(): ...\n",
+      "const.py": "BASE = 'https://x/'\n"}, ["https://x/r.pkl"], []),
+])
+def test_constants_are_known_only_where_python_would_give_them(files, urls, unresolved):
+    weights, missed = discover([_src(p, "from megengine import hub\n" * (p == "m.py") + t)
+                                for p, t in files.items()])
+    assert ([w.url for w in weights], [str(u) for u in missed]) == (urls, unresolved)
 
 
 @pytest.fixture()
