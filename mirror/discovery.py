@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Protocol, Set, Tuple
 
 from .errors import InvalidRecordError
 from .hubconf import HUBCONF, is_entrypoint
@@ -103,7 +103,7 @@ _MUTATORS = (b"append", b"extend", b"insert", b"update", b"setdefault", b"pop", 
 _MATCH_CAPTURES = tuple(getattr(ast, n) for n in ("MatchAs", "MatchStar") if hasattr(ast, n))
 
 
-def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
+def _evaluate(node: ast.AST, env: Mapping[str, Any]) -> Any:
     """Evaluate an expression made of string constants, ``+``, ``%``, ``.format``,
     f-strings, tuple, list and dict literals and subscripts, names looked up in ``env``."""
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float)):
@@ -145,7 +145,7 @@ def _evaluate(node: ast.AST, env: Dict[str, Any]) -> Any:
     raise _NotConstant
 
 
-def _fstring(node: ast.JoinedStr, env: Dict[str, Any]) -> str:
+def _fstring(node: ast.JoinedStr, env: Mapping[str, Any]) -> str:
     parts = []
     for v in node.values:
         if isinstance(v, ast.FormattedValue):
@@ -157,7 +157,7 @@ def _fstring(node: ast.JoinedStr, env: Dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _format(node: ast.Call, env: Dict[str, Any]) -> str:
+def _format(node: ast.Call, env: Mapping[str, Any]) -> str:
     """``"...".format(...)`` of constants."""
     template = _evaluate(node.func.value, env)
     args = [_evaluate(a, env) for a in node.args]
@@ -542,6 +542,25 @@ def _callee_name(call: ast.Call) -> str | None:
     return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
 
 
+class _Outside(Mapping):
+    """A module's constants but the names a function binds itself: a view, as a copy
+    for every call made a file of many constants and calls slow."""
+
+    def __init__(self, env: Dict[str, Any], local: frozenset):
+        self.env, self.local = env, local
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.local:
+            raise KeyError(name)
+        return self.env[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self.env if k not in self.local)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def _urls(modules: _Modules, path: str, node: ast.AST
           ) -> Iterator[Tuple[ast.Call, ast.expr, str | None]]:
     """Each downloader call below ``node`` (in the file at ``path``), its URL argument,
@@ -554,7 +573,7 @@ def _urls(modules: _Modules, path: str, node: ast.AST
         if arg is None:
             continue
         # A name a function binds itself (a parameter, say) is not the module's.
-        env = {k: v for k, v in module_env.items() if k not in local}
+        env = _Outside(module_env, local)
         try:
             url = _evaluate(arg, env)
         except _EVAL_ERRORS:
