@@ -5,6 +5,12 @@ on several lines is one string, as Python sees it) and evaluates the argument of
 ``pretrained(...)`` and ``load_serialized_obj_from_url(...)`` over module-level
 string constants. What it cannot evaluate is reported with its file and line
 rather than guessed. Downloading what it finds is :mod:`mirror.download`'s job.
+
+It also lists the entrypoints ``hubconf.py`` has that are known without running it
+(:func:`coverage`), following its imports into the repo's own modules. Both read
+Python's rules for what a name is bound to where they can, and where only running
+the code could tell (a name rebound at run time, a ``*`` whose names are not known),
+they say nothing rather than something that may be false.
 """
 
 from __future__ import annotations
@@ -375,9 +381,8 @@ def _module_callables(tree: ast.Module, path: str, modules: _Modules
     import name`` or ``*`` takes from the repo's own modules, followed there. Any other
     binding is None: what it is, only running the code tells (``pack --trace``); so
     is every name a function rebinds (``global``), and a package's name that is also
-    one of its submodules (importing the submodule rebinds it). The key ``*`` says
-    that names only running it tells may be bound too (a ``*`` from outside the repo,
-    ``globals()``)."""
+    one of its submodules (importing the submodule rebinds it). The keys ``_ANY`` and
+    ``_UNREAD`` say that names only running it tells may be bound too."""
     out: Dict[str, Definition | None] = {}
     taken: Dict[str, str | None] = {}  # name -> the module a from-import took it from
     for stmt in tree.body:
