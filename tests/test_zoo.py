@@ -95,9 +95,12 @@ def test_strict_fails_the_pack_naming_every_failure(zoo_repo, tmp_path):
     with pytest.raises(MirrorError) as e:
         _pack(root, tmp_path / "s.hub", trace=True, strict=True, trace_timeout=5)
     message = str(e.value)
-    assert "tracing crash failed: killed by signal 11 (SIGSEGV); tracing greedy failed: out " \
-           "of memory; tracing hang failed: timed out; tracing huge failed: out of memory; " \
-           "tracing huge_tensor failed: out of memory (--strict)" in message
+    assert message.endswith(" (--strict)"), message
+    # Every failure is named with its cause (on a loaded machine another entry may
+    # time out too, or a class hubconf imports fail to build without arguments).
+    failed = dict(re.findall(r"tracing (\w+) failed: (.+?)(?=; tracing | \(--strict\)$)",
+                             message))
+    assert {e: failed.get(e) for e in zoo.FAILING} == zoo.FAILING, message
     assert not (tmp_path / "s.hub").exists()
 
 
