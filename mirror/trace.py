@@ -494,7 +494,8 @@ def _child(root: str, out: str, entry: str | None, address_space: bool) -> None:
 def _scrubbed(error: BaseException, root: str) -> str:
     """``error``'s text without the temporary path and object addresses, so that
     tracing the same code gives the same manifest."""
-    return re.sub(r"0x[0-9a-fA-F]+", "0x?", str(error)).replace(root, "<snapshot>")
+    # The path first: a temporary folder's random name can hold "0x" and hex digits.
+    return re.sub(r"0x[0-9a-fA-F]+", "0x?", str(error).replace(root, "<snapshot>"))
 
 
 _FILLS = ("fill_", "normal_", "uniform_", "xavier_normal_", "xavier_uniform_",

@@ -8,6 +8,7 @@ import pytest
 from mirror.errors import MirrorError
 from mirror.packer import PackOptions, pack
 from mirror.store import Store
+from mirror.trace import _scrubbed
 from tests.conftest import manifest_json, run
 
 
@@ -130,6 +131,14 @@ def test_a_named_entry_that_fails_to_trace_fails_the_pack(nested_repos, tmp_path
         _file_pack(root, tmp_path / "z.hub", entries=["broken"])
     assert "tracing broken failed: RuntimeError: boom at <snapshot>/hubconf.py" in \
         str(e.value), str(e.value)
+
+
+def test_an_error_is_recorded_without_its_temporary_folder_or_addresses():
+    # A folder's random name with "0x" and hex digits in it left the path in the
+    # record once in a while: the same code traced twice gave two manifests.
+    root = "/tmp/mirror-trace-xwc90xa3s"
+    error = RuntimeError(f"boom at {root}/hubconf.py <object object at 0x7f3a2c>")
+    assert _scrubbed(error, root) == "boom at <snapshot>/hubconf.py <object object at 0x?>"
 
 
 def test_trace_gives_the_same_bundle_twice(nested_repos, tmp_path, monkeypatch):
