@@ -229,7 +229,7 @@ def test_a_local_weight_is_read_once_as_it_is_compressed(upstream, tmp_path, mon
 
 
 ROLLBACKS = """
-import random, sys
+import io, random, sys
 from mirror import bundle
 from mirror.atomic import atomic_file
 
@@ -252,7 +252,7 @@ def test_a_weight_rolled_back_leaves_zstd_ready_for_the_next(tmp_path):
     # Dropped mid-frame, zstd's workers crashed the process (SIGSEGV) when the next
     # frame began, in a few of these rounds: a streamed pack does this for a weight
     # it had already packed, or whose download started over.
-    got = subprocess.run([sys.executable, "-c", "import io\n" + ROLLBACKS,
+    got = subprocess.run([sys.executable, "-c", ROLLBACKS,
                           str(tmp_path / "b"), "150"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert (got.returncode, got.stdout) == (0, "done\n"), got.stderr[-2000:]
