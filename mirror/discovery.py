@@ -198,6 +198,7 @@ class _Modules:
         self._callables: Dict[str, Dict[str, Definition | None]] = {}
         self._exported: Dict[str, Star | None] = {}
         self._mutated: Dict[str, bool] = {}
+        self._rebound: Dict[str, Set[str] | None] = {}
         self._busy: set = set()
 
     def tree(self, path: str) -> ast.Module | None:
@@ -278,6 +279,14 @@ class _Modules:
             self._mutated[name] = any(pattern.search(d) for d in self.sources.values()
                                       if name.encode() in d)
         return self._mutated[name]
+
+    def rebound(self, path: str) -> Set[str] | None:
+        """:func:`_rebound_by_functions` of the module at ``path``, read once for both
+        its constants and its callables."""
+        if path not in self._rebound:
+            tree = self.tree(path)
+            self._rebound[path] = _rebound_by_functions(tree) if tree else set()
+        return self._rebound[path]
 
     def env(self, path: str) -> Dict[str, Any]:
         return self._once(self._envs, path, _module_constants, {})
@@ -369,7 +378,7 @@ def _module_constants(tree: ast.Module, path: str, modules: _Modules) -> Dict[st
         # if, for, try or with, a def or class) makes it unknown: never a stale value.
         for name in _bound_names(stmt):
             env.pop(name, None)
-    rebound = _rebound_by_functions(tree)
+    rebound = modules.rebound(path)
     return {} if rebound is None else {k: v for k, v in env.items() if k not in rebound}
 
 
@@ -411,9 +420,10 @@ def _module_callables(tree: ast.Module, path: str, modules: _Modules
                     out.update({k: None for k in star.maybe
                                 if out.get(k) is None or out[k] is not found.get(k)})
         else:
-            out.update(dict.fromkeys(_bound_names(stmt)))
-            taken.update(dict.fromkeys(_bound_names(stmt)))
-    rebound = _rebound_by_functions(tree)
+            bound = _bound_names(stmt)
+            out.update(dict.fromkeys(bound))
+            taken.update(dict.fromkeys(bound))
+    rebound = modules.rebound(path)
     if rebound is None:
         return {**dict.fromkeys(out), _ANY: None, _UNREAD: None}  # it may bind any name
     out.update(dict.fromkeys(rebound))
